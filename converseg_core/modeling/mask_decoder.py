@@ -1,0 +1,146 @@
+"""SAM's mask decoder, extended to accept one image embedding per prompt set.
+
+Parameter names and math follow segment-anything's `modeling/mask_decoder.py`, so `mask_decoder.*`
+weights of official checkpoints load with strict=True. The one difference: SAM always repeats a single
+image embedding over the N prompt sets; here `image_embeddings` may be batch 1 (broadcast, as SAM) or
+batch N (one image per prompt set, for batched training). Broadcasting uses `expand`, which is the
+same values as SAM's repeat_interleave for batch 1 and needs no branch on the batch size, so the module
+traces to ONNX with a dynamic prompt batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .common import LayerNorm2d
+
+
+class MLP(nn.Module):
+    """num_layers linear layers with ReLU between them (SAM's hypernetwork and IoU head)."""
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        sigmoid_output: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        hidden = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            nn.Linear(n, k) for n, k in zip([input_dim] + hidden, hidden + [output_dim], strict=True)
+        )
+        self.sigmoid_output = sigmoid_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < self.num_layers - 1:
+                x = F.relu(x)
+        if self.sigmoid_output:
+            x = torch.sigmoid(x)
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """Predicts mask logits (4x the embedding resolution) and IoU scores from image and prompt embeddings."""
+
+    def __init__(
+        self,
+        *,
+        transformer_dim: int,
+        transformer: nn.Module,
+        num_multimask_outputs: int = 3,
+        activation: type[nn.Module] = nn.GELU,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            activation(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            activation(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(
+                input_dim=transformer_dim,
+                hidden_dim=transformer_dim,
+                output_dim=transformer_dim // 8,
+                num_layers=3,
+            )
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            input_dim=transformer_dim,
+            hidden_dim=iou_head_hidden_dim,
+            output_dim=self.num_mask_tokens,
+            num_layers=iou_head_depth,
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        image_embeddings: (1 or N) x C x h x w; image_pe: 1 x C x h x w;
+        sparse_prompt_embeddings: N x K x C; dense_prompt_embeddings: (1 or N) x C x h x w.
+        Returns masks N x M x 4h x 4w (logits) and iou_pred N x M, with M = num_multimask_outputs when
+        multimask_output else 1 (a Python bool, fixed at export time).
+        """
+        masks, iou_pred = self.predict_masks(
+            image_embeddings=image_embeddings,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse_prompt_embeddings,
+            dense_prompt_embeddings=dense_prompt_embeddings,
+        )
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, mask_slice], iou_pred[:, mask_slice]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All num_mask_tokens masks and IoU predictions; see forward."""
+        n = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
+        tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
+
+        # expand(n) is a no-op for batch N and a broadcast for batch 1 (SAM's repeat_interleave).
+        src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
+        pos_src = image_pe.expand(n, -1, -1, -1)
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        upscaled = self.output_upscaling(src)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        return masks, iou_pred
