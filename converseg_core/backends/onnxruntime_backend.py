@@ -1,0 +1,263 @@
+"""ONNX Runtime backend: the three exported graphs, numpy in, numpy out, no torch.
+
+An export folder (`python export/export_onnx.py`) holds:
+
+    image_encoder.onnx   image (1 x 3 x S x S float32) -> image_embeddings (1 x 256 x S/16 x S/16)
+    text_encoder.onnx    input_ids, attention_mask (Q x T int64) -> text_features (Q x T x 384)
+    decoder.onnx         image_embeddings, text_features, attention_mask
+                         -> low_res_logits (Q x 1 x S/4 x S/4), iou_scores (Q x 1), presence_logits (Q)
+    manifest.json        model config, tensor names and shapes, opset, pre-processing constants, parity
+    tokenizer.json       the MiniLM tokenizer, so the runtime needs no Python package for it
+
+Execution providers: CPU always; CUDA and TensorRT when this onnxruntime build has them (onnxruntime-gpu,
+the Jetson wheels). onnxruntime is imported only when a session is created, so the manifest reader here
+also serves export/build_trt.py on machines without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converseg_core.config import ConverSegConfig
+from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "converseg-onnx-export"
+MANIFEST_VERSION = 1
+STAGES = ("image_encoder", "text_encoder", "decoder")
+# Names of the only dynamic axes; every other dimension is fixed by the config.
+QUERIES_AXIS = "num_queries"
+TOKENS_AXIS = "num_tokens"
+
+# Preference order: the first present wins for each node ORT can place on it.
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+@dataclass
+class TensorSpec:
+    """One graph input or output: shape entries are ints or the name of a dynamic axis."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+@dataclass
+class GraphSpec:
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass
+class OnnxManifest:
+    """What manifest.json holds. Written by export/export_onnx.py; read by this backend and build_trt.py."""
+
+    config: dict[str, Any]
+    opset: int
+    graphs: dict[str, GraphSpec]
+    preprocessing: dict[str, Any]
+    tokenizer: str = "tokenizer.json"
+    parity: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    @property
+    def model_config(self) -> ConverSegConfig:
+        return ConverSegConfig.from_dict(self.config)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> OnnxManifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise CheckpointError(
+                f"ONNX manifest {path} not found; export the model with "
+                "`python export/export_onnx.py --checkpoint CKPT --out DIR`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"ONNX manifest {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise CheckpointError(f"{path} is not a ConverSeg ONNX manifest (format != {MANIFEST_FORMAT!r})")
+        if data.get("version") != MANIFEST_VERSION:
+            raise CheckpointError(
+                f"{path} has manifest version {data.get('version')}, this code reads {MANIFEST_VERSION}; "
+                "export again with this version of export/export_onnx.py"
+            )
+        try:
+            data["graphs"] = {
+                stage: GraphSpec(
+                    file=g["file"],
+                    inputs=[TensorSpec(**t) for t in g["inputs"]],
+                    outputs=[TensorSpec(**t) for t in g["outputs"]],
+                )
+                for stage, g in data["graphs"].items()
+            }
+            manifest = cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"ONNX manifest {path} is incomplete or has unknown fields: {exc}") from exc
+        missing = [s for s in STAGES if s not in manifest.graphs]
+        if missing:
+            raise CheckpointError(f"ONNX manifest {path} names no graph for {missing}")
+        return manifest
+
+
+def available_providers() -> list[str]:
+    """Execution providers of the installed onnxruntime, by our short names (tensorrt, cuda, cpu)."""
+    ort = _import_onnxruntime()
+    present = set(ort.get_available_providers())
+    return [short for short, full in PROVIDER_NAMES.items() if full in present]
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"onnxruntime is not installed ({exc}): `pip install onnxruntime` (CPU), `onnxruntime-gpu` (CUDA), "
+            "or the Jetson wheel matching your JetPack"
+        ) from exc
+    return ort
+
+
+class OnnxRuntimeBackend:
+    """The Backend interface of docs/ARCHITECTURE.md on ONNX Runtime sessions."""
+
+    name = "onnxruntime"
+
+    def __init__(self, *, manifest: OnnxManifest, sessions: dict[str, Any], directory: Path) -> None:
+        self.manifest = manifest
+        self.config = manifest.model_config
+        self.directory = directory
+        self.tokenizer_path = directory / manifest.tokenizer
+        self._sessions = sessions
+        self.providers = sessions["image_encoder"].get_providers()
+
+    @classmethod
+    def from_dir(
+        cls,
+        path: str | Path,
+        *,
+        providers: list[str] | tuple[str, ...] | None = None,
+        num_threads: int | None = None,
+        trt_cache_dir: str | Path | None = None,
+        trt_fp16: bool = True,
+    ) -> OnnxRuntimeBackend:
+        """Open the three graphs of an export folder.
+
+        providers: short names in preference order, from ("tensorrt", "cuda", "cpu"). None: every one
+            this onnxruntime build has, TensorRT first. Asking for one that is absent is an error, not a
+            silent fall-back to the CPU.
+        num_threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+        trt_cache_dir: where ORT's TensorRT provider keeps the engines it builds (the first run builds them,
+            minutes on a Jetson); default `<path>/ort_trt_cache`.
+        """
+        ort = _import_onnxruntime()
+        directory = Path(path)
+        manifest = OnnxManifest.load(directory)
+        present = available_providers()
+        if providers is None:
+            providers = present
+        unknown = [p for p in providers if p not in PROVIDER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown execution providers {unknown}; choose from {list(PROVIDER_NAMES)}")
+        absent = [p for p in providers if p not in present]
+        if absent:
+            raise BackendUnavailableError(
+                f"execution providers {absent} are not in this onnxruntime build (it has {present}); install "
+                "onnxruntime-gpu (CUDA, TensorRT) or the Jetson onnxruntime wheel"
+            )
+        provider_list: list[Any] = []
+        for short in providers:
+            if short == "tensorrt":
+                cache = Path(trt_cache_dir) if trt_cache_dir else directory / "ort_trt_cache"
+                options = {
+                    "trt_fp16_enable": trt_fp16,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": True,
+                }
+                provider_list.append((PROVIDER_NAMES[short], options))
+            else:
+                provider_list.append(PROVIDER_NAMES[short])
+        if "cpu" not in providers:
+            # Nodes the GPU providers cannot take (shape ops) still need a home.
+            provider_list.append(PROVIDER_NAMES["cpu"])
+
+        sessions = {}
+        for stage in STAGES:
+            graph_path = directory / manifest.graphs[stage].file
+            if not graph_path.is_file():
+                raise CheckpointError(f"ONNX graph {graph_path} is missing")
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if num_threads is not None:
+                options.intra_op_num_threads = num_threads
+            try:
+                sessions[stage] = ort.InferenceSession(str(graph_path), options, providers=provider_list)
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise CheckpointError(f"ONNX Runtime could not load {graph_path}: {exc}") from exc
+        return cls(manifest=manifest, sessions=sessions, directory=directory)
+
+    def _run(self, stage: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        graph = self.manifest.graphs[stage]
+        feeds = {
+            spec.name: np.ascontiguousarray(a, dtype=spec.dtype)
+            for spec, a in zip(graph.inputs, arrays, strict=True)
+        }
+        return self._sessions[stage].run(graph.output_names, feeds)
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """1 x 3 x S x S float32 (normalized, padded) -> 1 x 256 x S/16 x S/16 float32."""
+        size = self.config.img_size
+        if image.shape != (1, 3, size, size):
+            raise InputError(f"image must be 1 x 3 x {size} x {size}, got {tuple(image.shape)}")
+        return self._run("image_encoder", image)[0]
+
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Q x T int64 ids and mask -> Q x T x 384 float32 token features."""
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+            raise InputError(
+                f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be Q x T"
+            )
+        return self._run("text_encoder", input_ids, attention_mask)[0]
+
+    def decode(
+        self, embedding: np.ndarray, text_features: np.ndarray, attention_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (low_res_logits Q x 1 x 4h x 4w, iou_scores Q x 1, presence_logits Q), float32."""
+        if text_features.shape[:2] != attention_mask.shape:
+            raise InputError(
+                f"text_features {text_features.shape} and attention_mask {attention_mask.shape} disagree on Q x T"
+            )
+        low_res_logits, iou_scores, presence_logits = self._run(
+            "decoder", embedding, text_features, attention_mask
+        )
+        return low_res_logits, iou_scores, presence_logits
