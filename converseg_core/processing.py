@@ -1,0 +1,130 @@
+"""Pre- and post-processing in numpy, shared by every backend (torch, ONNX Runtime, TensorRT).
+
+Pre-processing follows SAM: resize so the longest side equals img_size (bilinear, PIL), normalize with the
+pixel mean/std, pad bottom-right to img_size x img_size. Post-processing undoes it: the decoder's low-res
+logits are upsampled to the padded input, cropped to the resized image, and resized to the camera frame,
+both steps bilinear with align_corners=False, as SAM's postprocess_masks does with F.interpolate.
+Both upsampling steps are linear, so they are folded into two small matrices per (frame size): one matmul
+on each side instead of two full-size interpolations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+
+def resized_shape(height: int, width: int, target: int) -> tuple[int, int]:
+    """Shape after resizing the longest side to `target` (SAM's ResizeLongestSide.get_preprocess_shape)."""
+    scale = target / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def validate_image(image: object, *, max_side: int) -> np.ndarray:
+    """Return `image` as a C-contiguous H x W x 3 uint8 array, or raise InputError saying what is wrong."""
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"image must be a numpy array (H x W x 3 uint8 RGB), got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise InputError(f"image dtype must be uint8 (0..255 RGB), got {image.dtype}; convert before calling")
+    if image.ndim != 3:
+        raise InputError(f"image must have shape H x W x 3, got shape {image.shape}")
+    height, width, channels = image.shape
+    if channels != 3:
+        raise InputError(
+            f"image must have 3 channels (RGB), got {channels}; drop alpha or expand grey to RGB first"
+        )
+    if height == 0 or width == 0:
+        raise InputError(f"image is empty (shape {image.shape})")
+    if max(height, width) > max_side:
+        raise InputError(
+            f"image {width}x{height} exceeds the configured limit of {max_side} pixels on its longest side"
+        )
+    return np.ascontiguousarray(image)
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """tensor: 1 x 3 x S x S float32 network input; input_size: (h, w) of the resized image inside it;
+    original_size: (H, W) of the camera frame."""
+
+    tensor: np.ndarray
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+def preprocess(
+    image: np.ndarray,
+    *,
+    img_size: int,
+    pixel_mean: tuple[float, float, float],
+    pixel_std: tuple[float, float, float],
+) -> PreprocessedImage:
+    """image: H x W x 3 uint8 RGB (already validated)."""
+    height, width = image.shape[:2]
+    new_h, new_w = resized_shape(height, width, img_size)
+    if (new_h, new_w) != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    out = np.zeros((1, 3, img_size, img_size), dtype=np.float32)
+    mean = np.asarray(pixel_mean, dtype=np.float32)
+    inv_std = 1.0 / np.asarray(pixel_std, dtype=np.float32)
+    out[0, :, :new_h, :new_w] = ((image.astype(np.float32) - mean) * inv_std).transpose(2, 0, 1)
+    return PreprocessedImage(tensor=out, input_size=(new_h, new_w), original_size=(height, width))
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """out_size x in_size matrix M with M @ x == F.interpolate(x, mode='bilinear', align_corners=False)
+    along one axis (no antialiasing)."""
+    scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = src - i0
+    m = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), 1.0 - w1)
+    np.add.at(m, (rows, i1), w1)
+    return m
+
+
+@lru_cache(maxsize=32)
+def _upsample_matrices(
+    low_res: int, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    # low-res -> padded input (img_size), crop to the resized image, -> camera frame; per axis.
+    rows = (
+        bilinear_matrix(original_size[0], input_size[0]) @ bilinear_matrix(img_size, low_res)[: input_size[0]]
+    )
+    cols = (
+        bilinear_matrix(original_size[1], input_size[1]) @ bilinear_matrix(img_size, low_res)[: input_size[1]]
+    )
+    return rows.astype(np.float32), np.ascontiguousarray(cols.T.astype(np.float32))
+
+
+def upsample_logits(
+    low_res_logits: np.ndarray, *, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> np.ndarray:
+    """low_res_logits: Q x L x L (or Q x 1 x L x L) -> Q x H x W float32 logits at camera resolution."""
+    logits = np.asarray(low_res_logits, dtype=np.float32)
+    if logits.ndim == 4:
+        logits = logits[:, 0]
+    rows, cols_t = _upsample_matrices(logits.shape[-1], img_size, tuple(input_size), tuple(original_size))
+    return rows @ logits @ cols_t
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight box (x0, y0, x1, y1), inclusive pixel coordinates, of a bool mask; None if empty."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    if ys.size == 0:
+        return None
+    xs = np.flatnonzero(mask.any(axis=0))
+    return int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))

@@ -1,0 +1,240 @@
+"""Segmenter: the stateful predictor (SAM's set_image / predict pattern, with text queries).
+
+`set_image` runs the image encoder once per frame; `set_query` / `set_queries` tokenize and encode each
+distinct request once and cache it; `predict` runs only the light fusion + mask decoder. This module imports
+no torch: with the ONNX Runtime or TensorRT backend a robot needs numpy, tokenizers and the runtime only.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend, get_backend
+from .config import ConverSegConfig
+from .errors import ConverSegError, InputError
+from .processing import PreprocessedImage, mask_box, preprocess, sigmoid, upsample_logits, validate_image
+
+# Requests are sentences; 2,000 characters is far past any real one and well under anything that would
+# stall the tokenizer. Longer text is rejected; text past max_query_tokens is truncated with a warning.
+MAX_QUERY_CHARS = 2000
+TEXT_CACHE_SIZE = 256
+
+
+@dataclass
+class SegmentationResult:
+    """One answer to one request about one frame.
+
+    mask: H x W bool at the resolution of the image given to set_image (empty when the target is absent).
+    score: the decoder's predicted IoU of the mask (0..1, uncalibrated).
+    presence: probability that what was asked for is in the picture at all.
+    present: presence >= the presence threshold; when False the mask is empty.
+    area: number of mask pixels. box: (x0, y0, x1, y1) inclusive pixel bounds of the mask, or None.
+    timings: milliseconds per stage of the predict() call that produced this result.
+    """
+
+    query: str
+    mask: np.ndarray
+    score: float
+    presence: float
+    present: bool
+    area: int
+    box: tuple[int, int, int, int] | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class NoImageError(ConverSegError, RuntimeError):
+    """predict() was called before set_image()."""
+
+
+def normalize_query(text: object) -> str:
+    """Validate a request and collapse its whitespace; raise InputError naming what is wrong."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"query is not valid UTF-8 text: {exc}") from exc
+    if not isinstance(text, str):
+        raise InputError(f"query must be a string, got {type(text).__name__}")
+    if len(text) > MAX_QUERY_CHARS:
+        raise InputError(f"query is {len(text)} characters long; the limit is {MAX_QUERY_CHARS}")
+    cleaned = " ".join(text.split())
+    if not cleaned:
+        raise InputError("query is empty or whitespace only")
+    return cleaned
+
+
+class Segmenter:
+    def __init__(
+        self,
+        model: object,
+        *,
+        tokenizer: object | None = None,
+        mask_threshold: float | None = None,
+        presence_threshold: float | None = None,
+        max_input_side: int | None = None,
+    ) -> None:
+        """model: a ConverSeg torch module, or any Backend (see converseg_core.backends)."""
+        if isinstance(model, Backend):
+            self.backend: Backend = model
+        else:
+            from .backends.torch_backend import TorchBackend
+
+            self.backend = TorchBackend(model)  # type: ignore[arg-type]
+        self.config: ConverSegConfig = self.backend.config
+        if tokenizer is None:
+            from .tokenizer import QueryTokenizer
+
+            path = self.backend.tokenizer_path
+            tokenizer = QueryTokenizer.from_file(path) if path else QueryTokenizer.default()
+        self.tokenizer = tokenizer
+        self.mask_threshold = self.config.mask_threshold if mask_threshold is None else mask_threshold
+        self.presence_threshold = (
+            self.config.presence_threshold if presence_threshold is None else presence_threshold
+        )
+        self.max_input_side = self.config.max_input_side if max_input_side is None else max_input_side
+        self._image: PreprocessedImage | None = None
+        self._embedding: np.ndarray | None = None
+        self._queries: list[str] = []
+        self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # Counters that tests and diagnostics read: expensive work must happen once.
+        self.stats = {"image_encodes": 0, "text_encodes": 0, "queries_encoded": 0}
+        self.last_image_ms = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, backend: str = "torch", **kwargs) -> Segmenter:
+        """path: a checkpoint file (torch) or an exported folder (onnxruntime, tensorrt)."""
+        backend_kwargs = {k: kwargs.pop(k) for k in ("device", "providers") if k in kwargs}
+        return cls(get_backend(backend, path, **backend_kwargs), **kwargs)
+
+    # -- image ---------------------------------------------------------------------------------------
+    def set_image(self, image: np.ndarray) -> None:
+        """image: H x W x 3 uint8 RGB. Runs the image encoder once; predict() reuses the embedding."""
+        image = validate_image(image, max_side=self.max_input_side)
+        start = time.perf_counter()
+        cfg = self.config
+        pre = preprocess(image, img_size=cfg.img_size, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+        self._embedding = self.backend.encode_image(pre.tensor)
+        self._image = pre
+        self.stats["image_encodes"] += 1
+        self.last_image_ms = (time.perf_counter() - start) * 1e3
+
+    @property
+    def has_image(self) -> bool:
+        return self._embedding is not None
+
+    # -- text ----------------------------------------------------------------------------------------
+    def set_query(self, text: str) -> None:
+        self.set_queries([text])
+
+    def set_queries(self, texts: Sequence[str]) -> None:
+        """Replace the active requests. Each distinct text is encoded once and cached."""
+        if isinstance(texts, str):
+            raise InputError("set_queries takes a list of strings; use set_query for one")
+        queries = [normalize_query(t) for t in texts]
+        if not queries:
+            raise InputError("set_queries needs at least one query")
+        self._encode_missing(queries)
+        self._queries = queries
+
+    @property
+    def queries(self) -> list[str]:
+        return list(self._queries)
+
+    def _encode_missing(self, queries: list[str]) -> None:
+        missing = list(dict.fromkeys(q for q in queries if q not in self._text_cache))
+        if missing:
+            tokens = self.tokenizer.encode(missing, self.config.max_query_tokens)
+            for query, cut in zip(missing, tokens.truncated, strict=True):
+                if cut:
+                    warnings.warn(
+                        f"query truncated to {self.config.max_query_tokens} tokens: {query[:80]!r}...",
+                        stacklevel=3,
+                    )
+            features = self.backend.encode_text(tokens.input_ids, tokens.attention_mask)
+            self.stats["text_encodes"] += 1
+            self.stats["queries_encoded"] += len(missing)
+            for i, query in enumerate(missing):
+                length = int(tokens.attention_mask[i].sum())
+                self._text_cache[query] = (
+                    features[i, :length].copy(),
+                    tokens.attention_mask[i, :length].copy(),
+                )
+        for query in queries:
+            self._text_cache.move_to_end(query)
+        while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(queries)):
+            self._text_cache.popitem(last=False)
+
+    def _stack_text(self, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        entries = [self._text_cache[q] for q in queries]
+        longest = max(f.shape[0] for f, _ in entries)
+        dim = entries[0][0].shape[1]
+        features = np.zeros((len(entries), longest, dim), dtype=np.float32)
+        mask = np.zeros((len(entries), longest), dtype=np.int64)
+        for i, (f, m) in enumerate(entries):
+            features[i, : f.shape[0]] = f
+            mask[i, : m.shape[0]] = m
+        return features, mask
+
+    # -- prediction ----------------------------------------------------------------------------------
+    def predict(self, queries: Sequence[str] | None = None) -> list[SegmentationResult]:
+        """One result per query (the active ones from set_queries, or `queries`), in order."""
+        if self._embedding is None or self._image is None:
+            raise NoImageError("no image: call set_image(rgb) before predict()")
+        if queries is not None:
+            active = [normalize_query(q) for q in queries]
+            if not active:
+                raise InputError("predict needs at least one query")
+            self._encode_missing(active)
+        else:
+            active = self._queries
+            if not active:
+                raise InputError("no query: call set_query(text) or pass queries to predict()")
+        t0 = time.perf_counter()
+        features, mask = self._stack_text(active)
+        low_res, iou, presence_logits = self.backend.decode(self._embedding, features, mask)
+        t1 = time.perf_counter()
+        image = self._image
+        logits = upsample_logits(
+            low_res,
+            img_size=self.config.img_size,
+            input_size=image.input_size,
+            original_size=image.original_size,
+        )
+        presence = sigmoid(presence_logits.reshape(-1))
+        results = []
+        for i, query in enumerate(active):
+            present = bool(presence[i] >= self.presence_threshold)
+            # The presence head has the last word: an absent target never yields pixels.
+            m = logits[i] > self.mask_threshold if present else np.zeros(image.original_size, dtype=bool)
+            results.append(
+                SegmentationResult(
+                    query=query,
+                    mask=m,
+                    score=float(iou.reshape(len(active), -1)[i, 0]),
+                    presence=float(presence[i]),
+                    present=present,
+                    area=int(m.sum()),
+                    box=mask_box(m),
+                )
+            )
+        t2 = time.perf_counter()
+        timings = {
+            "image_ms": self.last_image_ms,
+            "decode_ms": (t1 - t0) * 1e3,
+            "postprocess_ms": (t2 - t1) * 1e3,
+        }
+        for r in results:
+            r.timings = dict(timings)
+        return results
+
+    def segment(self, image: np.ndarray, text: str) -> SegmentationResult:
+        """One-shot: encode `image`, answer `text`. Leaves the image set for further predict() calls."""
+        self.set_image(image)
+        return self.predict([text])[0]

