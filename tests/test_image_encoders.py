@@ -7,6 +7,8 @@ no memory, no compute), which also proves the registry's image_encoder_args are 
 from __future__ import annotations
 
 import inspect
+import io
+import warnings
 
 import pytest
 import torch
@@ -99,3 +101,34 @@ def test_student_is_small() -> None:
         type(student.stages[0][0]),
     )
     assert all(isinstance(m, allowed) for m in student.modules() if m is not student)
+
+
+def test_student_exports_to_plain_onnx_ops() -> None:
+    """The edge encoder exports with a handful of standard ops and matches PyTorch in ONNX Runtime."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    student = StudentCNN(img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(student, (x,), buf, input_names=["image"], opset_version=17, dynamo=False)
+    ops = {node.op_type for node in onnx.load_from_string(buf.getvalue()).graph.node}
+    assert ops <= {
+        "Conv",
+        "Relu",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Sqrt",
+        "ReduceMean",
+        "Constant",
+        "Identity",
+    }
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        assert float((torch.from_numpy(out) - student(x)).abs().max()) < 1e-4
