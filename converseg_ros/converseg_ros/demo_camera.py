@@ -1,0 +1,96 @@
+"""Demo camera node: publishes frames on /camera/image_raw and a query on /converseg/query.
+
+With ``dataset`` naming a data engine output folder, it cycles through the rendered scenes and publishes
+each scene's prompt with it; otherwise it loops a synthetic kitchen table and publishes ``query`` once.
+"""
+
+from __future__ import annotations
+
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from .demo_scene import DemoSample, dataset_samples, synthetic_frames
+from .image_conversion import rgb_to_image_fields
+from .segment_node import IMAGE_TOPIC, QUERY_QOS
+
+PARAMETERS = {
+    "rate_hz": (30.0, "frames per second"),
+    "width": (640, "synthetic frame width"),
+    "height": (480, "synthetic frame height"),
+    "query": ("the red mug", "query published once at start (synthetic scene); empty = none"),
+    "dataset": ("", "data engine output folder; empty or without samples = synthetic scene"),
+    "seconds_per_scene": (3.0, "how long each data engine scene is shown"),
+    "encoding": ("rgb8", "rgb8, bgr8, rgba8, bgra8 or mono8"),
+    "frame_id": ("demo_camera", "header.frame_id of the frames"),
+}
+
+
+class DemoCamera(Node):
+    def __init__(self, **kwargs) -> None:
+        super().__init__("converseg_demo_camera", **kwargs)
+        p = {
+            name: self.declare_parameter(
+                name, default, ParameterDescriptor(description=text, read_only=True)
+            ).value
+            for name, (default, text) in PARAMETERS.items()
+        }
+        samples = dataset_samples(p["dataset"]) if p["dataset"] else []
+        if p["dataset"] and not samples:
+            self.get_logger().warning(
+                f"no data engine samples under {p['dataset']!r}: showing the synthetic scene"
+            )
+        if not samples:
+            query = p["query"] or None
+            samples = [
+                DemoSample(f, query if i == 0 else None)
+                for i, f in enumerate(synthetic_frames(p["width"], p["height"]))
+            ]
+            self._frames_per_sample = 1
+        else:
+            self._frames_per_sample = max(1, round(p["seconds_per_scene"] * p["rate_hz"]))
+        # Encoded once: publishing then only stamps a header and hands over bytes.
+        self._messages = [Image(**rgb_to_image_fields(s.rgb, p["encoding"])) for s in samples]
+        self._queries = [s.query for s in samples]
+        for msg in self._messages:
+            msg.header.frame_id = p["frame_id"]
+        self._image_pub = self.create_publisher(Image, IMAGE_TOPIC, qos_profile_sensor_data)
+        self._query_pub = self.create_publisher(String, "/converseg/query", QUERY_QOS)
+        self._tick = 0
+        self._last_query: str | None = None
+        self.create_timer(1.0 / p["rate_hz"], self._publish)
+        self.get_logger().info(f"publishing {len(samples)} scene(s) at {p['rate_hz']} Hz on {IMAGE_TOPIC}")
+
+    def _publish(self) -> None:
+        index = (self._tick // self._frames_per_sample) % len(self._messages)
+        query = self._queries[index]
+        if query and query != self._last_query:  # transient-local: late subscribers still get it
+            self._query_pub.publish(String(data=query))
+            self._last_query = query
+        msg = self._messages[index]
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._image_pub.publish(msg)
+        self._tick += 1
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = DemoCamera()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
