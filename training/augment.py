@@ -1,0 +1,125 @@
+"""Training augmentation on native-resolution numpy images and masks, before runtime pre-processing.
+
+Geometry stays compatible with the runtime: the network still sees resize-longest-side + bottom-right pad, so
+"scale" augmentation is a zoom-in crop that the resize then brings back to img_size. A horizontal flip mirrors
+the scene, so left and right swap in the request as well ("the mug left of the plate" -> "... right of ...").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_LR_WORDS = {
+    "left": "right",
+    "right": "left",
+    "leftmost": "rightmost",
+    "rightmost": "leftmost",
+    "lefthand": "righthand",
+    "righthand": "lefthand",
+}
+_LR_RE = re.compile(r"\b(left|right|leftmost|rightmost|lefthand|righthand)\b", re.IGNORECASE)
+
+
+def swap_left_right(prompt: str) -> str:
+    """Swap left/right words (keeping case) so a request still describes a mirrored scene.
+
+    "left-hand" is handled as two words. Non-spatial uses ("what's left on the table", "the right tool")
+    would swap too; callers that know a prompt is not spatial can disable flipping for it.
+    """
+
+    def repl(m: re.Match) -> str:
+        word = m.group(0)
+        out = _LR_WORDS[word.lower()]
+        if word.isupper():
+            return out.upper()
+        if word[0].isupper():
+            return out.capitalize()
+        return out
+
+    return _LR_RE.sub(repl, prompt)
+
+
+@dataclass
+class AugmentConfig:
+    # Probability of a zoom-in crop; the crop keeps min_crop..1 of each side at the original aspect ratio.
+    crop_prob: float = 0.5
+    min_crop: float = 0.75
+    # A crop must keep this fraction of a positive target's pixels, so the answer stays the same object.
+    min_target_kept: float = 0.9
+    # Mirror probability (left/right swapped in the prompt).
+    flip_prob: float = 0.5
+    # Colour jitter strengths (0 disables): multiplicative brightness/contrast/saturation ranges 1 +- s.
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+def random_crop_box(
+    rng: np.random.Generator, h: int, w: int, cfg: AugmentConfig, target: np.ndarray | None
+) -> tuple[int, int, int, int] | None:
+    """Return a (top, left, height, width) zoom-in crop, or None to keep the full frame."""
+    if cfg.crop_prob <= 0 or rng.random() >= cfg.crop_prob:
+        return None
+    total = int(np.count_nonzero(target)) if target is not None else 0
+    for _ in range(10):
+        f = rng.uniform(cfg.min_crop, 1.0)
+        ch, cw = max(1, int(round(h * f))), max(1, int(round(w * f)))
+        top = int(rng.integers(0, h - ch + 1))
+        left = int(rng.integers(0, w - cw + 1))
+        if total == 0:
+            return top, left, ch, cw
+        kept = np.count_nonzero(target[top : top + ch, left : left + cw])
+        if kept >= cfg.min_target_kept * total:
+            return top, left, ch, cw
+    return None
+
+
+def color_jitter(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    """Brightness, contrast and saturation jitter on an H x W x 3 uint8 image, in random order."""
+    img = image.astype(np.float32)
+    ops = []
+    if cfg.brightness > 0:
+        ops.append(("b", rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)))
+    if cfg.contrast > 0:
+        ops.append(("c", rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)))
+    if cfg.saturation > 0:
+        ops.append(("s", rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)))
+    for i in rng.permutation(len(ops)):
+        kind, factor = ops[i]
+        if kind == "b":
+            img = img * factor
+        elif kind == "c":
+            img = (img - img.mean()) * factor + img.mean()
+        else:
+            gray = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            img = (img - gray[..., None]) * factor + gray[..., None]
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def augment(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    prompt: str,
+    cfg: AugmentConfig,
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Augment one sample. image: H x W x 3 uint8; mask: H x W bool (or None for unlabeled images)."""
+    h, w = image.shape[:2]
+    box = random_crop_box(rng, h, w, cfg, mask)
+    if box is not None:
+        top, left, ch, cw = box
+        image = image[top : top + ch, left : left + cw]
+        if mask is not None:
+            mask = mask[top : top + ch, left : left + cw]
+    if cfg.flip_prob > 0 and rng.random() < cfg.flip_prob:
+        image = image[:, ::-1]
+        if mask is not None:
+            mask = mask[:, ::-1]
+        prompt = swap_left_right(prompt)
+    image = color_jitter(rng, image, cfg)
+    if mask is not None:
+        mask = np.ascontiguousarray(mask)
+    return np.ascontiguousarray(image), mask, prompt

@@ -1,0 +1,669 @@
+"""Dataset readers for training and evaluation.
+
+Formats read (see docs/TRAINING.md for examples):
+- data engine output (docs/ARCHITECTURE.md): a folder with index.json and shard-*/samples.jsonl;
+- ConverSeg JSONL: one JSON object a line with `image`, `mask_merged`, `prompt` (paths relative to the file);
+- items.json: a JSON list (or {"items": [...]}) of the same objects;
+- COCO instance annotations plus a prompt list: the COCO file's `prompts` key (or a separate JSON list) of
+  {"image_id", "prompt", "annotation_ids"}; an empty `annotation_ids` list is a no-target (negative) query.
+
+Every reader returns `Record`s; `ConverSegDataset` turns them into tensors pre-processed exactly as the runtime
+does (converseg_core.processing: resize longest side, normalize, pad bottom-right) plus the targets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from converseg_core.config import ConverSegConfig
+from converseg_core.processing import preprocess, resized_shape
+
+from .augment import AugmentConfig, augment
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as asked (missing index, no samples, malformed line...)."""
+
+
+class SampleError(DatasetError):
+    """One bad sample (corrupt image or mask, size mismatch); skipped with a counted warning or raised."""
+
+
+@dataclass
+class Record:
+    """One (image, request, target) sample. `mask` is a mono8 file path, a callable (H, W) -> bool mask
+    (COCO polygons), or None for a no-target query."""
+
+    image: Path
+    prompt: str
+    mask: Path | Callable[[int, int], np.ndarray] | None
+    negative: bool = False
+    family: str | None = None
+    template_id: str | None = None
+    template_split: str | None = None  # "seen" | "heldout" when the source says so
+    scene_id: str | None = None
+    sample_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def _record_from_json(obj: dict, base: Path, where: str) -> Record:
+    try:
+        prompt = obj["prompt"]
+        image = base / obj["image"]
+    except KeyError as exc:
+        raise DatasetError(f"{where}: missing field {exc}") from exc
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DatasetError(f"{where}: `prompt` must be a non-empty string")
+    mask_rel = obj.get("mask_merged", obj.get("mask"))
+    negative = bool(obj.get("negative", False))
+    if mask_rel is None and not negative:
+        raise DatasetError(f"{where}: no `mask_merged` and not marked negative")
+    split = obj.get("template_split")
+    if split is None and "heldout_template" in obj:
+        split = "heldout" if obj["heldout_template"] else "seen"
+    return Record(
+        image=image,
+        prompt=prompt,
+        mask=base / mask_rel if mask_rel is not None else None,
+        negative=negative,
+        family=obj.get("family"),
+        template_id=None if obj.get("template_id") is None else str(obj["template_id"]),
+        template_split=split,
+        scene_id=None if obj.get("scene_id") is None else str(obj["scene_id"]),
+        sample_id=None if obj.get("sample_id") is None else str(obj["sample_id"]),
+        extra={k: obj[k] for k in ("answer_kind", "targets") if k in obj},
+    )
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """ConverSeg JSONL: `image`, `mask_merged`, `prompt` per line (extra data engine fields are kept)."""
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            records.append(_record_from_json(obj, path.parent, f"{path}:{lineno}"))
+    return records
+
+
+def read_items_json(path: str | Path) -> list[Record]:
+    """items.json: a list (or {"items": [...]}) of {image, mask_merged, prompt} objects."""
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    items = data.get("items") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise DatasetError(f"{path}: expected a JSON list of items or an object with an `items` list")
+    return [_record_from_json(obj, path.parent, f"{path}[{i}]") for i, obj in enumerate(items)]
+
+
+def read_dataengine(root: str | Path, *, require_index: bool = True) -> list[Record]:
+    """Data engine output: every complete shard (with its DONE marker) under `root`."""
+    root = Path(root)
+    index = root / "index.json"
+    if not index.is_file():
+        if require_index:
+            raise DatasetError(
+                f"{root}: no index.json; the data engine writes it last, so the run is unfinished "
+                "(pass require_index=False / --allow-partial to read the complete shards anyway)"
+            )
+        warnings.warn(f"{root}: no index.json, reading complete shards only", stacklevel=2)
+    records: list[Record] = []
+    shards = sorted(p for p in root.glob("shard-*") if p.is_dir())
+    incomplete = [s.name for s in shards if not (s / "DONE").is_file()]
+    if incomplete:
+        warnings.warn(
+            f"{root}: skipping {len(incomplete)} incomplete shard(s): {incomplete[:5]}", stacklevel=2
+        )
+    for shard in shards:
+        if (shard / "DONE").is_file():
+            records.extend(read_jsonl(shard / "samples.jsonl"))
+    return records
+
+
+def _decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE (uncompressed counts list or compressed string) -> H x W bool, column-major as COCO."""
+    h, w = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        # pycocotools' LEB128-like string encoding (rleFrString), re-implemented to avoid the dependency.
+        values, p, s = [], 0, counts.encode()
+        while p < len(s):
+            x, k, more = 0, 0, True
+            while more:
+                c = s[p] - 48
+                x |= (c & 0x1F) << (5 * k)
+                more = bool(c & 0x20)
+                p += 1
+                k += 1
+                if not more and (c & 0x10):
+                    x |= -1 << (5 * k)
+            if len(values) > 2:
+                x += values[-2]
+            values.append(x)
+        counts = values
+    flat = np.zeros(h * w, dtype=bool)
+    pos, val = 0, False
+    for n in counts:
+        if val:
+            flat[pos : pos + n] = True
+        pos += n
+        val = not val
+    return flat.reshape(w, h).T
+
+
+def _coco_mask_fn(anns: list[dict]) -> Callable[[int, int], np.ndarray]:
+    def render(h: int, w: int) -> np.ndarray:
+        canvas = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(canvas)
+        out = np.zeros((h, w), dtype=bool)
+        for ann in anns:
+            seg = ann.get("segmentation")
+            if isinstance(seg, list):
+                for poly in seg:
+                    if len(poly) >= 6:
+                        draw.polygon([(poly[i], poly[i + 1]) for i in range(0, len(poly), 2)], fill=255)
+            elif isinstance(seg, dict):
+                m = _decode_rle(seg)
+                if m.shape != (h, w):
+                    raise SampleError(f"annotation {ann.get('id')}: RLE size {m.shape} != image {(h, w)}")
+                out |= m
+        return out | (np.asarray(canvas) > 0)
+
+    return render
+
+
+def read_coco(
+    path: str | Path, *, prompts: str | Path | None = None, image_root: str | Path | None = None
+) -> list[Record]:
+    """COCO instance annotations + prompts. Prompts come from `prompts` (a JSON list) or the file's `prompts`
+    key; each is {"image_id", "prompt", "annotation_ids": [...]} (empty list: no target), optionally with
+    `family` and `template_id`."""
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not {"images", "annotations"} <= set(data):
+        raise DatasetError(f"{path}: not a COCO annotation file (needs `images` and `annotations`)")
+    plist = json.loads(Path(prompts).read_text(encoding="utf-8")) if prompts else data.get("prompts")
+    if not plist:
+        raise DatasetError(f"{path}: no prompt list (give a prompts file or a `prompts` key)")
+    root = Path(image_root) if image_root else path.parent
+    images = {im["id"]: im for im in data["images"]}
+    anns = {a["id"]: a for a in data["annotations"]}
+    records = []
+    for i, p in enumerate(plist):
+        where = f"{path} prompts[{i}]"
+        if p.get("image_id") not in images:
+            raise DatasetError(f"{where}: unknown image_id {p.get('image_id')!r}")
+        ids = p.get("annotation_ids", [])
+        missing = [a for a in ids if a not in anns]
+        if missing:
+            raise DatasetError(f"{where}: unknown annotation ids {missing}")
+        chosen = [anns[a] for a in ids]
+        im = images[p["image_id"]]
+        records.append(
+            Record(
+                image=root / im["file_name"],
+                prompt=p["prompt"],
+                mask=_coco_mask_fn(chosen) if chosen else None,
+                negative=not chosen,
+                family=p.get("family"),
+                template_id=None if p.get("template_id") is None else str(p["template_id"]),
+                template_split=p.get("template_split"),
+                scene_id=str(p["image_id"]),
+                sample_id=str(p.get("id", i)),
+            )
+        )
+    return records
+
+
+def read_records(path: str | Path, **kwargs: Any) -> list[Record]:
+    """Read any supported format, chosen from what `path` is. Raises DatasetError on an empty dataset."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "index.json").is_file() or any(path.glob("shard-*")):
+            records = read_dataengine(path, require_index=not kwargs.get("allow_partial", False))
+        elif (path / "items.json").is_file():
+            records = read_items_json(path / "items.json")
+        elif (path / "samples.jsonl").is_file():
+            records = read_jsonl(path / "samples.jsonl")
+        else:
+            raise DatasetError(f"{path}: a folder without index.json, shard-*, items.json or samples.jsonl")
+    elif path.suffix == ".jsonl":
+        records = read_jsonl(path)
+    elif path.suffix == ".json":
+        head = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(head, dict) and "annotations" in head:
+            records = read_coco(path, prompts=kwargs.get("prompts"), image_root=kwargs.get("image_root"))
+        else:
+            records = read_items_json(path)
+    else:
+        raise DatasetError(f"{path}: unknown dataset format (expected a folder, .jsonl or .json)")
+    if not records:
+        raise DatasetError(f"{path}: the dataset is empty (no samples)")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def _bucket(key: str) -> float:
+    return (zlib.crc32(key.encode()) & 0xFFFFFFFF) / 2**32
+
+
+def split_records(
+    records: Sequence[Record], *, val_fraction: float, heldout_templates: Sequence[str] = ()
+) -> tuple[list[Record], list[Record]]:
+    """Split by scene (a scene never lands on both sides), deterministically (crc32 of the scene id).
+
+    Samples whose template is held out never train; they are kept for validation only when their scene is
+    a validation scene, so held-out templates are measured on held-out scenes as well.
+    """
+    held = set(map(str, heldout_templates))
+    train, val = [], []
+    for r in records:
+        is_val = _bucket(r.scene_id or str(r.image)) < val_fraction
+        heldout = r.template_split == "heldout" or (r.template_id is not None and r.template_id in held)
+        if is_val:
+            val.append(r)
+        elif not heldout:
+            train.append(r)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise SampleError(f"{path}: cannot read image ({exc})") from exc
+
+
+def load_mask(record: Record, h: int, w: int) -> np.ndarray:
+    """Target mask as H x W bool, checked against the image size."""
+    if record.mask is None:
+        return np.zeros((h, w), dtype=bool)
+    if callable(record.mask):
+        mask = record.mask(h, w)
+    else:
+        try:
+            with Image.open(record.mask) as im:
+                arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "P") else im)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise SampleError(f"{record.mask}: cannot read mask ({exc})") from exc
+        if arr.ndim != 2:
+            raise SampleError(f"{record.mask}: mask must be single-channel, got shape {arr.shape}")
+        mask = arr > (127 if arr.dtype == np.uint8 and arr.max() > 1 else 0)
+    if mask.shape != (h, w):
+        raise SampleError(
+            f"{record.mask}: mask size {mask.shape[::-1]} differs from image {record.image} size {(w, h)}"
+        )
+    if record.negative and mask.any():
+        raise SampleError(f"{record.mask}: sample is marked negative but its mask is not empty")
+    if not record.negative and not mask.any():
+        raise SampleError(f"{record.mask}: positive sample with an empty mask")
+    return mask
+
+
+def resize_mask_padded(mask: np.ndarray, img_size: int) -> np.ndarray:
+    """Mask -> img_size x img_size float32 in 0..1 with the image's resize + bottom-right pad geometry."""
+    h, w = mask.shape
+    nh, nw = resized_shape(h, w, img_size)
+    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)
+    out = np.zeros((img_size, img_size), dtype=np.float32)
+    out[:nh, :nw] = np.asarray(m, dtype=np.float32) / 255.0
+    return out
+
+
+class ConverSegDataset(torch.utils.data.Dataset):
+    """Records -> tensors for training/validation.
+
+    An item (index or (index, seed) so augmentation is reproducible and resumable) is a dict:
+      image: 3 x S x S float32, normalized and padded as at runtime; mask_low: 1 x L x L float32 soft target
+      (L = 4 * S / 16, area-averaged); mask_full: 1 x S x S float32 in {0, 1} (when full_res); presence: float
+      (0 for negatives); prompt: str (left/right swapped if flipped); valid_hw: (h, w) of the unpadded image
+      inside S x S; index: int.
+    A bad sample raises SampleError, or (on_bad="skip") returns None; `collate` drops and counts those.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        config: ConverSegConfig,
+        *,
+        augment_cfg: AugmentConfig | None = None,
+        full_res: bool = False,
+        on_bad: str = "skip",
+        seed: int = 0,
+    ) -> None:
+        if not records:
+            raise DatasetError("the dataset is empty (no samples)")
+        if on_bad not in ("skip", "error"):
+            raise ValueError("on_bad must be 'skip' or 'error'")
+        self.records = list(records)
+        self.img_size = config.img_size
+        self.low_res = config.low_res_size
+        self.pixel_mean = config.pixel_mean
+        self.pixel_std = config.pixel_std
+        self.augment_cfg = augment_cfg
+        self.full_res = full_res
+        self.on_bad = on_bad
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        index, draw = key if isinstance(key, tuple) else (key, 0)
+        record = self.records[index]
+        try:
+            return self._load(index, record, draw)
+        except SampleError as exc:
+            if self.on_bad == "error":
+                raise
+            log.warning("skipping sample %d: %s", index, exc)
+            return None
+
+    def _load(self, index: int, record: Record, draw: int) -> dict:
+        image = load_rgb(record.image)
+        h, w = image.shape[:2]
+        mask = load_mask(record, h, w)
+        prompt = record.prompt
+        if self.augment_cfg is not None:
+            rng = np.random.default_rng([self.seed, index, draw])
+            image, mask, prompt = augment(rng, image, mask, prompt, self.augment_cfg)
+            if not record.negative and not mask.any():  # cannot happen with min_target_kept > 0; guard anyway
+                raise SampleError(f"{record.image}: augmentation removed the whole target")
+        x = preprocess(
+            image, img_size=self.img_size, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std
+        ).tensor
+        full = resize_mask_padded(mask, self.img_size)
+        f = self.img_size // self.low_res
+        low = full.reshape(self.low_res, f, self.low_res, f).mean(axis=(1, 3))
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(x[0])),
+            "mask_low": torch.from_numpy(low)[None],
+            "presence": torch.tensor(0.0 if record.negative else 1.0),
+            "prompt": prompt,
+            "valid_hw": resized_shape(*image.shape[:2], self.img_size),
+            "index": index,
+        }
+        if self.full_res:
+            item["mask_full"] = torch.from_numpy((full >= 0.5).astype(np.float32))[None]
+        return item
+
+
+def collate(items: list[dict | None]) -> dict | None:
+    """Stack items, dropping skipped (None) ones; `num_skipped` counts them. None if all were skipped."""
+    kept = [it for it in items if it is not None]
+    skipped = len(items) - len(kept)
+    if not kept:
+        return {"num_skipped": skipped, "empty": True}
+    out: dict[str, Any] = {"num_skipped": skipped, "empty": False}
+    for key in kept[0]:
+        vals = [it[key] for it in kept]
+        out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- text cache
+
+
+class TextFeatureCache:
+    """Frozen MiniLM token features, computed once per unique prompt (the text side dominates nothing at
+    train time then: a lookup and a pad). Stored as float16 trimmed to each prompt's real tokens."""
+
+    def __init__(self, features: dict[str, torch.Tensor] | None = None, *, max_tokens: int = 32) -> None:
+        self.features: dict[str, torch.Tensor] = dict(features or {})
+        self.max_tokens = max_tokens
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @torch.no_grad()
+    def add(
+        self, prompts: Sequence[str], text_encoder: torch.nn.Module, tokenizer, *, batch_size: int = 64
+    ) -> int:
+        """Encode the prompts not cached yet; returns how many were new."""
+        new = sorted({p for p in prompts if p not in self.features})
+        if not new:
+            return 0
+        device = next(text_encoder.parameters()).device
+        for i in range(0, len(new), batch_size):
+            chunk = new[i : i + batch_size]
+            tok = tokenizer.encode(chunk, self.max_tokens)
+            ids = torch.from_numpy(tok.input_ids).to(device)
+            am = torch.from_numpy(tok.attention_mask).to(device)
+            feats = text_encoder(ids, am).float().cpu()
+            for j, p in enumerate(chunk):
+                n = int(tok.attention_mask[j].sum())
+                self.features[p] = feats[j, :n].to(torch.float16).clone()
+        return len(new)
+
+    def lookup(
+        self, prompts: Sequence[str], device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (Q x T x D float32 features, Q x T int64 attention mask), right-padded to the longest."""
+        try:
+            feats = [self.features[p] for p in prompts]
+        except KeyError as exc:
+            raise KeyError(f"prompt {exc} not in the text feature cache; call add() first") from exc
+        t = max(f.shape[0] for f in feats)
+        out = torch.zeros(len(feats), t, feats[0].shape[1])
+        am = torch.zeros(len(feats), t, dtype=torch.int64)
+        for i, f in enumerate(feats):
+            out[i, : f.shape[0]] = f.float()
+            am[i, : f.shape[0]] = 1
+        return out.to(device), am.to(device)
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"max_tokens": self.max_tokens, "features": self.features}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextFeatureCache:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(data["features"], max_tokens=data["max_tokens"])
+
+
+def all_prompt_variants(records: Sequence[Record], with_flips: bool) -> list[str]:
+    """Every prompt text a dataset can produce (including left/right-swapped ones when flipping)."""
+    from .augment import swap_left_right
+
+    out = {r.prompt for r in records}
+    if with_flips:
+        out |= {swap_left_right(p) for p in out}
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------- unlabeled
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """Images for distillation: a folder (searched recursively) or data engine output (its scene images)."""
+    path = Path(path)
+    if path.is_dir() and ((path / "index.json").is_file() or any(path.glob("shard-*"))):
+        images = sorted({r.image for r in read_dataengine(path, require_index=False)})
+    elif path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise DatasetError(f"{path}: not a folder of images or data engine output")
+    if not images:
+        raise DatasetError(f"{path}: no images found")
+    return images
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Unlabeled images -> normalized padded tensors (optionally crop/flip/colour augmented).
+
+    `sizes`: one network input size per model (student, teacher); each is pre-processed from the same
+    augmented image exactly as the runtime would, under keys image_0, image_1...
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Path],
+        config: ConverSegConfig,
+        *,
+        sizes: Sequence[int] | None = None,
+        augment_cfg: AugmentConfig | None,
+        seed: int = 0,
+    ):
+        if not images:
+            raise DatasetError("no images")
+        self.images = list(images)
+        self.config = config
+        self.sizes = list(sizes or [config.img_size])
+        self.augment_cfg = augment_cfg
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        index, draw = key if isinstance(key, tuple) else (key, 0)
+        try:
+            image = load_rgb(self.images[index])
+        except SampleError as exc:
+            log.warning("skipping image %d: %s", index, exc)
+            return None
+        if self.augment_cfg is not None:
+            rng = np.random.default_rng([self.seed, index, draw])
+            image, _, _ = augment(rng, image, None, "", self.augment_cfg)
+        c = self.config
+        item: dict[str, Any] = {"index": index}
+        for i, size in enumerate(self.sizes):
+            x = preprocess(image, img_size=size, pixel_mean=c.pixel_mean, pixel_std=c.pixel_std).tensor
+            item[f"image_{i}"] = torch.from_numpy(np.ascontiguousarray(x[0]))
+        return item
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Infinite, resumable sampler of (index, draw) keys, sharded across DDP ranks.
+
+    Epoch e is a permutation seeded by (seed, e); rank r takes every world-th element. Starting at
+    `start_step` skips start_step * batch_size keys by arithmetic, so a resumed run sees the same data
+    (and the same augmentation draws) as an uninterrupted one.
+    """
+
+    def __init__(
+        self, n: int, *, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_step: int = 0
+    ):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.start = start_step * batch_size
+
+    def __iter__(self):
+        per_epoch = self.n // self.world
+        if per_epoch == 0:
+            raise DatasetError(f"{self.n} samples cannot be shared across {self.world} processes")
+        pos = self.start
+        while True:
+            epoch, offset = divmod(pos, per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)[self.rank :: self.world][:per_epoch].tolist()
+            for i in perm[offset:]:
+                yield (i, epoch)
+            pos = (epoch + 1) * per_epoch
+
+
+# ---------------------------------------------------------------------------------------------- toy data
+
+
+def write_toy_dataset(
+    root: str | Path, *, num_scenes: int = 8, size: tuple[int, int] = (96, 72), seed: int = 0
+) -> Path:
+    """Write a tiny synthetic dataset in the data engine's output format (tests, smoke runs).
+
+    Each scene holds two coloured shapes on grey; requests ask for a colour+shape (family "attribute"),
+    the shape on the left/right ("spatial"), or a colour+shape that is absent (negative). Template "t2" is
+    marked held out.
+    """
+    root = Path(root)
+    shard = root / "shard-00000"
+    for sub in ("images", "masks", "scenes"):
+        (shard / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colors = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220)}
+    shapes = ("square", "circle")
+    w, h = size
+    lines = []
+    counts: dict[str, int] = {}
+    for s in range(num_scenes):
+        scene = f"scene{s:05d}"
+        img = Image.new("RGB", (w, h), (128, 128, 128))
+        draw = ImageDraw.Draw(img)
+        objs = []
+        names = list(colors)
+        picked = rng.choice(len(names), 2, replace=False)
+        for k, half in enumerate((0, 1)):
+            color, shape = names[picked[k]], shapes[int(rng.integers(2))]
+            r = int(rng.integers(h // 6, h // 4))
+            cx = int(rng.integers(half * w // 2 + r, (half + 1) * w // 2 - r))
+            cy = int(rng.integers(r, h - r))
+            m = Image.new("L", (w, h), 0)
+            box = (cx - r, cy - r, cx + r, cy + r)
+            for d, fill in ((draw, colors[color]), (ImageDraw.Draw(m), 255)):
+                (d.rectangle if shape == "square" else d.ellipse)(box, fill=fill)
+            objs.append((color, shape, np.asarray(m) > 0))
+        img.save(shard / "images" / f"{scene}.png")
+        (shard / "scenes" / f"{scene}.json").write_text(json.dumps({"objects": [o[:2] for o in objs]}))
+        absent = next(c for c in names if c not in (objs[0][0], objs[1][0]))
+        queries = [
+            (f"the {objs[0][0]} {objs[0][1]}", objs[0][2], "attribute", "t0"),
+            (f"the {objs[1][0]} {objs[1][1]}", objs[1][2], "attribute", "t0"),
+            ("the object on the left", objs[0][2], "spatial", "t1"),
+            ("the object on the right", objs[1][2], "spatial", "t2"),
+            (f"the {absent} {shapes[s % 2]}", None, "attribute", "t0"),
+        ]
+        for q, (prompt, mask, family, template) in enumerate(queries):
+            sample = f"{scene}_{q}"
+            m = np.zeros((h, w), bool) if mask is None else mask
+            Image.fromarray(m.astype(np.uint8) * 255).save(shard / "masks" / f"{sample}.png")
+            lines.append(
+                json.dumps(
+                    {
+                        "image": f"images/{scene}.png",
+                        "mask_merged": f"masks/{sample}.png",
+                        "prompt": prompt,
+                        "family": family,
+                        "template_id": template,
+                        "template_split": "heldout" if template == "t2" else "seen",
+                        "targets": [] if mask is None else [q],
+                        "negative": mask is None,
+                        "answer_kind": "object",
+                        "scene_id": scene,
+                        "sample_id": sample,
+                    }
+                )
+            )
+            counts[family] = counts.get(family, 0) + 1
+    (shard / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    (shard / "DONE").write_text("")
+    (root / "index.json").write_text(
+        json.dumps({"seed": seed, "scenes": num_scenes, "shards": ["shard-00000"], "families": counts})
+    )
+    return root

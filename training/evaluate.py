@@ -1,0 +1,233 @@
+"""Evaluate a ConverSeg model: gIoU, cIoU, N-acc, T-acc overall, per concept family, seen vs held-out templates.
+
+    python -m training.evaluate --checkpoint runs/student/model.pt --data data/test --out-dir runs/eval_student
+
+Scoring goes through converseg_core.Segmenter, the runtime inference path (pre-processing, the backend,
+presence gating, upsampling to the camera frame), with any backend (`--backend onnxruntime` on an exported
+folder). Masks are compared at the image's own resolution. Each image is encoded once and all its requests are
+decoded together, so this is not slower than a batched torch loop on a CPU. Writes metrics.json, metrics.md
+(tables) and overlay panels (panels_*.png: image | target | prediction).
+
+Definitions: see training/metrics.py. A sample whose image or mask cannot be read is skipped and counted in
+`skipped` (reported in both outputs); `--strict` stops instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .datasets import Record, SampleError, load_mask, load_rgb, read_records, split_records
+from .metrics import GroupMetrics, MetricAccumulator, score_sample
+from .panels import make_panel, save_panels
+from .train import add_dataclass_args, arg
+
+log = logging.getLogger("training.evaluate")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = arg(help="ConverSeg checkpoint (torch) or exported folder (onnxruntime, tensorrt)")
+    data: str = arg(help="dataset: data engine folder, ConverSeg .jsonl, items.json or COCO .json")
+    out_dir: str = arg("runs/eval", help="where metrics.json, metrics.md and panels go")
+    backend: str = arg("torch", help="inference backend", choices=["torch", "onnxruntime", "tensorrt"])
+    device: str = arg("cpu", help="torch backend device")
+    split: str = arg(
+        "all",
+        help="'val': only the scenes a training run with the same --val-fraction held out",
+        choices=["all", "val"],
+    )
+    val_fraction: float = arg(0.05, help="with --split val: the training run's --val-fraction")
+    heldout_templates: list[str] = arg(
+        [], help="template ids to report as held-out (besides samples marked so)", nargs="*"
+    )
+    limit: int = arg(0, help="evaluate at most this many samples (0: all)")
+    presence_threshold: float | None = arg(None, help="override the model's presence threshold")
+    mask_threshold: float | None = arg(None, help="override the model's mask logit threshold")
+    num_panels: int = arg(
+        16, help="overlay panels to write (half the worst positives, half the first samples)"
+    )
+    name: str | None = arg(None, help="label of this model in the tables (default: the checkpoint file name)")
+    strict: bool = arg(False, help="stop at the first unreadable sample instead of skipping and counting it")
+    allow_partial: bool = arg(False, help="read data engine output without index.json")
+
+
+def template_split(r: Record, heldout: set[str]) -> str:
+    if r.template_split:
+        return r.template_split
+    return "heldout" if r.template_id is not None and r.template_id in heldout else "seen"
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def markdown_table(title: str, rows: dict[str, GroupMetrics]) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| group | n | positives | negatives | gIoU | cIoU | N-acc | T-acc |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in rows.items():
+        lines.append(
+            f"| {name} | {m.n} | {m.n_positive} | {m.n_negative} | {fmt(m.giou)} | {fmt(m.ciou)} | {fmt(m.n_acc)} | {fmt(m.t_acc)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Score every sample; write metrics.json, metrics.md and panels; return the metrics dict."""
+    from converseg_core import Segmenter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = read_records(cfg.data, allow_partial=cfg.allow_partial)
+    if cfg.split == "val":
+        _, records = split_records(records, val_fraction=cfg.val_fraction)
+    if cfg.limit > 0:
+        records = records[: cfg.limit]
+    if not records:
+        raise SystemExit(f"{cfg.data}: no samples to evaluate (check --split / --val-fraction)")
+    heldout = set(cfg.heldout_templates)
+
+    kwargs = {"device": cfg.device} if cfg.backend == "torch" else {}
+    seg = Segmenter.from_checkpoint(
+        cfg.checkpoint,
+        backend=cfg.backend,
+        presence_threshold=cfg.presence_threshold,
+        mask_threshold=cfg.mask_threshold,
+        **kwargs,
+    )
+    by_image: dict[Path, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_image[r.image].append(i)
+
+    acc = MetricAccumulator()
+    skipped: list[str] = []
+    panel_pool: list[tuple[float, int, object]] = []
+    first_panels: list = []
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    for image_path, idxs in tqdm(by_image.items(), desc="evaluate", dynamic_ncols=True):
+        try:
+            image = load_rgb(image_path)
+            h, w = image.shape[:2]
+            masks = {i: load_mask(records[i], h, w) for i in idxs}
+        except SampleError as exc:
+            if cfg.strict:
+                raise
+            skipped.extend(str(records[i].sample_id or i) for i in idxs)
+            warnings.warn(f"skipping {len(idxs)} sample(s) of {image_path}: {exc}", stacklevel=1)
+            continue
+        seg.set_image(image)
+        results = seg.predict([records[i].prompt for i in idxs])
+        for i, res in zip(idxs, results, strict=True):
+            r = records[i]
+            s = score_sample(res.mask, masks[i], negative=r.negative, present=res.present)
+            acc.add(
+                s,
+                family=r.family or "unknown",
+                template=template_split(r, heldout),
+                kind="negative" if r.negative else "positive",
+            )
+            if cfg.num_panels:
+                cap = f"{r.prompt} | IoU {s.iou:.2f} presence {res.presence:.2f}" + (
+                    " [negative]" if r.negative else ""
+                )
+                if len(first_panels) < cfg.num_panels // 2:
+                    first_panels.append(make_panel(image, masks[i], res.mask, cap))
+                elif not r.negative and len(panel_pool) < 4 * cfg.num_panels:
+                    panel_pool.append((s.iou, i, make_panel(image, masks[i], res.mask, cap)))
+    seconds = time.perf_counter() - t0
+    if not acc.results:
+        raise SystemExit(f"{cfg.data}: every sample was skipped ({len(skipped)}); nothing to score")
+
+    name = cfg.name or Path(cfg.checkpoint).name
+    metrics = acc.to_dict()
+    metrics.update(
+        model=name,
+        checkpoint=str(cfg.checkpoint),
+        backend=cfg.backend,
+        data=str(cfg.data),
+        split=cfg.split,
+        img_size=seg.config.img_size,
+        presence_threshold=seg.presence_threshold,
+        mask_threshold=seg.mask_threshold,
+        skipped=len(skipped),
+        skipped_samples=skipped[:100],
+        seconds=round(seconds, 1),
+        config=asdict(cfg),
+    )
+    overall = acc.overall()
+    templates = acc.by("template")
+    if (
+        "seen" in templates
+        and "heldout" in templates
+        and templates["seen"].giou is not None
+        and templates["heldout"].giou is not None
+    ):
+        metrics["heldout_giou_gap"] = round(templates["seen"].giou - templates["heldout"].giou, 3)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    md = [f"## {name} on {cfg.data} ({cfg.split})", ""]
+    md.append(
+        f"{overall.n} samples ({overall.n_positive} positive, {overall.n_negative} no-target), backend {cfg.backend}, "
+        f"img_size {seg.config.img_size}, {len(skipped)} skipped, {seconds:.0f} s. gIoU/cIoU on positives; "
+        "N-acc on no-target queries; T-acc on positives.\n"
+    )
+    md.append(
+        markdown_table(
+            "Overall and by template split",
+            {"all": overall, **{f"templates: {k}": v for k, v in templates.items()}},
+        )
+    )
+    md.append(markdown_table("By concept family", acc.by("family")))
+    (out_dir / "metrics.md").write_text("\n".join(md))
+
+    if cfg.num_panels:
+        worst = [
+            p
+            for _, _, p in sorted(panel_pool, key=lambda x: (x[0], x[1]))[
+                : cfg.num_panels - len(first_panels)
+            ]
+        ]
+        if first_panels:
+            save_panels(first_panels, out_dir / "panels_first.png", columns=2)
+        if worst:
+            save_panels(worst, out_dir / "panels_worst.png", columns=2)
+    log.info(
+        "%s: gIoU %s cIoU %s N-acc %s T-acc %s (%d samples, %d skipped)",
+        name,
+        fmt(overall.giou),
+        fmt(overall.ciou),
+        fmt(overall.n_acc),
+        fmt(overall.t_acc),
+        overall.n,
+        len(skipped),
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_dataclass_args(parser, EvalConfig)
+    cfg = EvalConfig(**vars(parser.parse_args(argv)))
+    metrics = evaluate(cfg)
+    print(Path(cfg.out_dir, "metrics.md").read_text())
+    return 0 if metrics["overall"]["n"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

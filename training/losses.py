@@ -1,0 +1,60 @@
+"""Training losses: mask BCE + 0.25 Dice on positives only, presence BCE on every sample; Huber for distillation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """Per-sample soft Dice loss. logits, target: N x 1 x H x W -> N."""
+    p = logits.sigmoid().flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return 1.0 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)
+
+
+@dataclass
+class LossOutput:
+    total: Tensor
+    mask_bce: Tensor
+    mask_dice: Tensor
+    presence_bce: Tensor
+    num_positive: int
+
+
+def converseg_loss(
+    mask_logits: Tensor,
+    mask_target: Tensor,
+    presence_logits: Tensor,
+    presence_target: Tensor,
+    *,
+    dice_weight: float = 0.25,
+    presence_weight: float = 1.0,
+) -> LossOutput:
+    """mask_logits, mask_target: N x 1 x L x L (soft targets in 0..1 allowed); presence_*: N.
+
+    Mask terms use positives only: a negative's "correct mask" is decided by the presence head, and an
+    all-zero mask target would teach the decoder to shrink every mask. Terms are means over positives (0 if
+    a batch has none, keeping the graph so DDP sees every parameter used).
+    """
+    mask_logits = mask_logits.float()
+    presence_logits = presence_logits.float()
+    pos = presence_target > 0.5
+    n_pos = int(pos.sum())
+    if n_pos:
+        bce = F.binary_cross_entropy_with_logits(mask_logits[pos], mask_target[pos], reduction="none")
+        bce = bce.flatten(1).mean(1).mean()
+        dice = dice_loss(mask_logits[pos], mask_target[pos]).mean()
+    else:
+        bce = dice = mask_logits.sum() * 0.0
+    pres = F.binary_cross_entropy_with_logits(presence_logits, presence_target.float())
+    total = bce + dice_weight * dice + presence_weight * pres
+    return LossOutput(total, bce.detach(), dice.detach(), pres.detach(), n_pos)
+
+
+def distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Huber loss between embeddings (NanoSAM's choice: robust to the teacher's few large activations)."""
+    return F.huber_loss(student.float(), teacher.float())

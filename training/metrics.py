@@ -1,0 +1,141 @@
+"""ConverSeg evaluation metrics: gIoU, cIoU, N-acc and T-acc, overall and per group.
+
+Definitions (as in the ConverSeg paper):
+- gIoU: mean over samples of the per-sample IoU. An empty prediction on an empty target counts as IoU 1.
+- cIoU: cumulative intersection / cumulative union over the same samples (large masks weigh more).
+- N-acc: fraction of no-target (negative) queries for which the model predicts nothing (absent or empty mask).
+- T-acc: fraction of positive queries for which the model predicts something (present and non-empty mask).
+
+gIoU and cIoU are reported on positives (the headline numbers) and on all samples (negatives then add IoU 1
+when the prediction is empty, IoU 0 otherwise, and nothing to the cIoU sums beyond false-positive pixels).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SampleResult:
+    """Per-sample counts. intersection and union are pixel counts at the image's own resolution."""
+
+    intersection: int
+    union: int
+    negative: bool
+    predicted_present: bool
+
+    @property
+    def iou(self) -> float:
+        # Empty prediction on an empty target is a perfect answer.
+        return 1.0 if self.union == 0 else self.intersection / self.union
+
+
+def score_sample(
+    pred: np.ndarray, target: np.ndarray, *, negative: bool, present: bool = True
+) -> SampleResult:
+    """Score one prediction.
+
+    pred, target: H x W bool (or 0/1) masks of the same shape. present: the model's presence decision; an
+    absent prediction is treated as an empty mask whatever pred holds.
+    """
+    pred = np.asarray(pred).astype(bool, copy=False)
+    target = np.asarray(target).astype(bool, copy=False)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
+    if not present:
+        pred = np.zeros_like(pred)
+    if negative and target.any():
+        raise ValueError("a negative sample has a non-empty target mask; the dataset is inconsistent")
+    inter = int(np.count_nonzero(pred & target))
+    union = int(np.count_nonzero(pred | target))
+    return SampleResult(inter, union, bool(negative), bool(present and pred.any()))
+
+
+@dataclass
+class GroupMetrics:
+    """Metrics of one group of samples; percentages in 0..100, None where the group has no such sample."""
+
+    n: int
+    n_positive: int
+    n_negative: int
+    giou: float | None
+    ciou: float | None
+    giou_all: float | None
+    ciou_all: float | None
+    n_acc: float | None
+    t_acc: float | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize(results: list[SampleResult]) -> GroupMetrics:
+    pos = [r for r in results if not r.negative]
+    neg = [r for r in results if r.negative]
+
+    def pct(x: float) -> float:
+        return round(100.0 * float(x), 3)
+
+    def g(rs):
+        return pct(float(np.mean([r.iou for r in rs]))) if rs else None
+
+    def c(rs):
+        if not rs:
+            return None
+        inter = sum(r.intersection for r in rs)
+        union = sum(r.union for r in rs)
+        return pct(1.0 if union == 0 else inter / union)
+
+    return GroupMetrics(
+        n=len(results),
+        n_positive=len(pos),
+        n_negative=len(neg),
+        giou=g(pos),
+        ciou=c(pos),
+        giou_all=g(results),
+        ciou_all=c(results),
+        n_acc=pct(np.mean([not r.predicted_present for r in neg])) if neg else None,
+        t_acc=pct(np.mean([r.predicted_present for r in pos])) if pos else None,
+    )
+
+
+@dataclass
+class MetricAccumulator:
+    """Collects SampleResults with group labels (e.g. family, template split) and summarizes them."""
+
+    results: list[SampleResult] = field(default_factory=list)
+    groups: dict[str, dict[str, list[int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
+
+    def add(self, result: SampleResult, **labels: str) -> None:
+        idx = len(self.results)
+        self.results.append(result)
+        for key, value in labels.items():
+            if value is not None:
+                self.groups[key][str(value)].append(idx)
+
+    def overall(self) -> GroupMetrics:
+        return summarize(self.results)
+
+    def by(self, key: str) -> dict[str, GroupMetrics]:
+        return {
+            name: summarize([self.results[i] for i in idx])
+            for name, idx in sorted(self.groups.get(key, {}).items())
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "overall": self.overall().to_dict(),
+            **{f"by_{key}": {k: v.to_dict() for k, v in self.by(key).items()} for key in sorted(self.groups)},
+        }
+
+
+def batch_iou_counts(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intersection and union per sample for N x H x W boolean arrays (numpy)."""
+    pred = pred.reshape(pred.shape[0], -1).astype(bool)
+    target = target.reshape(target.shape[0], -1).astype(bool)
+    return (pred & target).sum(1), (pred | target).sum(1)

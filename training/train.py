@@ -1,0 +1,673 @@
+"""Train ConverSeg's fusion and mask decoder (optionally the image encoder) on conversational masks.
+
+    python -m training.train --data data/engine --out-dir runs/teacher --model converseg_mobilesam \\
+        --train-image-encoder --steps 20000
+    torchrun --nproc-per-node 8 -m training.train --data ... (DistributedDataParallel; gloo on CPU, nccl on GPU)
+
+Loss: mask BCE + 0.25 Dice on positives (low-res logits against the area-averaged target), presence BCE on
+every sample, and SAM's IoU-head MSE. AdamW, linear warm-up then cosine decay; bf16/fp16 autocast on a GPU;
+gradient accumulation. `out_dir/last.pt` is a ConverSeg checkpoint (config inside) that also carries the
+optimizer state, so `--resume` continues exactly where it stopped; `out_dir/model.pt` is the weights-only file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from converseg_core import list_models
+from converseg_core.build import build_model
+from converseg_core.checkpoint import load_checkpoint, load_official_weights, load_state_into, save_checkpoint
+from converseg_core.tokenizer import QueryTokenizer
+
+from .augment import AugmentConfig
+from .datasets import (
+    ConverSegDataset,
+    StepSampler,
+    TextFeatureCache,
+    all_prompt_variants,
+    collate,
+    read_records,
+    split_records,
+)
+from .losses import converseg_loss
+from .metrics import MetricAccumulator, SampleResult
+from .panels import make_panel, save_panels
+
+log = logging.getLogger("training.train")
+
+MODEL_PARTS = ("image_encoder", "fusion", "prompt_encoder", "mask_decoder")
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field whose metadata becomes an argparse flag (help, choices, nargs)."""
+    meta = {"help": help, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    data: str = arg(help="dataset: data engine folder, ConverSeg .jsonl, items.json or COCO .json")
+    out_dir: str = arg(
+        "runs/train", help="run folder: last.pt (resumable), model.pt, TensorBoard logs, panels"
+    )
+    model: str = arg("converseg_edge", help="registered variant to build", choices=list_models())
+    override: list[str] = arg(
+        [], help="config overrides KEY=VALUE for a fresh model (e.g. img_size=256)", nargs="*"
+    )
+    init: list[str] = arg(
+        [],
+        help="PATH[:part,part] load parts (image_encoder,fusion,prompt_encoder,mask_decoder; default all) "
+        "of a ConverSeg checkpoint before training; repeatable",
+        nargs="*",
+    )
+    init_official: str | None = arg(
+        None, help="official SAM (sam_vit_*.pth) or MobileSAM (mobile_sam.pt) weights"
+    )
+    val_data: str | None = arg(None, help="validation dataset; default: a scene-level split of --data")
+    val_fraction: float = arg(
+        0.05, help="fraction of scenes held out for validation when --val-data is not given"
+    )
+    heldout_templates: list[str] = arg(
+        [], help="template ids never trained on (samples marked heldout never are)", nargs="*"
+    )
+    train_image_encoder: bool = arg(False, help="train the image encoder too (from scratch or fine-tuning)")
+    freeze_text_proj: bool = arg(
+        False,
+        help="freeze the language projection (fusion.text_proj); it trains by default as it starts random",
+    )
+    steps: int = arg(2000, help="optimizer steps")
+    batch_size: int = arg(8, help="samples per micro-batch per process")
+    grad_accum: int = arg(1, help="micro-batches per optimizer step")
+    lr: float = arg(3e-4, help="peak learning rate (fusion, decoder)")
+    image_encoder_lr: float | None = arg(None, help="peak learning rate of the image encoder (default: --lr)")
+    weight_decay: float = arg(0.01, help="AdamW weight decay")
+    warmup_steps: int = arg(100, help="linear warm-up steps")
+    min_lr_ratio: float = arg(0.05, help="cosine decay floor as a fraction of the peak")
+    grad_clip: float = arg(1.0, help="gradient norm clip (0 disables)")
+    dice_weight: float = arg(0.25, help="weight of the Dice term")
+    presence_weight: float = arg(1.0, help="weight of the presence BCE")
+    iou_weight: float = arg(1.0, help="weight of the IoU-head MSE (makes the Segmenter's score meaningful)")
+    no_augment: bool = arg(False, help="disable crop / flip / colour augmentation")
+    amp: str = arg(
+        "auto",
+        help="autocast dtype on a GPU (auto: bf16 if supported)",
+        choices=["auto", "bf16", "fp16", "none"],
+    )
+    device: str = arg("auto", help="cpu, cuda, cuda:N or auto")
+    num_workers: int = arg(2, help="DataLoader worker processes per training process")
+    seed: int = arg(0, help="seed of the data order, augmentation and initialisation")
+    log_every: int = arg(10, help="steps between TensorBoard scalars")
+    val_every: int = arg(500, help="steps between validations (and at the end)")
+    val_samples: int = arg(256, help="validation samples per validation (0: all)")
+    save_every: int = arg(250, help="steps between resumable checkpoints")
+    num_panels: int = arg(8, help="validation overlay panels written per validation")
+    resume: bool = arg(False, help="continue from out_dir/last.pt when it exists")
+    on_bad: str = arg(
+        "skip", help="bad sample: skip with a counted warning, or stop", choices=["skip", "error"]
+    )
+    allow_partial: bool = arg(False, help="read data engine output without index.json (complete shards only)")
+    max_nan_steps: int = arg(10, help="stop after this many consecutive steps with a non-finite loss")
+    random_text_encoder: bool = arg(False, help="random-init MiniLM (tests only: skips loading its weights)")
+    no_progress: bool = arg(False, help="no tqdm progress bar")
+    threads: int = arg(0, help="torch CPU threads per process (0: cores / processes)")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        typ = hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if typ is bool:
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        base = typ
+        if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            base = next(a for a in typing.get_args(typ) if a is not type(None))
+        if typing.get_origin(base) is list:
+            base = typing.get_args(base)[0]
+        kw = {k: v for k, v in meta.items() if k in ("help", "choices", "nargs")}
+        if not required:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kw["default"] = default
+        parser.add_argument(flag, type=base, required=required, **kw)
+
+
+def plain(obj: Any) -> Any:
+    """JSON-clean copy (numpy scalars -> float): checkpoints load with torch.load(weights_only=True)."""
+    return json.loads(json.dumps(obj, default=float))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--override expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device_flag: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    if world > 1:
+        d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        device = torch.device("cuda", d.local_rank) if want_cuda else torch.device("cpu")
+    else:
+        d = Dist()
+        device = torch.device(("cuda" if want_cuda else "cpu") if device_flag == "auto" else device_flag)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return d, device
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine to min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_parts(model: nn.Module, spec: str) -> list[str]:
+    """Load `PATH[:part,part]` from a ConverSeg checkpoint into `model` (shape-checked)."""
+    path, _, parts_s = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    parts = tuple(p for p in parts_s.split(",") if p) or MODEL_PARTS
+    bad = sorted(set(parts) - set(MODEL_PARTS))
+    if bad:
+        raise SystemExit(f"--init {spec}: unknown parts {bad}; choose from {MODEL_PARTS}")
+    ckpt = load_checkpoint(path)
+    own = model.state_dict()
+    state = {k: v for k, v in ckpt.state_dict.items() if k.split(".", 1)[0] in parts}
+    if not state:
+        raise SystemExit(f"--init {spec}: the checkpoint holds none of {parts}")
+    missing = [k for k in own if k.split(".", 1)[0] in parts and k not in state]
+    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if missing or wrong:
+        raise SystemExit(
+            f"--init {spec}: does not fit {model.config.name}: missing {missing[:5]}, unexpected/mismatched {wrong[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+    return list(parts)
+
+
+class TrainStep(nn.Module):
+    """What DDP wraps: image encoding + decoding for one query per image (text features come cached)."""
+
+    def __init__(self, model: nn.Module, train_image_encoder: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.train_image_encoder = train_image_encoder
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor):
+        if self.train_image_encoder:
+            emb = self.model.encode_image(images)
+        else:
+            with torch.no_grad():
+                emb = self.model.encode_image(images)
+        out = self.model.decode(emb, text, attention_mask)
+        return out.low_res_logits, out.iou_scores, out.presence_logits
+
+
+def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    # Blocks freeze what they never use (TinyViT's ImageNet head); only add to that here.
+    model.text_encoder.requires_grad_(False)
+    if not cfg.train_image_encoder:
+        model.image_encoder.requires_grad_(False)
+    if cfg.freeze_text_proj:
+        model.fusion.text_proj.requires_grad_(False)
+    groups: dict[str, list[dict]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "image_encoder" if name.startswith("image_encoder.") else "head"
+        decay = p.ndim >= 2 and "query_tokens" not in name and "embed" not in name
+        groups.setdefault((part, decay), []).append(p)
+    out = []
+    for (part, decay), params in groups.items():
+        lr = cfg.image_encoder_lr if part == "image_encoder" and cfg.image_encoder_lr else cfg.lr
+        out.append(
+            {"params": params, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+        )
+    return out
+
+
+def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    model.text_encoder.eval()
+    if not cfg.train_image_encoder:
+        model.image_encoder.eval()  # frozen BatchNorm statistics stay as loaded
+
+
+def build_text_cache(model, records_list, cfg: TrainConfig, d: Dist, flips: bool) -> TextFeatureCache:
+    """Rank 0 encodes every prompt once (and saves the cache); the other ranks load it."""
+    path = Path(cfg.out_dir) / ("text_features_random.pt" if cfg.random_text_encoder else "text_features.pt")
+    prompts = sorted(
+        {p for recs, f in zip(records_list, flips, strict=True) for p in all_prompt_variants(recs, f)}
+    )
+    if d.main:
+        cache = (
+            TextFeatureCache.load(path)
+            if path.is_file()
+            else TextFeatureCache(max_tokens=model.config.max_query_tokens)
+        )
+        t0 = time.perf_counter()
+        n = cache.add(prompts, model.text_encoder, QueryTokenizer.default())
+        if n:
+            log.info("encoded %d prompts with MiniLM in %.1f s", n, time.perf_counter() - t0)
+            cache.save(path)
+    d.barrier()
+    if not d.main:
+        cache = TextFeatureCache.load(path)
+    return cache
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(
+    model,
+    dataset: ConverSegDataset,
+    cache: TextFeatureCache,
+    device,
+    *,
+    limit: int,
+    num_panels: int,
+    batch_size: int,
+):
+    """Metrics at network-input resolution (logits upsampled to S x S, cropped to the image): a fast proxy of
+    training.evaluate, which scores at the camera resolution through the Segmenter."""
+    model.eval()
+    acc = MetricAccumulator()
+    panels = []
+    n = len(dataset) if limit <= 0 else min(limit, len(dataset))
+    cfg = model.config
+    mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
+    skipped = 0
+    for start in range(0, n, batch_size):
+        batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))])
+        skipped += batch["num_skipped"]
+        if batch["empty"]:
+            continue
+        text, am = cache.lookup(batch["prompt"], device)
+        emb = model.encode_image(batch["image"].to(device))
+        out = model.decode(emb, text, am)
+        logits = F.interpolate(
+            out.low_res_logits.float(), size=cfg.img_size, mode="bilinear", align_corners=False
+        )
+        present = (out.presence_logits.float().sigmoid() >= cfg.presence_threshold).cpu()
+        pred = (logits[:, 0] > cfg.mask_threshold).cpu().numpy()
+        target = batch["mask_full"][:, 0].numpy() > 0.5
+        for j, idx in enumerate(batch["index"]):
+            h, w = batch["valid_hw"][j]
+            rec = dataset.records[idx]
+            p, t = pred[j, :h, :w] & bool(present[j]), target[j, :h, :w]
+            res = SampleResult(int((p & t).sum()), int((p | t).sum()), rec.negative, bool(p.any()))
+            acc.add(res, family=rec.family, template_split=rec.template_split)
+            if len(panels) < num_panels:
+                img = (batch["image"][j] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()[:h, :w]
+                cap = f"{batch['prompt'][j]} | IoU {res.iou:.2f} presence {out.presence_logits[j].sigmoid():.2f}"
+                panels.append(make_panel(img, t, p, cap))
+    return acc, panels, skipped
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns the final validation metrics (rank 0) and the output paths."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    d, device = setup_distributed(cfg.device)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
+    out_dir = Path(cfg.out_dir)
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    d.barrier()
+
+    # Data
+    records = read_records(cfg.data, allow_partial=cfg.allow_partial)
+    if cfg.val_data:
+        train_recs = [
+            r
+            for r in records
+            if r.template_split != "heldout" and r.template_id not in set(cfg.heldout_templates)
+        ]
+        val_recs = read_records(cfg.val_data, allow_partial=cfg.allow_partial)
+    else:
+        train_recs, val_recs = split_records(
+            records, val_fraction=cfg.val_fraction, heldout_templates=cfg.heldout_templates
+        )
+    if not train_recs:
+        raise SystemExit(f"{cfg.data}: no training samples left after the validation/held-out split")
+    if d.main:
+        log.info("%d training samples, %d validation samples", len(train_recs), len(val_recs))
+
+    # Model
+    torch.manual_seed(cfg.seed)
+    overrides = parse_overrides(cfg.override)
+    model = build_model(cfg.model, pretrained_text=not cfg.random_text_encoder, **overrides)
+    for spec in cfg.init:
+        parts = load_parts(model, spec)
+        if d.main:
+            log.info("initialised %s from %s", ",".join(parts), spec)
+    if cfg.init_official:
+        keys = load_official_weights(model, cfg.init_official)
+        if d.main:
+            log.info("loaded %d official tensors from %s", len(keys), cfg.init_official)
+    model.to(device)
+    param_groups = configure_trainable(model, cfg)
+    optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
+
+    step = 0
+    last = out_dir / "last.pt"
+    if cfg.resume and last.is_file():
+        ckpt = load_checkpoint(last)
+        if ckpt.config != model.config:
+            raise SystemExit(f"{last}: saved for config {ckpt.config.to_dict()}, not the one asked for now")
+        load_state_into(model, ckpt.state_dict, source=str(last))
+        optimizer.load_state_dict(ckpt.extra["optimizer"])
+        step = int(ckpt.extra["step"])
+        if d.main:
+            log.info("resumed from %s at step %d", last, step)
+    if step >= cfg.steps and d.main:
+        log.info("already at step %d of %d", step, cfg.steps)
+
+    cache = build_text_cache(model, [train_recs, val_recs], cfg, d, [not cfg.no_augment, False])
+    aug = None if cfg.no_augment else AugmentConfig()
+    train_ds = ConverSegDataset(train_recs, model.config, augment_cfg=aug, on_bad=cfg.on_bad, seed=cfg.seed)
+    val_ds = ConverSegDataset(val_recs, model.config, full_res=True, on_bad=cfg.on_bad) if val_recs else None
+    sampler = StepSampler(
+        len(train_ds),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=d.rank,
+        world=d.world,
+        start_step=step * cfg.grad_accum,
+    )
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )
+
+    # Precision
+    amp_dtype = None
+    if device.type == "cuda" and cfg.amp != "none":
+        amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+        if cfg.amp == "auto" and not torch.cuda.is_bf16_supported():
+            amp_dtype = torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    stepper: nn.Module = TrainStep(model, cfg.train_image_encoder)
+    if d.world > 1:
+        stepper = nn.parallel.DistributedDataParallel(
+            stepper, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    writer = None
+    if d.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+    progress = None
+    if d.main and not cfg.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+
+    params = [p for g in param_groups for p in g["params"]]
+    it = iter(loader)
+    nan_run = 0
+    skipped_total = 0
+    nan_total = 0
+    last_val: dict = {}
+    t_last = time.perf_counter()
+
+    def save(step_now: int, val: dict) -> None:
+        meta = plain({"train_config": dataclasses.asdict(cfg), "step": step_now, "val": val})
+        save_checkpoint(model, last, meta=meta, extra={"optimizer": optimizer.state_dict(), "step": step_now})
+
+    def run_validation(step_now: int) -> dict:
+        if val_ds is None:
+            return {}
+        acc, panels, sk = validate(
+            model,
+            val_ds,
+            cache,
+            device,
+            limit=cfg.val_samples,
+            num_panels=cfg.num_panels,
+            batch_size=cfg.batch_size,
+        )
+        set_train_mode(model, cfg)
+        res = acc.to_dict()
+        res["skipped"] = sk
+        o = res["overall"]
+        log.info(
+            "step %d val: gIoU %s cIoU %s N-acc %s T-acc %s (n=%d)",
+            step_now,
+            o["giou"],
+            o["ciou"],
+            o["n_acc"],
+            o["t_acc"],
+            o["n"],
+        )
+        for k in ("giou", "ciou", "n_acc", "t_acc"):
+            if o[k] is not None:
+                writer.add_scalar(f"val/{k}", o[k], step_now)
+        if panels:
+            path = save_panels(panels, out_dir / "panels" / f"step_{step_now:07d}.png")
+            writer.add_image(
+                "val/panels",
+                np.asarray(__import__("PIL.Image").Image.open(path)),
+                step_now,
+                dataformats="HWC",
+            )
+        (out_dir / "val_metrics.json").write_text(json.dumps({"step": step_now, **res}, indent=2))
+        return res
+
+    set_train_mode(model, cfg)
+    while step < cfg.steps:
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "presence": 0.0, "iou": 0.0}
+        bad = False
+        for micro in range(cfg.grad_accum):
+            batch = next(it)
+            skipped_total += batch["num_skipped"]
+            if batch["empty"]:
+                # Every sample of this micro-batch was bad: a zero loss keeps DDP processes in step.
+                batch = None
+            sync = d.world == 1 or micro == cfg.grad_accum - 1
+            ctx = nullcontext() if sync else stepper.no_sync()
+            with ctx:
+                if batch is None:
+                    loss = sum(p.sum() * 0.0 for p in params)
+                else:
+                    images = batch["image"].to(device, non_blocking=True)
+                    target = batch["mask_low"].to(device, non_blocking=True)
+                    presence_t = batch["presence"].to(device)
+                    text, am = cache.lookup(batch["prompt"], device)
+                    with autocast():
+                        logits, iou_pred, presence = stepper(images, text, am)
+                    out = converseg_loss(
+                        logits,
+                        target,
+                        presence,
+                        presence_t,
+                        dice_weight=cfg.dice_weight,
+                        presence_weight=cfg.presence_weight,
+                    )
+                    loss = out.total
+                    pos = presence_t > 0.5
+                    if cfg.iou_weight > 0 and out.num_positive:
+                        with torch.no_grad():
+                            pm = logits[pos].float() > 0
+                            tm = target[pos] > 0.5
+                            inter = (pm & tm).flatten(1).sum(1).float()
+                            union = (pm | tm).flatten(1).sum(1).float().clamp(min=1)
+                        iou_loss = F.mse_loss(iou_pred[pos][:, 0].float(), inter / union)
+                    else:
+                        iou_loss = iou_pred.float().sum() * 0.0
+                    loss = loss + cfg.iou_weight * iou_loss
+                    sums["bce"] += float(out.mask_bce) / cfg.grad_accum
+                    sums["dice"] += float(out.mask_dice) / cfg.grad_accum
+                    sums["presence"] += float(out.presence_bce) / cfg.grad_accum
+                    sums["iou"] += float(iou_loss.detach()) / cfg.grad_accum
+                finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
+                if d.world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    bad = True
+                    loss = sum(p.sum() * 0.0 for p in params)  # keep DDP's collective calls matched
+                sums["loss"] += float(loss.detach()) / cfg.grad_accum
+                scaler.scale(loss / cfg.grad_accum).backward()
+        if bad:
+            nan_run += 1
+            nan_total += 1
+            log.warning(
+                "step %d: non-finite loss, update skipped (%d in a row, %d in all)", step, nan_run, nan_total
+            )
+            if nan_run >= cfg.max_nan_steps:
+                raise FloatingPointError(
+                    f"{nan_run} consecutive steps with a non-finite loss at step {step}; lower --lr, check the "
+                    f"data (last good checkpoint: {last})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            nan_run = 0
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        step += 1
+
+        if d.main:
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{sums['loss']:.3f}", skipped=skipped_total)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                for k, v in sums.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                writer.add_scalar(
+                    "train/samples_per_s",
+                    cfg.log_every * cfg.batch_size * cfg.grad_accum * d.world / (now - t_last),
+                    step,
+                )
+                writer.add_scalar("train/skipped_samples", skipped_total, step)
+                t_last = now
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                last_val = run_validation(step)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save(step, last_val)
+
+    result = {"step": step, "val": last_val, "skipped_samples": skipped_total, "nan_steps": nan_total}
+    if d.main:
+        if progress is not None:
+            progress.close()
+        if not last_val and val_ds is not None:
+            last_val = run_validation(step)
+            result["val"] = last_val
+        if not last.is_file():
+            save(step, last_val)
+        save_checkpoint(
+            model,
+            out_dir / "model.pt",
+            meta={"train_config": dataclasses.asdict(cfg), "step": step, "val": last_val},
+        )
+        result["checkpoint"] = str(out_dir / "model.pt")
+        if skipped_total:
+            log.warning("%d bad samples were skipped during training (see the warnings above)", skipped_total)
+        writer.close()
+    d.barrier()
+    if d.world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_dataclass_args(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    try:
+        result = train(cfg)
+    except FloatingPointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            json.dumps(
+                {k: v for k, v in result.items() if k != "val"} | {"val": result["val"].get("overall")},
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
