@@ -26,4 +26,6 @@ PY=${PYTHON:-python3}
 # torch first and pinned, so no other requirement can pull the CUDA build.
 .venv/bin/python -m pip install -q -c constraints.txt torch
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[all]"
+# Official MobileSAM TinyViT source for the compatibility tests (cached under .cache/, never committed).
+bash scripts/fetch_reference_code.sh
 echo "[setup] done: $(.venv/bin/python -c 'import torch, converseg_core; print("torch", torch.__version__)')"
