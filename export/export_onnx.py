@@ -144,7 +144,7 @@ def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
     return axes
 
 
-def test_image(size: int, seed: int = 0) -> np.ndarray:
+def camera_like_image(size: int, seed: int = 0) -> np.ndarray:
     """A camera-like H x W x 3 uint8 frame (smooth gradients, blocks, noise), not square, so padding is
     exercised. Random weights do not care what it shows; its value range must match real frames."""
     rng = np.random.default_rng(seed)
@@ -245,6 +245,51 @@ def check_graph(path: Path, spec: GraphSpec, opset: int) -> None:
         raise RuntimeError(f"{path.name}: opset {versions}, expected {opset}")
 
 
+def preprocessed_test_image(config, seed: int = 0) -> np.ndarray:
+    """camera_like_image() through the runtime's own pre-processing: 1 x 3 x S x S float32."""
+    return preprocess(
+        camera_like_image(config.img_size, seed=seed),
+        img_size=config.img_size,
+        pixel_mean=config.pixel_mean,
+        pixel_std=config.pixel_std,
+    ).tensor
+
+
+def traced_graphs(
+    model: ConverSeg, tokenizer: QueryTokenizer
+) -> dict[str, tuple[nn.Module, tuple[Tensor, ...]]]:
+    """stage -> (export wrapper, example inputs to trace it with); Q = 2 trace queries."""
+    trace = tokenizer.encode(list(TRACE_QUERIES), model.config.max_query_tokens)
+    ids, mask = torch.from_numpy(trace.input_ids), torch.from_numpy(trace.attention_mask)
+    image = torch.from_numpy(preprocessed_test_image(model.config, seed=1))
+    # no_grad, not inference_mode: the tracer cannot take inference tensors as inputs.
+    with torch.no_grad():
+        embedding = model.encode_image(image)
+        text = model.encode_text(ids, mask)
+    return {
+        "image_encoder": (ImageEncoderGraph(model), (image,)),
+        "text_encoder": (TextEncoderGraph(model), (ids, mask)),
+        "decoder": (DecoderGraph(model), (embedding, text, mask)),
+    }
+
+
+def export_stage(
+    module: nn.Module, args: tuple[Tensor, ...], spec: GraphSpec, out: Path, *, opset: int, simplify: bool
+) -> dict[str, Any]:
+    """Export one graph into `out`, simplify it if asked and possible, declare its shapes, check it."""
+    path = out / spec.file
+    started = time.perf_counter()
+    export_graph(module, args, spec, path, opset)
+    simplified, note = simplify_graph(path) if simplify else (False, "--no-simplify")
+    if simplify and not simplified:
+        log.warning("%s: not simplified (%s); keeping the exported graph", path.name, note)
+    declare_shapes(path, spec)
+    check_graph(path, spec, opset)
+    seconds = time.perf_counter() - started
+    log.info("%s: exported in %.1f s, simplify: %s", path.name, seconds, note)
+    return {"simplified": simplified, "simplify_note": note, "seconds": round(seconds, 2)}
+
+
 def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| relative to the largest |want| (a scale-free number for logits and features)."""
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
@@ -295,12 +340,7 @@ def check_parity(
     min_mask_iou: float,
 ) -> ParityReport:
     config = model.config
-    image = preprocess(
-        test_image(config.img_size),
-        img_size=config.img_size,
-        pixel_mean=config.pixel_mean,
-        pixel_std=config.pixel_std,
-    ).tensor
+    image = preprocessed_test_image(config)
     errors: dict[str, float] = {}
     ious = []
     for queries in CHECK_QUERIES:
@@ -371,41 +411,10 @@ def export_model(
     tokenizer = QueryTokenizer.from_file(tokenizer_file)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
 
-    trace = tokenizer.encode(list(TRACE_QUERIES), config.max_query_tokens)
-    ids, mask = torch.from_numpy(trace.input_ids), torch.from_numpy(trace.attention_mask)
-    image = torch.from_numpy(
-        preprocess(
-            test_image(config.img_size, seed=1),
-            img_size=config.img_size,
-            pixel_mean=config.pixel_mean,
-            pixel_std=config.pixel_std,
-        ).tensor
-    )
-    # no_grad, not inference_mode: the tracer cannot take inference tensors as inputs.
-    with torch.no_grad():
-        embedding = model.encode_image(image)
-        text = model.encode_text(ids, mask)
-    graphs = {
-        "image_encoder": (ImageEncoderGraph(model), (image,)),
-        "text_encoder": (TextEncoderGraph(model), (ids, mask)),
-        "decoder": (DecoderGraph(model), (embedding, text, mask)),
-    }
+    graphs = traced_graphs(model, tokenizer)
     notes: dict[str, Any] = {}
     for stage, (module, args) in graphs.items():
-        path = out / specs[stage].file
-        started = time.perf_counter()
-        export_graph(module, args, specs[stage], path, opset)
-        simplified, note = simplify_graph(path) if simplify else (False, "--no-simplify")
-        if simplify and not simplified:
-            log.warning("%s: not simplified (%s); keeping the exported graph", path.name, note)
-        declare_shapes(path, specs[stage])
-        check_graph(path, specs[stage], opset)
-        notes[stage] = {
-            "simplified": simplified,
-            "simplify_note": note,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        log.info("%s: exported in %.1f s, simplify: %s", path.name, time.perf_counter() - started, note)
+        notes[stage] = export_stage(module, args, specs[stage], out, opset=opset, simplify=simplify)
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
 
     manifest = OnnxManifest(
