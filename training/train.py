@@ -624,6 +624,14 @@ def train(cfg: TrainConfig) -> dict:
                 save(step, last_val)
 
     result = {"step": step, "val": last_val, "skipped_samples": skipped_total, "nan_steps": nan_total}
+    if d.world > 1:
+        # A cheap end-of-run check that DDP kept every process's weights identical.
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).cpu()
+        gathered = [torch.zeros_like(checksum) for _ in range(d.world)]
+        dist.all_gather(gathered, checksum)
+        result["ranks_in_sync"] = bool(all(torch.equal(g, gathered[0]) for g in gathered))
+        if not result["ranks_in_sync"]:
+            log.error("DDP processes ended with different weights: %s", [float(g) for g in gathered])
     if d.main:
         if progress is not None:
             progress.close()

@@ -1,0 +1,215 @@
+"""Dataset readers, runtime-identical pre-processing, augmentation, splits and bad-input handling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from converseg_core import get_config
+from converseg_core.processing import preprocess
+from training.augment import AugmentConfig, augment, swap_left_right
+from training.datasets import (
+    ConverSegDataset,
+    DatasetError,
+    SampleError,
+    StepSampler,
+    collate,
+    read_records,
+    split_records,
+    write_toy_dataset,
+)
+
+CFG = get_config("converseg_edge").replace(img_size=64)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_dataset(tmp_path_factory.mktemp("toy"), num_scenes=6, size=(80, 60))
+
+
+def _write_pair(tmp_path, name, size=(40, 30), box=(5, 5, 20, 15)):
+    img = np.full((size[1], size[0], 3), 100, np.uint8)
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    x0, y0, x1, y1 = box
+    img[y0:y1, x0:x1] = (200, 30, 30)
+    mask[y0:y1, x0:x1] = 255
+    Image.fromarray(img).save(tmp_path / f"{name}.png")
+    Image.fromarray(mask).save(tmp_path / f"{name}_mask.png")
+    return mask > 0
+
+
+def test_data_engine_reader(toy):
+    recs = read_records(toy)
+    assert len(recs) == 6 * 5
+    r = recs[0]
+    assert r.image.is_file() and r.mask.is_file()
+    assert {x.family for x in recs} == {"attribute", "spatial"}
+    assert sum(x.negative for x in recs) == 6
+    assert {x.template_split for x in recs} == {"seen", "heldout"}
+
+
+def test_data_engine_needs_index_unless_partial(tmp_path):
+    root = write_toy_dataset(tmp_path / "d", num_scenes=2)
+    (root / "index.json").unlink()
+    with pytest.raises(DatasetError, match="index.json"):
+        read_records(root)
+    with pytest.warns(UserWarning, match="index.json"):
+        assert len(read_records(root, allow_partial=True)) == 10
+
+
+def test_jsonl_and_items_json(tmp_path):
+    _write_pair(tmp_path, "a")
+    line = {"image": "a.png", "mask_merged": "a_mask.png", "prompt": "the red box"}
+    (tmp_path / "data.jsonl").write_text(json.dumps(line) + "\n\n")
+    (tmp_path / "items.json").write_text(json.dumps({"items": [line, {**line, "prompt": "the box"}]}))
+    assert [r.prompt for r in read_records(tmp_path / "data.jsonl")] == ["the red box"]
+    recs = read_records(tmp_path / "items.json")
+    assert len(recs) == 2 and recs[1].mask == tmp_path / "a_mask.png"
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "prompt": "x"}\n')
+    with pytest.raises(DatasetError, match="mask_merged"):
+        read_records(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetError, match="empty"):
+        read_records(tmp_path / "empty.jsonl")
+
+
+def _rle_string(counts):
+    """pycocotools' rleToString, for a round trip through our decoder."""
+    out = []
+    for i, x in enumerate(counts):
+        if i > 2:
+            x -= counts[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def test_coco_polygon_rle_and_negative(tmp_path):
+    expected = _write_pair(tmp_path, "c", size=(40, 30), box=(5, 5, 20, 15))
+    flat = np.zeros(30 * 40, bool)
+    col_major = np.zeros((30, 40), bool)
+    col_major[2:4, 30:33] = True  # a small second object, encoded column-major as COCO does
+    flat = col_major.T.reshape(-1)
+    counts, val, run = [], False, 0
+    for v in flat:
+        if v != val:
+            counts.append(run)
+            val, run = v, 0
+        run += 1
+    counts.append(run)
+    coco = {
+        "images": [{"id": 7, "file_name": "c.png", "width": 40, "height": 30}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "segmentation": [[5, 5, 20, 5, 20, 15, 5, 15]]},
+            {"id": 2, "image_id": 7, "segmentation": {"size": [30, 40], "counts": _rle_string(counts)}},
+            {"id": 3, "image_id": 7, "segmentation": {"size": [30, 40], "counts": counts}},
+        ],
+        "prompts": [
+            {"image_id": 7, "prompt": "the red box", "annotation_ids": [1]},
+            {"image_id": 7, "prompt": "both things", "annotation_ids": [2]},
+            {"image_id": 7, "prompt": "uncompressed", "annotation_ids": [3]},
+            {"image_id": 7, "prompt": "the giraffe", "annotation_ids": []},
+        ],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    recs = read_records(tmp_path / "coco.json")
+    poly = recs[0].mask(30, 40)
+    # PIL fills polygon edges inclusively: the box plus its border row/column.
+    assert poly[5:15, 5:20].all() and poly.sum() <= (expected.sum() + 16 + 11)
+    assert np.array_equal(recs[1].mask(30, 40), col_major)
+    assert np.array_equal(recs[2].mask(30, 40), col_major)
+    assert recs[3].negative and recs[3].mask is None
+
+
+def test_item_is_preprocessed_like_the_runtime(toy):
+    recs = read_records(toy)
+    ds = ConverSegDataset(recs, CFG, full_res=True)
+    item = ds[0]
+    raw = np.asarray(Image.open(recs[0].image).convert("RGB"))
+    ref = preprocess(raw, img_size=64, pixel_mean=CFG.pixel_mean, pixel_std=CFG.pixel_std)
+    assert torch.equal(item["image"], torch.from_numpy(ref.tensor[0]))
+    assert item["mask_low"].shape == (1, CFG.low_res_size, CFG.low_res_size)
+    assert item["mask_full"].shape == (1, 64, 64)
+    assert item["valid_hw"] == ref.input_size == (48, 64)
+    assert item["mask_full"][0, 48:].sum() == 0  # padding is background
+    assert item["presence"] == 1.0
+    neg = next(i for i, r in enumerate(recs) if r.negative)
+    assert ds[neg]["presence"] == 0.0 and ds[neg]["mask_low"].sum() == 0
+
+
+def test_flip_swaps_left_and_right():
+    assert (
+        swap_left_right("the cup LEFT of the Right plate, leftmost")
+        == "the cup RIGHT of the Left plate, rightmost"
+    )
+    assert swap_left_right("left-hand drawer") == "right-hand drawer"
+    assert swap_left_right("the bright lamp") == "the bright lamp"
+    img = np.zeros((4, 6, 3), np.uint8)
+    mask = np.zeros((4, 6), bool)
+    mask[:, 0] = True
+    cfg = AugmentConfig(crop_prob=0, flip_prob=1, brightness=0, contrast=0, saturation=0)
+    _, m2, p2 = augment(np.random.default_rng(0), img, mask, "the thing on the left", cfg)
+    assert m2[:, -1].all() and not m2[:, 0].any() and p2 == "the thing on the right"
+
+
+def test_crop_keeps_the_target():
+    rng = np.random.default_rng(0)
+    img = np.zeros((50, 60, 3), np.uint8)
+    mask = np.zeros((50, 60), bool)
+    mask[40:48, 50:58] = True
+    cfg = AugmentConfig(crop_prob=1, min_crop=0.5, flip_prob=0)
+    for _ in range(20):
+        i2, m2, _ = augment(rng, img, mask, "x", cfg)
+        assert m2.shape == i2.shape[:2] and m2.sum() >= 0.9 * mask.sum()
+
+
+def test_bad_samples_are_counted_or_raised(tmp_path):
+    _write_pair(tmp_path, "ok")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    lines = [
+        {"image": "ok.png", "mask_merged": "ok_mask.png", "prompt": "fine"},
+        {"image": "corrupt.png", "mask_merged": "ok_mask.png", "prompt": "corrupt image"},
+        {"image": "ok.png", "mask_merged": "small_mask.png", "prompt": "size mismatch"},
+        {"image": "ok.png", "mask_merged": "missing.png", "prompt": "missing mask"},
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    recs = read_records(tmp_path / "d.jsonl")
+    batch = collate([ConverSegDataset(recs, CFG)[i] for i in range(4)])
+    assert batch["num_skipped"] == 3 and batch["image"].shape[0] == 1
+    strict = ConverSegDataset(recs, CFG, on_bad="error")
+    with pytest.raises(SampleError, match="differs from image"):
+        strict[2]
+    with pytest.raises(SampleError, match="cannot read image"):
+        strict[1]
+    assert collate([None, None]) == {"num_skipped": 2, "empty": True}
+    with pytest.raises(DatasetError, match="empty"):
+        ConverSegDataset([], CFG)
+
+
+def test_split_by_scene_and_heldout_templates(toy):
+    recs = read_records(toy)
+    train, val = split_records(recs, val_fraction=0.4, heldout_templates=["t1"])
+    assert {r.scene_id for r in train}.isdisjoint({r.scene_id for r in val})
+    assert all(r.template_id not in ("t1", "t2") for r in train)
+    assert train and val
+
+
+def test_step_sampler_resumes_and_shards():
+    full = StepSampler(10, batch_size=3, seed=1)
+    it = iter(full)
+    seq = [next(it) for _ in range(30)]
+    resumed = iter(StepSampler(10, batch_size=3, seed=1, start_step=4))
+    assert [next(resumed) for _ in range(18)] == seq[12:]
+    r0 = iter(StepSampler(10, batch_size=1, seed=1, rank=0, world=2))
+    r1 = iter(StepSampler(10, batch_size=1, seed=1, rank=1, world=2))
+    a, b = {next(r0)[0] for _ in range(5)}, {next(r1)[0] for _ in range(5)}
+    assert a.isdisjoint(b) and len(a | b) == 10

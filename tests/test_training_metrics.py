@@ -1,0 +1,67 @@
+"""ConverSeg metrics on hand-computed cases, empty masks included."""
+
+import numpy as np
+import pytest
+
+from training.metrics import MetricAccumulator, score_sample, summarize
+
+
+def m(rows):
+    return np.array(rows, dtype=bool)
+
+
+def test_iou_hand_computed():
+    pred = m([[1, 1, 0], [0, 0, 0]])
+    target = m([[0, 1, 1], [0, 0, 0]])
+    s = score_sample(pred, target, negative=False)
+    assert (s.intersection, s.union) == (1, 3)
+    assert s.iou == pytest.approx(1 / 3)
+    assert s.predicted_present
+
+
+def test_empty_prediction_on_empty_target_is_iou_one():
+    z = np.zeros((4, 4), bool)
+    s = score_sample(z, z, negative=True, present=False)
+    assert s.iou == 1.0 and not s.predicted_present
+
+
+def test_absent_prediction_counts_as_empty_mask():
+    target = m([[1, 1], [0, 0]])
+    s = score_sample(np.ones((2, 2), bool), target, negative=False, present=False)
+    assert (s.intersection, s.union, s.iou, s.predicted_present) == (0, 2, 0.0, False)
+
+
+def test_giou_ciou_nacc_tacc():
+    # Positive A: I=1, U=4 (IoU .25); positive B: I=6, U=6 (IoU 1); negative C predicted empty; D predicted 2 px.
+    a = score_sample(m([[1, 1, 1, 1]]), m([[1, 0, 0, 0]]), negative=False)
+    b = score_sample(np.ones((2, 3), bool), np.ones((2, 3), bool), negative=False)
+    c = score_sample(np.zeros((2, 2), bool), np.zeros((2, 2), bool), negative=True)
+    d = score_sample(m([[1, 1, 0]]), m([[0, 0, 0]]), negative=True)
+    g = summarize([a, b, c, d])
+    assert g.giou == pytest.approx(62.5)  # (0.25 + 1) / 2
+    assert g.ciou == pytest.approx(70.0)  # (1 + 6) / (4 + 6)
+    assert g.giou_all == pytest.approx(100 * (0.25 + 1 + 1 + 0) / 4)
+    assert g.ciou_all == pytest.approx(100 * 7 / 12, abs=1e-3)  # D adds 2 false-positive pixels to the union
+    assert g.n_acc == pytest.approx(50.0)
+    assert g.t_acc == pytest.approx(100.0)
+    assert (g.n, g.n_positive, g.n_negative) == (4, 2, 2)
+
+
+def test_groups_and_missing_kinds():
+    acc = MetricAccumulator()
+    acc.add(score_sample(m([[1]]), m([[1]]), negative=False), family="color", template="seen")
+    acc.add(
+        score_sample(m([[0]]), m([[1]]), negative=False, present=False), family="spatial", template="heldout"
+    )
+    out = acc.to_dict()
+    assert out["by_family"]["color"]["giou"] == 100.0
+    assert out["by_family"]["spatial"]["t_acc"] == 0.0
+    assert out["by_family"]["color"]["n_acc"] is None  # no negatives: not reported as 0 or 100
+    assert out["overall"]["giou"] == 50.0
+
+
+def test_inconsistent_inputs_raise():
+    with pytest.raises(ValueError, match="shape"):
+        score_sample(np.zeros((2, 2), bool), np.zeros((3, 2), bool), negative=False)
+    with pytest.raises(ValueError, match="negative"):
+        score_sample(np.zeros((2, 2), bool), np.ones((2, 2), bool), negative=True)

@@ -1,0 +1,203 @@
+"""End-to-end training, resume, NaN handling, distillation, evaluation and a 2-process DDP run, on the CPU.
+
+Tiny settings: converseg_edge at img_size 64 with narrow fusion/decoder MLPs, a 6-scene toy dataset in the
+data engine's format. Training runs use a random-init MiniLM (no 90 MB weight load); the evaluation test goes
+through the real MiniLM weights and the runtime Segmenter.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from converseg_core.checkpoint import load_checkpoint
+from training import losses
+from training.datasets import write_toy_dataset
+from training.distill import DistillConfig, distill
+from training.evaluate import EvalConfig, evaluate
+from training.train import TrainConfig, lr_factor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["img_size=64", "fusion_mlp_dim=64", "decoder_mlp_dim=64", "fusion_depth=1"]
+
+
+def tiny_train(data, out, **kw):
+    base = dict(
+        data=str(data),
+        out_dir=str(out),
+        model="converseg_edge",
+        override=TINY,
+        steps=2,
+        batch_size=2,
+        warmup_steps=1,
+        val_fraction=0.34,
+        val_every=2,
+        save_every=1,
+        val_samples=4,
+        num_panels=2,
+        num_workers=0,
+        random_text_encoder=True,
+        no_progress=True,
+        threads=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_dataset(tmp_path_factory.mktemp("toy"), num_scenes=6, size=(80, 60))
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, train(tiny_train(toy, out))
+
+
+def test_two_step_training_writes_everything(trained):
+    out, result = trained
+    assert result["step"] == 2 and result["nan_steps"] == 0
+    for name in ("last.pt", "model.pt", "train_config.json", "val_metrics.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "panels").glob("*.png")) and list((out / "tb").iterdir())
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.config.img_size == 64 and ckpt.extra["step"] == 2 and "optimizer" in ckpt.extra
+    assert not any(k.startswith("text_encoder.") for k in ckpt.state_dict)
+    assert "overall" in result["val"]
+
+
+def test_resume_continues_from_the_saved_step(trained, toy):
+    out, _ = trained
+    before = load_checkpoint(out / "last.pt").state_dict
+    result = train(tiny_train(toy, out, steps=3, resume=True))
+    assert result["step"] == 3
+    after = load_checkpoint(out / "last.pt")
+    assert after.extra["step"] == 3
+    assert any(not torch.equal(before[k], after.state_dict[k]) for k in before if k.startswith("fusion."))
+    # Asking for a different architecture on resume is refused, not silently mixed.
+    with pytest.raises(SystemExit, match="config"):
+        train(tiny_train(toy, out, steps=4, resume=True, override=[*TINY, "fusion_depth=2"]))
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(data="x", steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_nan_loss_stops_with_a_clear_error(toy, tmp_path, monkeypatch):
+    real = losses.converseg_loss
+
+    def nan_loss(*a, **k):
+        out = real(*a, **k)
+        out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr("training.train.converseg_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(tiny_train(toy, tmp_path / "nan", steps=5, max_nan_steps=2))
+
+
+def test_distill_two_steps_and_resume(trained, toy, tmp_path):
+    out, _ = trained
+    cfg = DistillConfig(
+        images=str(toy),
+        out_dir=str(tmp_path / "d"),
+        student="converseg_edge",
+        student_override=TINY,
+        teacher_checkpoint=str(out / "model.pt"),
+        steps=2,
+        batch_size=2,
+        warmup_steps=1,
+        save_every=1,
+        num_workers=0,
+        no_progress=True,
+        threads=1,
+    )
+    result = distill(cfg)
+    assert result["step"] == 2 and result["loss"] == result["loss"]  # finite
+    cfg.steps, cfg.resume = 3, True
+    assert distill(cfg)["step"] == 3
+    assert load_checkpoint(tmp_path / "d" / "last.pt").extra["step"] == 3
+
+
+def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
+    out, _ = trained
+    metrics = evaluate(
+        EvalConfig(checkpoint=str(out / "model.pt"), data=str(toy), out_dir=str(tmp_path / "e"), num_panels=4)
+    )
+    assert metrics["overall"]["n"] == 30 and metrics["skipped"] == 0
+    assert set(metrics["by_template"]) == {"seen", "heldout"}
+    assert set(metrics["by_family"]) == {"attribute", "spatial"}
+    for k in ("giou", "ciou", "n_acc", "t_acc"):
+        assert 0 <= metrics["overall"][k] <= 100
+    md = (tmp_path / "e" / "metrics.md").read_text()
+    assert "| attribute |" in md and "N-acc" in md
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["overall"] == metrics["overall"]
+    assert (tmp_path / "e" / "panels_first.png").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(toy, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "training.train",
+        "--data",
+        str(toy),
+        "--out-dir",
+        str(out),
+        "--override",
+        *TINY,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--val-fraction",
+        "0.34",
+        "--val-every",
+        "2",
+        "--val-samples",
+        "4",
+        "--num-panels",
+        "1",
+        "--num-workers",
+        "0",
+        "--random-text-encoder",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert result["step"] == 2 and result["ranks_in_sync"] is True
+    assert (out / "model.pt").is_file()
