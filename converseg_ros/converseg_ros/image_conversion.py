@@ -43,36 +43,21 @@ class ImageConversionError(ValueError):
 def image_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:
     """Return the frame as an H x W x 3 uint8 RGB array.
 
-    8-bit colour encodings come back as a read-only view of ``msg.data`` (no copy), grey and 16-bit encodings as a new array. 16-bit images (mono16, 16UC1, e.g. IR or depth) are
-    scaled so the frame's maximum maps to 255, because the model wants 8-bit contrast, not units.
+    8-bit colour encodings come back as a read-only view of ``msg.data`` (no copy), grey and 16-bit
+    encodings as a new array. 16-bit images (mono16, 16UC1, e.g. IR or depth) are scaled so the frame's
+    maximum maps to 255, because the model wants 8-bit contrast, not units.
 
     Raises ImageConversionError for unsupported encodings, zero-size or oversized frames (a side above
     ``max_side``), a ``step`` too small for the width, and data whose length is not ``height * step``.
     """
-    encoding = str(msg.encoding)
-    if encoding not in _ENCODINGS:
-        raise ImageConversionError(
-            "unsupported_encoding",
-            f"unsupported encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}",
-        )
-    channels, dtype, order = _ENCODINGS[encoding]
+    check_image(msg, max_side=max_side)
+    channels, dtype, order = _ENCODINGS[str(msg.encoding)]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    _check_size(height, width, max_side)
-    itemsize = np.dtype(dtype).itemsize
-    row_bytes = width * channels * itemsize
-    if step < row_bytes:
-        raise ImageConversionError(
-            "bad_step", f"step {step} is smaller than width x bytes per pixel = {row_bytes} ({encoding})"
-        )
+    row_bytes = width * channels * np.dtype(dtype).itemsize
     data = msg.data
-    if len(data) != height * step:
-        raise ImageConversionError(
-            "bad_data_length",
-            f"data has {len(data)} bytes, expected height x step = {height} x {step} = {height * step}",
-        )
     buf = np.frombuffer(data, dtype=np.uint8)
     rows = buf.reshape(height, step)[:, :row_bytes]  # drops the row padding, still a view
-    if itemsize == 1:
+    if dtype == "u1":
         pixels = rows.reshape(height, width, channels) if channels > 1 else rows
     else:
         endian = ">" if msg.is_bigendian else "<"
@@ -82,6 +67,30 @@ def image_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:
         return np.repeat(grey[:, :, None], 3, axis=2)
     # Both are strided views of the message buffer: the alpha channel and the BGR order cost nothing here.
     return pixels[:, :, :3] if order == "rgb" else pixels[:, :, 2::-1]
+
+
+def check_image(msg: Any, *, max_side: int) -> None:
+    """The constant-time checks of image_to_rgb (fields only, no pixel touched): cheap enough for a
+    subscription callback, so a bad frame is counted even when a newer frame replaces it before decoding."""
+    encoding = str(msg.encoding)
+    if encoding not in _ENCODINGS:
+        raise ImageConversionError(
+            "unsupported_encoding",
+            f"unsupported encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}",
+        )
+    channels, dtype, _ = _ENCODINGS[encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    _check_size(height, width, max_side)
+    row_bytes = width * channels * np.dtype(dtype).itemsize
+    if step < row_bytes:
+        raise ImageConversionError(
+            "bad_step", f"step {step} is smaller than width x bytes per pixel = {row_bytes} ({encoding})"
+        )
+    if len(msg.data) != height * step:
+        raise ImageConversionError(
+            "bad_data_length",
+            f"data has {len(msg.data)} bytes, expected height x step = {height} x {step} = {height * step}",
+        )
 
 
 def compressed_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .image_conversion import ImageConversionError, compressed_to_rgb, image_to_rgb
+from .image_conversion import ImageConversionError, check_image, compressed_to_rgb, image_to_rgb
 from .queries import QueryRejected, parse_query_message
 
 # Overlay colours per query index (RViz shows rgb8 directly).
@@ -104,14 +104,24 @@ class SegmentationPipeline:
         self._queries: tuple[str, ...] = ()
         self._queries_version = 0
         self._applied_version = 0
-        self._seen_reasons: set[str] = set()
+        # A load failure is reported by whoever loaded the model, at start; frames then only count.
+        self._seen_reasons: set[str] = {"model_unavailable"} if load_error else set()
         self._last_start = -float("inf")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     # -- inputs (called from ROS callbacks: constant time, no inference) -------------------------------
     def submit(self, frame: Frame) -> None:
-        """Keep only the newest frame: a frame still waiting is dropped and counted."""
+        """Keep only the newest frame: a frame still waiting is dropped and counted. A raw frame whose
+        fields are wrong is rejected here (constant time), so it is counted even if it would be dropped."""
+        if not frame.compressed:
+            try:
+                check_image(frame.msg, max_side=self.max_input_side)
+            except ImageConversionError as exc:
+                with self._cond:
+                    self.stats.received += 1
+                self.reject(exc.reason, str(exc))
+                return
         with self._cond:
             self.stats.received += 1
             if self._pending is not None:

@@ -1,0 +1,485 @@
+"""Run ROS 2 scenarios safely for tests/test_ros_node.py and bench/bench_ros_latency.py.
+
+SAFETY: no process started from here may send DDS traffic anywhere but loopback. Every scenario runs in a
+child process (pytest itself never calls rclpy.init) whose environment forces
+ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and a distinct ROS_DOMAIN_ID, and, where unprivileged user
+namespaces work, inside `unshare -rn` with only `lo` up: a network namespace with no route out.
+
+This file is also the scenario runner: `python tests/ros_helpers.py SCENARIO JSON_ARGS` (inside the fence)
+prints one line `RESULT <json>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROS_PACKAGE_DIR = REPO / "converseg_ros"  # holds the converseg_ros Python package
+PROFILE = ROS_PACKAGE_DIR / "converseg_ros" / "resources" / "fastdds_shm.xml"
+
+
+def _unshare_works() -> bool:
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    if not shutil.which("unshare") or not os.path.exists(ip):
+        return False
+    try:
+        done = subprocess.run(
+            ["unshare", "-rn", ip, "link", "set", "lo", "up"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+UNSHARE = _unshare_works()
+
+
+def fenced(cmd: list[str]) -> list[str]:
+    """``cmd`` inside a fresh network namespace with only loopback up (when the kernel allows it)."""
+    if not UNSHARE:
+        return cmd
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    return ["unshare", "-rn", "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh", *cmd]
+
+
+def ros_env(domain_id: int, log_dir: str | Path) -> dict[str, str]:
+    """The environment every ROS process started by tests, benchmarks and demos gets."""
+    env = dict(os.environ)
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"  # forced, not setdefault: see the module docstring
+    env.pop("ROS_STATIC_PEERS", None)
+    env["ROS_DOMAIN_ID"] = str(domain_id)
+    env["ROS_LOG_DIR"] = str(log_dir)
+    env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROS_PACKAGE_DIR), str(REPO), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def run_scenario(name: str, *, domain_id: int, tmp_dir: str | Path, timeout: float = 180, **kwargs) -> dict:
+    """Run scenario ``name`` fenced; return its RESULT dict, or raise AssertionError with its output."""
+    tmp_dir = Path(tmp_dir)
+    kwargs["tmp_dir"] = str(tmp_dir)
+    cmd = fenced([sys.executable, str(Path(__file__).resolve()), name, json.dumps(kwargs)])
+    proc = subprocess.run(
+        cmd, env=ros_env(domain_id, tmp_dir / "ros_log"), capture_output=True, text=True, timeout=timeout
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise AssertionError(
+        f"scenario {name} failed (rc={proc.returncode})\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
+        f"{proc.stderr[-6000:]}"
+    )
+
+
+def run_fence_check(*, domain_id: int, tmp_dir: str | Path, seconds: float = 4.0) -> dict:
+    """Count UDP packets on loopback and on a veth interface while the demo camera node runs, inside a
+    throwaway network namespace. Needs `unshare -rn`; nothing here can reach a real network."""
+    assert UNSHARE, "the fence check needs unshare -rn"
+    cmd = fenced(
+        [sys.executable, str(Path(__file__).resolve()), "__fence__", json.dumps({"seconds": seconds})]
+    )
+    proc = subprocess.run(
+        cmd, env=ros_env(domain_id, Path(tmp_dir) / "ros_log"), capture_output=True, text=True, timeout=120
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise AssertionError(
+        f"fence check failed (rc={proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+
+
+def _fence_main(seconds: float) -> dict:
+    import socket
+    import struct
+
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    for args in (["link", "add", "cs0", "type", "veth", "peer", "name", "cs1"], ["addr", "add", "10.213.0.1/24", "dev", "cs0"],
+                 ["link", "set", "cs0", "up"], ["link", "set", "cs1", "up"], ["route", "add", "224.0.0.0/4", "dev", "cs0"]):  # fmt: skip
+        subprocess.run([ip, *args], check=True)
+    sockets = {}
+    for name in ("lo", "cs0"):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
+        sock.bind((name, 0))
+        sock.setblocking(False)
+        sockets[name] = sock
+    counts = {"lo": 0, "cs0": 0}
+    other = 0
+    node = subprocess.Popen(
+        [sys.executable, "-m", "converseg_ros.demo_camera", "--ros-args", "-p", "rate_hz:=5.0", "-p", "width:=64",
+         "-p", "height:=48"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for name, sock in sockets.items():
+            while True:
+                try:
+                    pkt = sock.recv(65535)
+                except BlockingIOError:
+                    break
+                ethertype = struct.unpack("!H", pkt[12:14])[0]
+                udp = (ethertype == 0x0800 and pkt[23] == 17) or (ethertype == 0x86DD and pkt[20] == 17)
+                counts[name] += udp
+                other += not udp and name == "cs0"
+        time.sleep(0.01)
+    node.send_signal(signal.SIGINT)
+    node.wait(10)
+    return {
+        "control_udp_packets": counts["lo"],
+        "localhost_udp_packets": counts["cs0"],
+        "veth_non_udp": other,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Everything below runs inside the fence (child process).
+TINY_MODEL = {"random_model": "converseg_edge", "random_model_img_size": 128}
+
+
+class Client:
+    """The test's side of the wire: publishes frames and queries, collects masks, results, diagnostics."""
+
+    def __init__(self, tmp_dir: str) -> None:
+        import rclpy
+        from converseg_ros.segment_node import IMAGE_TOPIC, OUTPUT_QOS, QUERY_QOS
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage, Image
+        from std_msgs.msg import String
+
+        rclpy.init()
+        self.rclpy = rclpy
+        self.tmp = Path(tmp_dir)
+        self.node = rclpy.create_node("converseg_test_client")
+        self.image_pub = self.node.create_publisher(Image, IMAGE_TOPIC, qos_profile_sensor_data)
+        self.compressed_pub = self.node.create_publisher(
+            CompressedImage, IMAGE_TOPIC + "/compressed", qos_profile_sensor_data
+        )
+        self.query_pub = self.node.create_publisher(String, "/converseg/query", QUERY_QOS)
+        self.masks: list[tuple[float, object]] = []  # (receive time.time(), msg)
+        self.results: list[tuple[float, dict]] = []
+        self.diagnostics: list[object] = []
+        self.node.create_subscription(
+            Image, "/converseg/mask", lambda m: self.masks.append((time.time(), m)), OUTPUT_QOS
+        )
+        self.node.create_subscription(
+            String,
+            "/converseg/result",
+            lambda m: self.results.append((time.time(), json.loads(m.data))),
+            OUTPUT_QOS,
+        )
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def start_segment_node(self, params: dict, name: str = "segment") -> subprocess.Popen:
+        from converseg_ros.launch_plan import params_file_text
+
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(params_file_text("/**", params))
+        return self.start(
+            ["-m", "converseg_ros.segment_node", "--ros-args", "--params-file", str(path)], name
+        )
+
+    def log(self, name: str = "segment") -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def spin_until(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            self.rclpy.spin_once(self.node, timeout_sec=0.02)
+        return predicate()
+
+    def spin_for(self, seconds: float) -> None:
+        self.spin_until(lambda: False, seconds)
+
+    def wait_for_node(self, timeout: float = 90) -> None:
+        ok = self.spin_until(
+            lambda: (
+                self.query_pub.get_subscription_count() > 0 and self.image_pub.get_subscription_count() > 0
+            ),
+            timeout,
+        )
+        assert ok, "segment node never subscribed:\n" + self.log()[-3000:]
+
+    def query(self, text: str) -> None:
+        from std_msgs.msg import String
+
+        self.query_pub.publish(String(data=text))
+
+    def raw_query(self, payload: bytes) -> None:
+        """Publish a std_msgs/String whose bytes are ``payload`` (e.g. not UTF-8), as a C++ node could."""
+        body = payload + b"\0"
+        self.query_pub.publish(b"\x00\x01\x00\x00" + len(body).to_bytes(4, "little") + body)
+
+    def frame(self, width=640, height=480, write_as="rgb8", sec=1, nanosec=0, frame_id="cam", **change):
+        """Publish the synthetic scene at width x height written as ``write_as``; ``change`` overrides
+        message fields (to make bad frames)."""
+        from converseg_ros.demo_scene import synthetic_frames
+        from converseg_ros.image_conversion import rgb_to_image_fields
+        from sensor_msgs.msg import Image
+
+        if width * height == 0:
+            fields = dict(height=height, width=width, encoding=write_as, step=0, data=b"")
+        else:
+            if getattr(self, "_scene_key", None) != (width, height):
+                self._scene = synthetic_frames(width, height, count=1)[0]
+                self._scene_key = (width, height)
+            fields = rgb_to_image_fields(self._scene, write_as)
+        msg = Image(**(fields | change))
+        msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, nanosec, frame_id
+        self.image_pub.publish(msg)
+        return msg
+
+    def result_for(self, sec: int, nanosec: int = 0) -> dict | None:
+        for _, doc in self.results:
+            if doc["stamp"] == {"sec": sec, "nanosec": nanosec}:
+                return doc
+        return None
+
+    def mask_for(self, sec: int, nanosec: int = 0):
+        for _, m in self.masks:
+            if (m.header.stamp.sec, m.header.stamp.nanosec) == (sec, nanosec):
+                return m
+        return None
+
+    def send_until_answered(self, timeout: float = 30, **frame) -> tuple[object, dict]:
+        """Publish the frame every 50 ms until its mask and result come back (best effort may drop some)."""
+        sec, nanosec = frame.setdefault("sec", 1), frame.setdefault("nanosec", 0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.frame(**frame)
+            if self.spin_until(lambda: self.mask_for(sec, nanosec) and self.result_for(sec, nanosec), 0.05):
+                return self.mask_for(sec, nanosec), self.result_for(sec, nanosec)
+        raise AssertionError(f"no answer for frame {sec}.{nanosec}:\n" + self.log()[-3000:])
+
+    def last_diagnostics(self) -> dict:
+        if not self.diagnostics:
+            return {}
+        status = self.diagnostics[-1].status[0]
+        return {"level": int.from_bytes(status.level, "little") if isinstance(status.level, bytes) else int(status.level),
+                "message": status.message, **{kv.key: kv.value for kv in status.values}}  # fmt: skip
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 15) -> dict:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "killed"
+        return {"rc": rc, "seconds": round(time.monotonic() - t0, 2)}
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.node.destroy_node()
+        self.rclpy.try_shutdown()
+
+
+def mask_pixels(mask_msg) -> list[int]:
+    import numpy as np
+
+    labels = np.frombuffer(mask_msg.data, np.uint8)
+    return np.bincount(labels, minlength=9).tolist()
+
+
+def scenario_basic(c: Client, **_) -> dict:
+    """Frames and queries in, masks and results out; query switching; every bad input; clean shutdown."""
+    out: dict = {}
+    proc = c.start_segment_node(TINY_MODEL | {"max_input_side": 1024, "diagnostics_period": 0.5})
+    c.wait_for_node()
+    c.query("the red mug")
+    mask, doc = c.send_until_answered(sec=100, nanosec=5, frame_id="cam_a", width=640, height=480)
+    out["a"] = dict(size=[mask.width, mask.height], encoding=mask.encoding, step=mask.step,
+                    frame_id=mask.header.frame_id, data_len=len(mask.data), doc=doc, pixels=mask_pixels(mask))  # fmt: skip
+    mask, doc = c.send_until_answered(sec=101, frame_id="cam_b", width=320, height=240, write_as="bgr8")
+    out["b"] = dict(
+        size=[mask.width, mask.height], frame_id=mask.header.frame_id, doc=doc, pixels=mask_pixels(mask)
+    )
+    c.query("the blue bowl")
+    c.spin_for(0.3)
+    out["switched"] = c.send_until_answered(sec=102, width=320, height=240)[1]["queries"]
+    c.query('{"op": "add", "queries": ["the knife"]}')
+    c.spin_for(0.3)
+    mask, doc = c.send_until_answered(sec=103, width=320, height=240)
+    out["added"] = dict(queries=doc["queries"], pixels=mask_pixels(mask))
+
+    # Bad input: each one once, then a good frame must still come back.
+    bad_frames = [
+        dict(sec=200, width=32, height=24, encoding="yuv422"),
+        dict(sec=201, width=32, height=24, data=bytes(100)),
+        dict(sec=202, width=0, height=0),
+        dict(sec=203, width=1100, height=2),
+    ]
+    for bad in bad_frames:  # spaced: best effort with depth 1 could otherwise lose one
+        c.frame(**bad)
+        c.spin_for(0.1)
+    for text in ["", "   \t\n", "x" * 10_000]:
+        c.query(text)
+        c.spin_for(0.1)
+    c.raw_query(b"mug \xff\xfe")
+    c.spin_for(0.5)
+    out["after_bad"] = c.send_until_answered(sec=104, width=320, height=240)[1]["queries"]
+    c.spin_until(lambda: "rejected.query_not_utf8" in c.last_diagnostics(), 5)
+    out["diagnostics"] = c.last_diagnostics()
+    out["answered_bad_frames"] = [s for s in range(200, 204) if c.result_for(s)]
+    c.query('{"op": "clear"}')
+    c.spin_for(0.5)
+    for i in range(10):
+        c.frame(sec=300 + i, width=320, height=240)
+        c.spin_for(0.05)
+    c.spin_for(0.5)
+    out["after_clear"] = [s for s in range(300, 310) if c.result_for(s)]
+    out["stop"] = c.stop(proc)
+    out["log"] = c.log()[-6000:]
+    return out
+
+
+def scenario_stream(c: Client, seconds: float = 4.0, rate_hz: float = 30.0, **_) -> dict:
+    """A camera at rate_hz: stale frames must be dropped, never queued."""
+    proc = c.start_segment_node(TINY_MODEL | {"diagnostics_period": 0.5})
+    c.wait_for_node()
+    c.query("the red mug")
+    c.send_until_answered(sec=1)
+    c.masks.clear()
+    c.results.clear()
+    sent = {}
+    period = 1.0 / rate_hz
+    t_start = time.monotonic()
+    n = 0
+    while time.monotonic() - t_start < seconds:
+        n += 1
+        now = time.time_ns()
+        c.frame(sec=now // 10**9, nanosec=now % 10**9, frame_id=f"f{n}")
+        sent[f"f{n}"] = now / 1e9
+        c.spin_until(lambda: False, max(0.0, t_start + n * period - time.monotonic()))
+    c.spin_for(1.0)
+    masks = [(t, m.header.frame_id) for t, m in c.masks if m.header.frame_id in sent]
+    ages = [t - sent[f] for t, f in masks if f in sent]
+    model_ms = [d["latency_ms"]["model"] for _, d in c.results if d["frame_id"] in sent]
+    queue_ms = [d["latency_ms"]["queue"] for _, d in c.results if d["frame_id"] in sent]
+    c.spin_until(lambda: int(c.last_diagnostics().get("frames_dropped", 0)) > 0, 3)
+    out = dict(sent=n, masks=len(masks), order=[int(f[1:]) for _, f in masks], ages_s=ages, model_ms=model_ms,
+               queue_ms=queue_ms, diagnostics=c.last_diagnostics())  # fmt: skip
+    out["stop"] = c.stop(proc)
+    return out
+
+
+def scenario_compressed(c: Client, **_) -> dict:
+    import io
+
+    from converseg_ros.demo_scene import synthetic_frames
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage
+
+    proc = c.start_segment_node(TINY_MODEL | {"image_transport": "compressed", "diagnostics_period": 0.5})
+    ok = c.spin_until(lambda: c.compressed_pub.get_subscription_count() > 0, 90)
+    assert ok, c.log()[-3000:]
+    c.query("the red mug")
+    buf = io.BytesIO()
+    PILImage.fromarray(synthetic_frames(200, 100, count=1)[0]).save(buf, format="JPEG")
+    good = buf.getvalue()
+
+    def send(data: bytes, sec: int) -> None:
+        msg = CompressedImage(format="jpeg", data=data)
+        msg.header.stamp.sec = sec
+        c.compressed_pub.publish(msg)
+
+    def answered(sec):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            send(good, sec)
+            if c.spin_until(lambda: c.mask_for(sec, 0) is not None, 0.1):
+                return c.mask_for(sec, 0)
+        raise AssertionError(c.log()[-3000:])
+
+    first = answered(1)
+    # Decoding happens on the worker, so a corrupt frame replaced by a newer one before decoding is only
+    # dropped: space them out.
+    send(good[: len(good) // 2], 2)  # truncated JPEG
+    c.spin_for(0.7)
+    send(b"\x89PNG garbage", 3)
+    c.spin_for(0.7)
+    second = answered(4)
+    c.spin_until(lambda: "rejected.corrupt_compressed" in c.last_diagnostics(), 5)
+    return dict(first=[first.width, first.height], second=[second.width, second.height],
+                diagnostics=c.last_diagnostics(), stop=c.stop(proc))  # fmt: skip
+
+
+def scenario_load_failure(c: Client, **_) -> dict:
+    """Models that cannot load: the node stays up, says why once, reports ERROR, counts frames."""
+    out = {}
+    engines = Path(c.tmp) / "engines_from_another_gpu"
+    engines.mkdir(exist_ok=True)
+    cases = {
+        "missing_checkpoint": {"model_path": str(Path(c.tmp) / "missing.pt")},
+        "tensorrt_engine": {"model_path": str(engines), "backend": "tensorrt"},
+    }
+    for name, params in cases.items():
+        c.diagnostics.clear()
+        proc = c.start_segment_node(params | {"diagnostics_period": 0.3}, name=name)
+        c.wait_for_node(60)
+        c.query("the red mug")
+        for i in range(5):
+            c.frame(sec=i + 1, width=64, height=48)
+            c.spin_for(0.1)
+        c.spin_until(lambda: int(c.last_diagnostics().get("rejected.model_unavailable", 0)) > 0, 10)
+        out[name] = dict(alive=proc.poll() is None, diagnostics=c.last_diagnostics(), masks=len(c.masks))
+        out[name]["stop"] = c.stop(proc)
+        out[name]["log"] = c.log(name)[-3000:]
+    return out
+
+
+def scenario_launch(c: Client, **_) -> dict:
+    """converseg-ros-launch with the demo camera: masks of the demo size come back; Ctrl-C stops all."""
+    proc = c.start(
+        ["-m", "converseg_ros.launch_main", "random_model:=converseg_edge", "random_model_img_size:=128",
+         "demo_rate_hz:=10.0", "demo_width:=160", "demo_height:=120", "demo_query:=the blue bowl"],
+        "launch",
+    )  # fmt: skip
+    ok = c.spin_until(lambda: len(c.results) > 0 and len(c.masks) > 0, 120)
+    assert ok, c.log("launch")[-4000:]
+    mask = c.masks[-1][1]
+    doc = c.results[-1][1]
+    return dict(size=[mask.width, mask.height], frame_id=mask.header.frame_id,
+                queries=[q["query"] for q in doc["queries"]], stop=c.stop(proc, 20), log=c.log("launch")[-3000:])  # fmt: skip
+
+
+def main() -> None:
+    name, kwargs = sys.argv[1], json.loads(sys.argv[2])
+    assert os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") == "LOCALHOST", "refusing to run without LOCALHOST"
+    if name == "__fence__":
+        print("RESULT " + json.dumps(_fence_main(**kwargs)), flush=True)
+        return
+    client = Client(kwargs["tmp_dir"])
+    try:
+        result = globals()[f"scenario_{name}"](client, **kwargs)
+    finally:
+        client.close()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
