@@ -1,0 +1,253 @@
+"""`python -m training.dataengine --out DIR --scenes N --seed S --workers W`: render a sharded dataset.
+
+Deterministic from the seed (scene i depends only on (seed, i)), parallel over a process pool, resumable
+(finished shards carry a DONE marker and are skipped), and crash-safe (shards are written to a temporary
+folder and renamed). index.json, dataset.jsonl and items.json are written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import DataEngineError
+from .pipeline import Engine, EngineConfig, shard_name, write_shard
+
+_ENGINE: Engine | None = None
+_PROGRESS = None
+
+
+def _init_worker(cfg: EngineConfig, asset_cache, progress_queue) -> None:
+    global _ENGINE, _PROGRESS
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _ENGINE = Engine(cfg, asset_cache=asset_cache)
+    _PROGRESS = progress_queue
+
+
+def _run_shard(out: str, shard: int, indices: list[int]) -> dict:
+    return write_shard(_ENGINE, Path(out), shard, indices, progress=lambda n: _PROGRESS.put(n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.dataengine",
+        description="Render tabletop scenes with exact masks, scene graphs and conversational prompts.",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder (created; an existing one is resumed)"
+    )
+    p.add_argument("--scenes", type=int, required=True, help="number of scenes to render")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed; scene i depends only on (seed, i)")
+    p.add_argument(
+        "--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="processes (0 = in this process)"
+    )
+    p.add_argument("--shard-size", type=int, default=50, help="scenes per shard (the unit of resume)")
+    p.add_argument("--width", type=int, default=512, help="image width in pixels")
+    p.add_argument("--height", type=int, default=384, help="image height in pixels")
+    p.add_argument("--min-objects", type=int, default=3, help="fewest objects per scene")
+    p.add_argument("--max-objects", type=int, default=12, help="most objects per scene")
+    p.add_argument(
+        "--samples-per-family", type=int, default=1, help="requests drawn per concept family and scene"
+    )
+    p.add_argument(
+        "--negative-rate", type=float, default=0.2, help="share of requests whose answer is absent"
+    )
+    p.add_argument("--no-shadows", action="store_true", help="render without shadows (about 30 %% faster)")
+    p.add_argument("--no-depth", action="store_true", help="do not write depth PNGs")
+    p.add_argument(
+        "--asset-cache", type=Path, default=None, help="converted-asset cache (default .cache/assets)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from .assets import build_asset_cache, manifest_markdown
+    from .knowledge import load_knowledge_base
+
+    if args.scenes <= 0 or args.shard_size <= 0:
+        raise DataEngineError("--scenes and --shard-size must be positive")
+    cfg = EngineConfig(
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        min_objects=args.min_objects,
+        max_objects=args.max_objects,
+        shadows=not args.no_shadows,
+        negative_rate=args.negative_rate,
+        samples_per_family=args.samples_per_family,
+        save_depth=not args.no_depth,
+    )
+    # fail fast: knowledge base, catalog, libraries and meshes are checked (and converted) before any worker starts
+    kb = load_knowledge_base()
+    cache = build_asset_cache(args.asset_cache, known_categories=set(kb.categories))
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        if old != asdict(cfg):
+            raise DataEngineError(
+                f"{out} was started with another configuration ({cfg_path}); use a new --out"
+            )
+    else:
+        cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    shards = [
+        (k, list(range(s, min(s + args.shard_size, args.scenes))))
+        for k, s in enumerate(range(0, args.scenes, args.shard_size))
+    ]
+    todo = [(k, idx) for k, idx in shards if not (out / shard_name(k) / "DONE").is_file()]
+    done_scenes = args.scenes - sum(len(i) for _, i in todo)
+    t0 = time.perf_counter()
+    bar = tqdm(total=args.scenes, initial=done_scenes, unit="scene", disable=args.quiet, desc="dataengine")
+    if todo and args.workers == 0:
+        engine = Engine(cfg, asset_cache=args.asset_cache)
+        for k, idx in todo:
+            write_shard(engine, out, k, idx, progress=bar.update)
+    elif todo:
+        ctx = mp.get_context("spawn")  # a fresh GL context per worker; never fork one
+        q = ctx.Queue()
+        with ctx.Pool(
+            min(args.workers, len(todo)), initializer=_init_worker, initargs=(cfg, args.asset_cache, q)
+        ) as pool:
+            pending = [pool.apply_async(_run_shard, (str(out), k, idx)) for k, idx in todo]
+            while pending:
+                try:
+                    bar.update(q.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+                for r in [r for r in pending if r.ready()]:
+                    r.get()  # re-raises a worker's exception here
+                    pending.remove(r)
+            while True:
+                try:
+                    bar.update(q.get_nowait())
+                except queue.Empty:
+                    break
+    bar.close()
+    wall = time.perf_counter() - t0
+    return finalize(out, cfg, args.scenes, shards, cache, wall, manifest_markdown)
+
+
+def finalize(
+    out: Path, cfg: EngineConfig, n_scenes: int, shards, cache: Path, wall: float, manifest_markdown
+) -> dict:
+    """Merge shard stats; write dataset.jsonl and items.json (paths relative to OUT), then index.json."""
+    families: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    splits: dict[str, int] = {}
+    n_samples = negatives = regions = 0
+    shard_seconds = []
+    items, heldout = [], []
+    with open(out / "dataset.jsonl.tmp", "w", encoding="utf-8") as ds:
+        for k, _ in shards:
+            sd = out / shard_name(k)
+            st = json.loads((sd / "DONE").read_text())
+            shard_seconds.append(st["seconds"])
+            for fam, v in st["rejected"].items():
+                rejected[fam] = rejected.get(fam, 0) + v
+            with open(sd / "samples.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    n_samples += 1
+                    families[rec["family"]] = families.get(rec["family"], 0) + 1
+                    splits[rec["template_split"]] = splits.get(rec["template_split"], 0) + 1
+                    negatives += int(rec["negative"])
+                    regions += int(rec["answer_kind"] == "region")
+                    for key in ("image", "mask_merged", "instances", "scene_graph", "depth"):
+                        if key in rec:
+                            rec[key] = f"{shard_name(k)}/{rec[key]}"
+                    ds.write(json.dumps(rec) + "\n")
+                    item = {
+                        "id": rec["sample_id"],
+                        "image": rec["image"],
+                        "mask": rec["mask_merged"],
+                        "prompt": rec["prompt"],
+                        "family": rec["family"],
+                        "template_id": rec["template_id"],
+                        "template_split": rec["template_split"],
+                        "negative": rec["negative"],
+                        "answer_kind": rec["answer_kind"],
+                    }
+                    (heldout if rec["template_split"] == "heldout" else items).append(item)
+    os.replace(out / "dataset.jsonl.tmp", out / "dataset.jsonl")
+    name = out.name or "dataengine"
+    for fname, its in (("items.json", items + heldout), ("items_heldout.json", heldout)):
+        with open(out / (fname + ".tmp"), "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "dataset": f"{name}{'' if fname == 'items.json' else '_heldout'}",
+                    "count": len(its),
+                    "items": its,
+                },
+                f,
+            )
+        os.replace(out / (fname + ".tmp"), out / fname)
+    index = {
+        "format": "converseg-dataengine",
+        "version": 1,
+        "seed": cfg.seed,
+        "scenes": n_scenes,
+        "samples": n_samples,
+        "shards": [shard_name(k) for k, _ in shards],
+        "counts_per_family": dict(sorted(families.items())),
+        "counts_per_split": splits,
+        "negatives": negatives,
+        "region_answers": regions,
+        "rejected_per_reason": dict(sorted(rejected.items())),
+        "config": asdict(cfg),
+        "asset_manifest": str(cache / "manifest.json"),
+        "wall_seconds_this_run": round(wall, 2),
+        "shard_seconds": shard_seconds,
+    }
+    with open(out / "index.json.tmp", "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+    os.replace(out / "index.json.tmp", out / "index.json")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (out / "ASSET_LICENCES.md").write_text(
+        "# Models used in these images\n\nFrom the Debian package sweethome3d-furniture.\n\n"
+        + manifest_markdown(cache)
+        + "\n"
+    )
+    del manifest
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        index = run(args)
+    except DataEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {
+                k: index[k]
+                for k in (
+                    "scenes",
+                    "samples",
+                    "counts_per_family",
+                    "negatives",
+                    "region_answers",
+                    "rejected_per_reason",
+                    "wall_seconds_this_run",
+                )
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""Scene -> render -> scene graph -> prompts -> masks -> verifier, for one process, and shard writing.
+
+`Engine` holds the expensive state of a process (assets, MuJoCo model, GL context). `render_scene(i)`
+depends only on (seed, scene index), so a dataset is the same whatever the number of workers or shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .render import configure_gl
+
+SAMPLES_PER_FAMILY = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What makes a dataset; stored in index.json so a run can be reproduced from its output."""
+
+    seed: int = 0
+    width: int = 512  # camera resolution of the training contract (ARCHITECTURE.md)
+    height: int = 384
+    min_objects: int = 3
+    max_objects: int = 12
+    copies: int = 2  # pool bodies per model: a scene holds at most this many of one model
+    settle_steps: int = 60  # 0.24 s of simulated time: objects are dropped from 3 mm
+    shadows: bool = True
+    shadow_size: int = 1024
+    negative_rate: float = 0.2
+    samples_per_family: int = SAMPLES_PER_FAMILY
+    save_depth: bool = True
+
+
+@dataclass
+class SceneResult:
+    scene_id: str
+    rgb: np.ndarray
+    depth: np.ndarray
+    instance: np.ndarray
+    graph: dict
+    samples: list[tuple[dict, np.ndarray]]  # (jsonl record without paths, mask)
+    rejected: dict
+
+
+class Engine:
+    """Per-process data engine. Build once (seconds), then render_scene many times."""
+
+    def __init__(self, config: EngineConfig, *, asset_cache: Path | None = None):
+        configure_gl()
+        from .assets import build_asset_cache, load_assets
+        from .knowledge import load_knowledge_base
+        from .prompts import PromptGenerator
+        from .render import SceneRenderer
+        from .scene import TabletopWorld
+
+        self.config = config
+        self.kb = load_knowledge_base()
+        folder = build_asset_cache(asset_cache, known_categories=set(self.kb.categories), log=lambda *_: None)
+        self.assets = load_assets(folder)
+        self.world = TabletopWorld(
+            assets=self.assets,
+            kb=self.kb,
+            copies=config.copies,
+            width=config.width,
+            height=config.height,
+            shadow_size=config.shadow_size,
+        )
+        self.renderer = SceneRenderer(self.world, shadows=config.shadows)
+        sizes = {}
+        for a in self.assets:
+            sizes.setdefault(a.category, (float(a.size_m[0]), float(a.size_m[1])))
+        self.prompts = PromptGenerator(kb=self.kb, category_sizes=sizes, negative_rate=config.negative_rate)
+
+    def render_scene(self, index: int) -> SceneResult:
+        from .scene import sample_layout
+        from .scene_graph import GRID, build_scene_graph, free_space_grid, grid_to_image, region_grid
+        from .verifier import Verifier
+
+        cfg = self.config
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
+        scene_id = f"s{cfg.seed:04d}_{index:07d}"
+        layout = sample_layout(rng, self.world, min_objects=cfg.min_objects, max_objects=cfg.max_objects)
+        self.world.apply(layout)
+        penetration = self.world.settle(cfg.settle_steps)
+        frame = self.renderer.render()
+        graph = build_scene_graph(self.world, layout, frame, scene_id=scene_id)
+        graph["max_penetration_m"] = round(penetration, 5)
+        requests = self.prompts.generate(graph, rng, per_family=cfg.samples_per_family)
+        verifier = Verifier()
+        samples = []
+        free, origin = free_space_grid(self.world, layout)
+        for n, req in enumerate(requests):
+            if req.answer_kind == "region":
+                grid = free
+                if req.region_safe_margin_m > 0:  # e.g. a knife: well away from the table edge
+                    m = int(round(req.region_safe_margin_m / GRID))
+                    inner = np.zeros_like(free)
+                    inner[m:-m, m:-m] = True
+                    grid = free & inner
+                mask = grid_to_image(region_grid(grid, req.region_radius_m or 0.04), origin, frame)
+            else:
+                mask = (
+                    np.isin(frame.instance, req.targets)
+                    if req.targets
+                    else np.zeros(frame.instance.shape, bool)
+                )
+            reason = verifier.check(req, mask, graph, frame.instance)
+            if reason is not None:
+                continue
+            sample_id = f"{scene_id}_{n:02d}"
+            rec = {
+                "prompt": req.prompt,
+                "family": req.family,
+                "template_id": req.template_id,
+                "template_split": req.template_split,
+                "concept": req.concept,
+                "targets": req.targets,
+                "target_categories": [graph["objects"][t]["category"] for t in req.targets],
+                "negative": req.negative,
+                "answer_kind": req.answer_kind,
+                "scene_id": scene_id,
+                "sample_id": sample_id,
+                "mask_area": int(mask.sum()),
+            }
+            samples.append((rec, mask))
+        counts = dict(verifier.counts)
+        counts.pop("kept", None)
+        return SceneResult(scene_id, frame.rgb, frame.depth, frame.instance, graph, samples, counts)
+
+
+def write_scene(res: SceneResult, shard_dir: Path, save_depth: bool) -> list[dict]:
+    """Write the PNGs and the scene graph of one scene; return its jsonl records with paths filled in."""
+    Image.fromarray(res.rgb).save(shard_dir / "images" / f"{res.scene_id}.png", compress_level=1)
+    inst = (res.instance + 1).clip(0, 255).astype(np.uint8)  # 0 = no object, k + 1 = object id k
+    Image.fromarray(inst).save(shard_dir / "instances" / f"{res.scene_id}.png", compress_level=1)
+    if save_depth:
+        mm = np.clip(res.depth * 1000.0, 0, 65535).astype(np.uint16)
+        Image.fromarray(mm).save(shard_dir / "depth" / f"{res.scene_id}.png", compress_level=1)
+    with open(shard_dir / "scenes" / f"{res.scene_id}.json", "w", encoding="utf-8") as f:
+        json.dump(res.graph, f, separators=(",", ":"))
+    out = []
+    for rec, mask in res.samples:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(
+            shard_dir / "masks" / f"{rec['sample_id']}.png", compress_level=1
+        )
+        out.append(
+            {
+                "image": f"images/{res.scene_id}.png",
+                "mask_merged": f"masks/{rec['sample_id']}.png",
+                "instances": f"instances/{res.scene_id}.png",
+                "scene_graph": f"scenes/{res.scene_id}.json",
+                **({"depth": f"depth/{res.scene_id}.png"} if save_depth else {}),
+                **rec,
+            }
+        )
+    return out
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def write_shard(engine: Engine, out: Path, shard: int, indices: list[int], progress=None) -> dict:
+    """Render a shard into a temporary folder and rename it when complete (a crash leaves no DONE shard)."""
+    final = out / shard_name(shard)
+    if (final / "DONE").is_file():
+        return json.loads((final / "DONE").read_text())
+    tmp = out / f".{shard_name(shard)}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for sub in ("images", "masks", "scenes", "instances", "depth"):
+        (tmp / sub).mkdir(parents=True)
+    t0 = time.perf_counter()
+    stats = {"scenes": 0, "samples": 0, "families": {}, "rejected": {}, "negatives": 0, "regions": 0}
+    scene_times = []
+    with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
+        for i in indices:
+            ts = time.perf_counter()
+            res = engine.render_scene(i)
+            for rec in write_scene(res, tmp, engine.config.save_depth):
+                f.write(json.dumps(rec) + "\n")
+                stats["samples"] += 1
+                stats["families"][rec["family"]] = stats["families"].get(rec["family"], 0) + 1
+                stats["negatives"] += int(rec["negative"])
+                stats["regions"] += int(rec["answer_kind"] == "region")
+            for k, v in res.rejected.items():
+                stats["rejected"][k] = stats["rejected"].get(k, 0) + v
+            stats["scenes"] += 1
+            scene_times.append(time.perf_counter() - ts)
+            if progress is not None:
+                progress(1)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    stats["median_scene_s"] = round(float(np.median(scene_times)), 4) if scene_times else None
+    stats["indices"] = [indices[0], indices[-1]] if indices else []
+    (tmp / "DONE").write_text(json.dumps(stats))
+    if final.exists():  # an incomplete leftover without DONE
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return stats
+
+
+def config_dict(cfg: EngineConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,550 @@
+"""Prompt generator over seven concept families, with negatives, multi-target, region and relational answers.
+
+A sample is a *request* plus its answer as a set of object ids (or a region of free table). Masks are made
+later from the frame. Every prompt comes from a phrase (knowledge-base vocab or a template below) put in a
+wrapper (bare, polite request, question, robot command); `template_id` names both, and a deterministic
+20 % of phrases are held out (`template_split`), so evaluation can test unseen phrasings.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .knowledge import KnowledgeBase
+
+FAMILIES = ("entities", "spatial", "intent", "affordances", "functions", "safety", "physical")
+HELDOUT_EVERY = 5  # crc32(phrase key) % 5 == 0 -> held out
+
+# Wrappers: how the same request is said. {p} is a noun phrase or a "what ..." clause.
+NP_WRAPPERS = (
+    "{p}",
+    "Please show me {p}.",
+    "Could you point to {p}?",
+    "Robot, segment {p}.",
+    "Find {p}.",
+    "Can you highlight {p} for me, please?",
+    "Hey robot, find {p}.",
+    "I'm looking for {p}.",
+)
+Q_WRAPPERS = (
+    "{P}?",
+    "Show me {p}.",
+    "Can you show me {p}?",
+    "Please highlight {p}.",
+    "Robot, mark {p}.",
+    "Tell me {p}.",
+)
+INTENT_WRAPPERS = (
+    "{P}.",
+    "{P}. What can I use?",
+    "{P}, can you help me?",
+    "Hey robot, {p}.",
+    "{P}. Show me what I need.",
+)
+
+ENTITY_SINGLE = ("the {name}", "the {syn}", "the {colour} {name}", "that {name}", "the {size} {name}")
+ENTITY_ALL = ("all the {plural}", "every {name}", "each {name} on the table", "the {plural}")
+SPATIAL_SIDE = ("the {name} on the {side}", "the {side}most {name}", "the {name} furthest to the {side}")
+SPATIAL_NEAR_CAM = ("the {name} closest to me", "the nearest {name}", "the {name} closest to the camera")
+SPATIAL_NEAREST_OBJ = ("the object nearest to the camera", "whatever is closest to me", "the closest thing")
+SPATIAL_REL = (
+    "the {name} nearest the {ref}",
+    "the {name} closest to the {ref}",
+    "the {name} beside the {ref}",
+)
+SPATIAL_ON = ("the thing on the {ref}", "what is lying on the {ref}", "the object on top of the {ref}")
+SPATIAL_LEFT_OF = ("everything to the left of the {ref}", "the things left of the {ref}")
+SPATIAL_RIGHT_OF = ("everything to the right of the {ref}", "the things right of the {ref}")
+REGION_FITS = (
+    "a free spot on the table where the {name} fits",
+    "somewhere I could put down the {name}",
+    "an empty place on the table big enough for the {name}",
+    "free table space for the {name}",
+)
+REGION_EMPTY = (
+    "the free space on the table",
+    "the empty part of the table",
+    "where there is room on the table",
+)
+SAFE_KNIFE = (
+    "where can I safely put the {name}",
+    "a safe place to put the {name} down",
+    "where should the {name} go",
+)
+
+
+@dataclass
+class Request:
+    """A prompt and its answer. targets: object ids; region: radius in m of the thing that must fit (or 0)."""
+
+    prompt: str
+    family: str
+    template_id: str
+    template_split: str
+    targets: list[int]
+    negative: bool
+    answer_kind: str  # "object" | "region"
+    concept: str
+    region_radius_m: float | None = None
+    region_safe_margin_m: float = 0.0
+    ambiguous: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def template_split(phrase_key: str) -> str:
+    return "heldout" if zlib.crc32(phrase_key.encode()) % HELDOUT_EVERY == 0 else "train"
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _wrap(rng, wrappers, phrase: str, wkind: str) -> tuple[str, str]:
+    i = int(rng.integers(len(wrappers)))
+    text = wrappers[i].replace("{P}", _cap(phrase)).replace("{p}", phrase)
+    return _cap(text), f"{wkind}{i}"
+
+
+class PromptGenerator:
+    """Draws requests for a scene graph: one per family and a share of negatives, deterministically per rng."""
+
+    def __init__(
+        self,
+        *,
+        kb: KnowledgeBase,
+        category_sizes: dict[str, tuple[float, float]] | None = None,
+        negative_rate: float = 0.2,
+    ):
+        self.kb = kb
+        self.category_sizes = category_sizes or {}
+        self.negative_rate = negative_rate
+
+    def generate(self, graph: dict, rng: np.random.Generator, per_family: int = 1) -> list[Request]:
+        out: list[Request] = []
+        makers = {
+            "entities": self._entities,
+            "spatial": self._spatial,
+            "intent": lambda g, r, neg: self._concept(g, r, neg, "intent", "intents", INTENT_WRAPPERS, "i"),
+            "affordances": lambda g, r, neg: self._concept(
+                g, r, neg, "affordances", "affordances", NP_WRAPPERS, "n"
+            ),
+            "functions": lambda g, r, neg: self._concept(
+                g, r, neg, "functions", "functions", Q_WRAPPERS, "q"
+            ),
+            "safety": self._safety,
+            "physical": self._physical,
+        }
+        for fam in FAMILIES:
+            for _ in range(per_family):
+                neg = bool(rng.random() < self.negative_rate)
+                req = makers[fam](graph, rng, neg)
+                if req is not None:
+                    out.append(req)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _visible(self, g):
+        return [o for o in g["objects"] if o["pixel_area"] > 0]
+
+    def _make(self, rng, fam, key, phrase, wrappers, wkind, targets, neg, concept, **kw) -> Request:
+        text, wid = _wrap(rng, wrappers, phrase, wkind)
+        return Request(
+            prompt=text,
+            family=fam,
+            template_id=f"{key}.{wid}",
+            template_split=template_split(key),
+            targets=sorted(targets),
+            negative=neg,
+            answer_kind=kw.pop("answer_kind", "object"),
+            concept=concept,
+            **kw,
+        )
+
+    def _present_words(self, g) -> set[str]:
+        words = set()
+        for o in g["objects"]:
+            c = self.kb.categories[o["category"]]
+            words |= {c.name, c.plural, *c.synonyms}
+        return words
+
+    def _absent_category(self, g, rng) -> str | None:
+        """A category that is not in the scene and whose name no present object also answers to."""
+        present = {o["category"] for o in g["objects"]}
+        words = self._present_words(g)
+        absent = sorted(
+            k
+            for k, c in self.kb.categories.items()
+            if k not in present and c.name not in words and c.plural not in words
+        )
+        return absent[int(rng.integers(len(absent)))] if absent else None
+
+    # ------------------------------------------------------------------ families
+    def _entities(self, g, rng, neg):
+        objs = self._visible(g)
+        if neg or not objs:
+            cat = self._absent_category(g, rng)
+            if cat is None:
+                return None
+            c = self.kb.categories[cat]
+            i = int(rng.integers(2))  # "the X" / "the <synonym>"
+            syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
+            if syn in self._present_words(g):  # "the cup" is not absent when a mug is there
+                i = 0
+            fill = {"name": c.name, "syn": syn}
+            return self._make(
+                rng,
+                "entities",
+                f"entities.single.t{i}",
+                ENTITY_SINGLE[i].format(**fill),
+                NP_WRAPPERS,
+                "n",
+                [],
+                True,
+                cat,
+            )
+        o = objs[int(rng.integers(len(objs)))]
+        c = self.kb.categories[o["category"]]
+        same = [x for x in g["objects"] if x["category"] == o["category"]]
+        if len(same) > 1:
+            i = int(rng.integers(len(ENTITY_ALL)))
+            phrase = ENTITY_ALL[i].format(name=c.name, plural=c.plural)
+            return self._make(
+                rng,
+                "entities",
+                f"entities.all.t{i}",
+                phrase,
+                NP_WRAPPERS,
+                "n",
+                [x["id"] for x in same],
+                False,
+                o["category"],
+            )
+        i = int(rng.integers(len(ENTITY_SINGLE)))
+        syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
+        # a synonym shared with a category in the scene ("cup" for mug and coffee cup) would be ambiguous
+        if i == 1 and any(
+            syn in self.kb.categories[x["category"]].synonyms or syn == x["name"]
+            for x in g["objects"]
+            if x["category"] != o["category"]
+        ):
+            i = 0
+        phrase = ENTITY_SINGLE[i].format(name=c.name, syn=syn, colour=o["colour"], size=o["size"])
+        return self._make(
+            rng,
+            "entities",
+            f"entities.single.t{i}",
+            phrase,
+            NP_WRAPPERS,
+            "n",
+            [o["id"]],
+            False,
+            o["category"],
+        )
+
+    def _spatial(self, g, rng, neg):
+        objs = self._visible(g)
+        kinds = ["region", "nearest_obj", "rel", "side", "near_cam", "on", "left_right"]
+        kind = kinds[int(rng.integers(len(kinds)))]
+        by_cat: dict[str, list[dict]] = {}
+        for o in objs:
+            by_cat.setdefault(o["category"], []).append(o)
+        if neg:
+            # a relation to something that is not there
+            cat = self._absent_category(g, rng)
+            if cat is None or not objs:
+                return None
+            o = objs[int(rng.integers(len(objs)))]
+            i = int(rng.integers(len(SPATIAL_REL)))
+            phrase = SPATIAL_REL[i].format(name=self.kb.categories[cat].name, ref=o["name"])
+            return self._make(
+                rng, "spatial", f"spatial.rel.t{i}", phrase, NP_WRAPPERS, "n", [], True, "relation"
+            )
+        if kind == "region":
+            cat = sorted(self.kb.categories)[int(rng.integers(len(self.kb.categories)))]
+            if rng.random() < 0.5 and objs:
+                cat = objs[int(rng.integers(len(objs)))]["category"]
+            c = self.kb.categories[cat]
+            size = self._size_of(cat)
+            i = int(rng.integers(len(REGION_FITS)))
+            return self._make(
+                rng,
+                "spatial",
+                f"spatial.region_fits.t{i}",
+                REGION_FITS[i].format(name=c.name),
+                NP_WRAPPERS,
+                "n",
+                [],
+                False,
+                "free_space",
+                answer_kind="region",
+                region_radius_m=0.5 * math.hypot(size[0], size[1]) + 0.01,
+            )
+        if kind == "nearest_obj" and g["nearest_to_camera"] is not None:
+            dists = sorted(o["distance_to_camera"] for o in objs)
+            i = int(rng.integers(len(SPATIAL_NEAREST_OBJ)))
+            return self._make(
+                rng,
+                "spatial",
+                f"spatial.nearest_obj.t{i}",
+                SPATIAL_NEAREST_OBJ[i],
+                NP_WRAPPERS,
+                "n",
+                [g["nearest_to_camera"]],
+                False,
+                "nearest_camera",
+                ambiguous=len(dists) > 1 and dists[1] - dists[0] < 0.03,
+            )
+        if kind == "rel" and len(by_cat) >= 2:
+            refs = [c for c, v in by_cat.items() if len(v) == 1]
+            if refs:
+                ref = by_cat[refs[int(rng.integers(len(refs)))]][0]
+                cands = [c for c in by_cat if c != ref["category"]]
+                cat = cands[int(rng.integers(len(cands)))]
+                pr = np.array(ref["position_3d"][:2])
+                ds = sorted(
+                    (float(np.linalg.norm(np.array(o["position_3d"][:2]) - pr)), o["id"]) for o in by_cat[cat]
+                )
+                i = int(rng.integers(len(SPATIAL_REL)))
+                phrase = SPATIAL_REL[i].format(name=self.kb.categories[cat].name, ref=ref["name"])
+                return self._make(
+                    rng,
+                    "spatial",
+                    f"spatial.rel.t{i}",
+                    phrase,
+                    NP_WRAPPERS,
+                    "n",
+                    [ds[0][1]],
+                    False,
+                    "nearest_to_object",
+                    ambiguous=len(ds) > 1 and ds[1][0] - ds[0][0] < 0.05,
+                )
+        if kind == "side":
+            multi = [v for v in by_cat.values() if len(v) > 1]
+            if multi:
+                group = multi[int(rng.integers(len(multi)))]
+                side = "left" if rng.random() < 0.5 else "right"
+                xs = sorted((o["camera_xyz"][0], o["id"]) for o in group)
+                pick = xs[0] if side == "left" else xs[-1]
+                other = xs[1] if side == "left" else xs[-2]
+                i = int(rng.integers(len(SPATIAL_SIDE)))
+                phrase = SPATIAL_SIDE[i].format(name=group[0]["name"], side=side)
+                return self._make(
+                    rng,
+                    "spatial",
+                    f"spatial.side.t{i}",
+                    phrase,
+                    NP_WRAPPERS,
+                    "n",
+                    [pick[1]],
+                    False,
+                    f"{side}most",
+                    ambiguous=abs(pick[0] - other[0]) < 0.03,
+                )
+        if kind == "near_cam":
+            multi = [v for v in by_cat.values() if len(v) > 1]
+            if multi:
+                group = multi[int(rng.integers(len(multi)))]
+                ds = sorted((o["distance_to_camera"], o["id"]) for o in group)
+                i = int(rng.integers(len(SPATIAL_NEAR_CAM)))
+                phrase = SPATIAL_NEAR_CAM[i].format(name=group[0]["name"])
+                return self._make(
+                    rng,
+                    "spatial",
+                    f"spatial.near_cam.t{i}",
+                    phrase,
+                    NP_WRAPPERS,
+                    "n",
+                    [ds[0][1]],
+                    False,
+                    "nearest_camera",
+                    ambiguous=ds[1][0] - ds[0][0] < 0.04,
+                )
+        if kind == "on":
+            ons = [r for r in g["relations"] if r[1] == "on"]
+            if ons:
+                a, _, b = ons[int(rng.integers(len(ons)))]
+                sup = g["objects"][b]
+                if len(by_cat.get(sup["category"], [])) == 1:
+                    i = int(rng.integers(len(SPATIAL_ON)))
+                    return self._make(
+                        rng,
+                        "spatial",
+                        f"spatial.on.t{i}",
+                        SPATIAL_ON[i].format(ref=sup["name"]),
+                        NP_WRAPPERS,
+                        "n",
+                        [a],
+                        False,
+                        "on",
+                    )
+        if kind == "left_right" and len(by_cat) >= 3:
+            refs = [c for c, v in by_cat.items() if len(v) == 1]
+            if refs:
+                ref = by_cat[refs[int(rng.integers(len(refs)))]][0]
+                left = rng.random() < 0.5
+                rel = "left_of" if left else "right_of"
+                if left:
+                    tg = [r[0] for r in g["relations"] if r[1] == "left_of" and r[2] == ref["id"]]
+                else:
+                    tg = [r[2] for r in g["relations"] if r[1] == "left_of" and r[0] == ref["id"]]
+                tg = [t for t in tg if g["objects"][t]["pixel_area"] > 0]
+                if tg:
+                    tpl = SPATIAL_LEFT_OF if left else SPATIAL_RIGHT_OF
+                    i = int(rng.integers(len(tpl)))
+                    return self._make(
+                        rng,
+                        "spatial",
+                        f"spatial.{rel}.t{i}",
+                        tpl[i].format(ref=ref["name"]),
+                        NP_WRAPPERS,
+                        "n",
+                        tg,
+                        False,
+                        rel,
+                    )
+        # fallback that always works: free space on the table
+        i = int(rng.integers(len(REGION_EMPTY)))
+        return self._make(
+            rng,
+            "spatial",
+            f"spatial.region_empty.t{i}",
+            REGION_EMPTY[i],
+            NP_WRAPPERS,
+            "n",
+            [],
+            False,
+            "free_space",
+            answer_kind="region",
+            region_radius_m=0.04,
+        )
+
+    def _size_of(self, cat: str) -> tuple[float, float]:
+        return self.category_sizes.get(cat, (0.1, 0.1))
+
+    def _concept(self, g, rng, neg, fam, vocab_key, wrappers, wkind):
+        vocab = self.kb.vocab[vocab_key]
+        concepts = sorted(vocab)
+        # intents are keyed by function: an intent's answer is every object serving that function
+        present = {
+            c: [o["id"] for o in self._visible(g) if self.kb.categories[o["category"]].has(c)]
+            for c in concepts
+        }
+        pos_c = [c for c in concepts if present[c]]
+        neg_c = [
+            c for c in concepts if not any(self.kb.categories[o["category"]].has(c) for o in g["objects"])
+        ]
+        pool = neg_c if (neg and neg_c) or not pos_c else pos_c
+        if not pool:
+            return None
+        concept = pool[int(rng.integers(len(pool)))]
+        phrases = vocab[concept]
+        j = int(rng.integers(len(phrases)))
+        targets = present[concept]
+        is_neg = not targets
+        return self._make(
+            rng, fam, f"{fam}.{concept}.p{j}", phrases[j], wrappers, wkind, targets, is_neg, concept
+        )
+
+    def _safety(self, g, rng, neg):
+        objs = self._visible(g)
+        knives = [o for o in objs if o["category"] in ("kitchen_knife", "table_knife", "scissors")]
+        if knives and not neg and rng.random() < 0.35:
+            k = knives[int(rng.integers(len(knives)))]
+            holders = [o["id"] for o in objs if o["category"] in ("knife_stand", "chopping_board")]
+            i = int(rng.integers(len(SAFE_KNIFE)))
+            phrase = SAFE_KNIFE[i].format(name=k["name"])
+            if holders:  # the knife block or the board is the safe answer
+                return self._make(
+                    rng,
+                    "safety",
+                    f"safety.safe_place.t{i}",
+                    phrase,
+                    Q_WRAPPERS,
+                    "q",
+                    holders,
+                    False,
+                    "safe_place",
+                )
+            size = k["size_m"]
+            return self._make(
+                rng,
+                "safety",
+                f"safety.safe_place.t{i}",
+                phrase,
+                Q_WRAPPERS,
+                "q",
+                [],
+                False,
+                "safe_place",
+                answer_kind="region",
+                region_radius_m=0.5 * math.hypot(size[0], size[1]),
+                region_safe_margin_m=0.1,
+            )
+        hot = [o for o in objs if o["states"].get("hot")]
+        if hot and not neg and rng.random() < 0.3:
+            o = hot[int(rng.integers(len(hot)))]
+            same = [x for x in objs if x["category"] == o["category"]]
+            if len(same) == 1:
+                phr = (
+                    f"careful, the {o['name']} is hot; which one is it",
+                    f"the hot {o['name']}",
+                    f"the {o['name']} that was just used",
+                )
+                i = int(rng.integers(len(phr)))
+                return self._make(
+                    rng, "safety", f"safety.hot_state.t{i}", phr[i], Q_WRAPPERS, "q", [o["id"]], False, "hot"
+                )
+        return self._concept(g, rng, neg, "safety", "safety", Q_WRAPPERS, "q")
+
+    def _physical(self, g, rng, neg):
+        objs = self._visible(g)
+        vocab = self.kb.vocab["physical"]
+        superl = ("heaviest", "lightest", "tallest", "largest", "smallest")
+        if not neg and objs and rng.random() < 0.5:
+            concept = superl[int(rng.integers(len(superl)))]
+            key = {
+                "heaviest": lambda o: -o["mass_kg"],
+                "lightest": lambda o: o["mass_kg"],
+                "tallest": lambda o: -o["size_m"][2],
+                "largest": lambda o: -o["size_m"][0] * o["size_m"][1] * o["size_m"][2],
+                "smallest": lambda o: o["size_m"][0] * o["size_m"][1] * o["size_m"][2],
+            }[concept]
+            ranked = sorted(objs, key=key)
+            tie = len(ranked) > 1 and abs(key(ranked[0]) - key(ranked[1])) <= 0.1 * abs(key(ranked[0])) + 1e-9
+            j = int(rng.integers(len(vocab[concept])))
+            return self._make(
+                rng,
+                "physical",
+                f"physical.{concept}.p{j}",
+                vocab[concept][j],
+                NP_WRAPPERS,
+                "n",
+                [ranked[0]["id"]],
+                False,
+                concept,
+                ambiguous=tie,
+            )
+        flags = tuple(c for c in sorted(vocab) if c not in superl)
+        present = {c: [o["id"] for o in objs if self.kb.categories[o["category"]].has(c)] for c in flags}
+        absent = [c for c in flags if not any(self.kb.categories[o["category"]].has(c) for o in g["objects"])]
+        pool = absent if neg and absent else [c for c in flags if present[c]]
+        if not pool:
+            return None
+        concept = pool[int(rng.integers(len(pool)))]
+        j = int(rng.integers(len(vocab[concept])))
+        t = present[concept]
+        return self._make(
+            rng,
+            "physical",
+            f"physical.{concept}.p{j}",
+            vocab[concept][j],
+            NP_WRAPPERS,
+            "n",
+            t,
+            not t,
+            concept,
+        )

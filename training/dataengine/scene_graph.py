@@ -1,0 +1,239 @@
+"""Scene graph of a rendered frame: objects with attributes, 2D/3D positions, relations and free table space."""
+
+from __future__ import annotations
+
+import colorsys
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from .render import Frame
+from .scene import Layout, TabletopWorld
+
+GRID = 0.01  # metres per cell of the top-down free-space grid
+EDGE_MARGIN = 0.03  # keep region answers this far from the table edge
+LEFT_RIGHT_GAP = 0.03  # metres in camera x before "left of" holds
+FRONT_BEHIND_GAP = 0.05
+NEXT_TO_GAP = 0.08  # footprint gap under which two objects are "next to" each other
+
+
+def colour_name(rgb: np.ndarray) -> str:
+    """A basic colour word for an albedo in [0, 1]."""
+    h, s, v = colorsys.rgb_to_hsv(*(float(c) for c in rgb))
+    if v < 0.18:
+        return "black"
+    if s < 0.18:
+        return "white" if v > 0.75 else ("grey" if v > 0.35 else "black")
+    deg = h * 360
+    if (deg < 45 or deg >= 330) and v < 0.6 and s > 0.3:
+        return "brown"
+    if deg < 15 or deg >= 330:
+        return "red"
+    if deg < 45:
+        return "orange" if v > 0.6 else "brown"
+    if deg < 70:
+        return "yellow"
+    if deg < 170:
+        return "green"
+    if deg < 255:
+        return "blue"
+    if deg < 290:
+        return "purple"
+    return "pink"
+
+
+def size_word(size_m: np.ndarray) -> str:
+    m = float(np.max(size_m))
+    return "small" if m < 0.1 else ("medium" if m < 0.25 else "large")
+
+
+def _silhouette(world: TabletopWorld, placement, frame: Frame) -> np.ndarray | None:
+    """Unoccluded silhouette estimate: the 2D convex hull of the projected model vertices."""
+    a = world.assets[placement.model_index]
+    pos, rot = world.body_pose(placement)
+    verts = np.concatenate([p.verts for p in a.parts])
+    if len(verts) > 600:
+        verts = verts[:: len(verts) // 600 + 1]
+    pw = verts @ rot.T + pos
+    pc = (pw - frame.cam_pos) @ frame.cam_rot  # camera frame: x right, y down, z forward
+    pc = pc[pc[:, 2] > 1e-3]
+    if len(pc) < 3:
+        return None
+    uv = (pc[:, :2] / pc[:, 2:3]) * [frame.K[0, 0], frame.K[1, 1]] + [frame.K[0, 2], frame.K[1, 2]]
+    from scipy.spatial import ConvexHull, QhullError
+
+    try:
+        hull = ConvexHull(uv)
+    except QhullError:
+        return None
+    h, w = frame.instance.shape
+    img = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(img).polygon([tuple(p) for p in uv[hull.vertices]], fill=1)
+    return np.asarray(img, dtype=bool)
+
+
+def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, scene_id: str) -> dict:
+    """Everything prompts and the verifier need, JSON-serialisable (metres, pixels, degrees)."""
+    kb = world.kb
+    objects = []
+    for k, p in enumerate(layout.placements):
+        a = world.assets[p.model_index]
+        cat = kb.categories[a.category]
+        pos, rot = world.body_pose(p)
+        mask = frame.instance == k
+        area = int(mask.sum())
+        sil = _silhouette(world, p, frame)
+        sil_area = int(sil.sum()) if sil is not None else 0
+        visible_fraction = float(min(1.0, area / sil_area)) if sil_area > 0 else 0.0
+        if area:
+            ys, xs = np.nonzero(mask)
+            bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+            centroid = [float(xs.mean()), float(ys.mean())]
+        else:
+            bbox, centroid = None, None
+        centre = pos + rot @ np.array([0, 0, float(a.size_m[2]) / 2])
+        cam_xyz = (centre - frame.cam_pos) @ frame.cam_rot
+        yaw = math.atan2(rot[1, 0], rot[0, 0])
+        upright = float(rot[2, 2]) > 0.9
+        states = dict(p.states)
+        states.update({"sharp": "sharp" in cat.safety, "fragile": "fragile" in cat.safety})
+        objects.append(
+            {
+                "id": k,
+                "category": a.category,
+                "name": cat.name,
+                "model": a.key,
+                "source": a.source,
+                "colour": colour_name(a.colour_rgb),
+                "material": cat.material,
+                "size": size_word(a.size_m),
+                "size_m": [round(float(s), 4) for s in a.size_m],
+                "mass_kg": cat.mass_kg,
+                "states": states,
+                "position_3d": [round(float(c), 4) for c in pos],
+                "centre_3d": [round(float(c), 4) for c in centre],
+                "camera_xyz": [round(float(c), 4) for c in cam_xyz],
+                "distance_to_camera": round(float(np.linalg.norm(cam_xyz)), 4),
+                "yaw_deg": round(math.degrees(yaw), 2),
+                "upright": upright,
+                "bbox_2d": bbox,
+                "centroid_2d": centroid,
+                "pixel_area": area,
+                "visible_fraction": round(visible_fraction, 3),
+                "on": p.on,
+            }
+        )
+    relations = _relations(objects, layout, world)
+    visible = [o for o in objects if o["pixel_area"] > 0]
+    nearest = min(visible, key=lambda o: o["distance_to_camera"])["id"] if visible else None
+    grid, origin = free_space_grid(world, layout)
+    return {
+        "scene_id": scene_id,
+        "image_size": [frame.instance.shape[1], frame.instance.shape[0]],
+        "camera": {
+            "kind": layout.camera_kind,
+            "K": frame.K.round(4).tolist(),
+            "position": frame.cam_pos.round(4).tolist(),
+            "rotation_world_from_cv": frame.cam_rot.round(5).tolist(),
+            "fovy_deg": round(layout.fovy, 3),
+        },
+        "table": {
+            "size_m": [round(s, 4) for s in layout.table_size],
+            "finish": layout.table_finish,
+            "top_z": 0.0,
+            "free_fraction": round(float(grid.mean()), 4),
+            "largest_free_radius_m": round(float(ndimage.distance_transform_edt(grid).max() * GRID), 4),
+        },
+        "light": {"position": layout.light_pos.round(4).tolist(), "diffuse": round(layout.light_diffuse, 3)},
+        "objects": objects,
+        "relations": relations,
+        "nearest_to_camera": nearest,
+    }
+
+
+def _relations(objects: list[dict], layout: Layout, world: TabletopWorld) -> list[list]:
+    rel = []
+    for a in objects:
+        for b in objects:
+            if a["id"] == b["id"]:
+                continue
+            ax, bx = a["camera_xyz"][0], b["camera_xyz"][0]
+            if ax < bx - LEFT_RIGHT_GAP:
+                rel.append([a["id"], "left_of", b["id"]])
+            if a["distance_to_camera"] < b["distance_to_camera"] - FRONT_BEHIND_GAP:
+                rel.append([a["id"], "in_front_of", b["id"]])
+            pa, pb = np.array(a["position_3d"][:2]), np.array(b["position_3d"][:2])
+            ra = 0.5 * min(a["size_m"][0], a["size_m"][1])
+            rb = 0.5 * min(b["size_m"][0], b["size_m"][1])
+            if (
+                a["on"] is None
+                and b["on"] is None
+                and np.linalg.norm(pa - pb) - ra - rb < NEXT_TO_GAP
+                and a["id"] < b["id"]
+            ):
+                rel.append([a["id"], "next_to", b["id"]])
+                rel.append([b["id"], "next_to", a["id"]])
+        if a["on"] is not None:
+            sup = objects[a["on"]]
+            # verified after settling: still above the support's footprint and resting on its top
+            dz = a["position_3d"][2] - sup["position_3d"][2]
+            if 0 < dz < sup["size_m"][2] + 0.03:
+                rel.append([a["id"], "on", sup["id"]])
+    return rel
+
+
+def free_space_grid(world: TabletopWorld, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Top-down boolean grid (rows = y, cols = x) of free table cells, and its world origin (x0, y0)."""
+    w, d = layout.table_size
+    nx, ny = int(round(w / GRID)), int(round(d / GRID))
+    origin = np.array([-w / 2, -d / 2])
+    occ = Image.new("L", (nx, ny), 0)
+    draw = ImageDraw.Draw(occ)
+    for p in layout.placements:
+        a = world.assets[p.model_index]
+        pos, rot = world.body_pose(p)
+        if pos[2] < -0.05:
+            continue  # fell off the table
+        hw, hd = float(a.size_m[0]) / 2, float(a.size_m[1]) / 2
+        corners = np.array([[-hw, -hd, 0], [hw, -hd, 0], [hw, hd, 0], [-hw, hd, 0]]) @ rot.T + pos
+        cells = (corners[:, :2] - origin) / GRID
+        draw.polygon([tuple(c) for c in cells], fill=1)
+    free = ~np.asarray(occ, dtype=bool)
+    m = int(round(EDGE_MARGIN / GRID))
+    free[:m, :] = free[-m:, :] = False
+    free[:, :m] = free[:, -m:] = False
+    return free, origin
+
+
+def region_grid(free: np.ndarray, radius_m: float) -> np.ndarray:
+    """Cells covered by some disc of radius_m that lies entirely in free space (morphological opening)."""
+    r = radius_m / GRID
+    centres = ndimage.distance_transform_edt(free) >= r
+    if not centres.any():
+        return np.zeros_like(free)
+    return ndimage.distance_transform_edt(~centres) <= r
+
+
+def grid_to_image(grid: np.ndarray, origin: np.ndarray, frame: Frame) -> np.ndarray:
+    """Project a top-down table grid into the image through the visible table pixels (depth back-projection)."""
+    vs, us = np.nonzero(frame.table)
+    if len(us) == 0:
+        return np.zeros(frame.table.shape, dtype=bool)
+    z = frame.depth[vs, us]
+    x = (us + 0.5 - frame.K[0, 2]) / frame.K[0, 0] * z
+    y = (vs + 0.5 - frame.K[1, 2]) / frame.K[1, 1] * z
+    world = np.stack([x, y, z], 1) @ frame.cam_rot.T + frame.cam_pos
+    cells = np.floor((world[:, :2] - origin) / GRID).astype(np.int64)
+    ok = (
+        (cells[:, 0] >= 0)
+        & (cells[:, 0] < grid.shape[1])
+        & (cells[:, 1] >= 0)
+        & (cells[:, 1] < grid.shape[0])
+    )
+    hit = np.zeros(len(us), dtype=bool)
+    hit[ok] = grid[cells[ok, 1], cells[ok, 0]]
+    out = np.zeros(frame.table.shape, dtype=bool)
+    out[vs[hit], us[hit]] = True
+    return out
