@@ -18,21 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import DataEngineError
-from .pipeline import Engine, EngineConfig, shard_name, write_shard
-
-_ENGINE: Engine | None = None
-_PROGRESS = None
-
-
-def _init_worker(cfg: EngineConfig, asset_cache, progress_queue) -> None:
-    global _ENGINE, _PROGRESS
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _ENGINE = Engine(cfg, asset_cache=asset_cache)
-    _PROGRESS = progress_queue
-
-
-def _run_shard(out: str, shard: int, indices: list[int]) -> dict:
-    return write_shard(_ENGINE, Path(out), shard, indices, progress=lambda n: _PROGRESS.put(n))
+from .pipeline import Engine, EngineConfig, init_worker, run_shard, shard_name, write_shard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,9 +103,9 @@ def run(args: argparse.Namespace) -> dict:
         ctx = mp.get_context("spawn")  # a fresh GL context per worker; never fork one
         q = ctx.Queue()
         with ctx.Pool(
-            min(args.workers, len(todo)), initializer=_init_worker, initargs=(cfg, args.asset_cache, q)
+            min(args.workers, len(todo)), initializer=init_worker, initargs=(cfg, args.asset_cache, q)
         ) as pool:
-            pending = [pool.apply_async(_run_shard, (str(out), k, idx)) for k, idx in todo]
+            pending = [pool.apply_async(run_shard, (str(out), k, idx)) for k, idx in todo]
             while pending:
                 try:
                     bar.update(q.get(timeout=0.5))

@@ -209,3 +209,28 @@ def write_shard(engine: Engine, out: Path, shard: int, indices: list[int], progr
 
 def config_dict(cfg: EngineConfig) -> dict:
     return asdict(cfg)
+
+
+# Process-pool workers live here, not in __main__: spawned children re-import this module by name.
+_ENGINE: Engine | None = None
+_PROGRESS = None
+_INIT_ERROR: str | None = None
+
+
+def init_worker(cfg: EngineConfig, asset_cache, progress_queue) -> None:
+    # An exception escaping a pool initializer kills the worker and the pool respawns it forever; keep the
+    # error and raise it from the first task instead, so the run fails with the message.
+    global _ENGINE, _PROGRESS, _INIT_ERROR
+    _PROGRESS = progress_queue
+    try:
+        _ENGINE = Engine(cfg, asset_cache=asset_cache)
+    except Exception as exc:
+        _INIT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def run_shard(out: str, shard: int, indices: list[int]) -> dict:
+    if _INIT_ERROR is not None:
+        from .errors import DataEngineError
+
+        raise DataEngineError(f"a worker could not start: {_INIT_ERROR}")
+    return write_shard(_ENGINE, Path(out), shard, indices, progress=_PROGRESS.put)
