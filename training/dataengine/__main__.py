@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative-rate", type=float, default=0.2, help="share of requests whose answer is absent"
     )
     p.add_argument("--no-shadows", action="store_true", help="render without shadows (about 30 %% faster)")
+    p.add_argument(
+        "--shadow-size", type=int, default=1024, help="shadow map side in texels (smaller is faster)"
+    )
     p.add_argument("--no-depth", action="store_true", help="do not write depth PNGs")
     p.add_argument(
         "--asset-cache", type=Path, default=None, help="converted-asset cache (default .cache/assets)"
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
+    """Render what is missing under args.out and finalize; `engine` lets an in-process caller reuse one."""
     from tqdm import tqdm
 
     from .assets import build_asset_cache, manifest_markdown
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> dict:
         min_objects=args.min_objects,
         max_objects=args.max_objects,
         shadows=not args.no_shadows,
+        shadow_size=args.shadow_size,
         negative_rate=args.negative_rate,
         samples_per_family=args.samples_per_family,
         save_depth=not args.no_depth,
@@ -95,8 +100,11 @@ def run(args: argparse.Namespace) -> dict:
     done_scenes = args.scenes - sum(len(i) for _, i in todo)
     t0 = time.perf_counter()
     bar = tqdm(total=args.scenes, initial=done_scenes, unit="scene", disable=args.quiet, desc="dataengine")
-    if todo and args.workers == 0:
-        engine = Engine(cfg, asset_cache=args.asset_cache)
+    if todo and (args.workers == 0 or engine is not None):
+        if engine is None:
+            engine = Engine(cfg, asset_cache=args.asset_cache)
+        elif engine.config != cfg:
+            raise DataEngineError("the engine passed in was built with another configuration")
         for k, idx in todo:
             write_shard(engine, out, k, idx, progress=bar.update)
     elif todo:

@@ -226,6 +226,8 @@ class PromptGenerator:
         i = int(rng.integers(len(ENTITY_SINGLE)))
         syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
         # a synonym shared with a category in the scene ("cup" for mug and coffee cup) would be ambiguous
+        if i == 4 and o["size"] == "medium":  # "the medium stapler" is not how people talk
+            i = 0
         if i == 1 and any(
             syn in self.kb.categories[x["category"]].synonyms or syn == x["name"]
             for x in g["objects"]

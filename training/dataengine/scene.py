@@ -89,7 +89,7 @@ def _table_texture(kind: int, rng: np.random.Generator, size: int = 256) -> np.n
         plank = ((yy * 6).astype(int) % 2) * 0.06
         img = base[None, None] * (0.82 + 0.18 * grain[..., None] - plank[..., None] + 0.04 * noise[..., None])
     elif kind == 2:
-        img = np.array([0.9, 0.9, 0.88])[None, None] * (0.96 + 0.04 * noise[..., None])
+        img = np.array([0.74, 0.74, 0.72])[None, None] * (0.96 + 0.04 * noise[..., None])
     elif kind == 3:
         streak = np.repeat(rng.random((size, 1)), size, 1).astype(np.float32)
         img = np.array([0.62, 0.64, 0.66])[None, None] * (
@@ -98,7 +98,7 @@ def _table_texture(kind: int, rng: np.random.Generator, size: int = 256) -> np.n
     elif kind == 4:
         check = (((xx * 8).astype(int) + (yy * 8).astype(int)) % 2).astype(np.float32)
         red = np.array([0.75, 0.15, 0.15])
-        img = check[..., None] * red + (1 - check[..., None]) * np.array([0.95, 0.95, 0.92])
+        img = check[..., None] * red + (1 - check[..., None]) * np.array([0.82, 0.82, 0.79])
         img = img * (0.95 + 0.05 * noise[..., None])
     else:
         img = np.array([0.35, 0.55, 0.4])[None, None] * (0.9 + 0.1 * noise[..., None])

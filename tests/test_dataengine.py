@@ -1,0 +1,360 @@
+"""Data engine: determinism, masks vs scene graph, families and negatives, readable output, verifier, bad input.
+
+Renders a handful of 256 x 192 scenes with one engine per module (building it takes a few seconds).
+Skipped, with the reason, where the Debian package sweethome3d-furniture is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.dataengine import assets as assets_mod
+from training.dataengine.assets import furniture_available
+
+pytestmark = pytest.mark.skipif(
+    not furniture_available(),
+    reason="sweethome3d-furniture is not installed (apt-get install sweethome3d-furniture, see scripts/setup.sh)",
+)
+
+W, H = 256, 192
+SCENES = [0, 1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from training.dataengine.pipeline import Engine, EngineConfig
+
+    return Engine(EngineConfig(seed=7, width=W, height=H, shadow_size=512))
+
+
+@pytest.fixture(scope="module")
+def results(engine):
+    return [engine.render_scene(i) for i in SCENES]
+
+
+# ------------------------------------------------------------------------------------------- determinism
+def test_same_seed_same_scene_other_seed_other_scene(engine, results):
+    from training.dataengine.pipeline import Engine
+
+    again = engine.render_scene(SCENES[2])  # after other scenes: no state leaks between scenes
+    first = results[2]
+    assert np.array_equal(again.rgb, first.rgb)
+    assert np.array_equal(again.instance, first.instance)
+    assert again.graph == first.graph
+    assert [r for r, _ in again.samples] == [r for r, _ in first.samples]
+    other = Engine.__new__(Engine)  # same world, another dataset seed
+    other.__dict__.update(engine.__dict__)
+    from dataclasses import replace
+
+    other.config = replace(engine.config, seed=8)
+    diff = other.render_scene(SCENES[2])
+    assert [o["model"] for o in diff.graph["objects"]] != [
+        o["model"] for o in first.graph["objects"]
+    ] or not np.array_equal(diff.rgb, first.rgb)
+
+
+# ------------------------------------------------------------------------------------- scene graph vs masks
+def test_masks_agree_with_scene_graph(results):
+    for res in results:
+        g = res.graph
+        assert g["image_size"] == [W, H]
+        assert 3 <= len(g["objects"]) <= 12
+        assert res.instance.max() < len(g["objects"])
+        for o in g["objects"]:
+            m = res.instance == o["id"]
+            assert o["pixel_area"] == int(m.sum())
+            if o["pixel_area"]:
+                ys, xs = np.nonzero(m)
+                assert o["bbox_2d"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+                # the projected body origin lies near the object's pixels (camera model is consistent)
+                p = np.asarray(o["centre_3d"]) - np.asarray(g["camera"]["position"])
+                c = p @ np.asarray(g["camera"]["rotation_world_from_cv"])
+                K = np.asarray(g["camera"]["K"])
+                u, v = c[:2] / c[2] * K[0, 0] + K[:2, 2]
+                x0, y0, x1, y1 = o["bbox_2d"]
+                assert x0 - 25 <= u <= x1 + 25 and y0 - 25 <= v <= y1 + 25, o["name"]
+            assert 0.0 <= o["visible_fraction"] <= 1.0
+            assert o["size"] in ("small", "medium", "large")
+        for rec, mask in res.samples:
+            assert mask.shape == (H, W)
+            if rec["negative"]:
+                assert not mask.any() and rec["targets"] == []
+            elif rec["answer_kind"] == "object":
+                assert np.array_equal(mask, np.isin(res.instance, rec["targets"]))
+                assert rec["target_categories"] == [g["objects"][t]["category"] for t in rec["targets"]]
+            else:  # a region of free table: on the table, never on an object
+                assert mask.any() and not (mask & (res.instance >= 0)).any()
+        near = g["nearest_to_camera"]
+        vis = [o for o in g["objects"] if o["pixel_area"]]
+        assert near == min(vis, key=lambda o: o["distance_to_camera"])["id"]
+        for a, rel, b in g["relations"]:
+            if rel == "left_of":
+                assert g["objects"][a]["camera_xyz"][0] < g["objects"][b]["camera_xyz"][0]
+
+
+def test_settled_objects_rest_on_the_table_without_interpenetration(results):
+    for res in results:
+        assert res.graph["max_penetration_m"] < 0.005
+        for o in res.graph["objects"]:
+            assert o["position_3d"][2] > -0.02, o["name"]  # nothing fell off or through the table
+
+
+# --------------------------------------------------------------------------------------- families and kinds
+def test_every_family_negatives_regions_and_multi_targets_appear(results):
+    from training.dataengine.prompts import FAMILIES
+
+    recs = [r for res in results for r, _ in res.samples]
+    assert {r["family"] for r in recs} == set(FAMILIES)
+    assert any(r["negative"] for r in recs)
+    assert any(r["answer_kind"] == "region" for r in recs)
+    assert any(len(r["targets"]) > 1 for r in recs)
+    for r in recs:
+        assert r["template_split"] in ("train", "heldout")
+        assert r["template_id"].startswith(r["family"] + ".")
+        assert r["prompt"] and r["prompt"][0].isupper()
+
+
+def test_template_split_is_deterministic_and_holds_out_some_phrases_of_every_family():
+    from training.dataengine import prompts as P
+    from training.dataengine.knowledge import load_knowledge_base
+
+    kb = load_knowledge_base()
+    keys = {
+        "entities": [f"entities.single.t{i}" for i in range(len(P.ENTITY_SINGLE))]
+        + [f"entities.all.t{i}" for i in range(len(P.ENTITY_ALL))]
+    }
+    keys["spatial"] = [
+        f"spatial.{k}.t{i}"
+        for k, tpl in (
+            ("rel", P.SPATIAL_REL),
+            ("side", P.SPATIAL_SIDE),
+            ("region_fits", P.REGION_FITS),
+            ("near_cam", P.SPATIAL_NEAR_CAM),
+            ("on", P.SPATIAL_ON),
+        )
+        for i in range(len(tpl))
+    ]
+    for fam, vk in (
+        ("intent", "intents"),
+        ("affordances", "affordances"),
+        ("functions", "functions"),
+        ("safety", "safety"),
+        ("physical", "physical"),
+    ):
+        keys[fam] = [f"{fam}.{c}.p{j}" for c, ph in kb.vocab[vk].items() for j in range(len(ph))]
+    for fam, ks in keys.items():
+        splits = [P.template_split(k) for k in ks]
+        assert splits == [P.template_split(k) for k in ks]
+        assert "heldout" in splits and "train" in splits, fam
+
+
+# ------------------------------------------------------------------------------------ output and the reader
+def read_dataset(root: Path) -> list[dict]:
+    """A tiny reader of the output contract (docs/ARCHITECTURE.md): jsonl + PNGs."""
+    index = json.loads((root / "index.json").read_text())
+    out = []
+    for shard in index["shards"]:
+        sd = root / shard
+        assert (sd / "DONE").is_file()
+        for line in (sd / "samples.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            rec["rgb"] = np.asarray(Image.open(sd / rec["image"]))
+            rec["mask"] = np.asarray(Image.open(sd / rec["mask_merged"]))
+            rec["graph"] = json.loads((sd / rec["scene_graph"]).read_text())
+            out.append(rec)
+    return out
+
+
+def _args(out: Path, scenes: int):
+    from training.dataengine.__main__ import build_parser
+
+    return build_parser().parse_args(
+        [
+            "--out",
+            str(out),
+            "--scenes",
+            str(scenes),
+            "--seed",
+            "7",
+            "--workers",
+            "0",
+            "--shard-size",
+            "2",
+            "--width",
+            str(W),
+            "--height",
+            str(H),
+            "--shadow-size",
+            "512",
+            "--quiet",
+        ]
+    )
+
+
+def test_cli_output_is_readable_resumable_and_in_converseg_format(engine, tmp_path):
+    from training.dataengine.__main__ import run
+
+    out = tmp_path / "de"
+    index = run(_args(out, 3), engine=engine)
+    assert index["scenes"] == 3 and index["shards"] == ["shard-00000", "shard-00001"]
+    recs = read_dataset(out)
+    assert len(recs) == index["samples"] > 0
+    assert sum(index["counts_per_family"].values()) == len(recs)
+    for r in recs:
+        for key in (
+            "image",
+            "mask_merged",
+            "prompt",
+            "family",
+            "template_id",
+            "targets",
+            "negative",
+            "answer_kind",
+            "scene_id",
+            "sample_id",
+            "template_split",
+        ):
+            assert key in r, key
+        assert r["rgb"].shape == (H, W, 3) and r["rgb"].dtype == np.uint8
+        assert r["mask"].shape == (H, W) and set(np.unique(r["mask"])) <= {0, 255}
+        assert r["graph"]["scene_id"] == r["scene_id"]
+        assert bool(r["mask"].any()) == (not r["negative"])
+    items = json.loads((out / "items.json").read_text())
+    assert items["count"] == len(items["items"]) == len(recs)
+    it = items["items"][0]
+    assert (
+        {"id", "image", "mask", "prompt"} <= set(it)
+        and (out / it["image"]).is_file()
+        and (out / it["mask"]).is_file()
+    )
+    lines = (out / "dataset.jsonl").read_text().splitlines()
+    assert len(lines) == len(recs) and (out / json.loads(lines[0])["mask_merged"]).is_file()
+
+    # same run again: every shard is DONE and skipped, outputs identical
+    before = (out / "dataset.jsonl").read_bytes()
+    shard_mtime = (out / "shard-00000" / "samples.jsonl").stat().st_mtime_ns
+    run(_args(out, 3), engine=engine)
+    assert (out / "dataset.jsonl").read_bytes() == before
+    assert (out / "shard-00000" / "samples.jsonl").stat().st_mtime_ns == shard_mtime
+
+    # a crashed shard (no DONE) and a stale temp folder are redone, not trusted
+    (out / "shard-00001" / "DONE").unlink()
+    (out / ".shard-00001.tmp-999").mkdir()
+    run(_args(out, 3), engine=engine)
+    assert (out / "shard-00001" / "DONE").is_file()
+    assert (out / "dataset.jsonl").read_bytes() == before
+
+
+def test_gallery_writes_a_contact_sheet(engine, tmp_path):
+    from training.dataengine.__main__ import run
+    from training.dataengine.gallery import main as gallery_main
+
+    out = tmp_path / "de"
+    run(_args(out, 1), engine=engine)
+    assert (
+        gallery_main(["--data", str(out), "--out", str(tmp_path / "sheet.jpg"), "--n", "4", "--cols", "2"])
+        == 0
+    )
+    sheet = Image.open(tmp_path / "sheet.jpg")
+    assert sheet.size[0] > 2 * 200 and sheet.size[1] > 2 * 150
+
+
+# ------------------------------------------------------------------------------------------------ verifier
+class _Req:
+    def __init__(self, targets, negative=False, answer_kind="object", ambiguous=False):
+        self.targets, self.negative, self.answer_kind, self.ambiguous = (
+            targets,
+            negative,
+            answer_kind,
+            ambiguous,
+        )
+
+
+def _graph(area=500, visible=0.9):
+    return {
+        "objects": [
+            {"id": 0, "pixel_area": area, "visible_fraction": visible},
+            {"id": 1, "pixel_area": 800, "visible_fraction": 1.0},
+        ]
+    }
+
+
+def test_verifier_rejects_what_it_should():
+    from training.dataengine.verifier import Verifier
+
+    inst = -np.ones((20, 30), dtype=np.int32)
+    inst[2:10, 2:10] = 0
+    inst[12:18, 12:28] = 1
+    m0 = inst == 0
+    empty = np.zeros_like(m0)
+    v = Verifier()
+    assert v.check(_Req([0]), m0, _graph(), inst) is None
+    assert v.check(_Req([0]), m0, _graph(area=40), inst) == "target_too_small"
+    assert v.check(_Req([0]), m0, _graph(visible=0.1), inst) == "target_occluded"
+    assert v.check(_Req([0], ambiguous=True), m0, _graph(), inst) == "ambiguous"
+    assert v.check(_Req([0]), empty, _graph(), inst) == "empty_mask"
+    assert v.check(_Req([], negative=True), m0, _graph(), inst) == "negative_not_empty"
+    assert v.check(_Req([], negative=True), empty, _graph(), inst) is None
+    assert v.check(_Req([0]), inst >= 0, _graph(), inst) == "mask_mismatch"
+    small_region = np.zeros_like(m0)
+    small_region[0, :5] = True
+    assert v.check(_Req([], answer_kind="region"), small_region, _graph(), inst) == "region_too_small"
+    assert v.counts["kept"] == 2 and sum(v.counts.values()) == 9
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_unknown_category_is_named_at_start_up():
+    from training.dataengine.errors import KnowledgeBaseError
+    from training.dataengine.knowledge import load_knowledge_base
+
+    kb = set(load_knowledge_base().categories)
+    catalog = assets_mod.load_asset_catalog()
+    catalog["flux_capacitor"] = catalog["mug"]
+    with pytest.raises(KnowledgeBaseError, match="flux_capacitor"):
+        assets_mod.check_sources(catalog, kb)
+    with pytest.raises(KnowledgeBaseError, match="mug"):
+        assets_mod.check_sources({k: v for k, v in catalog.items() if k not in ("mug", "flux_capacitor")}, kb)
+
+
+def test_knowledge_base_entry_missing_a_field_is_named(tmp_path):
+    from training.dataengine.errors import KnowledgeBaseError
+    from training.dataengine.knowledge import KNOWLEDGE_BASE, load_knowledge_base
+
+    raw = json.loads(KNOWLEDGE_BASE.read_text())
+    del raw["categories"]["teapot"]["safety"]
+    bad = tmp_path / "kb.json"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(KnowledgeBaseError, match="teapot.*safety"):
+        load_knowledge_base(bad)
+
+
+def test_missing_model_is_named_at_start_up():
+    from training.dataengine.errors import AssetError
+
+    catalog = {"mug": [{"lib": "KatorLegaz", "model": "/katorlegaz/no-such-mug/no-such-mug.obj"}]}
+    with pytest.raises(AssetError, match="no-such-mug"):
+        assets_mod.check_sources(catalog)
+    with pytest.raises(AssetError, match="NoSuchLibrary"):
+        assets_mod.check_sources({"mug": [{"lib": "NoSuchLibrary", "model": "/x/x.obj"}]})
+
+
+def test_broken_mesh_is_named(tmp_path):
+    from training.dataengine.errors import AssetError
+
+    lib = tmp_path / "Broken.sh3f"
+    with zipfile.ZipFile(lib, "w") as z:
+        z.writestr(
+            "PluginFurnitureCatalog.properties",
+            "id#1=x\nname#1=Bad mug\nmodel#1=/broken/mug/mug.obj\nwidth#1=8\ndepth#1=8\nheight#1=10\n",
+        )
+        z.writestr("broken/mug/mug.obj", "v 0 0 0\nv 0 0 0\nv 0 0 0\nf 1 2 3\n")
+    with zipfile.ZipFile(lib) as z:
+        entry = assets_mod.parse_furniture_catalog(z.read("PluginFurnitureCatalog.properties").decode())
+        with pytest.raises(AssetError, match="mug__0"):
+            assets_mod.convert_model(z, entry["/broken/mug/mug.obj"], "mug__0")
