@@ -1,0 +1,407 @@
+"""Per-stage latency and peak memory of the runtime, per backend, variant and input size.
+
+    python bench/bench_runtime.py                                  # edge + MobileSAM, 512 and 1024, torch + ORT
+    python bench/bench_runtime.py --variants converseg_edge --sizes 512 --repeats 30 --rounds 3
+    python bench/bench_runtime.py --backends onnxruntime tensorrt --trt-dir out/trt_edge --sizes 512
+
+Each (backend, variant, size) runs in its own fresh process, so its peak RSS is its own and the ONNX Runtime
+and TensorRT processes are torch-free, as on the robot (the child records any torch module it finds). Stages,
+timed one by one on a 640x480 frame and one query: pre-process, image encoder, text encoder, decoder,
+post-process (upsample to the frame, threshold, box); then, timed as wholes, "new frame" (pre-process + image
+encoder + decoder + post-process, query cached) and "new query" (text encoder + decoder + post-process,
+frame cached). Medians over --repeats runs after a warm-up, pooled over --rounds rounds that interleave all
+configurations, so slow drift of a shared machine hits every configuration alike. Weights are random: the
+speed does not depend on them. ONNX graphs are exported (with the parity check) into --work once and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a source checkout
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+STAGES = ("preprocess", "image_encoder", "text_encoder", "decoder", "postprocess", "new_frame", "new_query")
+QUERY = "where can I safely put the knife down?"
+FRAME_SHAPE = (480, 640, 3)
+WARMUP = 3
+
+
+# --- child: one configuration, fresh process ---------------------------------------------------------------
+
+
+def _median_ms(fn, repeats: int) -> list[float]:
+    for _ in range(WARMUP):  # allocations, lazy initialisation, first-run kernel selection
+        fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1e3)
+    return samples
+
+
+def run_child(
+    backend_name: str, variant: str, size: int, path: str | None, repeats: int, threads: int
+) -> dict:
+    import numpy as np
+
+    rss_start = _rss_mb()
+    started = time.perf_counter()
+    if backend_name == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        from converseg_core.backends.torch_backend import TorchBackend
+        from converseg_core.build import build_model
+
+        torch.manual_seed(0)
+        backend = TorchBackend(build_model(variant, img_size=size).eval())
+    elif backend_name == "onnxruntime":
+        from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend.from_dir(path, num_threads=threads)
+    else:
+        from converseg_core.backends.tensorrt_backend import TensorRTBackend
+
+        backend = TensorRTBackend.from_dir(path)
+    from converseg_core.processing import mask_box, preprocess, upsample_logits
+    from converseg_core.segmenter import Segmenter
+
+    # The runtime as the robot holds it: backend + tokenizer inside a Segmenter.
+    segmenter = Segmenter(backend)
+    load_s = time.perf_counter() - started
+    rss_loaded = _rss_mb()
+    cfg = backend.config
+    frame = np.random.default_rng(0).integers(0, 255, size=FRAME_SHAPE, dtype=np.uint8)
+    tokens = segmenter.tokenizer.encode([QUERY], cfg.max_query_tokens)
+    ids, mask = tokens.input_ids, tokens.attention_mask
+
+    def pre():
+        return preprocess(frame, img_size=cfg.img_size, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+
+    def post(low, p):
+        logits = upsample_logits(
+            low, img_size=cfg.img_size, input_size=p.input_size, original_size=p.original_size
+        )
+        m = logits[0] > cfg.mask_threshold
+        return mask_box(m)
+
+    p = pre()
+    embedding = backend.encode_image(p.tensor)
+    text = backend.encode_text(ids, mask)
+    low, _, _ = backend.decode(embedding, text, mask)
+
+    def new_frame():
+        q = pre()
+        e = backend.encode_image(q.tensor)
+        post(backend.decode(e, text, mask)[0], q)
+
+    def new_query():
+        t = backend.encode_text(ids, mask)
+        post(backend.decode(embedding, t, mask)[0], p)
+
+    samples = {
+        "preprocess": _median_ms(pre, repeats),
+        "image_encoder": _median_ms(lambda: backend.encode_image(p.tensor), repeats),
+        "text_encoder": _median_ms(lambda: backend.encode_text(ids, mask), repeats),
+        "decoder": _median_ms(lambda: backend.decode(embedding, text, mask), repeats),
+        "postprocess": _median_ms(lambda: post(low, p), repeats),
+        "new_frame": _median_ms(new_frame, repeats),
+        "new_query": _median_ms(new_query, repeats),
+    }
+    banned = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+    return {
+        "backend": backend_name,
+        "variant": variant,
+        "size": size,
+        "device": getattr(backend, "providers", None) or ("cpu" if backend_name == "torch" else "gpu"),
+        "threads": threads,
+        "load_s": load_s,
+        "rss_start_mb": rss_start,
+        "rss_loaded_mb": rss_loaded,
+        "rss_peak_mb": _peak_rss_mb(),
+        "torch_modules_loaded": len(banned),
+        "samples_ms": samples,
+    }
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS. Not ru_maxrss: Linux carries the parent's peak across fork + exec
+    into it, so a child of a torch process would report torch's memory."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# --- parent: export once, run every configuration in fresh processes, aggregate -----------------------------
+
+
+def ensure_export(variant: str, size: int, work: Path, threads: int) -> Path:
+    from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME
+
+    out = work / f"onnx_{variant}_{size}"
+    if (out / MANIFEST_NAME).is_file():
+        return out
+    import torch
+
+    from converseg_core.build import build_model
+    from export.export_onnx import export_model
+
+    torch.manual_seed(0)
+    print(f"[bench] exporting {variant} at {size} to {out} (once)", flush=True)
+    export_model(
+        build_model(variant, img_size=size),
+        out,
+        source={"model": variant, "bench": True},
+        num_threads=threads,
+    )
+    return out
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def aggregate(runs: list[dict]) -> dict[tuple[str, str, int], dict]:
+    pooled: dict[tuple[str, str, int], dict] = {}
+    for run in runs:
+        key = (run["backend"], run["variant"], run["size"])
+        entry = pooled.setdefault(
+            key, {**run, "samples_ms": {s: [] for s in STAGES}, "rss_peak_mb": 0.0, "rss_loaded_mb": 0.0}
+        )
+        for stage in STAGES:
+            entry["samples_ms"][stage] += run["samples_ms"][stage]
+        entry["rss_peak_mb"] = max(entry["rss_peak_mb"], run["rss_peak_mb"])
+        entry["rss_loaded_mb"] = max(entry["rss_loaded_mb"], run["rss_loaded_mb"])
+        entry["torch_modules_loaded"] = max(entry.get("torch_modules_loaded", 0), run["torch_modules_loaded"])
+    for entry in pooled.values():
+        entry["median_ms"] = {s: statistics.median(v) for s, v in entry["samples_ms"].items()}
+    return pooled
+
+
+def targets(pooled: dict) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets, from this run's medians: (target, measured, met or None when not measured)."""
+    rows = []
+
+    def get(backend, variant, size, stage):
+        entry = pooled.get((backend, variant, size))
+        return None if entry is None else entry["median_ms"][stage]
+
+    torch_frame, ort_frame = (
+        get("torch", "converseg_edge", 512, "new_frame"),
+        get("onnxruntime", "converseg_edge", 512, "new_frame"),
+    )
+    if torch_frame and ort_frame:
+        ratio = torch_frame / ort_frame
+        rows.append(
+            (
+                "edge, new frame at 512: ONNX Runtime >= 3x faster than PyTorch eager",
+                f"{ratio:.2f}x ({torch_frame:.1f} -> {ort_frame:.1f} ms)",
+                ratio >= 3,
+            )
+        )
+    else:
+        rows.append(
+            ("edge, new frame at 512: ONNX Runtime >= 3x faster than PyTorch eager", "not measured", None)
+        )
+    edge_enc, mobile_enc = (
+        get("onnxruntime", "converseg_edge", 512, "image_encoder"),
+        get("onnxruntime", "converseg_mobilesam", 512, "image_encoder"),
+    )
+    if edge_enc and mobile_enc:
+        ratio = mobile_enc / edge_enc
+        rows.append(
+            (
+                "edge image encoder >= 5x faster than MobileSAM TinyViT (ORT, 512)",
+                f"{ratio:.2f}x ({mobile_enc:.1f} vs {edge_enc:.1f} ms)",
+                ratio >= 5,
+            )
+        )
+    else:
+        rows.append(
+            ("edge image encoder >= 5x faster than MobileSAM TinyViT (ORT, 512)", "not measured", None)
+        )
+    query = get("onnxruntime", "converseg_edge", 512, "new_query")
+    rows.append(
+        (
+            "edge, new query on a cached frame (ORT, 512) <= 25 ms",
+            "not measured" if query is None else f"{query:.1f} ms",
+            None if query is None else query <= 25,
+        )
+    )
+    entry = pooled.get(("onnxruntime", "converseg_edge", 512))
+    if entry:
+        rows.append(
+            (
+                "torch-free runtime, default model loaded: RSS <= 400 MB",
+                f"{entry['rss_loaded_mb']:.0f} MB after load, {entry['rss_peak_mb']:.0f} MB peak, torch modules: {entry['torch_modules_loaded']}",
+                entry["rss_peak_mb"] <= 400 and entry["torch_modules_loaded"] == 0,
+            )
+        )
+    return rows
+
+
+def to_markdown(pooled: dict, command: str, args, started: str, load: str) -> str:
+    lines = [
+        "# Runtime benchmarks: export/ backends",
+        "",
+        f"- Machine: {machine_description()}. {load}",
+        f"- Date (UTC): {started}",
+        f"- Command: `{command}`",
+        f"- Medians in ms over {args.repeats} runs x {args.rounds} interleaved rounds per configuration, after 3 warm-up runs; "
+        f"{args.threads} CPU threads for PyTorch and ONNX Runtime; random weights (speed does not depend on them); "
+        "640x480 frame, one query of "
+        f"{len(QUERY.split())} words.",
+        "- new frame = pre-process + image encoder + decoder + post-process (query cached); new query = text encoder + "
+        "decoder + post-process (frame cached). Both timed as a whole, not summed.",
+        "- RSS: each configuration runs in a fresh process; peak = VmHWM of that process (load + all runs).",
+        "",
+        "| backend | variant | size | pre | image enc. | text enc. | decoder | post | new frame | new query | RSS loaded / peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (backend, variant, size), e in sorted(pooled.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        m = e["median_ms"]
+        lines.append(
+            f"| {backend} | {variant} | {size} | "
+            + " | ".join(f"{m[s]:.1f}" for s in STAGES)
+            + f" | {e['rss_loaded_mb']:.0f} / {e['rss_peak_mb']:.0f} |"
+        )
+    lines += ["", "## Targets (issue 5), from this run", "", "| target | measured | met |", "|---|---|---|"]
+    for target, measured, met in targets(pooled):
+        lines.append(f"| {target} | {measured} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=["converseg_edge", "converseg_mobilesam"], help="registered variants"
+    )
+    parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="img_size values")
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, default=["torch", "onnxruntime"], help="backends to run"
+    )
+    parser.add_argument(
+        "--trt-dir", type=Path, default=None, help="TensorRT engine folder (one variant and size)"
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per stage per round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all configurations")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="CPU threads (torch, ONNX Runtime)"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "out" / "bench", help="exported graphs and raw results"
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the report here (e.g. docs/benchmarks/export.md)",
+    )
+    parser.add_argument(
+        "--child", nargs=4, metavar=("BACKEND", "VARIANT", "SIZE", "PATH"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+
+    if args.child:
+        backend, variant, size, path = args.child
+        result = run_child(
+            backend, variant, int(size), None if path == "-" else path, args.repeats, args.threads
+        )
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
+    args.work.mkdir(parents=True, exist_ok=True)
+    configs = []
+    for variant in args.variants:
+        for size in args.sizes:
+            for backend in args.backends:
+                if backend == "onnxruntime":
+                    path = str(ensure_export(variant, size, args.work, args.threads))
+                elif backend == "tensorrt":
+                    if args.trt_dir is None:
+                        print("[bench] tensorrt skipped: no --trt-dir", file=sys.stderr)
+                        continue
+                    path = str(args.trt_dir)
+                else:
+                    path = "-"
+                configs.append((backend, variant, size, path))
+    runs = []
+    for round_index in range(args.rounds):
+        for backend, variant, size, path in configs:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                backend,
+                variant,
+                str(size),
+                path,
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(
+                    f"[bench] {backend} {variant} {size} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
+                    file=sys.stderr,
+                )
+                return 1
+            run = json.loads(lines[-1][len("RESULT ") :])
+            runs.append(run)
+            medians = {s: round(statistics.median(v), 1) for s, v in run["samples_ms"].items()}
+            print(
+                f"[bench] round {round_index + 1}: {backend} {variant} {size}: {medians}, peak RSS {run['rss_peak_mb']:.0f} MB",
+                flush=True,
+            )
+    load_after = os.getloadavg()
+    load = (
+        f"Shared machine: 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after the run "
+        f"(other jobs were running, so absolute times are inflated and noisy; compare ratios within this run)."
+    )
+    (args.work / "results.json").write_text(json.dumps(runs, indent=1))
+    pooled = aggregate(runs)
+    command = "python bench/bench_runtime.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = to_markdown(pooled, command, args, started, load)
+    print(report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
