@@ -62,9 +62,16 @@ def test_data_engine_needs_index_unless_partial(tmp_path):
 def test_jsonl_and_items_json(tmp_path):
     _write_pair(tmp_path, "a")
     line = {"image": "a.png", "mask_merged": "a_mask.png", "prompt": "the red box"}
-    (tmp_path / "data.jsonl").write_text(json.dumps(line) + "\n\n")
+    (tmp_path / "data.jsonl").write_text(
+        json.dumps(line) + "\n\n" + json.dumps({**line, "template_split": "train"})
+    )
     (tmp_path / "items.json").write_text(json.dumps({"items": [line, {**line, "prompt": "the box"}]}))
-    assert [r.prompt for r in read_records(tmp_path / "data.jsonl")] == ["the red box"]
+    recs = read_records(tmp_path / "data.jsonl")
+    assert [r.prompt for r in recs] == ["the red box"] * 2
+    assert [r.template_split for r in recs] == [
+        None,
+        "seen",
+    ]  # the data engine's "train" phrasings are "seen"
     recs = read_records(tmp_path / "items.json")
     assert len(recs) == 2 and recs[1].mask == tmp_path / "a_mask.png"
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "prompt": "x"}\n')
@@ -136,13 +143,27 @@ def test_item_is_preprocessed_like_the_runtime(toy):
     raw = np.asarray(Image.open(recs[0].image).convert("RGB"))
     ref = preprocess(raw, img_size=64, pixel_mean=CFG.pixel_mean, pixel_std=CFG.pixel_std)
     assert torch.equal(item["image"], torch.from_numpy(ref.tensor[0]))
-    assert item["mask_low"].shape == (1, CFG.low_res_size, CFG.low_res_size)
-    assert item["mask_full"].shape == (1, 64, 64)
+    assert item["mask_low"].shape == (1, 1, CFG.low_res_size, CFG.low_res_size)
+    assert item["mask_full"].shape == (1, 1, 64, 64)
     assert item["valid_hw"] == ref.input_size == (48, 64)
-    assert item["mask_full"][0, 48:].sum() == 0  # padding is background
-    assert item["presence"] == 1.0
+    assert item["mask_full"][0, 0, 48:].sum() == 0  # padding is background
+    assert item["presence"].tolist() == [1.0] and item["prompt"] == [recs[0].prompt]
     neg = next(i for i, r in enumerate(recs) if r.negative)
-    assert ds[neg]["presence"] == 0.0 and ds[neg]["mask_low"].sum() == 0
+    assert ds[neg]["presence"].tolist() == [0.0] and ds[neg]["mask_low"].sum() == 0
+
+
+def test_several_queries_per_image_share_one_image(toy):
+    recs = read_records(toy)
+    ds = ConverSegDataset(recs, CFG, queries_per_image=3, augment_cfg=AugmentConfig(flip_prob=1.0))
+    assert len(ds) == 6  # one item per scene
+    batch = collate([ds[(0, 0)], ds[(1, 0)]])
+    assert batch["image"].shape == (2, 3, 64, 64)
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch["mask_low"].shape == (6, 1, 16, 16) and len(batch["prompt"]) == 6
+    assert all(recs[i].image == recs[batch["index"][0]].image for i in batch["index"][:3])
+    # flipped: every request about the image is mirrored consistently
+    assert batch["prompt"] == [swap_left_right(recs[i].prompt) for i in batch["index"]]
+    assert ds[(0, 0)]["index"] == ds[(0, 0)]["index"]  # same draw, same requests
 
 
 def test_flip_swaps_left_and_right():
@@ -156,7 +177,7 @@ def test_flip_swaps_left_and_right():
     mask = np.zeros((4, 6), bool)
     mask[:, 0] = True
     cfg = AugmentConfig(crop_prob=0, flip_prob=1, brightness=0, contrast=0, saturation=0)
-    _, m2, p2 = augment(np.random.default_rng(0), img, mask, "the thing on the left", cfg)
+    _, (m2,), (p2,) = augment(np.random.default_rng(0), img, [mask], ["the thing on the left"], cfg)
     assert m2[:, -1].all() and not m2[:, 0].any() and p2 == "the thing on the right"
 
 
@@ -167,7 +188,7 @@ def test_crop_keeps_the_target():
     mask[40:48, 50:58] = True
     cfg = AugmentConfig(crop_prob=1, min_crop=0.5, flip_prob=0)
     for _ in range(20):
-        i2, m2, _ = augment(rng, img, mask, "x", cfg)
+        i2, (m2,), _ = augment(rng, img, [mask], ["x"], cfg)
         assert m2.shape == i2.shape[:2] and m2.sum() >= 0.9 * mask.sum()
 
 
@@ -185,6 +206,10 @@ def test_bad_samples_are_counted_or_raised(tmp_path):
     recs = read_records(tmp_path / "d.jsonl")
     batch = collate([ConverSegDataset(recs, CFG)[i] for i in range(4)])
     assert batch["num_skipped"] == 3 and batch["image"].shape[0] == 1
+    # grouped by image: the bad masks of ok.png are dropped and counted, the good request stays
+    grouped = ConverSegDataset(recs, CFG, queries_per_image=4)
+    batch = collate([grouped[i] for i in range(len(grouped))])
+    assert batch["prompt"] == ["fine"] and batch["num_skipped"] == 3
     strict = ConverSegDataset(recs, CFG, on_bad="error")
     with pytest.raises(SampleError, match="differs from image"):
         strict[2]

@@ -201,3 +201,22 @@ def test_ddp_two_cpu_processes(toy, tmp_path):
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert result["step"] == 2 and result["ranks_in_sync"] is True
     assert (out / "model.pt").is_file()
+
+
+def test_reproduce_default_plan(tmp_path, capsys):
+    from training.reproduce_default import main
+
+    assert main(["--out", str(tmp_path), "--scale", "smoke", "--teacher-steps", "7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    stages = [line[2:] for line in out.splitlines() if line.startswith("# ")]
+    assert stages == [
+        "data-train",
+        "data-test",
+        "teacher",
+        "distill",
+        "finetune",
+        "eval-teacher",
+        "eval-student",
+    ]
+    assert "--model converseg_mobilesam" in out and "--steps 7" in out
+    assert ":image_encoder" in out and "--student converseg_edge" in out

@@ -58,21 +58,23 @@ class AugmentConfig:
 
 
 def random_crop_box(
-    rng: np.random.Generator, h: int, w: int, cfg: AugmentConfig, target: np.ndarray | None
+    rng: np.random.Generator, h: int, w: int, cfg: AugmentConfig, targets: list[np.ndarray]
 ) -> tuple[int, int, int, int] | None:
-    """Return a (top, left, height, width) zoom-in crop, or None to keep the full frame."""
+    """Return a (top, left, height, width) zoom-in crop that keeps min_target_kept of every target, or None
+    to keep the full frame."""
     if cfg.crop_prob <= 0 or rng.random() >= cfg.crop_prob:
         return None
-    total = int(np.count_nonzero(target)) if target is not None else 0
+    totals = [int(np.count_nonzero(t)) for t in targets]
     for _ in range(10):
         f = rng.uniform(cfg.min_crop, 1.0)
         ch, cw = max(1, int(round(h * f))), max(1, int(round(w * f)))
         top = int(rng.integers(0, h - ch + 1))
         left = int(rng.integers(0, w - cw + 1))
-        if total == 0:
-            return top, left, ch, cw
-        kept = np.count_nonzero(target[top : top + ch, left : left + cw])
-        if kept >= cfg.min_target_kept * total:
+        if all(
+            np.count_nonzero(t[top : top + ch, left : left + cw]) >= cfg.min_target_kept * n
+            for t, n in zip(targets, totals, strict=True)
+            if n
+        ):
             return top, left, ch, cw
     return None
 
@@ -102,24 +104,23 @@ def color_jitter(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig
 def augment(
     rng: np.random.Generator,
     image: np.ndarray,
-    mask: np.ndarray | None,
-    prompt: str,
+    masks: list[np.ndarray],
+    prompts: list[str],
     cfg: AugmentConfig,
-) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Augment one sample. image: H x W x 3 uint8; mask: H x W bool (or None for unlabeled images)."""
+) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """Augment one image and every request about it the same way.
+
+    image: H x W x 3 uint8; masks: H x W bool targets (may be empty: unlabeled images); prompts: requests.
+    """
     h, w = image.shape[:2]
-    box = random_crop_box(rng, h, w, cfg, mask)
+    box = random_crop_box(rng, h, w, cfg, masks)
     if box is not None:
         top, left, ch, cw = box
         image = image[top : top + ch, left : left + cw]
-        if mask is not None:
-            mask = mask[top : top + ch, left : left + cw]
+        masks = [m[top : top + ch, left : left + cw] for m in masks]
     if cfg.flip_prob > 0 and rng.random() < cfg.flip_prob:
         image = image[:, ::-1]
-        if mask is not None:
-            mask = mask[:, ::-1]
-        prompt = swap_left_right(prompt)
+        masks = [m[:, ::-1] for m in masks]
+        prompts = [swap_left_right(p) for p in prompts]
     image = color_jitter(rng, image, cfg)
-    if mask is not None:
-        mask = np.ascontiguousarray(mask)
-    return np.ascontiguousarray(image), mask, prompt
+    return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in masks], list(prompts)

@@ -76,6 +76,8 @@ def _record_from_json(obj: dict, base: Path, where: str) -> Record:
     if mask_rel is None and not negative:
         raise DatasetError(f"{where}: no `mask_merged` and not marked negative")
     split = obj.get("template_split")
+    if split == "train":  # the data engine's name for phrasings that training may use
+        split = "seen"
     if split is None and "heldout_template" in obj:
         split = "heldout" if obj["heldout_template"] else "seen"
     return Record(
@@ -343,12 +345,15 @@ def resize_mask_padded(mask: np.ndarray, img_size: int) -> np.ndarray:
 class ConverSegDataset(torch.utils.data.Dataset):
     """Records -> tensors for training/validation.
 
-    An item (index or (index, seed) so augmentation is reproducible and resumable) is a dict:
-      image: 3 x S x S float32, normalized and padded as at runtime; mask_low: 1 x L x L float32 soft target
-      (L = 4 * S / 16, area-averaged); mask_full: 1 x S x S float32 in {0, 1} (when full_res); presence: float
-      (0 for negatives); prompt: str (left/right swapped if flipped); valid_hw: (h, w) of the unpadded image
-      inside S x S; index: int.
-    A bad sample raises SampleError, or (on_bad="skip") returns None; `collate` drops and counts those.
+    With queries_per_image=0 an item is one record; with K > 0 an item is one image with up to K of its
+    requests (drawn at random per epoch), so the image encoder runs once for K queries. An item is keyed by an
+    index or (index, draw) so augmentation is reproducible and resumable. It is a dict:
+      image: 3 x S x S float32, normalized and padded as at runtime; valid_hw: (h, w) of the image inside S x S;
+      mask_low: k x 1 x L x L float32 soft targets (L = 4 * S / 16, area-averaged from the padded mask);
+      mask_full: k x 1 x S x S float32 in {0, 1} (when full_res); presence: k floats (0 for negatives);
+      prompt: k requests (left/right swapped if flipped); index: k record indices; num_bad: dropped requests.
+    A bad image raises SampleError, or (on_bad="skip") gives None; a bad mask drops its request (num_bad).
+    `collate` counts both.
     """
 
     def __init__(
@@ -360,6 +365,7 @@ class ConverSegDataset(torch.utils.data.Dataset):
         full_res: bool = False,
         on_bad: str = "skip",
         seed: int = 0,
+        queries_per_image: int = 0,
     ) -> None:
         if not records:
             raise DatasetError("the dataset is empty (no samples)")
@@ -374,60 +380,93 @@ class ConverSegDataset(torch.utils.data.Dataset):
         self.full_res = full_res
         self.on_bad = on_bad
         self.seed = seed
+        self.queries_per_image = queries_per_image
+        if queries_per_image > 0:
+            groups: dict[Path, list[int]] = {}
+            for i, r in enumerate(self.records):
+                groups.setdefault(r.image, []).append(i)
+            self.groups = list(groups.values())
+        else:
+            self.groups = [[i] for i in range(len(self.records))]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.groups)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         index, draw = key if isinstance(key, tuple) else (key, 0)
-        record = self.records[index]
+        members = self.groups[index]
+        rng = np.random.default_rng([self.seed, index, draw])
+        if 0 < self.queries_per_image < len(members):
+            members = sorted(rng.choice(members, self.queries_per_image, replace=False).tolist())
         try:
-            return self._load(index, record, draw)
+            return self._load(members, rng)
         except SampleError as exc:
             if self.on_bad == "error":
                 raise
-            log.warning("skipping sample %d: %s", index, exc)
+            log.warning("skipping image %s: %s", self.records[members[0]].image, exc)
             return None
 
-    def _load(self, index: int, record: Record, draw: int) -> dict:
-        image = load_rgb(record.image)
+    def _load(self, members: list[int], rng: np.random.Generator) -> dict | None:
+        image = load_rgb(self.records[members[0]].image)
         h, w = image.shape[:2]
-        mask = load_mask(record, h, w)
-        prompt = record.prompt
+        kept, masks, bad = [], [], 0
+        for i in members:
+            try:
+                masks.append(load_mask(self.records[i], h, w))
+                kept.append(i)
+            except SampleError as exc:
+                if self.on_bad == "error":
+                    raise
+                log.warning("skipping sample %d: %s", i, exc)
+                bad += 1
+        if not kept:
+            raise SampleError(
+                f"{self.records[members[0]].image}: no readable target among its {bad} request(s)"
+            )
+        prompts = [self.records[i].prompt for i in kept]
         if self.augment_cfg is not None:
-            rng = np.random.default_rng([self.seed, index, draw])
-            image, mask, prompt = augment(rng, image, mask, prompt, self.augment_cfg)
-            if not record.negative and not mask.any():  # cannot happen with min_target_kept > 0; guard anyway
-                raise SampleError(f"{record.image}: augmentation removed the whole target")
+            image, masks, prompts = augment(rng, image, masks, prompts, self.augment_cfg)
         x = preprocess(
             image, img_size=self.img_size, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std
         ).tensor
-        full = resize_mask_padded(mask, self.img_size)
+        full = np.stack([resize_mask_padded(m, self.img_size) for m in masks])
         f = self.img_size // self.low_res
-        low = full.reshape(self.low_res, f, self.low_res, f).mean(axis=(1, 3))
+        low = full.reshape(len(kept), self.low_res, f, self.low_res, f).mean(axis=(2, 4))
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(x[0])),
-            "mask_low": torch.from_numpy(low)[None],
-            "presence": torch.tensor(0.0 if record.negative else 1.0),
-            "prompt": prompt,
             "valid_hw": resized_shape(*image.shape[:2], self.img_size),
-            "index": index,
+            "mask_low": torch.from_numpy(low)[:, None],
+            "presence": torch.tensor([0.0 if self.records[i].negative else 1.0 for i in kept]),
+            "prompt": prompts,
+            "index": kept,
+            "num_bad": bad,
         }
         if self.full_res:
-            item["mask_full"] = torch.from_numpy((full >= 0.5).astype(np.float32))[None]
+            item["mask_full"] = torch.from_numpy((full >= 0.5).astype(np.float32))[:, None]
         return item
 
 
-def collate(items: list[dict | None]) -> dict | None:
-    """Stack items, dropping skipped (None) ones; `num_skipped` counts them. None if all were skipped."""
+PER_QUERY_KEYS = ("mask_low", "mask_full", "presence", "prompt", "index")
+
+
+def collate(items: list[dict | None]) -> dict:
+    """Batch items: images stacked (B), per-query fields concatenated (Q) with image_index (Q) pointing at
+    their image. Skipped items (None) and dropped requests are counted in num_skipped; `empty` when nothing is
+    left."""
     kept = [it for it in items if it is not None]
-    skipped = len(items) - len(kept)
+    skipped = len(items) - len(kept) + sum(it["num_bad"] for it in kept)
     if not kept:
         return {"num_skipped": skipped, "empty": True}
     out: dict[str, Any] = {"num_skipped": skipped, "empty": False}
-    for key in kept[0]:
-        vals = [it[key] for it in kept]
-        out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    out["image"] = torch.stack([it["image"] for it in kept])
+    out["valid_hw"] = [it["valid_hw"] for it in kept]
+    out["image_index"] = torch.tensor([b for b, it in enumerate(kept) for _ in it["index"]])
+    for key in PER_QUERY_KEYS:
+        if key in kept[0]:
+            vals = [it[key] for it in kept]
+            out[key] = (
+                torch.cat(vals) if isinstance(vals[0], torch.Tensor) else [v for vs in vals for v in vs]
+            )
     return out
 
 
@@ -553,13 +592,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return None
         if self.augment_cfg is not None:
             rng = np.random.default_rng([self.seed, index, draw])
-            image, _, _ = augment(rng, image, None, "", self.augment_cfg)
+            image, _, _ = augment(rng, image, [], [], self.augment_cfg)
         c = self.config
         item: dict[str, Any] = {"index": index}
         for i, size in enumerate(self.sizes):
             x = preprocess(image, img_size=size, pixel_mean=c.pixel_mean, pixel_std=c.pixel_std).tensor
             item[f"image_{i}"] = torch.from_numpy(np.ascontiguousarray(x[0]))
         return item
+
+
+def collate_images(items: list[dict | None]) -> dict:
+    """Batch ImageFolderDataset items; unreadable images (None) are counted in num_skipped."""
+    kept = [it for it in items if it is not None]
+    out: dict[str, Any] = {"num_skipped": len(items) - len(kept), "empty": not kept}
+    if kept:
+        for key in kept[0]:
+            vals = [it[key] for it in kept]
+            out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
 
 
 class StepSampler(torch.utils.data.Sampler):

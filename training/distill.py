@@ -35,7 +35,7 @@ from converseg_core.build import build_model
 from converseg_core.checkpoint import load_checkpoint, load_official_weights, load_state_into, save_checkpoint
 
 from .augment import AugmentConfig
-from .datasets import ImageFolderDataset, StepSampler, collate, list_images
+from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
 from .losses import distill_loss
 from .train import add_dataclass_args, arg, parse_overrides, plain, setup_distributed
 
@@ -175,7 +175,7 @@ def distill(cfg: DistillConfig) -> dict:
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.num_workers,
-        collate_fn=collate,
+        collate_fn=collate_images,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )

@@ -99,7 +99,11 @@ class TrainConfig:
         help="freeze the language projection (fusion.text_proj); it trains by default as it starts random",
     )
     steps: int = arg(2000, help="optimizer steps")
-    batch_size: int = arg(8, help="samples per micro-batch per process")
+    batch_size: int = arg(8, help="images per micro-batch per process")
+    queries_per_image: int = arg(
+        4,
+        help="requests per image in a batch (the image encoder runs once for all of them); 0: one sample per item",
+    )
     grad_accum: int = arg(1, help="micro-batches per optimizer step")
     lr: float = arg(3e-4, help="peak learning rate (fusion, decoder)")
     image_encoder_lr: float | None = arg(None, help="peak learning rate of the image encoder (default: --lr)")
@@ -220,7 +224,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def load_parts(model: nn.Module, spec: str) -> list[str]:
     """Load `PATH[:part,part]` from a ConverSeg checkpoint into `model` (shape-checked)."""
-    path, _, parts_s = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    path, _, parts_s = spec.rpartition(":") if not Path(spec).exists() else (spec, "", "")
     parts = tuple(p for p in parts_s.split(",") if p) or MODEL_PARTS
     bad = sorted(set(parts) - set(MODEL_PARTS))
     if bad:
@@ -248,13 +252,20 @@ class TrainStep(nn.Module):
         self.model = model
         self.train_image_encoder = train_image_encoder
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(
+        self,
+        images: torch.Tensor,
+        image_index: torch.Tensor,
+        text: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ):
+        """images: B x 3 x S x S; image_index: Q (which image each query asks about); text: Q x T x 384."""
         if self.train_image_encoder:
             emb = self.model.encode_image(images)
         else:
             with torch.no_grad():
                 emb = self.model.encode_image(images)
-        out = self.model.decode(emb, text, attention_mask)
+        out = self.model.decode(emb[image_index], text, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
 
@@ -342,7 +353,7 @@ def validate(
             continue
         text, am = cache.lookup(batch["prompt"], device)
         emb = model.encode_image(batch["image"].to(device))
-        out = model.decode(emb, text, am)
+        out = model.decode(emb[batch["image_index"].to(device)], text, am)
         logits = F.interpolate(
             out.low_res_logits.float(), size=cfg.img_size, mode="bilinear", align_corners=False
         )
@@ -350,13 +361,14 @@ def validate(
         pred = (logits[:, 0] > cfg.mask_threshold).cpu().numpy()
         target = batch["mask_full"][:, 0].numpy() > 0.5
         for j, idx in enumerate(batch["index"]):
-            h, w = batch["valid_hw"][j]
+            b = int(batch["image_index"][j])
+            h, w = batch["valid_hw"][b]
             rec = dataset.records[idx]
             p, t = pred[j, :h, :w] & bool(present[j]), target[j, :h, :w]
             res = SampleResult(int((p & t).sum()), int((p | t).sum()), rec.negative, bool(p.any()))
             acc.add(res, family=rec.family, template_split=rec.template_split)
             if len(panels) < num_panels:
-                img = (batch["image"][j] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()[:h, :w]
+                img = (batch["image"][b] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()[:h, :w]
                 cap = f"{batch['prompt'][j]} | IoU {res.iou:.2f} presence {out.presence_logits[j].sigmoid():.2f}"
                 panels.append(make_panel(img, t, p, cap))
     return acc, panels, skipped
@@ -426,7 +438,14 @@ def train(cfg: TrainConfig) -> dict:
 
     cache = build_text_cache(model, [train_recs, val_recs], cfg, d, [not cfg.no_augment, False])
     aug = None if cfg.no_augment else AugmentConfig()
-    train_ds = ConverSegDataset(train_recs, model.config, augment_cfg=aug, on_bad=cfg.on_bad, seed=cfg.seed)
+    train_ds = ConverSegDataset(
+        train_recs,
+        model.config,
+        augment_cfg=aug,
+        on_bad=cfg.on_bad,
+        seed=cfg.seed,
+        queries_per_image=cfg.queries_per_image,
+    )
     val_ds = ConverSegDataset(val_recs, model.config, full_res=True, on_bad=cfg.on_bad) if val_recs else None
     sampler = StepSampler(
         len(train_ds),
@@ -525,6 +544,7 @@ def train(cfg: TrainConfig) -> dict:
         return res
 
     set_train_mode(model, cfg)
+    start_step, t_start = step, time.perf_counter()
     while step < cfg.steps:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, cfg)
@@ -547,8 +567,9 @@ def train(cfg: TrainConfig) -> dict:
                     target = batch["mask_low"].to(device, non_blocking=True)
                     presence_t = batch["presence"].to(device)
                     text, am = cache.lookup(batch["prompt"], device)
+                    image_index = batch["image_index"].to(device)
                     with autocast():
-                        logits, iou_pred, presence = stepper(images, text, am)
+                        logits, iou_pred, presence = stepper(images, image_index, text, am)
                     out = converseg_loss(
                         logits,
                         target,
@@ -623,7 +644,15 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step, last_val)
 
-    result = {"step": step, "val": last_val, "skipped_samples": skipped_total, "nan_steps": nan_total}
+    seconds = time.perf_counter() - t_start
+    result = {
+        "step": step,
+        "val": last_val,
+        "skipped_samples": skipped_total,
+        "nan_steps": nan_total,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, step - start_step), 3),
+    }
     if d.world > 1:
         # A cheap end-of-run check that DDP kept every process's weights identical.
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).cpu()

