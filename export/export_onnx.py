@@ -179,6 +179,29 @@ def export_graph(
         )
 
 
+def consolidate_external_data(path: Path) -> list[str]:
+    """Past 2 GB the exporter writes one file per weight next to the graph (hundreds for SAM ViT-H); gather
+    them into a single `<graph>.onnx.data` so the folder can be copied and checked. Returns its name(s)."""
+    header = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in header.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    if not locations:
+        return []
+    target = f"{path.name}.data"
+    if locations == {target}:
+        return [target]
+    model = onnx.load(str(path))  # reads every loose file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=target)
+    for name in locations - {target}:
+        (path.parent / name).unlink(missing_ok=True)
+    return [target]
+
+
 def simplify_graph(path: Path) -> tuple[bool, str]:
     """Simplify in place with onnxsim. Returns (simplified, note); on failure the graph is left as exported."""
     try:
@@ -280,6 +303,7 @@ def export_stage(
     path = out / spec.file
     started = time.perf_counter()
     export_graph(module, args, spec, path, opset)
+    external = consolidate_external_data(path)
     simplified, note = simplify_graph(path) if simplify else (False, "--no-simplify")
     if simplify and not simplified:
         log.warning("%s: not simplified (%s); keeping the exported graph", path.name, note)
@@ -287,7 +311,12 @@ def export_stage(
     check_graph(path, spec, opset)
     seconds = time.perf_counter() - started
     log.info("%s: exported in %.1f s, simplify: %s", path.name, seconds, note)
-    return {"simplified": simplified, "simplify_note": note, "seconds": round(seconds, 2)}
+    return {
+        "simplified": simplified,
+        "simplify_note": note,
+        "external_data": external,
+        "seconds": round(seconds, 2),
+    }
 
 
 def _rel_error(got: np.ndarray, want: np.ndarray) -> float:

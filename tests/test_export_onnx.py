@@ -219,3 +219,41 @@ def test_export_cli_fails_loudly_when_parity_is_missed(tmp_path):
     assert not (out / MANIFEST_NAME).exists()  # no runtime can load a failed export
     failed = json.loads((out / "manifest.failed.json").read_text())
     assert failed["parity"]["passed"] is False
+
+
+def test_loose_external_weights_are_gathered_into_one_file(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.export_onnx import consolidate_external_data
+
+    weights = [numpy_helper.from_array(np.full((64, 64), i, dtype=np.float32), f"w{i}") for i in range(3)]
+    nodes = [
+        helper.make_node("MatMul", ["x" if i == 0 else f"y{i - 1}", f"w{i}"], [f"y{i}"]) for i in range(3)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 64])],
+        initializer=weights,
+    )
+    path = tmp_path / "image_encoder.onnx"
+    # What the exporter does past 2 GB: one file per weight next to the graph.
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    assert len(list(tmp_path.iterdir())) == 4
+    assert consolidate_external_data(path) == ["image_encoder.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image_encoder.onnx", "image_encoder.onnx.data"]
+    onnx.checker.check_model(str(path))
+    import onnxruntime as ort
+
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.ones((1, 64), np.float32)}
+    )
+    np.testing.assert_allclose(y, np.zeros((1, 64)))  # w0 is all zeros
+    assert consolidate_external_data(path) == ["image_encoder.onnx.data"]  # idempotent
