@@ -20,48 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ROS_PACKAGE_DIR = REPO / "converseg_ros"  # holds the converseg_ros Python package
-PROFILE = ROS_PACKAGE_DIR / "converseg_ros" / "resources" / "fastdds_shm.xml"
+from converseg_ros.loopback import fenced, loopback_env, unshare_works
 
-
-def _unshare_works() -> bool:
-    ip = shutil.which("ip") or "/usr/sbin/ip"
-    if not shutil.which("unshare") or not os.path.exists(ip):
-        return False
-    try:
-        done = subprocess.run(
-            ["unshare", "-rn", ip, "link", "set", "lo", "up"], capture_output=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-UNSHARE = _unshare_works()
-
-
-def fenced(cmd: list[str]) -> list[str]:
-    """``cmd`` inside a fresh network namespace with only loopback up (when the kernel allows it)."""
-    if not UNSHARE:
-        return cmd
-    ip = shutil.which("ip") or "/usr/sbin/ip"
-    return ["unshare", "-rn", "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh", *cmd]
+UNSHARE = unshare_works()
 
 
 def ros_env(domain_id: int, log_dir: str | Path) -> dict[str, str]:
-    """The environment every ROS process started by tests, benchmarks and demos gets."""
-    env = dict(os.environ)
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"  # forced, not setdefault: see the module docstring
-    env.pop("ROS_STATIC_PEERS", None)
-    env["ROS_DOMAIN_ID"] = str(domain_id)
-    env["ROS_LOG_DIR"] = str(log_dir)
-    env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROS_PACKAGE_DIR), str(REPO), env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep
-    )
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    """The environment every ROS process started by the tests gets (see converseg_ros.loopback)."""
+    env = loopback_env(domain_id, log_dir)
+    env.setdefault("OMP_NUM_THREADS", "1")  # a 2-core machine shared with other jobs
     return env
 
 
