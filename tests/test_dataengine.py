@@ -90,6 +90,10 @@ def test_masks_agree_with_scene_graph(results):
                 assert rec["target_categories"] == [g["objects"][t]["category"] for t in rec["targets"]]
             else:  # a region of free table: on the table, never on an object
                 assert mask.any() and not (mask & (res.instance >= 0)).any()
+        tw, td = g["table"]["size_m"]
+        for reg in g["table"]["free_regions"]:  # empty discs lie on the table
+            x, y = reg["centre_xy"]
+            assert abs(x) + reg["radius_m"] <= tw / 2 + 1e-6 and abs(y) + reg["radius_m"] <= td / 2 + 1e-6
         near = g["nearest_to_camera"]
         vis = [o for o in g["objects"] if o["pixel_area"]]
         assert near == min(vis, key=lambda o: o["distance_to_camera"])["id"]

@@ -88,8 +88,12 @@ class Engine:
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
         scene_id = f"s{cfg.seed:04d}_{index:07d}"
         layout = sample_layout(rng, self.world, min_objects=cfg.min_objects, max_objects=cfg.max_objects)
-        self.world.apply(layout)
-        penetration = self.world.settle(cfg.settle_steps)
+        for _ in range(3):  # drop what fell or interpenetrates, then settle the rest again
+            self.world.apply(layout)
+            penetration, bad = self.world.settle(cfg.settle_steps)
+            if not bad or len(layout.placements) - len(bad) < 1:
+                break
+            layout = layout.without(bad)
         frame = self.renderer.render()
         graph = build_scene_graph(self.world, layout, frame, scene_id=scene_id)
         graph["max_penetration_m"] = round(penetration, 5)

@@ -9,6 +9,7 @@ in minutes possible on two CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from .knowledge import KnowledgeBase
 
 TABLE_HEIGHT = 0.75  # table top at z = 0, floor at -TABLE_HEIGHT
 VISIBLE_GROUP, HULL_GROUP, HIDDEN_GROUP = 0, 3, 4
+MAX_PENETRATION = 0.005  # metres; deeper contacts after settling drop an object and settle again
 SUPPORTS = ("tray", "chopping_board", "plate", "book", "kitchen_scale")
 TABLE_FINISHES = (
     "light wood",
@@ -58,6 +60,34 @@ class Layout:
     light_pos: np.ndarray
     light_diffuse: float
     ambient: float
+
+    def without(self, drop: set[int]) -> Layout:
+        """The same scene less some placements (and whatever rested on them), `on` indices remapped."""
+        drop = set(drop)
+        changed = True
+        while changed:  # what stood on a dropped support goes too
+            changed = False
+            for k, p in enumerate(self.placements):
+                if k not in drop and p.on is not None and p.on in drop:
+                    drop.add(k)
+                    changed = True
+        keep = [k for k in range(len(self.placements)) if k not in drop]
+        new_index = {old: new for new, old in enumerate(keep)}
+        placements = []
+        for k in keep:
+            p = self.placements[k]
+            placements.append(
+                Placement(
+                    p.model_index,
+                    p.copy,
+                    p.x,
+                    p.y,
+                    p.yaw,
+                    None if p.on is None else new_index[p.on],
+                    dict(p.states),
+                )
+            )
+        return dataclasses.replace(self, placements=placements)
 
 
 def _obb_corners(x, y, yaw, w, d):
@@ -359,20 +389,27 @@ class TabletopWorld:
         m.geom_conaffinity[h] = 1
         del a
 
-    def settle(self, steps: int = 60) -> float:
-        """Let objects come to rest; returns the deepest object-object penetration in metres (>= 0)."""
+    def settle(self, steps: int = 60) -> tuple[float, set[int]]:
+        """Let objects come to rest. Returns the deepest object-object penetration in metres (>= 0) and
+        the placements to drop: fallen off the table, or the later one of a pair interpenetrating > 5 mm."""
         m, d = self.model, self.data
         for _ in range(steps):
             mujoco.mj_step(m, d)
         d.qvel[:] = 0
         mujoco.mj_forward(m, d)
-        worst = 0.0
-        hulls = set(self.pool_hull.ravel().tolist())
+        hull_to_placement = {int(self.pool_hull[p.model_index, p.copy]): k for k, p in enumerate(self.active)}
+        worst, bad = 0.0, set()
         for k in range(d.ncon):
             con = d.contact[k]
-            if con.geom1 in hulls and con.geom2 in hulls:
+            a, b = hull_to_placement.get(int(con.geom1)), hull_to_placement.get(int(con.geom2))
+            if a is not None and b is not None:
                 worst = max(worst, -float(con.dist))
-        return worst
+                if -con.dist > MAX_PENETRATION:
+                    bad.add(max(a, b))
+        for k, p in enumerate(self.active):
+            if self.body_pose(p)[0][2] < -0.02:  # fell off (or through) the table
+                bad.add(k)
+        return worst, bad
 
     def body_pose(self, p: Placement) -> tuple[np.ndarray, np.ndarray]:
         """World position (3,) and rotation matrix (3, 3) of a placed object's body."""

@@ -145,6 +145,7 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
             "top_z": 0.0,
             "free_fraction": round(float(grid.mean()), 4),
             "largest_free_radius_m": round(float(ndimage.distance_transform_edt(grid).max() * GRID), 4),
+            "free_regions": free_regions(grid, origin),
         },
         "light": {"position": layout.light_pos.round(4).tolist(), "diffuse": round(layout.light_diffuse, 3)},
         "objects": objects,
@@ -205,6 +206,23 @@ def free_space_grid(world: TabletopWorld, layout: Layout) -> tuple[np.ndarray, n
     free[:m, :] = free[-m:, :] = False
     free[:, :m] = free[:, -m:] = False
     return free, origin
+
+
+def free_regions(free: np.ndarray, origin: np.ndarray, k: int = 3, min_radius_m: float = 0.03) -> list[dict]:
+    """Up to k largest empty discs on the table, greedily (each one blocks its own area): centre in world
+    metres, radius in metres."""
+    dist = ndimage.distance_transform_edt(free)
+    out = []
+    yy, xx = np.mgrid[0 : free.shape[0], 0 : free.shape[1]]
+    for _ in range(k):
+        iy, ix = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        r = float(dist[iy, ix])
+        if r * GRID < min_radius_m:
+            break
+        centre = origin + (np.array([ix, iy]) + 0.5) * GRID
+        out.append({"centre_xy": [round(float(c), 4) for c in centre], "radius_m": round(r * GRID, 4)})
+        dist[(yy - iy) ** 2 + (xx - ix) ** 2 <= (2 * r) ** 2] = 0
+    return out
 
 
 def region_grid(free: np.ndarray, radius_m: float) -> np.ndarray:
