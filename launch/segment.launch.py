@@ -13,6 +13,7 @@ from converseg_ros.launch_plan import make_plan
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import EnvironmentVariable
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchDescription
 
@@ -98,6 +99,11 @@ ARGUMENTS = [
 ]
 
 
+def _typed(parameters):
+    # ParameterValue with an explicit type: launch_ros would otherwise YAML-parse strings ("" -> null, "123" -> int).
+    return {name: ParameterValue(value, value_type=type(value)) for name, value in parameters.items()}
+
+
 def _nodes(context, *_args, **_kwargs):
     # Same resolution as converseg-ros-launch: types, validation, demo:=auto, camera remapping.
     plan = make_plan({arg.name: context.launch_configurations[arg.name] for arg in ARGUMENTS})
@@ -107,7 +113,7 @@ def _nodes(context, *_args, **_kwargs):
             package="converseg_ros",
             executable="segment_node",
             name="converseg_segment",
-            parameters=[plan.segment_parameters],
+            parameters=[_typed(plan.segment_parameters)],
             remappings=plan.remappings,
             ros_arguments=ros_arguments,
             output="screen",
@@ -120,7 +126,7 @@ def _nodes(context, *_args, **_kwargs):
                 package="converseg_ros",
                 executable="demo_camera",
                 name="converseg_demo_camera",
-                parameters=[plan.demo_parameters],
+                parameters=[_typed(plan.demo_parameters)],
                 ros_arguments=ros_arguments,
                 output="screen",
             )
