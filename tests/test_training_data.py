@@ -166,6 +166,19 @@ def test_several_queries_per_image_share_one_image(toy):
     assert ds[(0, 0)]["index"] == ds[(0, 0)]["index"]  # same draw, same requests
 
 
+def test_token_ids_from_the_query_tokenizer(toy):
+    from converseg_core.tokenizer import QueryTokenizer
+
+    tok = QueryTokenizer.default()
+    recs = read_records(toy)
+    ds = ConverSegDataset(recs, CFG, queries_per_image=2, tokenizer=tok)
+    batch = collate([ds[0], ds[1]])
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].dtype == torch.int64
+    ref = tok.encode(batch["prompt"], CFG.max_query_tokens)
+    assert torch.equal(batch["attention_mask"], torch.from_numpy(ref.attention_mask))
+    assert torch.equal(batch["input_ids"], torch.from_numpy(ref.input_ids))
+
+
 def test_flip_swaps_left_and_right():
     assert (
         swap_left_right("the cup LEFT of the Right plate, leftmost")

@@ -220,3 +220,29 @@ def test_reproduce_default_plan(tmp_path, capsys):
     ]
     assert "--model converseg_mobilesam" in out and "--steps 7" in out
     assert ":image_encoder" in out and "--student converseg_edge" in out
+
+
+def test_init_official_loads_sam_named_weights(toy, tmp_path):
+    """--init-official takes a plain SAM-style state dict (image_encoder.*, prompt_encoder.*, mask_decoder.*)."""
+    from converseg_core.build import build_model
+
+    sizes = {"img_size": 64, "fusion_mlp_dim": 64, "decoder_mlp_dim": 64, "fusion_depth": 1}  # = TINY
+    donor = build_model("converseg_edge", pretrained_text=False, **sizes)
+    official = {
+        k: v
+        for k, v in donor.state_dict().items()
+        if k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder."))
+    }
+    torch.save({"model": official}, tmp_path / "official.pt")
+    result = train(
+        tiny_train(
+            toy, tmp_path / "o", steps=1, init_official=str(tmp_path / "official.pt"), val_fraction=0.0
+        )
+    )
+    assert result["step"] == 1
+    bad = {k: v for k, v in official.items() if not k.startswith("mask_decoder.")}
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(Exception, match="mask_decoder"):
+        train(
+            tiny_train(toy, tmp_path / "b", steps=1, init_official=str(tmp_path / "bad.pt"), val_fraction=0.0)
+        )

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from converseg_core.config import ConverSegConfig
@@ -351,7 +352,8 @@ class ConverSegDataset(torch.utils.data.Dataset):
       image: 3 x S x S float32, normalized and padded as at runtime; valid_hw: (h, w) of the image inside S x S;
       mask_low: k x 1 x L x L float32 soft targets (L = 4 * S / 16, area-averaged from the padded mask);
       mask_full: k x 1 x S x S float32 in {0, 1} (when full_res); presence: k floats (0 for negatives);
-      prompt: k requests (left/right swapped if flipped); index: k record indices; num_bad: dropped requests.
+      prompt: k requests (left/right swapped if flipped); index: k record indices; num_bad: dropped requests;
+      input_ids, attention_mask: k x T int64 (QueryTokenizer, when a tokenizer is given; collate pads T).
     A bad image raises SampleError, or (on_bad="skip") gives None; a bad mask drops its request (num_bad).
     `collate` counts both.
     """
@@ -366,6 +368,8 @@ class ConverSegDataset(torch.utils.data.Dataset):
         on_bad: str = "skip",
         seed: int = 0,
         queries_per_image: int = 0,
+        tokenizer: Any = None,
+        max_tokens: int | None = None,
     ) -> None:
         if not records:
             raise DatasetError("the dataset is empty (no samples)")
@@ -381,6 +385,9 @@ class ConverSegDataset(torch.utils.data.Dataset):
         self.on_bad = on_bad
         self.seed = seed
         self.queries_per_image = queries_per_image
+        # Token ids are only needed where the text encoder runs on the batch (not with the feature cache).
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens or config.max_query_tokens
         if queries_per_image > 0:
             groups: dict[Path, list[int]] = {}
             for i, r in enumerate(self.records):
@@ -443,10 +450,20 @@ class ConverSegDataset(torch.utils.data.Dataset):
         }
         if self.full_res:
             item["mask_full"] = torch.from_numpy((full >= 0.5).astype(np.float32))[:, None]
+        if self.tokenizer is not None:
+            tok = self.tokenizer.encode(prompts, self.max_tokens)
+            item["input_ids"] = torch.from_numpy(tok.input_ids)
+            item["attention_mask"] = torch.from_numpy(tok.attention_mask)
         return item
 
 
 PER_QUERY_KEYS = ("mask_low", "mask_full", "presence", "prompt", "index")
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate k_i x T_i token tensors along queries, right-padding T with 0 (the [PAD] id / no attention)."""
+    t = max(x.shape[1] for x in tensors)
+    return torch.cat([F.pad(x, (0, t - x.shape[1])) for x in tensors])
 
 
 def collate(items: list[dict | None]) -> dict:
@@ -467,6 +484,9 @@ def collate(items: list[dict | None]) -> dict:
             out[key] = (
                 torch.cat(vals) if isinstance(vals[0], torch.Tensor) else [v for vs in vals for v in vs]
             )
+    if "input_ids" in kept[0]:
+        out["input_ids"] = _pad_cat([it["input_ids"] for it in kept])
+        out["attention_mask"] = _pad_cat([it["attention_mask"] for it in kept])
     return out
 
 

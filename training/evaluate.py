@@ -55,6 +55,9 @@ class EvalConfig:
         16, help="overlay panels to write (half the worst positives, half the first samples)"
     )
     name: str | None = arg(None, help="label of this model in the tables (default: the checkpoint file name)")
+    threads: int = arg(
+        0, help="torch CPU threads (0: PyTorch's default; 1 is fastest on a shared, loaded machine)"
+    )
     strict: bool = arg(False, help="stop at the first unreadable sample instead of skipping and counting it")
     allow_partial: bool = arg(False, help="read data engine output without index.json")
 
@@ -88,6 +91,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     from converseg_core import Segmenter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_records(cfg.data, allow_partial=cfg.allow_partial)
