@@ -113,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         args.json.write_text(json.dumps(info, indent=1))
-    print("| scenes | workers | wall (s) | scenes/s | median scene in worker (s) | load 1m before/after |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| scenes | workers | wall (s) | scenes/s | median scene in worker (s) | CPU s/scene "
+        "| wall if cores idle (est., s) | load 1m before/after |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['scenes']} | {r['workers']} | {r['wall_s']} | {r['scenes_per_s']} | "
-            f"{r['median_scene_s_in_worker']} | {r['loadavg_1m_before']} / {r['loadavg_1m_after']} |"
+            f"{r['median_scene_s_in_worker']} | {r['cpu_s_per_scene']} | {r['wall_s_if_cores_idle_estimate']} | "
+            f"{r['loadavg_1m_before']} / {r['loadavg_1m_after']} |"
         )
     return 0
 

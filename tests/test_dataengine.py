@@ -189,7 +189,7 @@ def _args(out: Path, scenes: int):
             "--workers",
             "0",
             "--shard-size",
-            "2",
+            "1",
             "--width",
             str(W),
             "--height",
@@ -205,8 +205,8 @@ def test_cli_output_is_readable_resumable_and_in_converseg_format(engine, tmp_pa
     from training.dataengine.__main__ import run
 
     out = tmp_path / "de"
-    index = run(_args(out, 3), engine=engine)
-    assert index["scenes"] == 3 and index["shards"] == ["shard-00000", "shard-00001"]
+    index = run(_args(out, 2), engine=engine)
+    assert index["scenes"] == 2 and index["shards"] == ["shard-00000", "shard-00001"]
     recs = read_dataset(out)
     assert len(recs) == index["samples"] > 0
     assert sum(index["counts_per_family"].values()) == len(recs)
@@ -243,16 +243,24 @@ def test_cli_output_is_readable_resumable_and_in_converseg_format(engine, tmp_pa
     # same run again: every shard is DONE and skipped, outputs identical
     before = (out / "dataset.jsonl").read_bytes()
     shard_mtime = (out / "shard-00000" / "samples.jsonl").stat().st_mtime_ns
-    run(_args(out, 3), engine=engine)
+    run(_args(out, 2), engine=engine)
     assert (out / "dataset.jsonl").read_bytes() == before
     assert (out / "shard-00000" / "samples.jsonl").stat().st_mtime_ns == shard_mtime
 
     # a crashed shard (no DONE) and a stale temp folder are redone, not trusted
     (out / "shard-00001" / "DONE").unlink()
     (out / ".shard-00001.tmp-999").mkdir()
-    run(_args(out, 3), engine=engine)
-    assert (out / "shard-00001" / "DONE").is_file()
+    run(_args(out, 2), engine=engine)
+    assert (out / "shard-00001" / "DONE").is_file() and not (out / ".shard-00001.tmp-999").exists()
     assert (out / "dataset.jsonl").read_bytes() == before
+
+    # another configuration in the same folder is refused, naming the file
+    from training.dataengine.errors import DataEngineError
+
+    other = _args(out, 2)
+    other.negative_rate = 0.5
+    with pytest.raises(DataEngineError, match="config.json"):
+        run(other, engine=engine)
 
 
 def test_gallery_writes_a_contact_sheet(engine, tmp_path):

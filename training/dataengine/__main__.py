@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
         (k, list(range(s, min(s + args.shard_size, args.scenes))))
         for k, s in enumerate(range(0, args.scenes, args.shard_size))
     ]
+    for stale in out.glob(".shard-*.tmp-*"):  # left by a crashed run; no worker is running yet
+        shutil.rmtree(stale, ignore_errors=True)
     todo = [(k, idx) for k, idx in shards if not (out / shard_name(k) / "DONE").is_file()]
     done_scenes = args.scenes - sum(len(i) for _, i in todo)
     t0 = time.perf_counter()

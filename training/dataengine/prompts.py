@@ -249,8 +249,7 @@ class PromptGenerator:
 
     def _spatial(self, g, rng, neg):
         objs = self._visible(g)
-        kinds = ["region", "nearest_obj", "rel", "side", "near_cam", "on", "left_right"]
-        kind = kinds[int(rng.integers(len(kinds)))]
+        kinds = ["region", "region_empty", "nearest_obj", "rel", "side", "near_cam", "on", "left_right"]
         by_cat: dict[str, list[dict]] = {}
         for o in objs:
             by_cat.setdefault(o["category"], []).append(o)
@@ -264,6 +263,30 @@ class PromptGenerator:
             phrase = SPATIAL_REL[i].format(name=self.kb.categories[cat].name, ref=o["name"])
             return self._make(
                 rng, "spatial", f"spatial.rel.t{i}", phrase, NP_WRAPPERS, "n", [], True, "relation"
+            )
+        # try the kinds in a random order; the first that this scene supports wins
+        for k in rng.permutation(len(kinds)):
+            req = self._spatial_kind(kinds[int(k)], g, rng, objs, by_cat)
+            if req is not None:
+                return req
+        return None  # unreachable: the region kinds always apply
+
+    def _spatial_kind(self, kind, g, rng, objs, by_cat):
+        """One kind of spatial request, or None if this scene cannot support it."""
+        if kind == "region_empty":
+            i = int(rng.integers(len(REGION_EMPTY)))
+            return self._make(
+                rng,
+                "spatial",
+                f"spatial.region_empty.t{i}",
+                REGION_EMPTY[i],
+                NP_WRAPPERS,
+                "n",
+                [],
+                False,
+                "free_space",
+                answer_kind="region",
+                region_radius_m=0.04,
             )
         if kind == "region":
             cat = sorted(self.kb.categories)[int(rng.integers(len(self.kb.categories)))]
@@ -408,21 +431,7 @@ class PromptGenerator:
                         False,
                         rel,
                     )
-        # fallback that always works: free space on the table
-        i = int(rng.integers(len(REGION_EMPTY)))
-        return self._make(
-            rng,
-            "spatial",
-            f"spatial.region_empty.t{i}",
-            REGION_EMPTY[i],
-            NP_WRAPPERS,
-            "n",
-            [],
-            False,
-            "free_space",
-            answer_kind="region",
-            region_radius_m=0.04,
-        )
+        return None
 
     def _size_of(self, cat: str) -> tuple[float, float]:
         return self.category_sizes.get(cat, (0.1, 0.1))
