@@ -246,3 +246,14 @@ def test_init_official_loads_sam_named_weights(toy, tmp_path):
         train(
             tiny_train(toy, tmp_path / "b", steps=1, init_official=str(tmp_path / "bad.pt"), val_fraction=0.0)
         )
+
+
+def test_mostly_bad_data_stops_training(tmp_path):
+    """Corrupt images are skipped with a count; when most of the data is bad the run stops, naming why."""
+    from training.datasets import DatasetError
+
+    root = write_toy_dataset(tmp_path / "bad", num_scenes=6, size=(80, 60))
+    for png in sorted((root / "shard-00000" / "images").glob("*.png"))[1:]:
+        png.write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="unreadable"):
+        train(tiny_train(root, tmp_path / "o", steps=40, val_fraction=0.0, queries_per_image=0, batch_size=4))

@@ -40,6 +40,7 @@ from converseg_core.tokenizer import QueryTokenizer
 from .augment import AugmentConfig
 from .datasets import (
     ConverSegDataset,
+    DatasetError,
     StepSampler,
     TextFeatureCache,
     all_prompt_variants,
@@ -133,6 +134,9 @@ class TrainConfig:
         "skip", help="bad sample: skip with a counted warning, or stop", choices=["skip", "error"]
     )
     allow_partial: bool = arg(False, help="read data engine output without index.json (complete shards only)")
+    max_skip_fraction: float = arg(
+        0.5, help="stop when more than this fraction of the samples read so far were bad (after 64 samples)"
+    )
     max_nan_steps: int = arg(10, help="stop after this many consecutive steps with a non-finite loss")
     random_text_encoder: bool = arg(False, help="random-init MiniLM (tests only: skips loading its weights)")
     no_progress: bool = arg(False, help="no tqdm progress bar")
@@ -322,6 +326,18 @@ def build_text_cache(model, records_list, cfg: TrainConfig, d: Dist, flips: bool
     return cache
 
 
+def blank_batch(config, cache: TextFeatureCache) -> dict:
+    """One black image with one cached request and a negative target: a zero-weight stand-in batch."""
+    s, low = config.img_size, config.low_res_size
+    return {
+        "image": torch.zeros(1, 3, s, s),
+        "mask_low": torch.zeros(1, 1, low, low),
+        "presence": torch.zeros(1),
+        "prompt": [next(iter(cache.features))],
+        "image_index": torch.zeros(1, dtype=torch.long),
+    }
+
+
 # ------------------------------------------------------------------------------------------- validation
 
 
@@ -496,6 +512,7 @@ def train(cfg: TrainConfig) -> dict:
     it = iter(loader)
     nan_run = 0
     skipped_total = 0
+    seen_total = 0
     nan_total = 0
     last_val: dict = {}
     t_last = time.perf_counter()
@@ -554,42 +571,50 @@ def train(cfg: TrainConfig) -> dict:
         for micro in range(cfg.grad_accum):
             batch = next(it)
             skipped_total += batch["num_skipped"]
-            if batch["empty"]:
-                # Every sample of this micro-batch was bad: a zero loss keeps DDP processes in step.
-                batch = None
+            seen_total += batch["num_skipped"] + (0 if batch["empty"] else len(batch["prompt"]))
+            if seen_total >= 64 and skipped_total > cfg.max_skip_fraction * seen_total:
+                raise DatasetError(
+                    f"{skipped_total} of the {seen_total} samples read so far were unreadable or inconsistent "
+                    f"(see the warnings above); fix the dataset or raise --max-skip-fraction"
+                )
+            empty = batch["empty"]
+            if empty:
+                # Every sample of this micro-batch was bad. Run the model on a blank stand-in with zero weight,
+                # so every DDP process still makes the same forward/backward/all-reduce calls.
+                batch = blank_batch(model.config, cache)
             sync = d.world == 1 or micro == cfg.grad_accum - 1
             ctx = nullcontext() if sync else stepper.no_sync()
             with ctx:
-                if batch is None:
-                    loss = sum(p.sum() * 0.0 for p in params)
+                images = batch["image"].to(device, non_blocking=True)
+                target = batch["mask_low"].to(device, non_blocking=True)
+                presence_t = batch["presence"].to(device)
+                text, am = cache.lookup(batch["prompt"], device)
+                image_index = batch["image_index"].to(device)
+                with autocast():
+                    logits, iou_pred, presence = stepper(images, image_index, text, am)
+                out = converseg_loss(
+                    logits,
+                    target,
+                    presence,
+                    presence_t,
+                    dice_weight=cfg.dice_weight,
+                    presence_weight=cfg.presence_weight,
+                )
+                loss = out.total
+                pos = presence_t > 0.5
+                if cfg.iou_weight > 0 and out.num_positive:
+                    with torch.no_grad():
+                        pm = logits[pos].float() > 0
+                        tm = target[pos] > 0.5
+                        inter = (pm & tm).flatten(1).sum(1).float()
+                        union = (pm | tm).flatten(1).sum(1).float().clamp(min=1)
+                    iou_loss = F.mse_loss(iou_pred[pos][:, 0].float(), inter / union)
                 else:
-                    images = batch["image"].to(device, non_blocking=True)
-                    target = batch["mask_low"].to(device, non_blocking=True)
-                    presence_t = batch["presence"].to(device)
-                    text, am = cache.lookup(batch["prompt"], device)
-                    image_index = batch["image_index"].to(device)
-                    with autocast():
-                        logits, iou_pred, presence = stepper(images, image_index, text, am)
-                    out = converseg_loss(
-                        logits,
-                        target,
-                        presence,
-                        presence_t,
-                        dice_weight=cfg.dice_weight,
-                        presence_weight=cfg.presence_weight,
-                    )
-                    loss = out.total
-                    pos = presence_t > 0.5
-                    if cfg.iou_weight > 0 and out.num_positive:
-                        with torch.no_grad():
-                            pm = logits[pos].float() > 0
-                            tm = target[pos] > 0.5
-                            inter = (pm & tm).flatten(1).sum(1).float()
-                            union = (pm | tm).flatten(1).sum(1).float().clamp(min=1)
-                        iou_loss = F.mse_loss(iou_pred[pos][:, 0].float(), inter / union)
-                    else:
-                        iou_loss = iou_pred.float().sum() * 0.0
-                    loss = loss + cfg.iou_weight * iou_loss
+                    iou_loss = iou_pred.float().sum() * 0.0
+                loss = loss + cfg.iou_weight * iou_loss
+                if empty:
+                    loss = loss * 0.0
+                else:
                     sums["bce"] += float(out.mask_bce) / cfg.grad_accum
                     sums["dice"] += float(out.mask_dice) / cfg.grad_accum
                     sums["presence"] += float(out.presence_bce) / cfg.grad_accum
@@ -598,9 +623,11 @@ def train(cfg: TrainConfig) -> dict:
                 if d.world > 1:
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if finite.item() < 1:
+                    # Still backpropagate (through the same graph, so DDP's bookkeeping matches on every
+                    # process); the gradients are thrown away below.
                     bad = True
-                    loss = sum(p.sum() * 0.0 for p in params)  # keep DDP's collective calls matched
-                sums["loss"] += float(loss.detach()) / cfg.grad_accum
+                else:
+                    sums["loss"] += float(loss.detach()) / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
         if bad:
             nan_run += 1
@@ -693,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**vars(args))
     try:
         result = train(cfg)
-    except FloatingPointError as exc:
+    except (FloatingPointError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
