@@ -38,6 +38,16 @@ Q_WRAPPERS = (
     "Robot, mark {p}.",
     "Tell me {p}.",
 )
+# A phrase that is itself a question ("what could burn me", "which things could roll away") keeps its
+# word order: it only gets a greeting or a follow-up, never "Show me what could I ...".
+DIRECT_Q_WRAPPERS = (
+    "{P}?",
+    "Robot, {p}?",
+    "Hey robot, {p}?",
+    "Quick question: {p}?",
+    "{P}? Show me, please.",
+)
+QUESTION_WORDS = ("what", "which", "where", "how", "who")
 INTENT_WRAPPERS = (
     "{P}.",
     "{P}. What can I use?",
@@ -151,6 +161,8 @@ class PromptGenerator:
         return [o for o in g["objects"] if o["pixel_area"] > 0]
 
     def _make(self, rng, fam, key, phrase, wrappers, wkind, targets, neg, concept, **kw) -> Request:
+        if wrappers is not INTENT_WRAPPERS and phrase.split()[0].lower() in QUESTION_WORDS:
+            wrappers, wkind = DIRECT_Q_WRAPPERS, "d"
         text, wid = _wrap(rng, wrappers, phrase, wkind)
         return Request(
             prompt=text,
