@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--negative-rate", type=float, default=0.2, help="share of requests whose answer is absent"
     )
-    p.add_argument("--no-shadows", action="store_true", help="render without shadows (about 30 %% faster)")
+    p.add_argument(
+        "--no-shadows",
+        action="store_true",
+        help="render without shadows (the render pass costs about a third less CPU)",
+    )
     p.add_argument(
         "--shadow-size", type=int, default=1024, help="shadow map side in texels (smaller is faster)"
     )
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
 
     if args.scenes <= 0 or args.shard_size <= 0:
         raise DataEngineError("--scenes and --shard-size must be positive")
+    if not 1 <= args.min_objects <= args.max_objects:
+        raise DataEngineError("need 1 <= --min-objects <= --max-objects")
     cfg = EngineConfig(
         seed=args.seed,
         width=args.width,

@@ -226,6 +226,9 @@ def init_worker(cfg: EngineConfig, asset_cache, progress_queue) -> None:
     # error and raise it from the first task instead, so the run fails with the message.
     global _ENGINE, _PROGRESS, _INIT_ERROR
     _PROGRESS = progress_queue
+    # One llvmpipe render thread per worker: the pool already keeps every core busy, and extra GL threads
+    # only add switching (measured ~15 % less CPU per scene). A user's own setting wins.
+    os.environ.setdefault("LP_NUM_THREADS", "1")
     try:
         _ENGINE = Engine(cfg, asset_cache=asset_cache)
     except Exception as exc:
