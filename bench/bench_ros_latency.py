@@ -183,13 +183,14 @@ def run_inside(args: argparse.Namespace, tmp: Path) -> dict:
         done = [f for f in stream_ids if f in masks and f in results]
         order = sorted(done, key=lambda f: masks[f])
         ages = [(masks[f] - sent[f]) / 1e6 for f in done]
-        # The model interval a frame waited through: the inference running when it arrived, i.e. the model
-        # time of the mask published just before this frame's inference started.
+        # A frame that arrives while the worker is busy waits at most until the worker's next take, i.e. one
+        # model interval: the worker cycle that produced the previous mask, measured between mask arrivals.
         waits = []
-        for prev, cur in zip(order, order[1:], strict=False):
-            p, c = results[prev]["latency_ms"], results[cur]["latency_ms"]
-            interval = p["convert"] + p["model"] + p["postprocess"]
-            waits.append(dict(queue=c["queue"], interval=interval, excess_age=(masks[cur] - sent[cur]) / 1e6 - (c["convert"] + c["model"] + c["postprocess"])))  # fmt: skip
+        for before, prev, cur in zip(order, order[1:], order[2:], strict=False):
+            c = results[cur]["latency_ms"]
+            own = c["convert"] + c["model"] + c["postprocess"]
+            waits.append(dict(queue=c["queue"], interval=(masks[prev] - masks[before]) / 1e6,
+                              excess_age=(masks[cur] - sent[cur]) / 1e6 - own))  # fmt: skip
     finally:
         node_proc.send_signal(2)
         try:
@@ -236,6 +237,13 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
         "stream_queue_over_interval_max": max(
             (w["queue"] / w["interval"] for w in waits), default=float("nan")
         ),
+        "stream_excess_over_interval_max": max(
+            (w["excess_age"] / w["interval"] for w in waits), default=float("nan")
+        ),
+        "stream_excess_over_interval_share_above_1": (
+            sum(w["excess_age"] > w["interval"] for w in waits) / len(waits) if waits else float("nan")
+        ),
+        "stream_model_interval_ms_median": median([w["interval"] for w in waits]),
         "stream_excess_age_ms_max": max((w["excess_age"] for w in waits), default=float("nan")),
         "rss_mb_first": mem[0][1] if mem else float("nan"),
         "rss_mb_after_warmup": settled[0][1] if settled else float("nan"),
@@ -285,8 +293,9 @@ label image {s["postprocess_ms_median"]:.1f} ms, mask message and transport to t
 |---|---|
 | frames sent / masks published | {s["stream_sent"]} / {s["stream_masks"]} (the rest dropped as stale, by design) |
 | mask age when received, median / max | {s["stream_mask_age_ms_median"]:.1f} / {s["stream_mask_age_ms_max"]:.1f} ms |
-| longest wait of a frame in the mailbox | {s["stream_queue_ms_max"]:.1f} ms = {s["stream_queue_over_interval_max"]:.2f} x the model interval it waited through (target <= 1) |
-| mask age minus its own processing, max | {s["stream_excess_age_ms_max"]:.1f} ms (camera period {1000 / args.rate_hz:.1f} ms) |
+| model interval (time between masks), median | {s["stream_model_interval_ms_median"]:.1f} ms |
+| longest wait of a frame in the node's mailbox | {s["stream_queue_ms_max"]:.1f} ms = {s["stream_queue_over_interval_max"]:.2f} x the model interval it waited through |
+| mask age minus its own processing (= how old its frame was when inference started, transport included), max | {s["stream_excess_age_ms_max"]:.1f} ms = {s["stream_excess_over_interval_max"]:.2f} x the model interval (target <= 1); above 1 for {100 * s["stream_excess_over_interval_share_above_1"]:.1f} % of masks |
 | node resident memory: start / after warm-up / end | {s["rss_mb_first"]:.0f} / {s["rss_mb_after_warmup"]:.0f} / {s["rss_mb_last"]:.0f} MB |
 | memory slope after warm-up (least squares) | {s["rss_mb_per_min_after_warmup"]:+.2f} MB/min |
 | node exit code after SIGINT | {s["node_exit_code"]} |

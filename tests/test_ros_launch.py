@@ -179,3 +179,31 @@ def test_compose_passes_a_camera_and_mounts_the_engines():
         assert "../engines:/engines" in segment["volumes"]
         assert segment["build"]["dockerfile"] == f"docker/Dockerfile.{flavour}"
         assert "backend:=tensorrt" in segment["command"]
+
+
+def test_demo_scenes_synthetic_and_from_a_data_engine_folder(tmp_path):
+    import json
+
+    import numpy as np
+    from converseg_ros.demo_scene import dataset_samples, synthetic_frames
+    from PIL import Image
+
+    frames = synthetic_frames(64, 48, count=3)
+    assert len(frames) == 3 and frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
+    assert not np.array_equal(frames[0], frames[1])  # the objects drift
+
+    # The layout python -m training.dataengine writes (docs/ARCHITECTURE.md), paths relative to the shard.
+    shard = tmp_path / "shard-00000"
+    (shard / "images").mkdir(parents=True)
+    Image.fromarray(frames[0]).save(shard / "images" / "s0.png")
+    rows = [
+        {"image": "images/s0.png", "mask_merged": "masks/a.png", "prompt": "the red mug"},
+        {"image": "images/s0.png", "mask_merged": "masks/b.png", "prompt": "the bowl"},  # same image: once
+        {"image": "images/missing.png", "prompt": "x"},
+        "not json",
+    ]
+    (shard / "samples.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    samples = dataset_samples(tmp_path)
+    assert len(samples) == 1 and samples[0].query == "the red mug"
+    np.testing.assert_array_equal(samples[0].rgb, frames[0])
+    assert dataset_samples(tmp_path / "nothing-here") == []
