@@ -419,6 +419,21 @@ def scenario_load_failure(c: Client, **_) -> dict:
     return out
 
 
+def scenario_bad_parameters(c: Client, **_) -> dict:
+    """Invalid parameters stop the node at once with exit status 2 and a message naming the parameter."""
+    out = {}
+    for name, params in {"choice": {"backend": "caffe"}, "range": {"presence_threshold": 1.5},
+                         "type": {"max_queries": "eight"}}.items():  # fmt: skip
+        proc = c.start_segment_node(params, name=name)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+        out[name] = {"rc": rc, "log": c.log(name)[-2000:]}
+    return out
+
+
 def scenario_launch(c: Client, **_) -> dict:
     """converseg-ros-launch with the demo camera: masks of the demo size come back; Ctrl-C stops all."""
     proc = c.start(

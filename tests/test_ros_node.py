@@ -25,7 +25,9 @@ pytestmark = [
 ]
 
 # Distinct domains per test, away from 0 (the default on real robots).
-DOMAINS = {"basic": 61, "stream": 62, "compressed": 63, "load_failure": 64, "launch": 65, "fence": 66}
+DOMAINS = {
+    "basic": 61, "stream": 62, "compressed": 63, "load_failure": 64, "launch": 65, "fence": 66, "bad_parameters": 67,
+}  # fmt: skip
 
 
 def run(name: str, tmp_path, **kwargs) -> dict:
@@ -101,6 +103,13 @@ def test_models_that_fail_to_load_leave_the_node_up_and_reporting(tmp_path):
         assert case["stop"]["rc"] == 0, name
     assert "model_path" in out["missing_checkpoint"]["diagnostics"]["message"]
     assert "TensorRT" in out["tensorrt_engine"]["diagnostics"]["message"]
+
+
+def test_invalid_parameters_exit_2_naming_the_parameter(tmp_path):
+    out = run("bad_parameters", tmp_path)
+    for name, parameter in (("choice", "backend"), ("range", "presence_threshold"), ("type", "max_queries")):
+        assert out[name]["rc"] == 2, out[name]["log"]
+        assert parameter in out[name]["log"] and "Traceback" not in out[name]["log"], out[name]["log"]
 
 
 def test_launch_entry_point_runs_demo_camera_and_segment_node(tmp_path):

@@ -153,7 +153,10 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ValueError, ParameterException) as exc:  # invalid parameters: say which, exit non-zero
+    except ValueError as exc:  # SegmentSettings names every bad parameter
+        print(f"converseg_segment: {exc}", file=sys.stderr)
+        return 2
+    except ParameterException as exc:  # rclpy's own range and type checks
         print(f"converseg_segment: invalid parameters: {exc}", file=sys.stderr)
         return 2
     finally:
