@@ -77,8 +77,8 @@ class Frame:
 
 class SceneRenderer:
     """Two passes per frame on one offscreen GL context made once per process (textures uploaded once):
-    a lit RGB pass, then an id-colour pass whose depth buffer also gives metric depth (three passes with
-    mujoco.Renderer; the saved pass is about a third of the render time on a CPU)."""
+    a lit RGB pass, then an id-colour pass whose depth buffer also gives metric depth (mujoco.Renderer
+    would need a third pass for depth)."""
 
     def __init__(self, world, *, shadows: bool = True):
         import mujoco
