@@ -148,6 +148,8 @@ class Client:
             OUTPUT_QOS,
         )
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+        self.overlays: list[object] = []
+        self.node.create_subscription(Image, "/converseg/overlay", self.overlays.append, OUTPUT_QOS)
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], name: str) -> subprocess.Popen:
@@ -281,6 +283,10 @@ def scenario_basic(c: Client, **_) -> dict:
     mask, doc = c.send_until_answered(sec=100, nanosec=5, frame_id="cam_a", width=640, height=480)
     out["a"] = dict(size=[mask.width, mask.height], encoding=mask.encoding, step=mask.step,
                     frame_id=mask.header.frame_id, data_len=len(mask.data), doc=doc, pixels=mask_pixels(mask))  # fmt: skip
+    c.spin_until(lambda: any(o.header.frame_id == "cam_a" for o in c.overlays), 5)
+    overlay = next((o for o in c.overlays if o.header.frame_id == "cam_a"), None)
+    out["overlay"] = None if overlay is None else dict(size=[overlay.width, overlay.height], encoding=overlay.encoding,
+                                                       step=overlay.step, data_len=len(overlay.data))  # fmt: skip
     mask, doc = c.send_until_answered(sec=101, frame_id="cam_b", width=320, height=240, write_as="bgr8")
     out["b"] = dict(
         size=[mask.width, mask.height], frame_id=mask.header.frame_id, doc=doc, pixels=mask_pixels(mask)

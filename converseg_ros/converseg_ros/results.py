@@ -13,7 +13,7 @@ One document per processed frame (docs/ROS.md has an example):
         present        false: the model says the target is not in the picture; its mask is then empty
         presence       probability that the target is present (0..1)
         score          predicted mask quality (0..1, uncalibrated)
-        area           mask pixels (0 when absent)
+        area           pixels of the query's own mask (0 when absent); overlaps are not removed
         box            [x0, y0, x1, y1] inclusive pixel bounds, or null when the mask is empty
         timings_ms     the segmenter's own stage timings for this frame
 """
