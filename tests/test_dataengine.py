@@ -1,7 +1,8 @@
 """Data engine: determinism, masks vs scene graph, families and negatives, readable output, verifier, bad input.
 
 Renders a handful of 256 x 192 scenes with one engine per module (building it takes a few seconds).
-Skipped, with the reason, where the Debian package sweethome3d-furniture is not installed.
+Tests that render or read the models are skipped, with the reason, where the Debian package
+sweethome3d-furniture is not installed; the verifier, knowledge-base and bad-mesh tests always run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 from training.dataengine import assets as assets_mod
 from training.dataengine.assets import furniture_available
 
-pytestmark = pytest.mark.skipif(
+needs_furniture = pytest.mark.skipif(
     not furniture_available(),
     reason="sweethome3d-furniture is not installed (apt-get install sweethome3d-furniture, see scripts/setup.sh)",
 )
@@ -39,6 +40,7 @@ def results(engine):
 
 
 # ------------------------------------------------------------------------------------------- determinism
+@needs_furniture
 def test_same_seed_same_scene_other_seed_other_scene(engine, results):
     from training.dataengine.pipeline import Engine
 
@@ -60,6 +62,7 @@ def test_same_seed_same_scene_other_seed_other_scene(engine, results):
 
 
 # ------------------------------------------------------------------------------------- scene graph vs masks
+@needs_furniture
 def test_masks_agree_with_scene_graph(results):
     for res in results:
         g = res.graph
@@ -102,6 +105,7 @@ def test_masks_agree_with_scene_graph(results):
                 assert g["objects"][a]["camera_xyz"][0] < g["objects"][b]["camera_xyz"][0]
 
 
+@needs_furniture
 def test_settled_objects_rest_on_the_table_without_interpenetration(results):
     for res in results:
         assert res.graph["max_penetration_m"] < 0.005
@@ -110,6 +114,7 @@ def test_settled_objects_rest_on_the_table_without_interpenetration(results):
 
 
 # --------------------------------------------------------------------------------------- families and kinds
+@needs_furniture
 def test_every_family_negatives_regions_and_multi_targets_appear(results):
     from training.dataengine.prompts import FAMILIES
 
@@ -201,6 +206,7 @@ def _args(out: Path, scenes: int):
     )
 
 
+@needs_furniture
 def test_cli_output_is_readable_resumable_and_in_converseg_format(engine, tmp_path):
     from training.dataengine.__main__ import run
 
@@ -263,6 +269,7 @@ def test_cli_output_is_readable_resumable_and_in_converseg_format(engine, tmp_pa
         run(other, engine=engine)
 
 
+@needs_furniture
 def test_gallery_writes_a_contact_sheet(engine, tmp_path):
     from training.dataengine.__main__ import run
     from training.dataengine.gallery import main as gallery_main
@@ -346,6 +353,7 @@ def test_knowledge_base_entry_missing_a_field_is_named(tmp_path):
         load_knowledge_base(bad)
 
 
+@needs_furniture
 def test_missing_model_is_named_at_start_up():
     from training.dataengine.errors import AssetError
 

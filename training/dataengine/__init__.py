@@ -3,15 +3,10 @@
 Run `python -m training.dataengine --help`. See docs/DATAENGINE.md.
 """
 
-from .render import configure_gl
-
-# MuJoCo reads MUJOCO_GL when it is imported: choose EGL/OSMesa before any submodule imports mujoco.
-configure_gl()
-
-from .errors import AssetError, DataEngineError, KnowledgeBaseError  # noqa: E402
-from .knowledge import KnowledgeBase, load_knowledge_base  # noqa: E402
-from .pipeline import Engine, EngineConfig  # noqa: E402
-from .prompts import FAMILIES, PromptGenerator, Request  # noqa: E402
+from .errors import AssetError, DataEngineError, KnowledgeBaseError
+from .knowledge import KnowledgeBase, load_knowledge_base
+from .pipeline import Engine, EngineConfig
+from .prompts import FAMILIES, PromptGenerator, Request
 
 __all__ = [
     "AssetError",

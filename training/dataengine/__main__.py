@@ -68,6 +68,7 @@ def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
 
     from .assets import build_asset_cache, manifest_markdown
     from .knowledge import load_knowledge_base
+    from .render import configure_gl
 
     if args.scenes <= 0 or args.shard_size <= 0:
         raise DataEngineError("--scenes and --shard-size must be positive")
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
         samples_per_family=args.samples_per_family,
         save_depth=not args.no_depth,
     )
-    # fail fast: knowledge base, catalog, libraries and meshes are checked (and converted) before any worker starts
+    # fail fast: GL, knowledge base, catalog, libraries and meshes are checked (and converted) before any
+    # worker starts; the GL choice goes into the environment the workers inherit
+    configure_gl()
     kb = load_knowledge_base()
     cache = build_asset_cache(args.asset_cache, known_categories=set(kb.categories))
     out: Path = args.out

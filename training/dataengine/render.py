@@ -10,11 +10,12 @@ import numpy as np
 _PROBE = "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco/>'); mujoco.Renderer(m, 8, 8).render()"
 
 
-def configure_gl() -> str:
+def configure_gl(*, strict: bool = True) -> str | None:
     """Choose the headless OpenGL backend once: MUJOCO_GL if set, else EGL if a context really opens
     (probed in a subprocess: a failed EGL start cannot be undone in this process), else OSMesa.
 
-    The choice goes into os.environ so that worker processes inherit it without probing again.
+    The choice goes into os.environ so that worker processes inherit it without probing again. With
+    strict=False a machine without headless GL returns None instead of raising (importing is not rendering).
     """
     if os.environ.get("MUJOCO_GL"):
         return os.environ["MUJOCO_GL"]
@@ -36,6 +37,8 @@ def configure_gl() -> str:
             os.environ.setdefault("PYOPENGL_PLATFORM", backend)
             return backend
         errors.append(f"{backend}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    if not strict:
+        return None
     from .errors import DataEngineError
 
     raise DataEngineError(

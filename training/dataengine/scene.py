@@ -13,11 +13,16 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import mujoco
 import numpy as np
 
 from .assets import AssetModel
 from .knowledge import KnowledgeBase
+from .render import configure_gl
+
+# MuJoCo fixes its GL backend when it is imported: choose EGL or OSMesa first.
+configure_gl(strict=False)
+
+import mujoco  # noqa: E402
 
 TABLE_HEIGHT = 0.75  # table top at z = 0, floor at -TABLE_HEIGHT
 VISIBLE_GROUP, HULL_GROUP, HIDDEN_GROUP = 0, 3, 4
