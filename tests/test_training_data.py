@@ -59,6 +59,18 @@ def test_data_engine_needs_index_unless_partial(tmp_path):
         assert len(read_records(root, allow_partial=True)) == 10
 
 
+def test_data_engine_reads_the_shards_its_index_lists(tmp_path):
+    import shutil
+
+    root = write_toy_dataset(tmp_path / "d", num_scenes=2)
+    shutil.copytree(root / "shard-00000", root / "shard-00001")  # e.g. a bigger run still going
+    with pytest.warns(UserWarning, match="not listed"):
+        assert len(read_records(root)) == 10
+    (root / "shard-00000" / "DONE").unlink()
+    with pytest.raises(DatasetError, match="DONE"):
+        read_records(root)
+
+
 def test_jsonl_and_items_json(tmp_path):
     _write_pair(tmp_path, "a")
     line = {"image": "a.png", "mask_merged": "a_mask.png", "prompt": "the red box"}

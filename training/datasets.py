@@ -90,7 +90,9 @@ def _record_from_json(obj: dict, base: Path, where: str) -> Record:
         template_id=None if obj.get("template_id") is None else str(obj["template_id"]),
         template_split=split,
         scene_id=None if obj.get("scene_id") is None else str(obj["scene_id"]),
-        sample_id=None if obj.get("sample_id") is None else str(obj["sample_id"]),
+        sample_id=str(obj["sample_id"])
+        if obj.get("sample_id") is not None
+        else (str(obj["id"]) if "id" in obj else None),
         extra={k: obj[k] for k in ("answer_kind", "targets") if k in obj},
     )
 
@@ -133,7 +135,24 @@ def read_dataengine(root: str | Path, *, require_index: bool = True) -> list[Rec
             )
         warnings.warn(f"{root}: no index.json, reading complete shards only", stacklevel=2)
     records: list[Record] = []
-    shards = sorted(p for p in root.glob("shard-*") if p.is_dir())
+    shards = sorted(p for p in root.glob("shard-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    if index.is_file():
+        # index.json names the shards of the run that wrote it; a folder may hold more (a bigger run that
+        # is still going, or a smaller re-run): read exactly what the index describes.
+        try:
+            listed = json.loads(index.read_text(encoding="utf-8")).get("shards")
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{index}: not valid JSON ({exc.msg})") from exc
+        if listed is not None:
+            extra = sorted({s.name for s in shards} - set(listed))
+            if extra:
+                warnings.warn(
+                    f"{root}: ignoring {len(extra)} shard(s) not listed in index.json", stacklevel=2
+                )
+            missing = [name for name in listed if not (root / name / "DONE").is_file()]
+            if missing:
+                raise DatasetError(f"{root}: index.json lists shards without a DONE marker: {missing[:5]}")
+            shards = [root / name for name in listed]
     incomplete = [s.name for s in shards if not (s / "DONE").is_file()]
     if incomplete:
         warnings.warn(

@@ -386,6 +386,7 @@ def validate(
             if len(panels) < num_panels:
                 img = (batch["image"][b] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()[:h, :w]
                 cap = f"{batch['prompt'][j]} | IoU {res.iou:.2f} presence {out.presence_logits[j].sigmoid():.2f}"
+                cap += " [no target]" if rec.negative else ""
                 panels.append(make_panel(img, t, p, cap))
     return acc, panels, skipped
 
