@@ -66,6 +66,7 @@ def test_data_engine_reads_the_shards_its_index_lists(tmp_path):
     shutil.copytree(root / "shard-00000", root / "shard-00001")  # e.g. a bigger run still going
     with pytest.warns(UserWarning, match="not listed"):
         assert len(read_records(root)) == 10
+    shutil.rmtree(root / "shard-00001")
     (root / "shard-00000" / "DONE").unlink()
     with pytest.raises(DatasetError, match="DONE"):
         read_records(root)
