@@ -123,6 +123,21 @@ def test_every_family_negatives_regions_and_multi_targets_appear(results):
     assert any(r["negative"] for r in recs)
     assert any(r["answer_kind"] == "region" for r in recs)
     assert any(len(r["targets"]) > 1 for r in recs)
+    # an absent-object negative never names something the scene holds under another name ("the glass"
+    # next to a wine glass, "the cup" next to a mug)
+    from training.dataengine.knowledge import load_knowledge_base
+    from training.dataengine.prompts import _head
+
+    kb = load_knowledge_base()
+    for res in results:
+        heads = set()
+        for o in res.graph["objects"]:
+            c = kb.categories[o["category"]]
+            heads |= {_head(w) for w in (c.name, c.plural, *c.synonyms)}
+        for r, _ in res.samples:
+            if r["negative"] and r["family"] == "entities":
+                words = {_head(w.strip("?.,!")) for w in r["prompt"].lower().split()}
+                assert not (words & heads) - {"thing", "table", "robot", "me"}, r["prompt"]
     for r in recs:
         assert r["template_split"] in ("train", "heldout")
         assert r["template_id"].startswith(r["family"] + ".")

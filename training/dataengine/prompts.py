@@ -109,6 +109,17 @@ def template_split(phrase_key: str) -> str:
     return "heldout" if zlib.crc32(phrase_key.encode()) % HELDOUT_EVERY == 0 else "train"
 
 
+def _head(phrase: str) -> str:
+    """Head noun of a simple English noun phrase, singular: "wine glasses" -> "glass"."""
+    w = phrase.split()[-1].lower()
+    for suffix, repl in (("ives", "ife"), ("sses", "ss"), ("ches", "ch"), ("shes", "sh"), ("ies", "y")):
+        if w.endswith(suffix):
+            return w[: -len(suffix)] + repl
+    if w.endswith("s") and not w.endswith("ss"):
+        return w[:-1]
+    return w
+
+
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
@@ -177,20 +188,26 @@ class PromptGenerator:
         )
 
     def _present_words(self, g) -> set[str]:
+        """Every name, plural and synonym of the objects in the scene, and their head nouns ("glass" of
+        "wine glass"): a request built on any of them is not a negative."""
         words = set()
         for o in g["objects"]:
             c = self.kb.categories[o["category"]]
-            words |= {c.name, c.plural, *c.synonyms}
+            for w in (c.name, c.plural, *c.synonyms):
+                words.add(w)
+                words.add(_head(w))
         return words
 
     def _absent_category(self, g, rng) -> str | None:
-        """A category that is not in the scene and whose name no present object also answers to."""
+        """A category that is not in the scene and that nothing in the scene also answers to: its name's
+        head noun is not shared ("the glass" is no negative next to a wine glass, "the coffee cup" none next
+        to a mug, which is also called a cup)."""
         present = {o["category"] for o in g["objects"]}
         words = self._present_words(g)
         absent = sorted(
             k
             for k, c in self.kb.categories.items()
-            if k not in present and c.name not in words and c.plural not in words
+            if k not in present and not ({c.name, c.plural, _head(c.name), _head(c.plural)} & words)
         )
         return absent[int(rng.integers(len(absent)))] if absent else None
 
@@ -204,7 +221,7 @@ class PromptGenerator:
             c = self.kb.categories[cat]
             i = int(rng.integers(2))  # "the X" / "the <synonym>"
             syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
-            if syn in self._present_words(g):  # "the cup" is not absent when a mug is there
+            if syn in self._present_words(g) or _head(syn) in self._present_words(g):  # a mug is a cup
                 i = 0
             fill = {"name": c.name, "syn": syn}
             return self._make(
