@@ -198,6 +198,17 @@ class PromptGenerator:
                 words.add(_head(w))
         return words
 
+    def _name_clash(self, g, cat: str, ref: dict | None = None) -> bool:
+        """True if another object in the scene also answers to this category's name (or to the reference's)."""
+        names = [(cat, self.kb.categories[cat].name)]
+        if ref is not None:
+            names.append((ref["category"], ref["name"]))
+        for k, name in names:
+            others = self._present_words({"objects": [x for x in g["objects"] if x["category"] != k]})
+            if name in others:
+                return True
+        return False
+
     def _absent_category(self, g, rng) -> str | None:
         """A category that is not in the scene and that nothing in the scene also answers to: its name's
         head noun is not shared ("the glass" is no negative next to a wine glass, "the coffee cup" none next
@@ -238,6 +249,8 @@ class PromptGenerator:
         o = objs[int(rng.integers(len(objs)))]
         c = self.kb.categories[o["category"]]
         same = [x for x in g["objects"] if x["category"] == o["category"]]
+        # words the *other* objects answer to, head nouns included: "the glass" is ambiguous next to a wine glass
+        others = self._present_words({"objects": [x for x in g["objects"] if x["category"] != o["category"]]})
         if len(same) > 1:
             i = int(rng.integers(len(ENTITY_ALL)))
             phrase = ENTITY_ALL[i].format(name=c.name, plural=c.plural)
@@ -251,19 +264,17 @@ class PromptGenerator:
                 [x["id"] for x in same],
                 False,
                 o["category"],
+                ambiguous=c.name in others,
             )
         i = int(rng.integers(len(ENTITY_SINGLE)))
         syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
         # a synonym shared with a category in the scene ("cup" for mug and coffee cup) would be ambiguous
         if i == 4 and o["size"] == "medium":  # "the medium stapler" is not how people talk
             i = 0
-        if i == 1 and any(
-            syn in self.kb.categories[x["category"]].synonyms or syn == x["name"]
-            for x in g["objects"]
-            if x["category"] != o["category"]
-        ):
+        if i == 1 and (syn in others or _head(syn) in others):
             i = 0
         phrase = ENTITY_SINGLE[i].format(name=c.name, syn=syn, colour=o["colour"], size=o["size"])
+        ambiguous = c.name in others  # even the category's own name is another object's head noun
         return self._make(
             rng,
             "entities",
@@ -274,6 +285,7 @@ class PromptGenerator:
             [o["id"]],
             False,
             o["category"],
+            ambiguous=ambiguous,
         )
 
     def _spatial(self, g, rng, neg):
@@ -374,7 +386,7 @@ class PromptGenerator:
                     [ds[0][1]],
                     False,
                     "nearest_to_object",
-                    ambiguous=len(ds) > 1 and ds[1][0] - ds[0][0] < 0.05,
+                    ambiguous=(len(ds) > 1 and ds[1][0] - ds[0][0] < 0.05) or self._name_clash(g, cat, ref),
                 )
         if kind == "side":
             multi = [v for v in by_cat.values() if len(v) > 1]
@@ -396,7 +408,7 @@ class PromptGenerator:
                     [pick[1]],
                     False,
                     f"{side}most",
-                    ambiguous=abs(pick[0] - other[0]) < 0.03,
+                    ambiguous=abs(pick[0] - other[0]) < 0.03 or self._name_clash(g, group[0]["category"]),
                 )
         if kind == "near_cam":
             multi = [v for v in by_cat.values() if len(v) > 1]
@@ -415,7 +427,7 @@ class PromptGenerator:
                     [ds[0][1]],
                     False,
                     "nearest_camera",
-                    ambiguous=ds[1][0] - ds[0][0] < 0.04,
+                    ambiguous=ds[1][0] - ds[0][0] < 0.04 or self._name_clash(g, group[0]["category"]),
                 )
         if kind == "on":
             ons = [r for r in g["relations"] if r[1] == "on"]
