@@ -393,3 +393,30 @@ def test_broken_mesh_is_named(tmp_path):
         entry = assets_mod.parse_furniture_catalog(z.read("PluginFurnitureCatalog.properties").decode())
         with pytest.raises(AssetError, match="mug__0"):
             assets_mod.convert_model(z, entry["/broken/mug/mug.obj"], "mug__0")
+
+
+def test_layout_without_drops_dependents_and_remaps_supports():
+    from training.dataengine.scene import Layout, Placement
+
+    z = np.zeros(3)
+    lay = Layout(
+        (1.0, 0.7),
+        0,
+        [
+            Placement(0, 0, 0, 0, 0),
+            Placement(1, 0, 0, 0, 0, on=0),
+            Placement(2, 0, 0.3, 0, 0),
+            Placement(3, 0, 0.3, 0, 0, on=2),
+        ],
+        "head",
+        z,
+        z,
+        60.0,
+        z,
+        0.5,
+        0.3,
+    )
+    out = lay.without({0})  # the support goes, and what stood on it
+    assert [p.model_index for p in out.placements] == [2, 3]
+    assert out.placements[1].on == 0 and out.placements[0].on is None
+    assert len(lay.placements) == 4  # the original is untouched
