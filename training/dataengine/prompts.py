@@ -78,7 +78,7 @@ REGION_FITS = (
 REGION_EMPTY = (
     "the free space on the table",
     "the empty part of the table",
-    "where there is room on the table",
+    "where is there room on the table",
 )
 SAFE_KNIFE = (
     "where can I safely put the {name}",
@@ -542,13 +542,22 @@ class PromptGenerator:
             same = [x for x in objs if x["category"] == o["category"]]
             if len(same) == 1:
                 phr = (
-                    f"careful, the {o['name']} is hot; which one is it",
+                    f"the {o['name']} that is still hot",
                     f"the hot {o['name']}",
                     f"the {o['name']} that was just used",
                 )
                 i = int(rng.integers(len(phr)))
                 return self._make(
-                    rng, "safety", f"safety.hot_state.t{i}", phr[i], Q_WRAPPERS, "q", [o["id"]], False, "hot"
+                    rng,
+                    "safety",
+                    f"safety.hot_state.t{i}",
+                    phr[i],
+                    Q_WRAPPERS,
+                    "q",
+                    [o["id"]],
+                    False,
+                    "hot",
+                    ambiguous=self._name_clash(g, o["category"]),
                 )
         return self._concept(g, rng, neg, "safety", "safety", Q_WRAPPERS, "q")
 
