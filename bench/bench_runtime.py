@@ -40,14 +40,19 @@ WARMUP = 3
 # --- child: one configuration, fresh process ---------------------------------------------------------------
 
 
-def _median_ms(fn, repeats: int) -> list[float]:
+def _median_ms(fn, repeats: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall-clock samples in ms; CPU time of the calling thread is appended to `cpu`. With --threads 1 both
+    PyTorch and ONNX Runtime compute on the calling thread, so that CPU time is the latency an idle core
+    would give, whatever else the machine runs."""
     for _ in range(WARMUP):  # allocations, lazy initialisation, first-run kernel selection
         fn()
     samples = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         fn()
         samples.append((time.perf_counter() - started) * 1e3)
+        if cpu is not None:
+            cpu.append((time.thread_time() - started_cpu) * 1e3)
     return samples
 
 
@@ -111,15 +116,17 @@ def run_child(
         t = backend.encode_text(ids, mask)
         post(backend.decode(embedding, t, mask)[0], p)
 
-    samples = {
-        "preprocess": _median_ms(pre, repeats),
-        "image_encoder": _median_ms(lambda: backend.encode_image(p.tensor), repeats),
-        "text_encoder": _median_ms(lambda: backend.encode_text(ids, mask), repeats),
-        "decoder": _median_ms(lambda: backend.decode(embedding, text, mask), repeats),
-        "postprocess": _median_ms(lambda: post(low, p), repeats),
-        "new_frame": _median_ms(new_frame, repeats),
-        "new_query": _median_ms(new_query, repeats),
+    stages = {
+        "preprocess": pre,
+        "image_encoder": lambda: backend.encode_image(p.tensor),
+        "text_encoder": lambda: backend.encode_text(ids, mask),
+        "decoder": lambda: backend.decode(embedding, text, mask),
+        "postprocess": lambda: post(low, p),
+        "new_frame": new_frame,
+        "new_query": new_query,
     }
+    cpu_samples: dict[str, list[float]] = {stage: [] for stage in stages}
+    samples = {stage: _median_ms(fn, repeats, cpu_samples[stage]) for stage, fn in stages.items()}
     banned = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
     return {
         "backend": backend_name,
@@ -133,6 +140,7 @@ def run_child(
         "rss_peak_mb": _peak_rss_mb(),
         "torch_modules_loaded": len(banned),
         "samples_ms": samples,
+        "cpu_samples_ms": cpu_samples,
     }
 
 
@@ -193,15 +201,24 @@ def aggregate(runs: list[dict]) -> dict[tuple[str, str, int], dict]:
     for run in runs:
         key = (run["backend"], run["variant"], run["size"])
         entry = pooled.setdefault(
-            key, {**run, "samples_ms": {s: [] for s in STAGES}, "rss_peak_mb": 0.0, "rss_loaded_mb": 0.0}
+            key,
+            {
+                **run,
+                "samples_ms": {s: [] for s in STAGES},
+                "cpu_samples_ms": {s: [] for s in STAGES},
+                "rss_peak_mb": 0.0,
+                "rss_loaded_mb": 0.0,
+            },
         )
         for stage in STAGES:
             entry["samples_ms"][stage] += run["samples_ms"][stage]
+            entry["cpu_samples_ms"][stage] += run["cpu_samples_ms"][stage]
         entry["rss_peak_mb"] = max(entry["rss_peak_mb"], run["rss_peak_mb"])
         entry["rss_loaded_mb"] = max(entry["rss_loaded_mb"], run["rss_loaded_mb"])
         entry["torch_modules_loaded"] = max(entry.get("torch_modules_loaded", 0), run["torch_modules_loaded"])
     for entry in pooled.values():
         entry["median_ms"] = {s: statistics.median(v) for s, v in entry["samples_ms"].items()}
+        entry["median_cpu_ms"] = {s: statistics.median(v) for s, v in entry["cpu_samples_ms"].items()}
     return pooled
 
 
@@ -292,6 +309,22 @@ def to_markdown(pooled: dict, command: str, args, started: str, load: str) -> st
             + " | ".join(f"{m[s]:.1f}" for s in STAGES)
             + f" | {e['rss_loaded_mb']:.0f} / {e['rss_peak_mb']:.0f} |"
         )
+    if args.threads == 1:
+        lines += [
+            "",
+            "CPU time of the calling thread (ms, median; with 1 thread this is the latency of an idle core):",
+            "",
+            "| backend | variant | size | pre | image enc. | text enc. | decoder | post | new frame | new query |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (backend, variant, size), e in sorted(
+            pooled.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])
+        ):
+            lines.append(
+                f"| {backend} | {variant} | {size} | "
+                + " | ".join(f"{e['median_cpu_ms'][s]:.1f}" for s in STAGES)
+                + " |"
+            )
     lines += ["", "## Targets (issue 5), from this run", "", "| target | measured | met |", "|---|---|---|"]
     for target, measured, met in targets(pooled):
         lines.append(f"| {target} | {measured} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
