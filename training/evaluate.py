@@ -95,6 +95,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         import torch
 
         torch.set_num_threads(cfg.threads)
+        try:  # numpy's BLAS (post-processing matmuls) oversubscribes a loaded machine just like torch
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(cfg.threads)
+        except ImportError:
+            pass
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_records(cfg.data, allow_partial=cfg.allow_partial)
