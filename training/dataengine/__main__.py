@@ -218,13 +218,11 @@ def finalize(
     with open(out / "index.json.tmp", "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1)
     os.replace(out / "index.json.tmp", out / "index.json")
-    manifest = json.loads((cache / "manifest.json").read_text())
     (out / "ASSET_LICENCES.md").write_text(
         "# Models used in these images\n\nFrom the Debian package sweethome3d-furniture.\n\n"
         + manifest_markdown(cache)
         + "\n"
     )
-    del manifest
     return index
 
 

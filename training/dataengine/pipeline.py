@@ -10,15 +10,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .render import configure_gl
-
-SAMPLES_PER_FAMILY = 1
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class EngineConfig:
     shadows: bool = True
     shadow_size: int = 1024
     negative_rate: float = 0.2
-    samples_per_family: int = SAMPLES_PER_FAMILY
+    samples_per_family: int = 1  # requests drawn per family and scene, before the verifier
     save_depth: bool = True
 
 
@@ -209,10 +207,6 @@ def write_shard(engine: Engine, out: Path, shard: int, indices: list[int], progr
         shutil.rmtree(final)
     os.replace(tmp, final)
     return stats
-
-
-def config_dict(cfg: EngineConfig) -> dict:
-    return asdict(cfg)
 
 
 # Process-pool workers live here, not in __main__: spawned children re-import this module by name.

@@ -381,7 +381,6 @@ class TabletopWorld:
 
     def _place(self, p: Placement, layout: Layout) -> None:
         m, d = self.model, self.data
-        a = self.assets[p.model_index]
         z = 0.003
         if p.on is not None:
             sup = layout.placements[p.on]
@@ -392,7 +391,6 @@ class TabletopWorld:
         h = self.pool_hull[p.model_index, p.copy]
         m.geom_contype[h] = 1
         m.geom_conaffinity[h] = 1
-        del a
 
     def settle(self, steps: int = 60) -> tuple[float, set[int]]:
         """Let objects come to rest. Returns the deepest object-object penetration in metres (>= 0) and
@@ -464,7 +462,6 @@ def sample_layout(
             sw, sd = (float(s) for s in world.assets[sp.model_index].size_m[:2])
             yaw = sp.yaw + float(rng.choice([0.0, math.pi / 2, math.pi])) + float(rng.uniform(-0.2, 0.2))
             corners = _obb_corners(sp.x, sp.y, yaw, fw, fd)
-            sup_corners = _obb_corners(sp.x, sp.y, sp.yaw, sw - 0.01, sd - 0.01)
             local = (corners - [sp.x, sp.y]) @ np.array(
                 [[math.cos(sp.yaw), -math.sin(sp.yaw)], [math.sin(sp.yaw), math.cos(sp.yaw)]]
             )
@@ -472,7 +469,6 @@ def sample_layout(
                 placements.append(Placement(mi, used.get(mi, 0), sp.x, sp.y, yaw, on=si))
                 supported.add(si)
                 placed = True
-                del sup_corners
                 break
         if not placed:
             for _ in range(30):
