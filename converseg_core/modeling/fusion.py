@@ -42,6 +42,7 @@ class MultiHeadAttention(nn.Module):
         logits = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
         if bias is not None:
             logits = logits + bias
+        # q, k, v may differ in batch (1 vs Q): matmul broadcasts, the output has the larger batch.
         out = logits.softmax(dim=-1) @ v
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
@@ -114,7 +115,9 @@ class TextImageFusion(nn.Module):
         """
         q = text_features.shape[0]
         _, c, h, w = image_embeddings.shape
-        image = image_embeddings.flatten(2).transpose(1, 2).expand(q, h * w, c)
+        # Image tokens keep their own batch (1 for a frame shared by every query): the attention matmuls
+        # broadcast, so the image-side projections run once per frame, not once per query.
+        image = image_embeddings.flatten(2).transpose(1, 2)
         pe = image_pe.flatten(2).transpose(1, 2)
         text = self.text_proj(text_features)
         text_bias = attention_bias(attention_mask, text.dtype)
