@@ -54,6 +54,15 @@ class ConverSegConfig:
     # Largest camera frame accepted, in pixels on the longest side: a guard against memory blow-ups.
     max_input_side: int = 8192
 
+    def __post_init__(self) -> None:
+        # JSON (ONNX manifests, TensorRT side-files) turns tuples into lists; normalise so that a config
+        # read back from any file compares equal to the one that wrote it.
+        self.image_encoder_args = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.image_encoder_args).items()
+        }
+        self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
+        self.pixel_std = tuple(float(v) for v in self.pixel_std)
+
     @property
     def embed_size(self) -> int:
         """Side of the image embedding (and of the dense positional encoding)."""
@@ -75,10 +84,6 @@ class ConverSegConfig:
             raise ValueError(
                 f"unknown ConverSegConfig fields {unknown}; was this written by a newer version?"
             )
-        data = dict(data)
-        for key in ("pixel_mean", "pixel_std"):
-            if key in data:
-                data[key] = tuple(float(v) for v in data[key])
         return cls(**data)
 
     def replace(self, **changes: Any) -> ConverSegConfig:

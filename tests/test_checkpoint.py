@@ -93,3 +93,15 @@ def test_official_style_state_dict_loads_and_mismatch_is_explained(tmp_path):
     other = build_model("converseg_mobilesam", img_size=SMALL, pretrained_text=False)
     with pytest.raises(CheckpointError, match="sam_like.pth.*does not match converseg_mobilesam"):
         load_official_weights(other, path)
+
+
+def test_config_survives_a_json_round_trip():
+    import json
+
+    from converseg_core import ConverSegConfig, get_config, list_models
+
+    for name in list_models():
+        config = get_config(name)
+        assert ConverSegConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown ConverSegConfig fields"):
+        ConverSegConfig.from_dict({**get_config("converseg_edge").to_dict(), "warp_drive": True})
