@@ -1,0 +1,23 @@
+"""The bundled default model: what the CLI and the ROS node load when no checkpoint is named."""
+
+import numpy as np
+
+from converseg_core import Segmenter, default_checkpoint, load_checkpoint
+
+
+def test_default_checkpoint_is_the_edge_model_within_budget():
+    path = default_checkpoint()
+    assert path.stat().st_size <= 40e6, "the issue caps the committed model at 40 MB"
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.name == "converseg_edge"
+    assert not any(k.startswith("text_encoder.") for k in ckpt.state_dict)
+    assert ckpt.meta.get("step", 0) > 0, "the default must be a trained model"
+
+
+def test_default_model_answers_at_camera_resolution():
+    seg = Segmenter.from_checkpoint(default_checkpoint())
+    rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    seg.set_image(rgb)
+    results = seg.predict(["the mug", "where can I safely put the knife?"])
+    assert [r.mask.shape for r in results] == [(120, 160)] * 2
+    assert all(0.0 <= r.presence <= 1.0 and np.isfinite(r.score) for r in results)
