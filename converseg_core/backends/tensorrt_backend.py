@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from converseg_core.backends.base import GraphBackend
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
 
@@ -287,7 +288,7 @@ class TrtEngine:
             buffer.free()
 
 
-class TensorRTBackend:
+class TensorRTBackend(GraphBackend):
     """The Backend interface of docs/ARCHITECTURE.md on TensorRT engines (Jetson / NGC container)."""
 
     name = "tensorrt"
@@ -351,34 +352,6 @@ class TensorRTBackend:
         io = self._io[stage]
         outputs = self._engines[stage](dict(zip(io["inputs"], arrays, strict=True)))
         return [outputs[name].astype(np.float32, copy=False) for name in io["outputs"]]
-
-    def encode_image(self, image: np.ndarray) -> np.ndarray:
-        """1 x 3 x S x S float32 (normalized, padded) -> 1 x 256 x S/16 x S/16 float32."""
-        size = self.config.img_size
-        if image.shape != (1, 3, size, size):
-            raise InputError(f"image must be 1 x 3 x {size} x {size}, got {tuple(image.shape)}")
-        return self._run("image_encoder", image)[0]
-
-    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Q x T int64 ids and mask -> Q x T x 384 float32 token features."""
-        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-            raise InputError(
-                f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be Q x T"
-            )
-        return self._run("text_encoder", input_ids, attention_mask)[0]
-
-    def decode(
-        self, embedding: np.ndarray, text_features: np.ndarray, attention_mask: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (low_res_logits Q x 1 x 4h x 4w, iou_scores Q x 1, presence_logits Q), float32."""
-        if text_features.shape[:2] != attention_mask.shape:
-            raise InputError(
-                f"text_features {text_features.shape} and attention_mask {attention_mask.shape} disagree on Q x T"
-            )
-        low_res_logits, iou_scores, presence_logits = self._run(
-            "decoder", embedding, text_features, attention_mask
-        )
-        return low_res_logits, iou_scores, presence_logits
 
     def close(self) -> None:
         for engine in self._engines.values():
