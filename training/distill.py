@@ -32,12 +32,12 @@ from torch import nn
 
 from converseg_core import list_models
 from converseg_core.build import build_model
-from converseg_core.checkpoint import load_checkpoint, load_official_weights, load_state_into, save_checkpoint
+from converseg_core.checkpoint import load_official_weights, save_checkpoint
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
 from .losses import distill_loss
-from .train import add_dataclass_args, arg, parse_overrides, plain, setup_distributed
+from .train import add_dataclass_args, arg, parse_overrides, plain, resume_state, setup_distributed
 
 log = logging.getLogger("training.distill")
 
@@ -151,12 +151,7 @@ def distill(cfg: DistillConfig) -> dict:
     step = 0
     last = out_dir / "last.pt"
     if cfg.resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        if ckpt.config != student.config:
-            raise SystemExit(f"{last}: saved for another student config: {ckpt.config.to_dict()}")
-        load_state_into(student, ckpt.state_dict, source=str(last))
-        optimizer.load_state_dict(ckpt.extra["optimizer"])
-        step = int(ckpt.extra["step"])
+        step = resume_state(last, student, optimizer)
         log.info("resumed from %s at step %d", last, step)
 
     s_size, t_size = student.config.img_size, teacher.config.img_size

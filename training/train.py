@@ -394,6 +394,17 @@ def validate(
 # ------------------------------------------------------------------------------------------- training
 
 
+def resume_state(last: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights and optimizer from a training checkpoint (last.pt); return its step. The config
+    in the file must equal the model's: resuming another model's run would silently mix them."""
+    ckpt = load_checkpoint(last)
+    if ckpt.config != model.config:
+        raise SystemExit(f"{last}: saved for config {ckpt.config.to_dict()}, not the one asked for now")
+    load_state_into(model, ckpt.state_dict, source=str(last))
+    optimizer.load_state_dict(ckpt.extra["optimizer"])
+    return int(ckpt.extra["step"])
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the final validation metrics (rank 0) and the output paths."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -442,12 +453,7 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     last = out_dir / "last.pt"
     if cfg.resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        if ckpt.config != model.config:
-            raise SystemExit(f"{last}: saved for config {ckpt.config.to_dict()}, not the one asked for now")
-        load_state_into(model, ckpt.state_dict, source=str(last))
-        optimizer.load_state_dict(ckpt.extra["optimizer"])
-        step = int(ckpt.extra["step"])
+        step = resume_state(last, model, optimizer)
         if d.main:
             log.info("resumed from %s at step %d", last, step)
     if step >= cfg.steps and d.main:
