@@ -1,7 +1,8 @@
 """Segmenter: the stateful predictor (SAM's set_image / predict pattern, with text queries).
 
-`set_image` runs the image encoder once per frame; `set_query` / `set_queries` tokenize and encode each
-distinct request once and cache it; `predict` runs only the light fusion + mask decoder. This module imports
+`set_image` runs the image encoder and the per-frame part of the decoder (FrameContext) once per frame;
+`set_query` / `set_queries` tokenize and encode each distinct request once and cache it; `predict` runs only
+the per-request part of the fusion + mask decoder. This module imports
 no torch: with the ONNX Runtime or TensorRT backend a robot needs numpy, tokenizers and the runtime only.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Backend, get_backend
+from .backends.base import FrameContext
 from .config import ConverSegConfig
 from .errors import ConverSegError, InputError
 from .processing import PreprocessedImage, mask_box, preprocess, sigmoid, upsample_logits, validate_image
@@ -100,7 +102,7 @@ class Segmenter:
         )
         self.max_input_side = self.config.max_input_side if max_input_side is None else max_input_side
         self._image: PreprocessedImage | None = None
-        self._embedding: np.ndarray | None = None
+        self._frame: FrameContext | None = None
         self._queries: list[str] = []
         self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         # Counters that tests and diagnostics read: expensive work must happen once.
@@ -115,19 +117,20 @@ class Segmenter:
 
     # -- image ---------------------------------------------------------------------------------------
     def set_image(self, image: np.ndarray) -> None:
-        """image: H x W x 3 uint8 RGB. Runs the image encoder once; predict() reuses the embedding."""
+        """image: H x W x 3 uint8 RGB. Runs the image encoder and the decoder's per-frame part once; predict()
+        reuses them."""
         image = validate_image(image, max_side=self.max_input_side)
         start = time.perf_counter()
         cfg = self.config
         pre = preprocess(image, img_size=cfg.img_size, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
-        self._embedding = self.backend.encode_image(pre.tensor)
+        self._frame = self.backend.prepare_frame(pre.tensor)
         self._image = pre
         self.stats["image_encodes"] += 1
         self.last_image_ms = (time.perf_counter() - start) * 1e3
 
     @property
     def has_image(self) -> bool:
-        return self._embedding is not None
+        return self._frame is not None
 
     # -- text ----------------------------------------------------------------------------------------
     def set_query(self, text: str) -> None:
@@ -185,7 +188,7 @@ class Segmenter:
     # -- prediction ----------------------------------------------------------------------------------
     def predict(self, queries: Sequence[str] | None = None) -> list[SegmentationResult]:
         """One result per query (the active ones from set_queries, or `queries`), in order."""
-        if self._embedding is None or self._image is None:
+        if self._frame is None or self._image is None:
             raise NoImageError("no image: call set_image(rgb) before predict()")
         if queries is not None:
             active = [normalize_query(q) for q in queries]
@@ -198,7 +201,7 @@ class Segmenter:
                 raise InputError("no query: call set_query(text) or pass queries to predict()")
         t0 = time.perf_counter()
         features, mask = self._stack_text(active)
-        low_res, iou, presence_logits = self.backend.decode(self._embedding, features, mask)
+        low_res, iou, presence_logits = self.backend.decode(self._frame, features, mask)
         t1 = time.perf_counter()
         image = self._image
         logits = upsample_logits(

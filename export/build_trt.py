@@ -4,15 +4,16 @@
     python export/build_trt.py --onnx-dir out/onnx_edge --out out/trt_edge --precision int8 \\
         --calib-images data/calib --profile num_queries=1,1,4
 
-Builds image_encoder.engine, text_encoder.engine and decoder.engine with the TensorRT Python API (8.6 as in
+Builds image_encoder.engine, image_context.engine, text_encoder.engine and decoder.engine with the TensorRT
+Python API (8.6 as in
 JetPack 6.0, 10.x as in JetPack 6.1/6.2 and current NGC containers), then writes engines.json (model config,
 TensorRT version, GPU and compute capability, precision, build date, profiles, checksums) that
 TensorRTBackend checks before loading. Engines are not portable: build them on the target (docs/EXPORT.md).
 
-Precision: fp32 and fp16 apply to all three engines. int8 quantizes the image encoder (entropy calibration
-on real images, FP16 where INT8 has no kernel or loses) and keeps the text encoder and decoder in FP16:
-they take a small share of the frame time, and their attention softmaxes and token features calibrate poorly
-from images alone.
+Precision: fp32 and fp16 apply to all four engines. int8 quantizes the image encoder (entropy calibration
+on real images, FP16 where INT8 has no kernel or loses) and keeps the image context, text encoder and decoder
+in FP16: they take a small share of the frame time, and their attention softmaxes and token features
+calibrate poorly from images alone.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
 
+from converseg_core.backends.base import STAGES  # noqa: E402
 from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
     MANIFEST_NAME,
     QUERIES_AXIS,
-    STAGES,
     TOKENS_AXIS,
     OnnxManifest,
 )
@@ -260,7 +261,7 @@ def build_engines(
     device: int = 0,
     verbose: bool = False,
 ) -> EngineSideFile:
-    """Build the three engines of `onnx_dir` into `out` and write the side-file. Returns the side-file."""
+    """Build the engines (STAGES) of `onnx_dir` into `out` and write the side-file. Returns the side-file."""
     trt = import_tensorrt()
     cudart = import_cudart()
     manifest = OnnxManifest.load(onnx_dir)

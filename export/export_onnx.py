@@ -1,13 +1,16 @@
-"""Export a ConverSeg model to three ONNX graphs, check them, and prove parity with PyTorch.
+"""Export a ConverSeg model to four ONNX graphs, check them, and prove parity with PyTorch.
 
     python export/export_onnx.py --checkpoint runs/edge/best.pt --out out/onnx_edge
     python export/export_onnx.py --model converseg_edge --out out/onnx_rand     # random image-side weights
 
 Writes into OUT:
     image_encoder.onnx  image [1, 3, S, S] -> image_embeddings [1, 256, S/16, S/16]
+    image_context.onnx  image_embeddings -> fusion_keys [1, L, hw, 256], fusion_values [1, L, hw, 256],
+                        dense_queries [1, hw, 256]: the decoder's per-frame part (run once per frame)
     text_encoder.onnx   input_ids, attention_mask [Q, T] -> text_features [Q, T, 384]
-    decoder.onnx        image_embeddings, text_features, attention_mask
-                        -> low_res_logits [Q, 1, S/4, S/4], iou_scores [Q, 1], presence_logits [Q]
+    decoder.onnx        image_embeddings, fusion_keys, fusion_values, dense_queries, text_features,
+                        attention_mask -> low_res_logits [Q, 1, S/4, S/4], iou_scores [Q, 1],
+                        presence_logits [Q]: the per-request part
     manifest.json       config, tensor names and shapes, opset, pre-processing constants, parity numbers
     tokenizer.json      the MiniLM tokenizer (copied), so the runtime needs nothing else
 
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
 
+from converseg_core.backends.base import FrameContext  # noqa: E402
 from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
     MANIFEST_NAME,
     QUERIES_AXIS,
@@ -50,6 +54,7 @@ from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
 from converseg_core.build import build_model  # noqa: E402
 from converseg_core.errors import ConverSegError  # noqa: E402
 from converseg_core.modeling.converseg import ConverSeg  # noqa: E402
+from converseg_core.modeling.converseg import FrameContext as TorchFrameContext  # noqa: E402
 from converseg_core.processing import preprocess  # noqa: E402
 from converseg_core.registry import list_models  # noqa: E402
 from converseg_core.tokenizer import QueryTokenizer, find_minilm_file  # noqa: E402
@@ -91,29 +96,58 @@ class TextEncoderGraph(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
-class DecoderGraph(nn.Module):
-    """Fusion + prompt encoder's dense PE + SAM mask decoder, single-mask output, one embedding for Q queries."""
+class ImageContextGraph(nn.Module):
+    """The decoder's per-frame part: image embedding -> FrameContext tensors (fusion keys, values, queries)."""
 
     def __init__(self, model: ConverSeg) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image_embeddings: Tensor, text_features: Tensor, attention_mask: Tensor):
-        out = self.model.decode(image_embeddings, text_features, attention_mask)
+    def forward(self, image_embeddings: Tensor):
+        return tuple(self.model.image_context(image_embeddings)[1:])
+
+
+class DecoderGraph(nn.Module):
+    """The per-request part: fusion + SAM mask decoder on a FrameContext, single-mask output, Q queries."""
+
+    def __init__(self, model: ConverSeg) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        fusion_keys: Tensor,
+        fusion_values: Tensor,
+        dense_queries: Tensor,
+        text_features: Tensor,
+        attention_mask: Tensor,
+    ):
+        context = TorchFrameContext(image_embeddings, fusion_keys, fusion_values, dense_queries)
+        out = self.model.decode_context(context, text_features, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
 
 def graph_specs(config) -> dict[str, GraphSpec]:
-    """Names and shapes of the three graphs; strings are the dynamic axes."""
+    """Names and shapes of the graphs (STAGES); strings are the dynamic axes."""
     s, e, low = config.img_size, config.embed_size, config.low_res_size
     c, d = config.prompt_embed_dim, config.text_hidden_dim
+    depth, hw = config.fusion_depth, config.embed_size**2
     q, t = QUERIES_AXIS, TOKENS_AXIS
+    frame = [
+        TensorSpec("image_embeddings", [1, c, e, e], "float32"),
+        TensorSpec("fusion_keys", [1, depth, hw, c], "float32"),
+        TensorSpec("fusion_values", [1, depth, hw, c], "float32"),
+        TensorSpec("dense_queries", [1, hw, c], "float32"),
+    ]
+    assert [f.name for f in frame] == list(FrameContext._fields)
     return {
         "image_encoder": GraphSpec(
             file="image_encoder.onnx",
             inputs=[TensorSpec("image", [1, 3, s, s], "float32")],
-            outputs=[TensorSpec("image_embeddings", [1, c, e, e], "float32")],
+            outputs=[frame[0]],
         ),
+        "image_context": GraphSpec(file="image_context.onnx", inputs=[frame[0]], outputs=frame[1:]),
         "text_encoder": GraphSpec(
             file="text_encoder.onnx",
             inputs=[TensorSpec("input_ids", [q, t], "int64"), TensorSpec("attention_mask", [q, t], "int64")],
@@ -122,7 +156,7 @@ def graph_specs(config) -> dict[str, GraphSpec]:
         "decoder": GraphSpec(
             file="decoder.onnx",
             inputs=[
-                TensorSpec("image_embeddings", [1, c, e, e], "float32"),
+                *frame,
                 TensorSpec("text_features", [q, t, d], "float32"),
                 TensorSpec("attention_mask", [q, t], "int64"),
             ],
@@ -288,11 +322,13 @@ def traced_graphs(
     # no_grad, not inference_mode: the tracer cannot take inference tensors as inputs.
     with torch.no_grad():
         embedding = model.encode_image(image)
+        context = model.image_context(embedding)
         text = model.encode_text(ids, mask)
     return {
         "image_encoder": (ImageEncoderGraph(model), (image,)),
+        "image_context": (ImageContextGraph(model), (embedding,)),
         "text_encoder": (TextEncoderGraph(model), (ids, mask)),
-        "decoder": (DecoderGraph(model), (embedding, text, mask)),
+        "decoder": (DecoderGraph(model), (*context, text, mask)),
     }
 
 
@@ -375,11 +411,11 @@ def check_parity(
     for queries in CHECK_QUERIES:
         tokens = tokenizer.encode(list(queries), config.max_query_tokens)
         ref = torch_reference(model, image, tokens.input_ids, tokens.attention_mask)
-        emb = backend.encode_image(image)
+        frame = backend.prepare_frame(image)
         text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
         # End to end through ONNX Runtime: errors of the encoders propagate into the decoder, as at run time.
-        logits, iou, presence = backend.decode(emb, text, tokens.attention_mask)
-        got = {"image_embeddings": emb, "text_features": text, "low_res_logits": logits}
+        logits, iou, presence = backend.decode(frame, text, tokens.attention_mask)
+        got = {"image_embeddings": frame.image_embeddings, "text_features": text, "low_res_logits": logits}
         for key, value in got.items():
             if value.shape != ref[key].shape:
                 raise RuntimeError(f"{key}: ONNX Runtime shape {value.shape}, PyTorch {ref[key].shape}")

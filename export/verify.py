@@ -77,9 +77,9 @@ def run_backend(
 
     for frame in frames:
         pre = preprocess(frame, img_size=cfg.img_size, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
-        embedding = backend.encode_image(pre.tensor)
+        context = backend.prepare_frame(pre.tensor)
         text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
-        low, iou, presence = backend.decode(embedding, text, tokens.attention_mask)
+        low, iou, presence = backend.decode(context, text, tokens.attention_mask)
         run.low_res.append(low)
         run.iou.append(iou)
         run.presence.append(presence)
@@ -88,12 +88,12 @@ def run_backend(
     for _ in range(repeats + 1):  # the first round warms up (allocations, lazy kernels) and is dropped
         started = time.perf_counter()
         pre = preprocess(frame, img_size=cfg.img_size, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
-        embedding = backend.encode_image(pre.tensor)
-        low, _, _ = backend.decode(embedding, text, tokens.attention_mask)
+        context = backend.prepare_frame(pre.tensor)
+        low, _, _ = backend.decode(context, text, tokens.attention_mask)
         post(low, pre)
         middle = time.perf_counter()
         text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
-        low, _, _ = backend.decode(embedding, text, tokens.attention_mask)
+        low, _, _ = backend.decode(context, text, tokens.attention_mask)
         post(low, pre)
         ended = time.perf_counter()
         run.new_frame_ms.append((middle - started) * 1e3)

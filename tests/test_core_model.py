@@ -84,6 +84,56 @@ def test_decode_batch_one_embedding_matches_per_query_embeddings():
     assert torch.allclose(shared.low_res_logits, repeated.low_res_logits, atol=1e-5)
 
 
+def test_fusion_split_computes_what_plain_attention_computes():
+    """The fusion's per-frame context plus its per-request part (with the dense branch folded into the text's
+    low rank) must equal the textbook computation: image keys/values projected per call, dense_attn then
+    out_proj then dense_out on every pixel."""
+    from converseg_core.modeling.fusion import attention_bias
+
+    torch.manual_seed(0)
+    model = build_model("converseg_edge", img_size=SMALL, pretrained_text=False).eval()
+    fusion = model.fusion
+    torch.nn.init.normal_(fusion.dense_out.weight, std=0.05)  # zero-initialised: make the branch count
+    emb = torch.randn(1, 256, SMALL // 16, SMALL // 16)
+    feats, mask = torch.randn(3, 6, 384), torch.ones(3, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    pe_map = model.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense, presence = fusion(emb, pe_map, feats, mask)
+        image, pe = emb.flatten(2).transpose(1, 2), pe_map.flatten(2).transpose(1, 2)
+        text = fusion.text_proj(feats)
+        bias = attention_bias(mask, text.dtype)
+        q = fusion.query_tokens.unsqueeze(0).expand(3, -1, -1)
+        for layer in fusion.layers:
+            x = layer.norm_self(q)
+            q = q + layer.self_attn(x, x, x)
+            x = layer.norm_text(q)
+            q = q + layer.text_attn(x, text, text, bias)
+            x = layer.norm_image(q)
+            q = q + layer.image_attn(x, image + pe, image)
+            q = q + layer.mlp(layer.norm_mlp(q))
+        q = fusion.norm_out(q)
+        want_dense = fusion.dense_out(fusion.dense_attn(fusion.dense_norm(image + pe), text, text, bias))
+    assert torch.allclose(sparse, q[:, : fusion.num_prompt_tokens], atol=1e-5)
+    assert torch.allclose(presence, fusion.presence_head(q[:, -1]).squeeze(-1), atol=1e-5)
+    assert dense.abs().max() > 0.1
+    assert torch.allclose(dense, want_dense.transpose(1, 2).reshape(dense.shape), atol=1e-5)
+
+
+def test_decode_context_reuses_one_frame_for_many_requests():
+    torch.manual_seed(0)
+    model = build_model("converseg_edge", img_size=SMALL, pretrained_text=False).eval()
+    with torch.no_grad():
+        emb = model.encode_image(torch.randn(1, 3, SMALL, SMALL))
+        context = model.image_context(emb)
+        assert context.fusion_keys.shape == (1, model.config.fusion_depth, (SMALL // 16) ** 2, 256)
+        feats, mask = torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.long)
+        together = model.decode_context(context, feats, mask)
+        for i in range(2):
+            alone = model.decode(emb, feats[i : i + 1], mask[i : i + 1])
+            assert torch.allclose(together.low_res_logits[i], alone.low_res_logits[0], atol=1e-5)
+
+
 def test_default_sizes_of_the_edge_model():
     cfg = get_config("converseg_edge")
     assert cfg.img_size == 512 and cfg.embed_size == 32 and cfg.low_res_size == 128

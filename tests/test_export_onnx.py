@@ -26,6 +26,7 @@ import torch
 from converseg_core.backends import Backend
 from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest, OnnxRuntimeBackend
 from converseg_core.build import build_model
+from converseg_core.errors import CheckpointError, InputError
 from converseg_core.registry import get_config, list_models
 from converseg_core.segmenter import Segmenter
 from converseg_core.tokenizer import QueryTokenizer
@@ -65,10 +66,11 @@ def edge_export(edge, tmp_path_factory):
     return out, manifest
 
 
-def test_export_writes_three_graphs_manifest_and_tokenizer(edge_export):
+def test_export_writes_four_graphs_manifest_and_tokenizer(edge_export):
     out, manifest = edge_export
     assert sorted(p.name for p in out.iterdir()) == [
         "decoder.onnx",
+        "image_context.onnx",
         "image_encoder.onnx",
         "manifest.json",
         "text_encoder.onnx",
@@ -116,10 +118,12 @@ def test_onnxruntime_backend_matches_torch(edge, edge_export, queries):
     tokens = QueryTokenizer.from_file(backend.tokenizer_path).encode(queries, 32)
     image = preprocessed_test_image(backend.config, seed=7)
     emb = backend.encode_image(image)
+    frame = backend.image_context(emb)
     text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
-    logits, iou, presence = backend.decode(emb, text, tokens.attention_mask)
+    logits, iou, presence = backend.decode(frame, text, tokens.attention_mask)
     q, t = tokens.input_ids.shape
     assert emb.shape == (1, 256, SIZE // 16, SIZE // 16) and text.shape == (q, t, 384)
+    assert frame.fusion_keys.shape == (1, edge.config.fusion_depth, (SIZE // 16) ** 2, 256)
     assert logits.shape == (q, 1, SIZE // 4, SIZE // 4) and iou.shape == (q, 1) and presence.shape == (q,)
     with torch.inference_mode():
         ref_emb = edge.encode_image(torch.from_numpy(image))
@@ -128,8 +132,33 @@ def test_onnxruntime_backend_matches_torch(edge, edge_export, queries):
         )
         ref = edge.decode(ref_emb, ref_text, torch.from_numpy(tokens.attention_mask))
     assert rel_error(emb, ref_emb.numpy()) < DEFAULT_MAX_REL_ERROR
+    with torch.inference_mode():
+        ref_frame = edge.image_context(ref_emb)
+    for got, want in zip(frame[1:], ref_frame[1:], strict=True):
+        assert rel_error(got, want.numpy()) < DEFAULT_MAX_REL_ERROR
     assert rel_error(logits, ref.low_res_logits.numpy()) < DEFAULT_MAX_REL_ERROR
     np.testing.assert_allclose(presence, ref.presence_logits.numpy(), atol=1e-4)
+
+
+def test_decode_refuses_a_bare_embedding(edge_export):
+    """decode() takes the per-frame context; an embedding passed the old way is a clear error."""
+    out, _ = edge_export
+    backend = OnnxRuntimeBackend.from_dir(out, providers=["cpu"])
+    emb = backend.encode_image(preprocessed_test_image(backend.config))
+    text = np.zeros((1, 3, 384), np.float32)
+    with pytest.raises(InputError, match="image_context"):
+        backend.decode(emb, text, np.ones((1, 3), np.int64))
+    with pytest.raises(InputError, match="image embedding must be"):
+        backend.image_context(emb[:, :128])
+
+
+def test_manifest_of_an_older_export_is_refused(edge_export, tmp_path):
+    out, _ = edge_export
+    data = json.loads((out / "manifest.json").read_text())
+    data["version"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="export again"):
+        OnnxManifest.load(tmp_path)
 
 
 def test_segmenter_on_onnxruntime_matches_torch(edge, edge_export):

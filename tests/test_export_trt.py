@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from converseg_core.backends.base import STAGES
 from converseg_core.backends.onnxruntime_backend import (
     QUERIES_AXIS,
     TOKENS_AXIS,
@@ -54,10 +55,7 @@ def side_file(**changes) -> EngineSideFile:
         compute_capability="8.7",
         precision="fp16",
         build_date="2026-11-21T21:00:00+00:00",
-        engines={
-            s: {"file": f"{s}.engine", "sha256": "0" * 64, "precision": "fp16"}
-            for s in ("image_encoder", "text_encoder", "decoder")
-        },
+        engines={s: {"file": f"{s}.engine", "sha256": "0" * 64, "precision": "fp16"} for s in STAGES},
     )
     return replace(base, **changes)
 
@@ -198,11 +196,11 @@ def test_side_file_from_another_format_or_version_is_refused(tmp_path):
 
 
 def test_backend_refuses_a_swapped_engine_before_needing_tensorrt(tmp_path):
-    for stage in ("image_encoder", "text_encoder", "decoder"):
+    for stage in STAGES:
         (tmp_path / f"{stage}.engine").write_bytes(stage.encode())
     engines = {
         s: {"file": f"{s}.engine", "sha256": sha256_file(tmp_path / f"{s}.engine"), "precision": "fp16"}
-        for s in ("image_encoder", "text_encoder", "decoder")
+        for s in STAGES
     }
     side_file(engines=engines).save(tmp_path / SIDE_FILE_NAME)
     (tmp_path / "decoder.engine").write_bytes(b"an engine from another build")
@@ -212,11 +210,11 @@ def test_backend_refuses_a_swapped_engine_before_needing_tensorrt(tmp_path):
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the error given where TensorRT is missing")
 def test_backend_without_tensorrt_raises_backend_unavailable(tmp_path):
-    for stage in ("image_encoder", "text_encoder", "decoder"):
+    for stage in STAGES:
         (tmp_path / f"{stage}.engine").write_bytes(stage.encode())
     engines = {
         s: {"file": f"{s}.engine", "sha256": sha256_file(tmp_path / f"{s}.engine"), "precision": "fp16"}
-        for s in ("image_encoder", "text_encoder", "decoder")
+        for s in STAGES
     }
     side_file(engines=engines).save(tmp_path / SIDE_FILE_NAME)
     with pytest.raises(BackendUnavailableError, match="JetPack"):
@@ -339,6 +337,21 @@ def test_build_and_run_engines_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(
         trt_backend.encode_image(image), ort_backend.encode_image(image), rtol=1e-3, atol=1e-3
     )
+    tokens = ort_backend_tokens(ort_backend, ["the red mug", "where can I put the knife"])
+    results = []
+    for backend in (trt_backend, ort_backend):
+        frame = backend.prepare_frame(image)
+        text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
+        results.append(backend.decode(frame, text, tokens.attention_mask))
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def ort_backend_tokens(backend, queries):
+    from converseg_core.tokenizer import QueryTokenizer
+
+    tokenizer = QueryTokenizer.from_file(backend.tokenizer_path)
+    return tokenizer.encode(queries, backend.config.max_query_tokens)
 
 
 @pytest.mark.tensorrt

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..config import ConverSegConfig
 from ..errors import InputError
+
+# The exported graphs (and TensorRT engines), in the order a frame and a request flow through them.
+STAGES = ("image_encoder", "image_context", "text_encoder", "decoder")
+
+
+class FrameContext(NamedTuple):
+    """What the decoder needs from one frame, whatever the request; computed once per frame.
+
+    image_embeddings: 1 x C x h x w (the image encoder's output); fusion_keys, fusion_values:
+    1 x depth x hw x C (each fusion layer's image keys and values); dense_queries: 1 x hw x C.
+    The field order is the order of the image_context graph's outputs and of the decoder graph's first inputs.
+    """
+
+    image_embeddings: np.ndarray
+    fusion_keys: np.ndarray
+    fusion_values: np.ndarray
+    dense_queries: np.ndarray
 
 
 @runtime_checkable
@@ -22,22 +39,47 @@ class Backend(Protocol):
         """image: 1 x 3 x S x S float32 (normalized, padded) -> 1 x 256 x S/16 x S/16 float32."""
         ...
 
+    def image_context(self, embedding: np.ndarray) -> FrameContext:
+        """1 x 256 x h x w image embedding -> the per-frame part of decoding."""
+        ...
+
+    def prepare_frame(self, image: np.ndarray) -> FrameContext:
+        """encode_image then image_context: everything a new frame costs before any request."""
+        ...
+
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """input_ids, attention_mask: Q x T int64 -> Q x T x 384 float32 token features."""
         ...
 
     def decode(
-        self, embedding: np.ndarray, text_features: np.ndarray, attention_mask: np.ndarray
+        self, frame: FrameContext, text_features: np.ndarray, attention_mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """embedding: 1 x 256 x h x w; text_features: Q x T x 384; attention_mask: Q x T int64 ->
+        """frame: from prepare_frame(); text_features: Q x T x 384; attention_mask: Q x T int64 ->
         (low_res_logits Q x 1 x 4h x 4w, iou_scores Q x 1, presence_logits Q), float32."""
         ...
 
 
+def check_frame(frame: object) -> FrameContext:
+    """The decoder's first argument must be a FrameContext, not the bare embedding of older versions."""
+    if not isinstance(frame, FrameContext):
+        raise InputError(
+            f"decode() takes the FrameContext returned by prepare_frame() or image_context(), got "
+            f"{type(frame).__name__}; a bare image embedding must go through image_context() first"
+        )
+    return frame
+
+
+def check_text(text_features: np.ndarray, attention_mask: np.ndarray) -> None:
+    if text_features.ndim != 3 or text_features.shape[:2] != attention_mask.shape:
+        raise InputError(
+            f"text_features {text_features.shape} and attention_mask {attention_mask.shape} disagree on Q x T"
+        )
+
+
 class GraphBackend:
-    """What every backend that runs the three exported graphs (image_encoder, text_encoder, decoder) shares:
-    the input checks and the stage wiring of the Backend interface. Subclasses set `config` and implement
-    `_run(stage, *inputs) -> outputs` for their runtime."""
+    """What every backend that runs the exported graphs (STAGES) shares: the input checks and the stage
+    wiring of the Backend interface. Subclasses set `config` and implement `_run(stage, *inputs) -> outputs`
+    for their runtime."""
 
     config: ConverSegConfig
 
@@ -51,6 +93,17 @@ class GraphBackend:
             raise InputError(f"image must be 1 x 3 x {size} x {size}, got {tuple(image.shape)}")
         return self._run("image_encoder", image)[0]
 
+    def image_context(self, embedding: np.ndarray) -> FrameContext:
+        """1 x 256 x h x w image embedding -> FrameContext (the decoder's per-frame inputs)."""
+        cfg = self.config
+        want = (1, cfg.prompt_embed_dim, cfg.embed_size, cfg.embed_size)
+        if embedding.shape != want:
+            raise InputError(f"image embedding must be {' x '.join(map(str, want))}, got {embedding.shape}")
+        return FrameContext(embedding, *self._run("image_context", embedding))
+
+    def prepare_frame(self, image: np.ndarray) -> FrameContext:
+        return self.image_context(self.encode_image(image))
+
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Q x T int64 ids and mask -> Q x T x 384 float32 token features."""
         if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
@@ -60,14 +113,12 @@ class GraphBackend:
         return self._run("text_encoder", input_ids, attention_mask)[0]
 
     def decode(
-        self, embedding: np.ndarray, text_features: np.ndarray, attention_mask: np.ndarray
+        self, frame: FrameContext, text_features: np.ndarray, attention_mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (low_res_logits Q x 1 x 4h x 4w, iou_scores Q x 1, presence_logits Q), float32."""
-        if text_features.shape[:2] != attention_mask.shape:
-            raise InputError(
-                f"text_features {text_features.shape} and attention_mask {attention_mask.shape} disagree on Q x T"
-            )
+        frame = check_frame(frame)
+        check_text(text_features, attention_mask)
         low_res_logits, iou_scores, presence_logits = self._run(
-            "decoder", embedding, text_features, attention_mask
+            "decoder", *frame, text_features, attention_mask
         )
         return low_res_logits, iou_scores, presence_logits

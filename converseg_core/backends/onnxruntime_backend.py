@@ -1,11 +1,14 @@
-"""ONNX Runtime backend: the three exported graphs, numpy in, numpy out, no torch.
+"""ONNX Runtime backend: the four exported graphs, numpy in, numpy out, no torch.
 
 An export folder (`python export/export_onnx.py`) holds:
 
     image_encoder.onnx   image (1 x 3 x S x S float32) -> image_embeddings (1 x 256 x S/16 x S/16)
+    image_context.onnx   image_embeddings -> fusion_keys, fusion_values, dense_queries: the decoder's
+                         per-frame part, run once per frame (FrameContext)
     text_encoder.onnx    input_ids, attention_mask (Q x T int64) -> text_features (Q x T x 384)
-    decoder.onnx         image_embeddings, text_features, attention_mask
-                         -> low_res_logits (Q x 1 x S/4 x S/4), iou_scores (Q x 1), presence_logits (Q)
+    decoder.onnx         image_embeddings, fusion_keys, fusion_values, dense_queries, text_features,
+                         attention_mask -> low_res_logits (Q x 1 x S/4 x S/4), iou_scores (Q x 1),
+                         presence_logits (Q): the per-request part
     manifest.json        model config, tensor names and shapes, opset, pre-processing constants, parity
     tokenizer.json       the MiniLM tokenizer, so the runtime needs no Python package for it
 
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from converseg_core.backends.base import GraphBackend
+from converseg_core.backends.base import STAGES, GraphBackend
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import BackendUnavailableError, CheckpointError
 
@@ -32,8 +35,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "converseg-onnx-export"
-MANIFEST_VERSION = 1
-STAGES = ("image_encoder", "text_encoder", "decoder")
+# 2: the decoder split into image_context (per frame) and decoder (per request).
+MANIFEST_VERSION = 2
 # Names of the only dynamic axes; every other dimension is fixed by the config.
 QUERIES_AXIS = "num_queries"
 TOKENS_AXIS = "num_tokens"
@@ -170,13 +173,18 @@ class OnnxRuntimeBackend(GraphBackend):
         num_threads: int | None = None,
         trt_cache_dir: str | Path | None = None,
         trt_fp16: bool = True,
+        allow_spinning: bool = False,
     ) -> OnnxRuntimeBackend:
-        """Open the three graphs of an export folder.
+        """Open the graphs (STAGES) of an export folder.
 
         providers: short names in preference order, from ("tensorrt", "cuda", "cpu"). None: every one
             this onnxruntime build has, TensorRT first. Asking for one that is absent is an error, not a
             silent fall-back to the CPU.
         num_threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+        allow_spinning: let each session's idle worker threads busy-wait for work. Off by default: a request
+            runs the text encoder then the decoder, and the text session's spinning workers would take the
+            cores from the decoder's (measured on 2 cores: text + decoder 40 ms spinning, 19 ms not;
+            docs/benchmarks/export.md). Spinning helps only a process that runs one session back to back.
         trt_cache_dir: where ORT's TensorRT provider keeps the engines it builds (the first run builds them,
             minutes on a Jetson); default `<path>/ort_trt_cache`.
         """
@@ -221,6 +229,8 @@ class OnnxRuntimeBackend(GraphBackend):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if num_threads is not None:
                 options.intra_op_num_threads = num_threads
+            if not allow_spinning:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 sessions[stage] = ort.InferenceSession(str(graph_path), options, providers=provider_list)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

@@ -1,8 +1,8 @@
-"""TensorRT backend: three serialized engines plus a side-file, numpy in, numpy out, no torch.
+"""TensorRT backend: four serialized engines plus a side-file, numpy in, numpy out, no torch.
 
 `export/build_trt.py` writes, into one folder:
 
-    image_encoder.engine  text_encoder.engine  decoder.engine
+    image_encoder.engine  image_context.engine  text_encoder.engine  decoder.engine
     engines.json          the side-file: model config, TensorRT version, GPU and compute capability,
                           precision, build date, optimization profiles, engine checksums
     tokenizer.json        copied from the ONNX export folder
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from converseg_core.backends.base import GraphBackend
+from converseg_core.backends.base import STAGES, GraphBackend
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
 
@@ -37,10 +37,9 @@ log = logging.getLogger(__name__)
 
 SIDE_FILE_NAME = "engines.json"
 SIDE_FILE_FORMAT = "converseg-tensorrt-engines"
-SIDE_FILE_VERSION = 1
+# 2: engines for the four graphs of ONNX manifest version 2 (image_context split from the decoder).
+SIDE_FILE_VERSION = 2
 TOKENIZER_FILE_NAME = "tokenizer.json"
-# Graph (and engine) stems, shared with the ONNX export folder.
-STAGES = ("image_encoder", "text_encoder", "decoder")
 
 TENSORRT_HINT = (
     "TensorRT runs on the target: a Jetson with JetPack 6 (TensorRT 8.6 in JetPack 6.0, 10.3 in 6.1/6.2; "

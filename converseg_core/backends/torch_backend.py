@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from ..modeling.converseg import ConverSeg
+from ..modeling.converseg import FrameContext as TorchFrameContext
+from .base import FrameContext, check_frame, check_text
 
 
 class TorchBackend:
@@ -37,11 +39,23 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
+    def image_context(self, embedding: np.ndarray) -> FrameContext:
+        context = self.model.image_context(self._tensor(embedding))
+        return FrameContext(*(t.float().cpu().numpy() for t in context))
+
+    def prepare_frame(self, image: np.ndarray) -> FrameContext:
+        return self.image_context(self.encode_image(image))
+
+    @torch.inference_mode()
     def decode(
-        self, embedding: np.ndarray, text_features: np.ndarray, attention_mask: np.ndarray
+        self, frame: FrameContext, text_features: np.ndarray, attention_mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = self.model.decode(
-            self._tensor(embedding), self._tensor(text_features), self._tensor(attention_mask)
+        frame = check_frame(frame)
+        check_text(text_features, attention_mask)
+        out = self.model.decode_context(
+            TorchFrameContext(*(self._tensor(a) for a in frame)),
+            self._tensor(text_features),
+            self._tensor(attention_mask),
         )
         return (
             out.low_res_logits.float().cpu().numpy(),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ConverSegConfig
-from .fusion import TextImageFusion
+from .fusion import FusionImageContext, TextImageFusion
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
@@ -21,6 +22,19 @@ class DecoderOutput:
     low_res_logits: Tensor
     iou_scores: Tensor
     presence_logits: Tensor
+
+
+class FrameContext(NamedTuple):
+    """Everything the decoder needs from one frame, whatever the request: computed once per frame by
+    `image_context`, reused by `decode_context` for every request. B = 1 for a frame shared by all queries.
+
+    image_embeddings: B x C x h x w; fusion_keys, fusion_values: B x depth x hw x C; dense_queries: B x hw x C.
+    """
+
+    image_embeddings: Tensor
+    fusion_keys: Tensor
+    fusion_values: Tensor
+    dense_queries: Tensor
 
 
 class ConverSeg(nn.Module):
@@ -55,6 +69,11 @@ class ConverSeg(nn.Module):
         """input_ids, attention_mask: Q x T int64 -> Q x T x 384 token features."""
         return self.text_encoder(input_ids, attention_mask)
 
+    def image_context(self, image_embeddings: Tensor) -> FrameContext:
+        """The per-frame part of decoding (image_embeddings: B x C x h x w from encode_image)."""
+        fusion = self.fusion.image_context(image_embeddings, self.prompt_encoder.get_dense_pe())
+        return FrameContext(image_embeddings, *fusion)
+
     def decode(
         self,
         image_embeddings: Tensor,
@@ -63,9 +82,26 @@ class ConverSeg(nn.Module):
         multimask_output: bool = False,
     ) -> DecoderOutput:
         """image_embeddings: 1 x C x h x w (shared by every query) or Q x C x h x w (one per query)."""
+        return self.decode_context(
+            self.image_context(image_embeddings), text_features, attention_mask, multimask_output
+        )
+
+    def decode_context(
+        self,
+        context: FrameContext,
+        text_features: Tensor,
+        attention_mask: Tensor,
+        multimask_output: bool = False,
+    ) -> DecoderOutput:
+        """The per-request part: context from image_context(); text_features: Q x T x 384; attention_mask:
+        Q x T (1 = token, 0 = padding)."""
+        image_embeddings = context.image_embeddings
         image_pe = self.prompt_encoder.get_dense_pe()
-        sparse, dense_bias, presence_logits = self.fusion(
-            image_embeddings, image_pe, text_features, attention_mask
+        sparse, dense_bias, presence_logits = self.fusion.forward_context(
+            FusionImageContext(context.fusion_keys, context.fusion_values, context.dense_queries),
+            text_features,
+            attention_mask,
+            image_embeddings.shape[-2:],
         )
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1) + dense_bias
         masks, iou = self.mask_decoder(
