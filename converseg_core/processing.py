@@ -5,7 +5,10 @@ pixel mean/std, pad bottom-right to img_size x img_size. Post-processing undoes 
 logits are upsampled to the padded input, cropped to the resized image, and resized to the camera frame,
 both steps bilinear with align_corners=False, as SAM's postprocess_masks does with F.interpolate.
 Both upsampling steps are linear, so they are folded into two small matrices per (frame size): one matmul
-on each side instead of two full-size interpolations.
+on each side instead of two full-size interpolations. Those matmuls run on one BLAS thread: they take about
+a millisecond, and a multi-threaded OpenBLAS leaves its worker threads busy-waiting for work long after the
+call, taking the cores from the inference runtime (measured with ONNX Runtime on 2 cores: a new frame took
+77-80 ms with OpenBLAS's threads, 57-59 ms with one; docs/benchmarks/export.md).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import ThreadpoolController
 
 from .errors import InputError
 
@@ -70,9 +74,14 @@ def preprocess(
     if (new_h, new_w) != (height, width):
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
     out = np.zeros((1, 3, img_size, img_size), dtype=np.float32)
-    mean = np.asarray(pixel_mean, dtype=np.float32)
-    inv_std = 1.0 / np.asarray(pixel_std, dtype=np.float32)
-    out[0, :, :new_h, :new_w] = ((image.astype(np.float32) - mean) * inv_std).transpose(2, 0, 1)
+    # Channel by channel, straight from the uint8 planes into the output: (x - mean) / std as x * (1 / std)
+    # - mean / std, with no H x W x 3 float temporaries (5x faster than the broadcast form at 512 x 384).
+    planes = image.transpose(2, 0, 1)
+    for c in range(3):
+        inv_std = np.float32(1.0 / pixel_std[c])
+        target = out[0, c, :new_h, :new_w]
+        np.multiply(planes[c], inv_std, out=target, casting="unsafe")
+        target -= np.float32(pixel_mean[c]) * inv_std
     return PreprocessedImage(tensor=out, input_size=(new_h, new_w), original_size=(height, width))
 
 
@@ -114,7 +123,14 @@ def upsample_logits(
     if logits.ndim == 4:
         logits = logits[:, 0]
     rows, cols_t = _upsample_matrices(logits.shape[-1], img_size, tuple(input_size), tuple(original_size))
-    return rows @ logits @ cols_t
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return rows @ logits @ cols_t
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    """Created once: it inspects the loaded native libraries (milliseconds)."""
+    return ThreadpoolController()
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
