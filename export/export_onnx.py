@@ -5,10 +5,11 @@
 
 Writes into OUT:
     image_encoder.onnx  image [1, 3, S, S] -> image_embeddings [1, 256, S/16, S/16]
-    image_context.onnx  image_embeddings -> fusion_keys [1, L, hw, 256], fusion_values [1, L, hw, 256],
-                        dense_queries [1, hw, 256]: the decoder's per-frame part (run once per frame)
+    image_context.onnx  image_embeddings -> image_tokens [1, hw, 256], fusion_keys [1, L, H, d, hw],
+                        fusion_values [1, L, H, hw, d], dense_queries [1, H, hw, d]: the decoder's
+                        per-frame part, run once per frame (L fusion layers, H heads, d = 256 / H)
     text_encoder.onnx   input_ids, attention_mask [Q, T] -> text_features [Q, T, 384]
-    decoder.onnx        image_embeddings, fusion_keys, fusion_values, dense_queries, text_features,
+    decoder.onnx        image_tokens, fusion_keys, fusion_values, dense_queries, text_features,
                         attention_mask -> low_res_logits [Q, 1, S/4, S/4], iou_scores [Q, 1],
                         presence_logits [Q]: the per-request part
     manifest.json       config, tensor names and shapes, opset, pre-processing constants, parity numbers
@@ -104,7 +105,7 @@ class ImageContextGraph(nn.Module):
         self.model = model
 
     def forward(self, image_embeddings: Tensor):
-        return tuple(self.model.image_context(image_embeddings)[1:])
+        return tuple(self.model.image_context(image_embeddings))
 
 
 class DecoderGraph(nn.Module):
@@ -116,14 +117,14 @@ class DecoderGraph(nn.Module):
 
     def forward(
         self,
-        image_embeddings: Tensor,
+        image_tokens: Tensor,
         fusion_keys: Tensor,
         fusion_values: Tensor,
         dense_queries: Tensor,
         text_features: Tensor,
         attention_mask: Tensor,
     ):
-        context = TorchFrameContext(image_embeddings, fusion_keys, fusion_values, dense_queries)
+        context = TorchFrameContext(image_tokens, fusion_keys, fusion_values, dense_queries)
         out = self.model.decode_context(context, text_features, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
@@ -132,22 +133,24 @@ def graph_specs(config) -> dict[str, GraphSpec]:
     """Names and shapes of the graphs (STAGES); strings are the dynamic axes."""
     s, e, low = config.img_size, config.embed_size, config.low_res_size
     c, d = config.prompt_embed_dim, config.text_hidden_dim
-    depth, hw = config.fusion_depth, config.embed_size**2
+    depth, heads, hw = config.fusion_depth, config.fusion_heads, config.embed_size**2
     q, t = QUERIES_AXIS, TOKENS_AXIS
+    embeddings = TensorSpec("image_embeddings", [1, c, e, e], "float32")
     frame = [
-        TensorSpec("image_embeddings", [1, c, e, e], "float32"),
-        TensorSpec("fusion_keys", [1, depth, hw, c], "float32"),
-        TensorSpec("fusion_values", [1, depth, hw, c], "float32"),
-        TensorSpec("dense_queries", [1, hw, c], "float32"),
+        TensorSpec("image_tokens", [1, hw, c], "float32"),
+        TensorSpec("fusion_keys", [1, depth, heads, c // heads, hw], "float32"),
+        TensorSpec("fusion_values", [1, depth, heads, hw, c // heads], "float32"),
+        TensorSpec("dense_queries", [1, heads, hw, c // heads], "float32"),
     ]
-    assert [f.name for f in frame] == list(FrameContext._fields)
+    if [f.name for f in frame] != list(FrameContext._fields):
+        raise RuntimeError("graph_specs is out of step with backends.base.FrameContext")
     return {
         "image_encoder": GraphSpec(
             file="image_encoder.onnx",
             inputs=[TensorSpec("image", [1, 3, s, s], "float32")],
-            outputs=[frame[0]],
+            outputs=[embeddings],
         ),
-        "image_context": GraphSpec(file="image_context.onnx", inputs=[frame[0]], outputs=frame[1:]),
+        "image_context": GraphSpec(file="image_context.onnx", inputs=[embeddings], outputs=frame),
         "text_encoder": GraphSpec(
             file="text_encoder.onnx",
             inputs=[TensorSpec("input_ids", [q, t], "int64"), TensorSpec("attention_mask", [q, t], "int64")],
@@ -411,11 +414,11 @@ def check_parity(
     for queries in CHECK_QUERIES:
         tokens = tokenizer.encode(list(queries), config.max_query_tokens)
         ref = torch_reference(model, image, tokens.input_ids, tokens.attention_mask)
-        frame = backend.prepare_frame(image)
+        emb = backend.encode_image(image)
         text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
         # End to end through ONNX Runtime: errors of the encoders propagate into the decoder, as at run time.
-        logits, iou, presence = backend.decode(frame, text, tokens.attention_mask)
-        got = {"image_embeddings": frame.image_embeddings, "text_features": text, "low_res_logits": logits}
+        logits, iou, presence = backend.decode(backend.image_context(emb), text, tokens.attention_mask)
+        got = {"image_embeddings": emb, "text_features": text, "low_res_logits": logits}
         for key, value in got.items():
             if value.shape != ref[key].shape:
                 raise RuntimeError(f"{key}: ONNX Runtime shape {value.shape}, PyTorch {ref[key].shape}")

@@ -126,7 +126,14 @@ def test_decode_context_reuses_one_frame_for_many_requests():
     with torch.no_grad():
         emb = model.encode_image(torch.randn(1, 3, SMALL, SMALL))
         context = model.image_context(emb)
-        assert context.fusion_keys.shape == (1, model.config.fusion_depth, (SMALL // 16) ** 2, 256)
+        heads = model.config.fusion_heads
+        assert context.fusion_keys.shape == (
+            1,
+            model.config.fusion_depth,
+            heads,
+            256 // heads,
+            (SMALL // 16) ** 2,
+        )
         feats, mask = torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.long)
         together = model.decode_context(context, feats, mask)
         for i in range(2):

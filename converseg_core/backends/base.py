@@ -17,12 +17,14 @@ STAGES = ("image_encoder", "image_context", "text_encoder", "decoder")
 class FrameContext(NamedTuple):
     """What the decoder needs from one frame, whatever the request; computed once per frame.
 
-    image_embeddings: 1 x C x h x w (the image encoder's output); fusion_keys, fusion_values:
-    1 x depth x hw x C (each fusion layer's image keys and values); dense_queries: 1 x hw x C.
-    The field order is the order of the image_context graph's outputs and of the decoder graph's first inputs.
+    image_tokens: 1 x hw x C, the image embedding as tokens plus SAM's no-mask embedding;
+    fusion_keys: 1 x depth x heads x d x hw; fusion_values: 1 x depth x heads x hw x d;
+    dense_queries: 1 x heads x hw x d (d = C / heads). The numpy twin of converseg_core.modeling's
+    FrameContext; the field order is the order of the image_context graph's outputs and of the decoder
+    graph's first inputs.
     """
 
-    image_embeddings: np.ndarray
+    image_tokens: np.ndarray
     fusion_keys: np.ndarray
     fusion_values: np.ndarray
     dense_queries: np.ndarray
@@ -99,7 +101,7 @@ class GraphBackend:
         want = (1, cfg.prompt_embed_dim, cfg.embed_size, cfg.embed_size)
         if embedding.shape != want:
             raise InputError(f"image embedding must be {' x '.join(map(str, want))}, got {embedding.shape}")
-        return FrameContext(embedding, *self._run("image_context", embedding))
+        return FrameContext(*self._run("image_context", embedding))
 
     def prepare_frame(self, image: np.ndarray) -> FrameContext:
         return self.image_context(self.encode_image(image))

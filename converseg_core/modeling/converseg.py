@@ -27,11 +27,16 @@ class DecoderOutput:
 class FrameContext(NamedTuple):
     """Everything the decoder needs from one frame, whatever the request: computed once per frame by
     `image_context`, reused by `decode_context` for every request. B = 1 for a frame shared by all queries.
+    Laid out as the per-request matmuls read it (d = C / heads), so no request transposes an image-sized
+    tensor.
 
-    image_embeddings: B x C x h x w; fusion_keys, fusion_values: B x depth x hw x C; dense_queries: B x hw x C.
+    image_tokens: B x hw x C, the image embedding as tokens plus SAM's no-mask embedding (the mask decoder's
+        input before the request's dense bias is added);
+    fusion_keys: B x depth x heads x d x hw; fusion_values: B x depth x heads x hw x d;
+    dense_queries: B x heads x hw x d.
     """
 
-    image_embeddings: Tensor
+    image_tokens: Tensor
     fusion_keys: Tensor
     fusion_values: Tensor
     dense_queries: Tensor
@@ -69,10 +74,16 @@ class ConverSeg(nn.Module):
         """input_ids, attention_mask: Q x T int64 -> Q x T x 384 token features."""
         return self.text_encoder(input_ids, attention_mask)
 
+    def pe_tokens(self) -> Tensor:
+        """SAM's dense positional encoding as 1 x hw x C tokens (a constant of the model)."""
+        return self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
+
     def image_context(self, image_embeddings: Tensor) -> FrameContext:
         """The per-frame part of decoding (image_embeddings: B x C x h x w from encode_image)."""
-        fusion = self.fusion.image_context(image_embeddings, self.prompt_encoder.get_dense_pe())
-        return FrameContext(image_embeddings, *fusion)
+        tokens = image_embeddings.flatten(2).transpose(1, 2)
+        fusion = self.fusion.image_context(tokens, self.pe_tokens())
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1)
+        return FrameContext(tokens + no_mask, *fusion)
 
     def decode(
         self,
@@ -95,20 +106,17 @@ class ConverSeg(nn.Module):
     ) -> DecoderOutput:
         """The per-request part: context from image_context(); text_features: Q x T x 384; attention_mask:
         Q x T (1 = token, 0 = padding)."""
-        image_embeddings = context.image_embeddings
-        image_pe = self.prompt_encoder.get_dense_pe()
         sparse, dense_bias, presence_logits = self.fusion.forward_context(
             FusionImageContext(context.fusion_keys, context.fusion_values, context.dense_queries),
             text_features,
             attention_mask,
-            image_embeddings.shape[-2:],
         )
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1) + dense_bias
-        masks, iou = self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+        # SAM's dense prompt is no_mask_embed + the request's bias; no_mask_embed is in image_tokens already.
+        masks, iou = self.mask_decoder.forward_tokens(
+            context.image_tokens + dense_bias,
+            self.pe_tokens(),
+            sparse,
+            self.prompt_encoder.image_embedding_size,
             multimask_output=multimask_output,
         )
         return DecoderOutput(low_res_logits=masks, iou_scores=iou, presence_logits=presence_logits)

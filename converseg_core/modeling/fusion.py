@@ -39,27 +39,35 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def _heads(self, x: Tensor) -> Tensor:
+    def heads(self, x: Tensor) -> Tensor:
+        """B x N x C -> B x heads x N x C/heads."""
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def probabilities(self, q: Tensor, k: Tensor, bias: Tensor | None = None) -> Tensor:
-        """Projected q (B x N x C) and k (B x M x C) -> attention weights B x heads x N x M."""
-        q, k = self._heads(q), self._heads(k)
-        logits = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    def key_heads(self, k: Tensor) -> Tensor:
+        """Projected keys B x M x C -> B x heads x C/heads x M, the layout q @ k takes without a transpose."""
+        b, m, c = k.shape
+        return k.reshape(b, m, self.num_heads, c // self.num_heads).permute(0, 2, 3, 1)
+
+    def probabilities(self, q: Tensor, k_t: Tensor, bias: Tensor | None = None) -> Tensor:
+        """q: B x heads x N x d, k_t: B x heads x d x M (key_heads) -> attention weights B x heads x N x M.
+        q and k_t may differ in batch (1 vs Q): matmul broadcasts, the output has the larger batch."""
+        logits = (q @ k_t) * (q.shape[-1] ** -0.5)
         if bias is not None:
             logits = logits + bias
         return logits.softmax(dim=-1)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-        """Attention on already projected q, k, v (B x N x C); returns B x N x C after out_proj."""
-        # q, k, v may differ in batch (1 vs Q): matmul broadcasts, the output has the larger batch.
-        out = self.probabilities(q, k, bias) @ self._heads(v)
+    def attend(self, q: Tensor, k_t: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Attention on projected, head-split q (B x heads x N x d), k_t (key_heads), v (B x heads x M x d);
+        returns B x N x C after out_proj."""
+        out = self.probabilities(q, k_t, bias) @ v
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v), bias)
+        return self.attend(
+            self.heads(self.q_proj(q)), self.key_heads(self.k_proj(k)), self.heads(self.v_proj(v)), bias
+        )
 
 
 class FusionLayer(nn.Module):
@@ -77,8 +85,10 @@ class FusionLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
     def image_keys_values(self, image: Tensor, image_pe: Tensor) -> tuple[Tensor, Tensor]:
-        """The image side of image_attn (B x HW x C each): depends on the frame only."""
-        return self.image_attn.k_proj(image + image_pe), self.image_attn.v_proj(image)
+        """The image side of image_attn, which depends on the frame only: image, image_pe: B x HW x C ->
+        keys B x heads x d x HW (key_heads layout), values B x heads x HW x d."""
+        attn = self.image_attn
+        return attn.key_heads(attn.k_proj(image + image_pe)), attn.heads(attn.v_proj(image))
 
     def forward(
         self, queries: Tensor, text: Tensor, text_bias: Tensor, image_keys: Tensor, image_values: Tensor
@@ -88,15 +98,18 @@ class FusionLayer(nn.Module):
         x = self.norm_text(queries)
         queries = queries + self.text_attn(x, text, text, text_bias)
         x = self.norm_image(queries)
-        queries = queries + self.image_attn.attend(self.image_attn.q_proj(x), image_keys, image_values)
+        q = self.image_attn.heads(self.image_attn.q_proj(x))
+        queries = queries + self.image_attn.attend(q, image_keys, image_values)
         return queries + self.mlp(self.norm_mlp(queries))
 
 
 class FusionImageContext(NamedTuple):
-    """What the fusion needs from a frame, whatever the request (B = 1 for a frame shared by all queries).
+    """What the fusion needs from a frame, whatever the request (B = 1 for a frame shared by all queries),
+    laid out as the per-request matmuls read it, so no request transposes an image-sized tensor.
 
-    keys, values: B x depth x HW x C, each fusion layer's image-attention keys k_proj(image + pe) and values
-    v_proj(image); dense_queries: B x HW x C, the dense branch's q_proj(dense_norm(image + pe)).
+    keys: B x depth x heads x d x HW, each layer's image-attention keys k_proj(image + pe);
+    values: B x depth x heads x HW x d, v_proj(image); dense_queries: B x heads x HW x d, the dense
+    branch's q_proj(dense_norm(image + pe)). d = C / heads.
     """
 
     keys: Tensor
@@ -105,7 +118,7 @@ class FusionImageContext(NamedTuple):
 
 
 class TextImageFusion(nn.Module):
-    """Request + image embedding -> (sparse prompts Q x N x C, dense bias Q x C x h x w, presence logits Q)."""
+    """Request + image -> (sparse prompts Q x N x C, dense bias, presence logits Q)."""
 
     def __init__(
         self,
@@ -136,29 +149,27 @@ class TextImageFusion(nn.Module):
             nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, 1)
         )
 
-    def image_context(self, image_embeddings: Tensor, image_pe: Tensor) -> FusionImageContext:
-        """image_embeddings: B x C x h x w; image_pe: 1 x C x h x w -> the per-frame part of the fusion."""
-        image = image_embeddings.flatten(2).transpose(1, 2)
-        pe = image_pe.flatten(2).transpose(1, 2)
-        keys, values = zip(*(layer.image_keys_values(image, pe) for layer in self.layers), strict=True)
-        dense_queries = self.dense_attn.q_proj(self.dense_norm(image + pe))
+    def image_context(self, image_tokens: Tensor, pe_tokens: Tensor) -> FusionImageContext:
+        """image_tokens: B x HW x C (the image embedding as tokens); pe_tokens: 1 x HW x C -> the per-frame
+        part of the fusion."""
+        keys, values = zip(
+            *(layer.image_keys_values(image_tokens, pe_tokens) for layer in self.layers), strict=True
+        )
+        dense = self.dense_attn
+        dense_queries = dense.heads(dense.q_proj(self.dense_norm(image_tokens + pe_tokens)))
         return FusionImageContext(torch.stack(keys, dim=1), torch.stack(values, dim=1), dense_queries)
 
     def forward_context(
-        self,
-        context: FusionImageContext,
-        text_features: Tensor,
-        attention_mask: Tensor,
-        grid: tuple[int, int],
+        self, context: FusionImageContext, text_features: Tensor, attention_mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The per-request part: context from image_context(); text_features: Q x T x text_dim;
-        attention_mask: Q x T (1 = token, 0 = padding); grid: (h, w) of the image embedding."""
+        """The per-request part. context: from image_context(); text_features: Q x T x text_dim;
+        attention_mask: Q x T (1 = token, 0 = padding) -> (sparse Q x N x C, dense bias Q x HW x C as tokens,
+        presence logits Q)."""
         q = text_features.shape[0]
-        h, w = grid
         text = self.text_proj(text_features)
         text_bias = attention_bias(attention_mask, text.dtype)
 
-        # Image tokens keep their own batch (1 for a frame shared by every query): the attention matmuls
+        # Image tensors keep their own batch (1 for a frame shared by every query): the attention matmuls
         # broadcast, so nothing on the image side is repeated per query.
         queries = self.query_tokens.unsqueeze(0).expand(q, -1, -1)
         for i, layer in enumerate(self.layers):
@@ -166,37 +177,36 @@ class TextImageFusion(nn.Module):
         queries = self.norm_out(queries)
         sparse = queries[:, : self.num_prompt_tokens]
         presence_logits = self.presence_head(queries[:, self.num_prompt_tokens]).squeeze(-1)
-        return sparse, self._dense_bias(context.dense_queries, text, text_bias, q, h, w), presence_logits
+        return sparse, self._dense_bias(context.dense_queries, text, text_bias), presence_logits
 
-    def _dense_bias(
-        self, dense_queries: Tensor, text: Tensor, text_bias: Tensor, q: int, h: int, w: int
-    ) -> Tensor:
-        """dense_out(dense_attn(pixels -> text)) as Q x C x h x w, computed in the text's low rank.
+    def _dense_bias(self, dense_queries: Tensor, text: Tensor, text_bias: Tensor) -> Tensor:
+        """dense_out(dense_attn(pixels -> text)) as Q x HW x C tokens, computed in the text's low rank.
 
         Each pixel's attention output is a mix of the T text values per head, and out_proj and dense_out are
-        linear, so they are applied to the T values (heads x T rows) instead of to all h*w pixels: the same
+        linear, so they are applied to the T values (heads x T rows) instead of to all HW pixels: the same
         result, about 5x less work per request at 32 x 32.
         """
         attn = self.dense_attn
-        heads, c = attn.num_heads, dense_queries.shape[-1]
-        probs = attn.probabilities(dense_queries, attn.k_proj(text), text_bias)  # Q x heads x HW x T
-        values = attn._heads(attn.v_proj(text))  # Q x heads x T x d
+        heads, c = attn.num_heads, text.shape[-1]
+        probs = attn.probabilities(dense_queries, attn.key_heads(attn.k_proj(text)), text_bias)
+        values = attn.heads(attn.v_proj(text))  # Q x heads x T x d
         # out_proj then dense_out as one linear map, split by the head whose channels it reads.
         weight = self.dense_out.weight @ attn.out_proj.weight  # C x C
         bias = self.dense_out.weight @ attn.out_proj.bias + self.dense_out.bias
-        per_head = weight.t().reshape(heads, c // heads, c)  # heads x d x C
-        mixed = values @ per_head  # Q x heads x T x C
-        t = mixed.shape[2]
-        probs = probs.transpose(1, 2).reshape(q, h * w, heads * t)
-        dense = probs @ mixed.reshape(q, heads * t, c) + bias
-        return dense.transpose(1, 2).reshape(q, c, h, w)
+        mixed = values @ weight.t().reshape(heads, c // heads, c)  # Q x heads x T x C
+        q, _, hw, t = probs.shape
+        probs = probs.transpose(1, 2).reshape(q, hw, heads * t)
+        return probs @ mixed.reshape(q, heads * t, c) + bias
 
     def forward(
         self, image_embeddings: Tensor, image_pe: Tensor, text_features: Tensor, attention_mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """
-        image_embeddings: (1 or Q) x C x h x w; image_pe: 1 x C x h x w;
-        text_features: Q x T x text_dim; attention_mask: Q x T (1 = token, 0 = padding).
-        """
-        context = self.image_context(image_embeddings, image_pe)
-        return self.forward_context(context, text_features, attention_mask, image_embeddings.shape[-2:])
+        """Maps in, maps out (the layout of SAM's prompt encoder):
+        image_embeddings: (1 or Q) x C x h x w; image_pe: 1 x C x h x w; text_features: Q x T x text_dim;
+        attention_mask: Q x T -> (sparse Q x N x C, dense bias Q x C x h x w, presence logits Q)."""
+        h, w = image_embeddings.shape[-2:]
+        context = self.image_context(
+            image_embeddings.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
+        )
+        sparse, dense, presence = self.forward_context(context, text_features, attention_mask)
+        return sparse, dense.transpose(1, 2).reshape(dense.shape[0], -1, h, w), presence

@@ -122,16 +122,43 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All num_mask_tokens masks and IoU predictions; see forward."""
         n = sparse_prompt_embeddings.shape[0]
+        # expand(n) is a no-op for batch N and a broadcast for batch 1 (SAM's repeat_interleave).
+        src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
+        return self.predict_masks_tokens(
+            src.flatten(2).transpose(1, 2),
+            image_pe.flatten(2).transpose(1, 2),
+            sparse_prompt_embeddings,
+            (src.shape[-2], src.shape[-1]),
+        )
+
+    def forward_tokens(
+        self,
+        src_tokens: torch.Tensor,
+        pe_tokens: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        grid: tuple[int, int],
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() with the image side as tokens, the layout the fusion produces (no transposes per request):
+        src_tokens: N x hw x C, image embedding + dense prompt; pe_tokens: 1 x hw x C; grid: (h, w)."""
+        masks, iou_pred = self.predict_masks_tokens(src_tokens, pe_tokens, sparse_prompt_embeddings, grid)
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, mask_slice], iou_pred[:, mask_slice]
+
+    def predict_masks_tokens(
+        self,
+        src_tokens: torch.Tensor,
+        pe_tokens: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
+        b, c, (h, w) = n, src_tokens.shape[-1], grid
 
-        # expand(n) is a no-op for batch N and a broadcast for batch 1 (SAM's repeat_interleave).
-        src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
-        pos_src = image_pe.expand(n, -1, -1, -1)
-        b, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer.forward_tokens(src_tokens, pe_tokens, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

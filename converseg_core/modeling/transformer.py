@@ -135,8 +135,13 @@ class TwoWayTransformer(nn.Module):
         image_embedding, image_pe: B x C x h x w; point_embedding: B x N x C.
         Returns (queries B x N x C, keys B x hw x C).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        return self.forward_tokens(
+            image_embedding.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2), point_embedding
+        )
+
+    def forward_tokens(self, keys: Tensor, key_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """forward() on image tokens: keys B x hw x C, key_pe (1 or B) x hw x C (broadcast), point_embedding
+        B x N x C."""
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
