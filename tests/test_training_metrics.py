@@ -65,3 +65,21 @@ def test_inconsistent_inputs_raise():
         score_sample(np.zeros((2, 2), bool), np.zeros((3, 2), bool), negative=False)
     with pytest.raises(ValueError, match="negative"):
         score_sample(np.zeros((2, 2), bool), np.ones((2, 2), bool), negative=True)
+
+
+def test_presence_sweep_gates_ungated_scores_by_threshold():
+    """Hand-computed: one positive (IoU 3/5 ungated, target 4 px) and one negative (2 false-positive px)."""
+    from training.evaluate import presence_sweep
+
+    pos = score_sample(np.array([1, 1, 1, 1, 0, 0], bool), np.array([0, 1, 1, 1, 1, 0], bool), negative=False)
+    neg = score_sample(np.array([1, 1, 0, 0, 0, 0], bool), np.zeros(6, bool), negative=True)
+    assert (pos.intersection, pos.union) == (3, 5)
+    sweep = presence_sweep([(0.6, pos, 4), (0.3, neg, 0)], [0.2, 0.5, 0.7])
+    low, mid, high = sweep[0.2], sweep[0.5], sweep[0.7]
+    # 0.2: both predicted -> positive IoU 0.6, the negative is wrong
+    assert low.giou == pytest.approx(60.0) and low.n_acc == 0.0 and low.t_acc == 100.0
+    # 0.5: the negative is gated (right), the positive kept
+    assert mid.giou == pytest.approx(60.0) and mid.n_acc == 100.0 and mid.t_acc == 100.0
+    # 0.7: both gated -> the positive scores 0 with its whole target as union
+    assert high.giou == 0.0 and high.ciou == 0.0 and high.n_acc == 100.0 and high.t_acc == 0.0
+    assert high.giou_all == pytest.approx(50.0)  # the negative's empty answer is IoU 1

@@ -144,6 +144,23 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["overall"] == metrics["overall"]
     assert (tmp_path / "e" / "panels_first.png").is_file()
 
+    # The sweep scores other thresholds in the same pass; at the model's own threshold it must agree with the
+    # gated run above, so the ungated pass changes nothing about the headline numbers.
+    own = metrics["presence_threshold"]
+    swept = evaluate(
+        EvalConfig(
+            checkpoint=str(out / "model.pt"),
+            data=str(toy),
+            out_dir=str(tmp_path / "s"),
+            num_panels=0,
+            presence_sweep=[0.0, own, 1.0],
+        )
+    )
+    assert swept["overall"] == metrics["overall"]
+    assert swept["presence_sweep"][str(own)] == metrics["overall"]
+    assert swept["presence_sweep"]["0.0"]["n_acc"] <= swept["presence_sweep"]["1.0"]["n_acc"]
+    assert "Presence threshold sweep" in (tmp_path / "s" / "metrics.md").read_text()
+
 
 def _free_port() -> int:
     with socket.socket() as s:

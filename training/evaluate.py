@@ -24,8 +24,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .datasets import Record, SampleError, load_mask, load_rgb, read_records, split_records
-from .metrics import GroupMetrics, MetricAccumulator, score_sample
+from .metrics import GroupMetrics, MetricAccumulator, SampleResult, score_sample
 from .panels import make_panel, save_panels
 from .train import add_dataclass_args, arg
 
@@ -51,6 +53,13 @@ class EvalConfig:
     limit: int = arg(0, help="evaluate at most this many samples (0: all)")
     presence_threshold: float | None = arg(None, help="override the model's presence threshold")
     mask_threshold: float | None = arg(None, help="override the model's mask logit threshold")
+    presence_sweep: list[float] = arg(
+        [],
+        help="also score these presence thresholds (same pass; a table of gIoU, cIoU, N-acc, T-acc per "
+        "threshold, to pick one on a validation split, e.g. --split val)",
+        nargs="*",
+        type=float,
+    )
     num_panels: int = arg(
         16, help="overlay panels to write (half the worst positives, half the first samples)"
     )
@@ -84,6 +93,21 @@ def markdown_table(title: str, rows: dict[str, GroupMetrics]) -> str:
             f"| {name} | {m.n} | {m.n_positive} | {m.n_negative} | {fmt(m.giou)} | {fmt(m.ciou)} | {fmt(m.n_acc)} | {fmt(m.t_acc)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def presence_sweep(pool: list[tuple[float, SampleResult, int]], thresholds: list[float]) -> dict:
+    """Overall metrics per presence threshold from ungated per-sample scores (presence, score, target pixel
+    count): a request whose presence is below the threshold predicts nothing, so it keeps no intersection
+    and its union is its target."""
+    out = {}
+    for t in sorted(set(thresholds)):
+        gated = MetricAccumulator()
+        for presence, s, target_pixels in pool:
+            if presence < t:
+                s = SampleResult(0, target_pixels, s.negative, False)
+            gated.add(s, family="all", template="all", kind="all")
+        out[t] = gated.overall()
+    return out
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -120,6 +144,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         mask_threshold=cfg.mask_threshold,
         **kwargs,
     )
+    threshold = seg.presence_threshold
+    bad = [t for t in cfg.presence_sweep if not 0.0 <= t <= 1.0]
+    if bad:
+        raise SystemExit(f"--presence-sweep thresholds must lie in [0, 1], got {bad}")
+    if cfg.presence_sweep:
+        # Masks are computed for every request (ungated) and gated here, so one pass scores every threshold.
+        seg.presence_threshold = 0.0
+    # (presence probability, ungated score, target pixel count) per sample, for the sweep
+    sweep_pool: list[tuple[float, SampleResult, int]] = []
     by_image: dict[Path, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_image[r.image].append(i)
@@ -146,7 +179,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         results = seg.predict([records[i].prompt for i in idxs])
         for i, res in zip(idxs, results, strict=True):
             r = records[i]
-            s = score_sample(res.mask, masks[i], negative=r.negative, present=res.present)
+            present = res.presence >= threshold
+            s = score_sample(res.mask, masks[i], negative=r.negative, present=present)
+            if cfg.presence_sweep:
+                ungated = score_sample(res.mask, masks[i], negative=r.negative)
+                sweep_pool.append((res.presence, ungated, int(masks[i].sum())))
+            if not present:
+                res.mask = np.zeros_like(res.mask)
             acc.add(
                 s,
                 family=r.family or "unknown",
@@ -174,7 +213,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         data=str(cfg.data),
         split=cfg.split,
         img_size=seg.config.img_size,
-        presence_threshold=seg.presence_threshold,
+        presence_threshold=threshold,
         mask_threshold=seg.mask_threshold,
         skipped=len(skipped),
         skipped_samples=skipped[:100],
@@ -205,6 +244,16 @@ def evaluate(cfg: EvalConfig) -> dict:
         )
     )
     md.append(markdown_table("By concept family", acc.by("family")))
+    if cfg.presence_sweep:
+        sweep = presence_sweep(sweep_pool, cfg.presence_sweep)
+        metrics["presence_sweep"] = {str(t): m.to_dict() for t, m in sweep.items()}
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        md.append(
+            markdown_table(
+                f"Presence threshold sweep (the model's: {threshold:g})",
+                {f"presence >= {t:g}": m for t, m in sweep.items()},
+            )
+        )
     (out_dir / "metrics.md").write_text("\n".join(md))
 
     if cfg.num_panels:
