@@ -52,13 +52,20 @@ def save_checkpoint(
         for k, v in model.state_dict().items()
         if include_text_encoder or not k.startswith(FROZEN_PREFIXES)
     }
+    return write_checkpoint(
+        Checkpoint(config=config, state_dict=state, meta=dict(meta or {}), extra=dict(extra or {})), path
+    )
+
+
+def write_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
+    """Write a loaded (possibly edited: config, meta) Checkpoint back to disk, atomically."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "config": config.to_dict(),
-        "model": state,
-        "meta": dict(meta or {}),
-        "extra": dict(extra or {}),
+        "config": checkpoint.config.to_dict(),
+        "model": checkpoint.state_dict,
+        "meta": dict(checkpoint.meta),
+        "extra": dict(checkpoint.extra),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,44 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert "Presence threshold sweep" in (tmp_path / "s" / "metrics.md").read_text()
 
 
+def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(trained, toy, tmp_path):
+    from converseg_core.checkpoint import load_checkpoint
+    from training.calibrate import CalibrateConfig, calibrate, choose_threshold
+    from training.metrics import GroupMetrics
+
+    out, _ = trained
+    src = out / "model.pt"
+    before = src.read_bytes()
+    dst = tmp_path / "calibrated.pt"
+    record = calibrate(
+        CalibrateConfig(
+            checkpoint=str(src), data=str(toy), out=str(dst), split="all", thresholds=[0.1, 0.5, 0.9]
+        )
+    )
+    assert record["presence_threshold"] in (0.1, 0.5, 0.9) and record["samples"] == 30
+    sweep = record["sweep"]
+    best = max((v["n_acc"] + v["t_acc"]) / 2 for v in sweep.values())
+    chosen = sweep[str(record["presence_threshold"])]
+    assert (chosen["n_acc"] + chosen["t_acc"]) / 2 == best
+    a, b = load_checkpoint(src), load_checkpoint(dst)
+    assert b.config.presence_threshold == record["presence_threshold"]
+    assert b.config.replace(presence_threshold=a.config.presence_threshold) == a.config
+    assert b.meta["presence_calibration"]["presence_threshold"] == record["presence_threshold"]
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert src.read_bytes() == before and not b.extra
+    with pytest.raises(SystemExit, match="must differ"):
+        calibrate(CalibrateConfig(checkpoint=str(src), data=str(toy), out=str(src)))
+
+    def group(n_acc, t_acc):
+        return GroupMetrics(10, 5, 5, 0.0, 0.0, 0.0, 0.0, n_acc, t_acc)
+
+    # balanced accuracy decides; a tie goes to the threshold nearer 0.5
+    assert choose_threshold({0.3: group(60, 90), 0.6: group(80, 80), 0.9: group(100, 40)}) == 0.6
+    assert choose_threshold({0.2: group(70, 90), 0.6: group(90, 70)}) == 0.6
+    with pytest.raises(ValueError, match="no-target and positive"):
+        choose_threshold({0.5: GroupMetrics(5, 5, 0, 0.0, 0.0, 0.0, 0.0, None, 100.0)})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,7 +261,8 @@ def test_ddp_two_cpu_processes(toy, tmp_path):
 def test_reproduce_default_plan(tmp_path, capsys):
     from training.reproduce_default import main
 
-    assert main(["--out", str(tmp_path), "--scale", "smoke", "--teacher-steps", "7", "--dry-run"]) == 0
+    argv = ["--out", str(tmp_path), "--scale", "smoke", "--teacher-steps", "7", "--finetune-img-size", "256"]
+    assert main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
     stages = [line[2:] for line in out.splitlines() if line.startswith("# ")]
     assert stages == [
@@ -232,11 +271,21 @@ def test_reproduce_default_plan(tmp_path, capsys):
         "teacher",
         "distill",
         "finetune",
+        "calibrate-teacher",
+        "calibrate-student",
         "eval-teacher",
         "eval-student",
     ]
+    commands = dict(
+        zip(stages, [line for line in out.splitlines() if not line.startswith("# ")], strict=True)
+    )
     assert "--model converseg_mobilesam" in out and "--steps 7" in out
     assert ":image_encoder" in out and "--student converseg_edge" in out
+    # the student fine-tunes at its own resolution; teacher and distillation keep the preset's
+    assert "img_size=256" in commands["finetune"] and "img_size=128" in commands["teacher"]
+    # calibration sees only the training run's validation scenes; evaluation the calibrated models
+    assert "data/train --split val" in commands["calibrate-student"]
+    assert "student/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
 
 
 def test_init_official_loads_sam_named_weights(toy, tmp_path):

