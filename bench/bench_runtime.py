@@ -180,11 +180,16 @@ def _rss_mb() -> float:
 
 
 def ensure_export(variant: str, size: int, work: Path, threads: int) -> Path:
-    from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME
+    from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest
+    from converseg_core.errors import CheckpointError
 
     out = work / f"onnx_{variant}_{size}"
     if (out / MANIFEST_NAME).is_file():
-        return out
+        try:
+            OnnxManifest.load(out)
+            return out
+        except CheckpointError as exc:  # written by another version of the exporter: export again
+            print(f"[bench] {out}: {exc}", flush=True)
     import torch
 
     from converseg_core.build import build_model

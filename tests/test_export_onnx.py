@@ -160,6 +160,12 @@ def test_manifest_of_an_older_export_is_refused(edge_export, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="export again"):
         OnnxManifest.load(tmp_path)
+    # same version, other frame tensors (an export from a development state of the split)
+    data["version"] = json.loads((out / "manifest.json").read_text())["version"]
+    data["graphs"]["image_context"]["outputs"] = data["graphs"]["image_context"]["outputs"][1:]
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="another version"):
+        OnnxManifest.load(tmp_path)
 
 
 def test_segmenter_on_onnxruntime_matches_torch(edge, edge_export):

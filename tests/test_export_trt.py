@@ -193,6 +193,17 @@ def test_side_file_from_another_format_or_version_is_refused(tmp_path):
         EngineSideFile.load(path)
     with pytest.raises(CheckpointError, match="not found"):
         EngineSideFile.load(tmp_path / "missing.json")
+    frame = ["image_tokens", "fusion_keys", "fusion_values", "dense_queries"]
+    good = {
+        "image_context": {"inputs": ["image_embeddings"], "outputs": frame},
+        "decoder": {"inputs": [*frame, "text_features", "attention_mask"], "outputs": []},
+    }
+    side_file(io=good).save(path)
+    assert EngineSideFile.load(path).io == good
+    stale = {**good, "image_context": {"inputs": ["image_embeddings"], "outputs": frame[1:]}}
+    side_file(io=stale).save(path)
+    with pytest.raises(CheckpointError, match="another version"):
+        EngineSideFile.load(path)
 
 
 def test_backend_refuses_a_swapped_engine_before_needing_tensorrt(tmp_path):

@@ -61,6 +61,17 @@ class Backend(Protocol):
         ...
 
 
+def frame_io_problem(context_outputs: list[str], decoder_inputs: list[str]) -> str | None:
+    """Why graphs with these tensor names cannot serve this FrameContext, or None when they can. Catches an
+    export or engine folder written by another version of the code, before any tensor is fed."""
+    fields = list(FrameContext._fields)
+    if context_outputs != fields:
+        return f"image_context outputs {context_outputs}, this runtime expects {fields}"
+    if decoder_inputs[: len(fields)] != fields:
+        return f"decoder inputs {decoder_inputs}, this runtime expects {fields} first"
+    return None
+
+
 def check_frame(frame: object) -> FrameContext:
     """The decoder's first argument must be a FrameContext, not the bare embedding of older versions."""
     if not isinstance(frame, FrameContext):

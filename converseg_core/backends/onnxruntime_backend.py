@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from converseg_core.backends.base import STAGES, GraphBackend
+from converseg_core.backends.base import STAGES, GraphBackend, frame_io_problem
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import BackendUnavailableError, CheckpointError
 
@@ -130,6 +130,13 @@ class OnnxManifest:
         missing = [s for s in STAGES if s not in manifest.graphs]
         if missing:
             raise CheckpointError(f"ONNX manifest {path} names no graph for {missing}")
+        problem = frame_io_problem(
+            manifest.graphs["image_context"].output_names, manifest.graphs["decoder"].input_names
+        )
+        if problem:
+            raise CheckpointError(
+                f"{path} was exported by another version of export/export_onnx.py ({problem}); export again"
+            )
         return manifest
 
 

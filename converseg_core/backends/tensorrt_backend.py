@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from converseg_core.backends.base import STAGES, GraphBackend
+from converseg_core.backends.base import STAGES, GraphBackend, frame_io_problem
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
 
@@ -112,11 +112,20 @@ class EngineSideFile:
                 "rebuild the engines with this version of export/build_trt.py"
             )
         try:
-            return cls(**data)
+            side_file = cls(**data)
         except TypeError as exc:
             raise CheckpointError(
                 f"TensorRT side-file {path} is incomplete or has unknown fields: {exc}"
             ) from exc
+        io = side_file.io
+        if "image_context" in io and "decoder" in io:
+            problem = frame_io_problem(io["image_context"]["outputs"], io["decoder"]["inputs"])
+            if problem:
+                raise CheckpointError(
+                    f"{path}: engines built from an export of another version ({problem}); export and "
+                    "build again with this version of export/export_onnx.py and export/build_trt.py"
+                )
+        return side_file
 
     def check_compatible(self, *, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:
         """Raise EngineMismatchError unless these engines were built with this TensorRT on this GPU model.
