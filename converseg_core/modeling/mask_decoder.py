@@ -156,18 +156,36 @@ class MaskDecoder(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
-        b, c, (h, w) = n, src_tokens.shape[-1], grid
+        b, (h, w) = n, grid
 
         hs, src = self.transformer.forward_tokens(src_tokens, pe_tokens, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        # hyper_in: B x M x C/8, upscaled: B x 16hw x C/8 (token-major) -> masks B x M x 4h x 4w
+        masks = hyper_in @ self.upscale_tokens(src).transpose(1, 2)
+        masks = masks.reshape(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks, iou_pred
+        return masks.reshape(b, -1, 4 * h, 4 * w), iou_pred
+
+    def upscale_tokens(self, src: torch.Tensor) -> torch.Tensor:
+        """SAM's output_upscaling (ConvTranspose 2x2/2, LayerNorm2d, act, ConvTranspose 2x2/2, act) on image
+        tokens, without going back to an image layout: src B x hw x C -> B x 16hw x C/8, the pixels ordered
+        (i, j, dy1, dx1, dy2, dx2), i.e. pixel (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2).
+
+        A 2x2 stride-2 transposed convolution gives each input pixel its own 2x2 output block, so it is a
+        matmul per token (weights in x [out, dy, dx]); the layer norm is over channels and the activations
+        are pointwise, so pixel order does not matter to them. The same weights and math as the module
+        (tests check it against the convolutions), with matmuls in place of ConvTranspose and no transposes
+        of image-sized tensors; the pixels are put in image order once, on the final masks.
+        """
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        b = src.shape[0]
+        x = src @ conv1.weight.permute(0, 2, 3, 1).flatten(1) + conv1.bias.repeat(4)
+        x = x.reshape(b, -1, conv1.out_channels)
+        x = act1(nn.functional.layer_norm(x, (conv1.out_channels,), norm.weight, norm.bias, norm.eps))
+        x = x @ conv2.weight.permute(0, 2, 3, 1).flatten(1) + conv2.bias.repeat(4)
+        return act2(x.reshape(b, -1, conv2.out_channels))
