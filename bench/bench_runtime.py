@@ -87,8 +87,7 @@ def run_child(
     elif backend_name == "onnxruntime":
         from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        # as the ROS node runs it: one process-wide thread pool for the four graphs
-        backend = OnnxRuntimeBackend.from_dir(path, num_threads=threads, shared_thread_pool=True)
+        backend = OnnxRuntimeBackend.from_dir(path, num_threads=threads)
     else:
         from converseg_core.backends.tensorrt_backend import TensorRTBackend
 

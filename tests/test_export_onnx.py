@@ -183,35 +183,6 @@ def test_segmenter_on_onnxruntime_matches_torch(edge, edge_export):
         assert abs(a.presence - b.presence) < 1e-4
 
 
-def test_sessions_share_one_thread_pool_per_process(edge_export):
-    """With shared_thread_pool, every session runs on one ONNX Runtime CPU pool sized by the first backend;
-    a backend asking for another size, or for its own pools, is told (logged) and still answers."""
-    out, _ = edge_export
-    script = f"""
-import logging
-import numpy as np
-from converseg_core import Segmenter
-from converseg_core.backends import onnxruntime_backend as orb
-logging.basicConfig(level=logging.WARNING)
-first = orb.OnnxRuntimeBackend.from_dir({str(out)!r}, providers=["cpu"], num_threads=2, shared_thread_pool=True)
-assert orb._shared_pool_threads == 2, orb._shared_pool_threads
-second = orb.OnnxRuntimeBackend.from_dir({str(out)!r}, providers=["cpu"], num_threads=1, shared_thread_pool=True)
-# ONNX Runtime allows no per-session pool once the shared one exists: the backend uses the shared one
-third = orb.OnnxRuntimeBackend.from_dir({str(out)!r}, providers=["cpu"], num_threads=1)
-for backend in (first, second, third):
-    seg = Segmenter(backend)
-    seg.set_image(np.zeros((48, 64, 3), dtype=np.uint8))
-    assert seg.predict(["the mug"])[0].mask.shape == (48, 64)
-print("OK")
-"""
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO
-    )
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
-    assert "shared thread pool has 2 threads" in proc.stderr
-    assert "shared_thread_pool=False is ignored" in proc.stderr
-
-
 def test_runtime_process_never_imports_torch(edge_export):
     out, _ = edge_export
     script = f"""

@@ -158,34 +158,6 @@ def _import_onnxruntime() -> Any:
     return ort
 
 
-_shared_pool_threads: int | None = None  # size of this process's shared ORT CPU pool, once created
-
-
-def _use_shared_thread_pool(num_threads: int | None) -> bool:
-    """Create this process's shared ONNX Runtime CPU thread pool (once); False where this onnxruntime build
-    cannot (the sessions then get a pool each)."""
-    global _shared_pool_threads
-    try:
-        from onnxruntime.capi import _pybind_state
-    except ImportError:
-        return False
-    set_sizes = getattr(_pybind_state, "set_global_thread_pool_sizes", None)
-    if set_sizes is None:
-        return False
-    want = num_threads or 0  # 0: ONNX Runtime's default, one thread per physical core
-    if _shared_pool_threads is None:
-        set_sizes(want, 1)
-        _shared_pool_threads = want
-    elif want != _shared_pool_threads:
-        log.warning(
-            "ONNX Runtime's shared thread pool has %s threads (set by the first backend of this process); "
-            "num_threads=%s is ignored",
-            _shared_pool_threads or "default",
-            num_threads,
-        )
-    return True
-
-
 class OnnxRuntimeBackend(GraphBackend):
     """The Backend interface of docs/ARCHITECTURE.md on ONNX Runtime sessions."""
 
@@ -208,7 +180,7 @@ class OnnxRuntimeBackend(GraphBackend):
         num_threads: int | None = None,
         trt_cache_dir: str | Path | None = None,
         trt_fp16: bool = True,
-        shared_thread_pool: bool = False,
+        allow_spinning: bool = False,
     ) -> OnnxRuntimeBackend:
         """Open the graphs (STAGES) of an export folder.
 
@@ -216,13 +188,10 @@ class OnnxRuntimeBackend(GraphBackend):
             this onnxruntime build has, TensorRT first. Asking for one that is absent is an error, not a
             silent fall-back to the CPU.
         num_threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
-        shared_thread_pool: run the sessions on one process-wide ONNX Runtime CPU thread pool of
-            num_threads (the first backend sets its size). A frame runs four graphs back to back; with a
-            pool per session, idle workers of one session busy-wait and take the cores from the next
-            session's (2 cores: new frame 123 ms, text + decoder 72 ms), so per-session pools here do not
-            spin and wake slowly (38-42 / 21-24 ms); one shared, spinning pool: 32-34 / 18-19 ms
-            (docs/benchmarks/export.md). ONNX Runtime then requires every later session of the process to
-            use that pool, so turn it on only in a process that runs ConverSeg alone (the ROS node does).
+        allow_spinning: let each session's idle worker threads busy-wait for work. Off by default: a request
+            runs the text encoder then the decoder, and the text session's spinning workers would take the
+            cores from the decoder's (measured on 2 cores: text + decoder 40 ms spinning, 19 ms not;
+            docs/benchmarks/export.md). Spinning helps only a process that runs one session back to back.
         trt_cache_dir: where ORT's TensorRT provider keeps the engines it builds (the first run builds them,
             minutes on a Jetson); default `<path>/ort_trt_cache`.
         """
@@ -258,14 +227,6 @@ class OnnxRuntimeBackend(GraphBackend):
             # Nodes the GPU providers cannot take (shape ops) still need a home.
             provider_list.append(PROVIDER_NAMES["cpu"])
 
-        if _shared_pool_threads is not None and not shared_thread_pool:
-            log.warning(
-                "this process already has ONNX Runtime's shared thread pool, and ONNX Runtime requires every "
-                "session to use it: shared_thread_pool=False is ignored"
-            )
-        shared = (shared_thread_pool and _use_shared_thread_pool(num_threads)) or (
-            _shared_pool_threads is not None
-        )
         sessions = {}
         for stage in STAGES:
             graph_path = directory / manifest.graphs[stage].file
@@ -273,11 +234,9 @@ class OnnxRuntimeBackend(GraphBackend):
                 raise CheckpointError(f"ONNX graph {graph_path} is missing")
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if shared:
-                options.use_per_session_threads = False
-            else:
-                if num_threads is not None:
-                    options.intra_op_num_threads = num_threads
+            if num_threads is not None:
+                options.intra_op_num_threads = num_threads
+            if not allow_spinning:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 sessions[stage] = ort.InferenceSession(str(graph_path), options, providers=provider_list)

@@ -22,10 +22,6 @@ def load_segmenter(settings: SegmentSettings) -> Any:
         overrides = {"img_size": settings.random_model_img_size} if settings.random_model_img_size else {}
         return Segmenter(build_model(settings.random_model, **overrides).eval(), **kwargs)
     path = settings.model_path or default_checkpoint()
-    if settings.backend == "onnxruntime":
-        # The node's process runs ConverSeg alone: one shared ONNX Runtime thread pool for its four graphs
-        # (OnnxRuntimeBackend.from_dir explains the measured difference).
-        kwargs["shared_thread_pool"] = True
     return Segmenter.from_checkpoint(path, backend=settings.backend, **kwargs)
 
 
