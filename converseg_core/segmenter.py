@@ -112,7 +112,8 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, path: str | Path, backend: str = "torch", **kwargs) -> Segmenter:
         """path: a checkpoint file (torch) or an exported folder (onnxruntime, tensorrt)."""
-        backend_kwargs = {k: kwargs.pop(k) for k in ("device", "providers") if k in kwargs}
+        backend_options = ("device", "providers", "num_threads")
+        backend_kwargs = {k: kwargs.pop(k) for k in backend_options if k in kwargs}
         return cls(get_backend(backend, path, **backend_kwargs), **kwargs)
 
     # -- image ---------------------------------------------------------------------------------------

@@ -188,10 +188,12 @@ class OnnxRuntimeBackend(GraphBackend):
             this onnxruntime build has, TensorRT first. Asking for one that is absent is an error, not a
             silent fall-back to the CPU.
         num_threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
-        allow_spinning: let each session's idle worker threads busy-wait for work. Off by default: a request
-            runs the text encoder then the decoder, and the text session's spinning workers would take the
-            cores from the decoder's (measured on 2 cores: text + decoder 40 ms spinning, 19 ms not;
-            docs/benchmarks/export.md). Spinning helps only a process that runs one session back to back.
+        allow_spinning: let each session's idle worker threads busy-wait for work (ONNX Runtime's default).
+            Off here: a frame runs three graphs and a request two, back to back, and one session's spinning
+            workers take the cores from the next session's. On 2 cores, `bench/bench_ort_threads.py`:
+            new frame 114-124 ms and text + decoder 73-79 ms spinning, 43-46 and 26-27 ms not; one
+            process-wide pool (ONNX Runtime's global thread pool) measured the same as no spinning, and
+            would force every other ONNX Runtime session of the process onto it, so it is not used.
         trt_cache_dir: where ORT's TensorRT provider keeps the engines it builds (the first run builds them,
             minutes on a Jetson); default `<path>/ort_trt_cache`.
         """
