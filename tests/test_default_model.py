@@ -12,6 +12,10 @@ def test_default_checkpoint_is_the_edge_model_within_budget():
     assert ckpt.config.name == "converseg_edge"
     assert not any(k.startswith("text_encoder.") for k in ckpt.state_dict)
     assert ckpt.meta.get("step", 0) > 0, "the default must be a trained model"
+    # its presence threshold is the one training.calibrate chose on validation scenes, not a leftover
+    calibration = ckpt.meta.get("presence_calibration")
+    assert calibration and calibration["split"] == "val"
+    assert ckpt.config.presence_threshold == calibration["presence_threshold"]
 
 
 def test_default_model_answers_at_camera_resolution():
