@@ -252,40 +252,27 @@ def targets(pooled: dict) -> list[tuple[str, str, bool | None]]:
         entry = pooled.get((backend, variant, size))
         return None if entry is None else entry["median_ms"][stage]
 
-    torch_frame, ort_frame = (
+    def speedup(target: str, slow: float | None, fast: float | None, minimum: float, how: str) -> None:
+        if not (slow and fast):
+            rows.append((target, "not measured", None))
+            return
+        ratio = slow / fast
+        rows.append((target, f"{ratio:.2f}x ({slow:.1f} {how} {fast:.1f} ms)", ratio >= minimum))
+
+    speedup(
+        "edge, new frame at 512: ONNX Runtime >= 3x faster than PyTorch eager",
         get("torch", "converseg_edge", 512, "new_frame"),
         get("onnxruntime", "converseg_edge", 512, "new_frame"),
+        3,
+        "->",
     )
-    if torch_frame and ort_frame:
-        ratio = torch_frame / ort_frame
-        rows.append(
-            (
-                "edge, new frame at 512: ONNX Runtime >= 3x faster than PyTorch eager",
-                f"{ratio:.2f}x ({torch_frame:.1f} -> {ort_frame:.1f} ms)",
-                ratio >= 3,
-            )
-        )
-    else:
-        rows.append(
-            ("edge, new frame at 512: ONNX Runtime >= 3x faster than PyTorch eager", "not measured", None)
-        )
-    edge_enc, mobile_enc = (
-        get("onnxruntime", "converseg_edge", 512, "image_encoder"),
+    speedup(
+        "edge image encoder >= 5x faster than MobileSAM TinyViT (ORT, 512)",
         get("onnxruntime", "converseg_mobilesam", 512, "image_encoder"),
+        get("onnxruntime", "converseg_edge", 512, "image_encoder"),
+        5,
+        "vs",
     )
-    if edge_enc and mobile_enc:
-        ratio = mobile_enc / edge_enc
-        rows.append(
-            (
-                "edge image encoder >= 5x faster than MobileSAM TinyViT (ORT, 512)",
-                f"{ratio:.2f}x ({mobile_enc:.1f} vs {edge_enc:.1f} ms)",
-                ratio >= 5,
-            )
-        )
-    else:
-        rows.append(
-            ("edge image encoder >= 5x faster than MobileSAM TinyViT (ORT, 512)", "not measured", None)
-        )
     query = get("onnxruntime", "converseg_edge", 512, "text_decoder")
     with_post = get("onnxruntime", "converseg_edge", 512, "new_query")
     rows.append(

@@ -206,14 +206,19 @@ def test_side_file_from_another_format_or_version_is_refused(tmp_path):
         EngineSideFile.load(path)
 
 
-def test_backend_refuses_a_swapped_engine_before_needing_tensorrt(tmp_path):
+def write_placeholder_engines(folder: Path) -> None:
+    """Stand-in engine files (not loadable by TensorRT) and a side-file whose checksums match them."""
     for stage in STAGES:
-        (tmp_path / f"{stage}.engine").write_bytes(stage.encode())
+        (folder / f"{stage}.engine").write_bytes(stage.encode())
     engines = {
-        s: {"file": f"{s}.engine", "sha256": sha256_file(tmp_path / f"{s}.engine"), "precision": "fp16"}
+        s: {"file": f"{s}.engine", "sha256": sha256_file(folder / f"{s}.engine"), "precision": "fp16"}
         for s in STAGES
     }
-    side_file(engines=engines).save(tmp_path / SIDE_FILE_NAME)
+    side_file(engines=engines).save(folder / SIDE_FILE_NAME)
+
+
+def test_backend_refuses_a_swapped_engine_before_needing_tensorrt(tmp_path):
+    write_placeholder_engines(tmp_path)
     (tmp_path / "decoder.engine").write_bytes(b"an engine from another build")
     with pytest.raises(CheckpointError, match="checksum"):
         TensorRTBackend.from_dir(tmp_path)
@@ -221,13 +226,7 @@ def test_backend_refuses_a_swapped_engine_before_needing_tensorrt(tmp_path):
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the error given where TensorRT is missing")
 def test_backend_without_tensorrt_raises_backend_unavailable(tmp_path):
-    for stage in STAGES:
-        (tmp_path / f"{stage}.engine").write_bytes(stage.encode())
-    engines = {
-        s: {"file": f"{s}.engine", "sha256": sha256_file(tmp_path / f"{s}.engine"), "precision": "fp16"}
-        for s in STAGES
-    }
-    side_file(engines=engines).save(tmp_path / SIDE_FILE_NAME)
+    write_placeholder_engines(tmp_path)
     with pytest.raises(BackendUnavailableError, match="JetPack"):
         TensorRTBackend.from_dir(tmp_path)
 

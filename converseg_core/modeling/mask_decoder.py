@@ -104,31 +104,15 @@ class MaskDecoder(nn.Module):
         Returns masks N x M x 4h x 4w (logits) and iou_pred N x M, with M = num_multimask_outputs when
         multimask_output else 1 (a Python bool, fixed at export time).
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse_prompt_embeddings,
-            dense_prompt_embeddings=dense_prompt_embeddings,
-        )
-        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, mask_slice], iou_pred[:, mask_slice]
-
-    def predict_masks(
-        self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All num_mask_tokens masks and IoU predictions; see forward."""
         n = sparse_prompt_embeddings.shape[0]
         # expand(n) is a no-op for batch N and a broadcast for batch 1 (SAM's repeat_interleave).
         src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
-        return self.predict_masks_tokens(
+        return self.forward_tokens(
             src.flatten(2).transpose(1, 2),
             image_pe.flatten(2).transpose(1, 2),
             sparse_prompt_embeddings,
             (src.shape[-2], src.shape[-1]),
+            multimask_output,
         )
 
     def forward_tokens(
@@ -152,6 +136,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         grid: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All num_mask_tokens masks and IoU predictions; see forward_tokens."""
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
