@@ -231,6 +231,19 @@ def input_profiles(
     return shapes
 
 
+def check_float_export(manifest: OnnxManifest, onnx_dir: Path) -> None:
+    """TensorRT parses standard ONNX: the INT8 graphs of export/quantize_onnx.py use ONNX Runtime's integer
+    ops (MatMulInteger, DynamicQuantizeLinear) and are refused with the way out."""
+    if manifest.quantization:
+        graphs = sorted(manifest.quantization.get("graphs", {}))
+        source = manifest.quantization.get("float32_source", "the float32 export")
+        raise ValueError(
+            f"{onnx_dir} holds ONNX Runtime INT8 graphs ({', '.join(graphs)}) that TensorRT cannot build; "
+            f"build from the float32 export ({source}) and use --precision int8 for TensorRT's own "
+            "calibrated INT8"
+        )
+
+
 def calibration_preprocess(manifest: OnnxManifest):
     from converseg_core.processing import preprocess
 
@@ -262,9 +275,10 @@ def build_engines(
     verbose: bool = False,
 ) -> EngineSideFile:
     """Build the engines (STAGES) of `onnx_dir` into `out` and write the side-file. Returns the side-file."""
+    manifest = OnnxManifest.load(onnx_dir)
+    check_float_export(manifest, onnx_dir)
     trt = import_tensorrt()
     cudart = import_cudart()
-    manifest = OnnxManifest.load(onnx_dir)
     check_cuda(cudart.cudaSetDevice(device))
     gpu_name, capability = cuda_device_info(device)
     log.info("TensorRT %s on %s (sm %s), precision %s", trt.__version__, gpu_name, capability, precision)
@@ -382,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if (args.onnx_dir / MANIFEST_NAME).is_file():  # refused here too, so the message does not need TensorRT
+        try:
+            check_float_export(OnnxManifest.load(args.onnx_dir), args.onnx_dir)
+        except (CheckpointError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         import_tensorrt()
         import_cudart()

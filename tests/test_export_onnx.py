@@ -39,6 +39,7 @@ from export.export_onnx import (
     preprocessed_test_image,
     traced_graphs,
 )
+from training.datasets import write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -293,3 +294,91 @@ def test_loose_external_weights_are_gathered_into_one_file(tmp_path):
     )
     np.testing.assert_allclose(y, np.zeros((1, 64)))  # w0 is all zeros
     assert consolidate_external_data(path) == ["image_encoder.onnx.data"]  # idempotent
+
+
+# --- INT8 quantization (export/quantize_onnx.py) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_export(edge_export, tmp_path_factory):
+    from export.quantize_onnx import quantize_export
+
+    src, _ = edge_export
+    out = tmp_path_factory.mktemp("onnx_edge_int8")
+    data = write_toy_dataset(tmp_path_factory.mktemp("toy"), num_scenes=2)
+    return out, quantize_export(src, out, data=data, limit=8, max_giou_drop=100.0, max_acc_drop=100.0)
+
+
+def test_quantized_export_loads_in_the_runtime_and_records_what_it_did(edge_export, quantized_export):
+    src, float_manifest = edge_export
+    out, manifest = quantized_export
+    assert sorted(manifest.quantization["graphs"]) == ["decoder", "text_encoder"]
+    for stage in ("text_encoder", "decoder"):
+        ops = {n.op_type for n in onnx.load(out / manifest.graphs[stage].file).graph.node}
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, stage
+    # The per-frame graphs and the float32 source are untouched.
+    assert (out / "image_encoder.onnx").read_bytes() == (src / "image_encoder.onnx").read_bytes()
+    assert not OnnxManifest.load(src).quantization
+    accuracy = manifest.quantization["accuracy"]
+    assert accuracy["float32"]["n"] == accuracy["quantized"]["n"] == 8
+    assert manifest.quantization["agreement"]["requests"] == 8
+    assert 0.0 <= manifest.quantization["agreement"]["presence_agreement"] <= 1.0
+
+    backend = OnnxRuntimeBackend.from_dir(out, providers=["cpu"])
+    seg = Segmenter(backend)
+    seg.set_image(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    (result,) = seg.predict(["the red mug"])
+    assert result.mask.shape == (96, 128) and 0.0 <= result.presence <= 1.0
+
+
+def test_quantize_refuses_bad_requests(edge_export, quantized_export, tmp_path):
+    from export.quantize_onnx import quantize_export
+
+    src, _ = edge_export
+    with pytest.raises(InputError, match="another folder"):
+        quantize_export(src, src)
+    with pytest.raises(InputError, match="already quantized"):
+        quantize_export(quantized_export[0], tmp_path / "again")
+    with pytest.raises(InputError, match="text_encoder"):  # ConvInteger would be 10x slower
+        quantize_export(src, tmp_path / "enc", graphs=["image_encoder"])
+
+
+def test_accuracy_drops_beyond_the_limits_are_named():
+    from export.quantize_onnx import accuracy_problems
+
+    assert accuracy_problems({"giou": 0.4, "ciou": 9.0, "n_acc": -1.3, "t_acc": 1.2}, 1.0, 2.0) == []
+    problems = accuracy_problems({"giou": 1.5, "ciou": 0.0, "n_acc": None, "t_acc": 2.5}, 1.0, 2.0)
+    assert problems == ["giou drops 1.5 points (limit 1.0)", "t_acc drops 2.5 points (limit 2.0)"]
+
+
+def test_quantization_that_loses_accuracy_leaves_no_loadable_folder(edge_export, tmp_path, monkeypatch):
+    import export.quantize_onnx as q
+
+    def lossy(reference_dir, quantized_dir, data, limit, threads):
+        overall = {"n": 4, "giou": 30.0, "ciou": 40.0, "n_acc": 80.0, "t_acc": 90.0}
+        worse = {**overall, "giou": 20.0}
+        return {
+            "float32": overall,
+            "quantized": worse,
+            "drop": {"giou": 10.0, "ciou": 0.0, "n_acc": 0.0, "t_acc": 0.0},
+        }
+
+    monkeypatch.setattr(q, "compare_accuracy", lossy)
+    src, _ = edge_export
+    data = write_toy_dataset(tmp_path / "toy", num_scenes=1)
+    with pytest.raises(q.QuantizationError, match="giou drops 10.0"):
+        q.quantize_export(src, tmp_path / "q", data=data, limit=2)
+    assert not (tmp_path / "q" / MANIFEST_NAME).exists()
+    assert json.loads((tmp_path / "q" / "manifest.failed.json").read_text())["quantization"]["accuracy"]
+    with pytest.raises(CheckpointError):
+        OnnxRuntimeBackend.from_dir(tmp_path / "q")
+
+
+def test_build_trt_refuses_quantized_graphs_without_needing_tensorrt(quantized_export, tmp_path, capsys):
+    from export.build_trt import main
+
+    code = main(["--onnx-dir", str(quantized_export[0]), "--out", str(tmp_path / "e")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "TensorRT cannot build" in err and "float32 export" in err
+    assert not (tmp_path / "e").exists()

