@@ -323,3 +323,26 @@ def test_mostly_bad_data_stops_training(tmp_path):
         png.write_bytes(b"not a png")
     with pytest.raises(DatasetError, match="unreadable"):
         train(tiny_train(root, tmp_path / "o", steps=40, val_fraction=0.0, queries_per_image=0, batch_size=4))
+
+
+def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
+    """--refine-steps adds a warm restart from the fine-tuned student; it is what gets calibrated and shipped."""
+    from training.reproduce_default import main
+
+    argv = ["--out", str(tmp_path), "--scale", "smoke", "--refine-steps", "9", "--refine-lr", "5e-5"]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    stages = [line[2:] for line in out.splitlines() if line.startswith("# ")]
+    commands = dict(
+        zip(stages, [line for line in out.splitlines() if not line.startswith("# ")], strict=True)
+    )
+    assert stages.index("refine") == stages.index("finetune") + 1
+    refine = commands["refine"]
+    assert (
+        f"--init {tmp_path / 'student' / 'model.pt'} " in refine
+        and "--out-dir " + str(tmp_path / "refined") in refine
+    )
+    assert "--steps 9" in refine and "--lr 5e-05" in refine and "--train-image-encoder" in refine
+    assert f"--checkpoint {tmp_path / 'refined' / 'model.pt'}" in commands["calibrate-student"]
+    assert f"{tmp_path / 'refined' / 'calibrated.pt'}" in commands["eval-student"]
+    assert f"{tmp_path / 'teacher' / 'calibrated.pt'}" in commands["eval-teacher"]
