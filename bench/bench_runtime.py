@@ -31,7 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a source checkout
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# onnxruntime-int8: the ONNX Runtime backend on the export with its per-request graphs (text encoder, decoder)
+# quantized by export/quantize_onnx.py; its accuracy cost is measured there (docs/EXPORT.md), not here.
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
 STAGES = (
     "preprocess",
     "image_encoder",
@@ -84,7 +86,7 @@ def run_child(
 
         torch.manual_seed(0)
         backend = TorchBackend(build_model(variant, img_size=size).eval())
-    elif backend_name == "onnxruntime":
+    elif backend_name.startswith("onnxruntime"):
         from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend.from_dir(path, num_threads=threads)
@@ -206,6 +208,23 @@ def ensure_export(variant: str, size: int, work: Path, threads: int) -> Path:
     return out
 
 
+def ensure_quantized(float_dir: Path, threads: int) -> Path:
+    """The INT8 copy of a float32 bench export (export/quantize_onnx.py defaults), made once."""
+    from converseg_core.backends.onnxruntime_backend import OnnxManifest
+    from converseg_core.errors import CheckpointError
+    from export.quantize_onnx import quantize_export
+
+    out = float_dir.with_name(float_dir.name + "_int8")
+    try:
+        if OnnxManifest.load(out).quantization.get("float32_source") == str(float_dir):
+            return out
+    except CheckpointError:
+        pass
+    print(f"[bench] quantizing {float_dir} into {out} (once)", flush=True)
+    quantize_export(float_dir, out, num_threads=threads)
+    return out
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -267,23 +286,33 @@ def targets(pooled: dict) -> list[tuple[str, str, bool | None]]:
         "->",
     )
     speedup(
+        "same, ONNX Runtime with INT8 per-request graphs",
+        get("torch", "converseg_edge", 512, "new_frame"),
+        get("onnxruntime-int8", "converseg_edge", 512, "new_frame"),
+        3,
+        "->",
+    )
+    speedup(
         "edge image encoder >= 5x faster than MobileSAM TinyViT (ORT, 512)",
         get("onnxruntime", "converseg_mobilesam", 512, "image_encoder"),
         get("onnxruntime", "converseg_edge", 512, "image_encoder"),
         5,
         "vs",
     )
-    query = get("onnxruntime", "converseg_edge", 512, "text_decoder")
-    with_post = get("onnxruntime", "converseg_edge", 512, "new_query")
-    rows.append(
-        (
-            "edge, new query on a cached frame (text encoder + decoder, ORT, 512) <= 25 ms",
-            "not measured"
-            if query is None
-            else f"{query:.1f} ms ({with_post:.1f} ms with the mask upsampled to 640x480)",
-            None if query is None else query <= 25,
+    for backend, how in (("onnxruntime", "ORT"), ("onnxruntime-int8", "ORT, INT8 per-request graphs")):
+        query = get(backend, "converseg_edge", 512, "text_decoder")
+        with_post = get(backend, "converseg_edge", 512, "new_query")
+        if query is None and backend != "onnxruntime":
+            continue
+        rows.append(
+            (
+                f"edge, new query on a cached frame (text encoder + decoder, {how}, 512) <= 25 ms",
+                "not measured"
+                if query is None
+                else f"{query:.1f} ms ({with_post:.1f} ms with the mask upsampled to 640x480)",
+                None if query is None else query <= 25,
+            )
         )
-    )
     entry = pooled.get(("onnxruntime", "converseg_edge", 512))
     if entry:
         rows.append(
@@ -311,6 +340,9 @@ def to_markdown(pooled: dict, command: str, args, started: str, load: str) -> st
         "decoder = its per-request part. new frame = pre-process + image encoder + image context + decoder + "
         "post-process (query cached); text + dec. = text encoder + decoder (frame cached: the issue's new query); "
         "new query = text + dec. + post-process. The last three timed as wholes, not summed.",
+        "- onnxruntime-int8: the same export with the text encoder and decoder quantized by "
+        "export/quantize_onnx.py (dynamic INT8); its accuracy cost is measured on the trained default model in "
+        "docs/EXPORT.md, not here.",
         "- RSS: each configuration runs in a fresh process; peak = VmHWM of that process (load + all runs).",
         "",
         f"| backend | variant | size | {COLUMNS} | RSS loaded / peak MB |",
@@ -393,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         for size in args.sizes:
             for backend in args.backends:
-                if backend == "onnxruntime":
+                if backend.startswith("onnxruntime"):
                     path = str(ensure_export(variant, size, args.work, args.threads))
+                    if backend == "onnxruntime-int8":
+                        path = str(ensure_quantized(Path(path), args.threads))
                 elif backend == "tensorrt":
                     if args.trt_dir is None:
                         print("[bench] tensorrt skipped: no --trt-dir", file=sys.stderr)
