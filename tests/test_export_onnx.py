@@ -382,3 +382,30 @@ def test_build_trt_refuses_quantized_graphs_without_needing_tensorrt(quantized_e
     err = capsys.readouterr().err
     assert "TensorRT cannot build" in err and "float32 export" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_verify_judges_float32_on_parity_and_reports_int8_without_judging_it(
+    edge, edge_export, quantized_export
+):
+    from export.verify import format_table, load_frames, verify
+
+    common = dict(
+        model=edge,
+        trt_dir=None,
+        frames=load_frames(None, 1),
+        queries=["the red mug", "something to cut bread with"],
+        repeats=1,
+        threads=1,
+        max_rel_error=DEFAULT_MAX_REL_ERROR,
+        min_mask_iou=DEFAULT_MIN_MASK_IOU,
+    )
+    results, notes, passed = verify(onnx_dir=edge_export[0], **common)
+    assert passed and results[1][1]["logits_rel_error"] <= DEFAULT_MAX_REL_ERROR
+    assert not any("INT8" in n for n in notes)
+    # A float32 limit nobody can meet fails the float32 export ...
+    _, _, passed = verify(onnx_dir=edge_export[0], **{**common, "max_rel_error": 0.0})
+    assert not passed
+    # ... but not the INT8 one, whose errors are shown and whose accuracy check lives in its manifest.
+    results, notes, passed = verify(onnx_dir=quantized_export[0], **{**common, "max_rel_error": 0.0})
+    assert passed and any("INT8 graphs (decoder, text_encoder)" in n for n in notes)
+    assert "INT8 decoder+text_encoder" in format_table(results, notes)
