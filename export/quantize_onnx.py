@@ -240,6 +240,8 @@ def quantize_export(
         )
     if out.resolve() == src.resolve():
         raise InputError("--out must be another folder than --onnx-dir (the float32 export is the reference)")
+    if data is not None and not Path(data).exists():
+        raise InputError(f"--data {data}: no such file or folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for stage in STAGES:
@@ -256,23 +258,24 @@ def quantize_export(
         "onnxruntime": onnxruntime.__version__,
         "float32_source": str(src),
     }
-    # The agreement check opens the folder as the runtime does, so the manifest is written first and moved
-    # aside if the check fails.
+    # The checks open the folder as the runtime does, so the manifest is written first; whatever stops them
+    # moves it aside (manifest.failed.json), so a folder that was not checked never loads.
     manifest.save(out / MANIFEST_NAME)
-    reference = OnnxRuntimeBackend.from_dir(src, providers=["cpu"], num_threads=num_threads)
-    quantized = OnnxRuntimeBackend.from_dir(out, providers=["cpu"], num_threads=num_threads)
-    tokenizer = QueryTokenizer.from_file(src / manifest.tokenizer)
-    if data is None:
-        requests, source = synthetic_requests(reference.config), "synthetic (export's test frame and queries)"
-    else:
-        requests, source = dataset_requests(Path(data), limit), str(data)
 
     def refuse(reason: str) -> QuantizationError:
         manifest.save(out / "manifest.failed.json")
-        (out / MANIFEST_NAME).unlink()
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
         return QuantizationError(f"{reason}; details in {out / 'manifest.failed.json'}")
 
     try:
+        reference = OnnxRuntimeBackend.from_dir(src, providers=["cpu"], num_threads=num_threads)
+        quantized = OnnxRuntimeBackend.from_dir(out, providers=["cpu"], num_threads=num_threads)
+        tokenizer = QueryTokenizer.from_file(src / manifest.tokenizer)
+        if data is None:
+            requests = synthetic_requests(reference.config)
+            source = "synthetic (export's test frame and queries)"
+        else:
+            requests, source = dataset_requests(Path(data), limit), str(data)
         agreement = measure_agreement(reference, quantized, tokenizer, requests, source=source)
         manifest.quantization["agreement"] = asdict(agreement)
         log.info("agreement with float32: %s", manifest.quantization["agreement"])
@@ -281,11 +284,13 @@ def quantize_export(
             accuracy = compare_accuracy(src, out, Path(data), limit, num_threads)
             accuracy["limits"] = {"max_giou_drop": max_giou_drop, "max_acc_drop": max_acc_drop}
             log.info("accuracy, float32 -> quantized: %s", accuracy)
-    except Exception as exc:  # ONNX Runtime's own exception types do not derive from RuntimeError
-        if not type(exc).__module__.startswith("onnxruntime"):
-            raise
-        manifest.quantization["error"] = str(exc)
-        raise refuse(f"ONNX Runtime cannot run the quantized {list(graphs)}: {exc}") from exc
+    except Exception as exc:
+        manifest.quantization["error"] = f"{type(exc).__name__}: {exc}"
+        # ONNX Runtime's own exception types derive from Exception only: name them as what they are.
+        if type(exc).__module__.startswith("onnxruntime"):
+            raise refuse(f"ONNX Runtime cannot run the quantized {list(graphs)}: {exc}") from exc
+        refuse(str(exc))  # moves the manifest aside; the original error (a bad sample, ...) says what to fix
+        raise
     manifest.quantization["accuracy"] = accuracy
     if accuracy is None:
         log.warning("accuracy NOT checked (no --data): evaluate %s before deploying it", out)

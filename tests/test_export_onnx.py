@@ -409,3 +409,18 @@ def test_verify_judges_float32_on_parity_and_reports_int8_without_judging_it(
     results, notes, passed = verify(onnx_dir=quantized_export[0], **{**common, "max_rel_error": 0.0})
     assert passed and any("INT8 graphs (decoder, text_encoder)" in n for n in notes)
     assert "INT8 decoder+text_encoder" in format_table(results, notes)
+
+
+def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export, tmp_path):
+    from export.quantize_onnx import quantize_export
+
+    src, _ = edge_export
+    with pytest.raises(InputError, match="no such file"):  # refused before any work
+        quantize_export(src, tmp_path / "q0", data=tmp_path / "missing")
+    assert not (tmp_path / "q0").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "missing.png", "prompt": "the mug", "mask_merged": "m.png"}\n')
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        quantize_export(src, tmp_path / "q1", data=bad)
+    assert not (tmp_path / "q1" / MANIFEST_NAME).exists()
+    assert "error" in json.loads((tmp_path / "q1" / "manifest.failed.json").read_text())["quantization"]
