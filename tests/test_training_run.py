@@ -329,7 +329,18 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
     """--refine-steps adds a warm restart from the fine-tuned student; it is what gets calibrated and shipped."""
     from training.reproduce_default import main
 
-    argv = ["--out", str(tmp_path), "--scale", "smoke", "--refine-steps", "9", "--refine-lr", "5e-5"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--scale",
+        "smoke",
+        "--refine-steps",
+        "9",
+        "--refine-lr",
+        "5e-5",
+        "--refine-token-dropout",
+        "0.15",
+    ]
     assert main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
     stages = [line[2:] for line in out.splitlines() if line.startswith("# ")]
@@ -343,6 +354,33 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
         and "--out-dir " + str(tmp_path / "refined") in refine
     )
     assert "--steps 9" in refine and "--lr 5e-05" in refine and "--train-image-encoder" in refine
+    assert "--token-dropout 0.15" in refine
     assert f"--checkpoint {tmp_path / 'refined' / 'model.pt'}" in commands["calibrate-student"]
     assert f"{tmp_path / 'refined' / 'calibrated.pt'}" in commands["eval-student"]
     assert f"{tmp_path / 'teacher' / 'calibrated.pt'}" in commands["eval-teacher"]
+
+
+def test_token_dropout_hides_only_words_and_keeps_one():
+    from training.train import drop_tokens
+
+    # two requests: 6 real tokens ([CLS] w w w w [SEP]) and 3 ([CLS] w [SEP]) + padding
+    am = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    assert torch.equal(drop_tokens(am, 0.0, torch.Generator().manual_seed(0)), am)
+    seen_hidden = torch.zeros(6, dtype=torch.bool)
+    for seed in range(50):
+        out = drop_tokens(am, 0.5, torch.Generator().manual_seed(seed))
+        assert out[:, 0].eq(1).all() and out[0, 5] == 1 and out[1, 2] == 1  # [CLS] and [SEP] stay
+        assert torch.equal(out[1], am[1])  # its only word is never hidden
+        assert out[0, 1:5].sum() >= 1  # at least one word stays
+        assert (out <= am).all()  # padding never turns into a token
+        seen_hidden |= (am[0] == 1) & (out[0] == 0)
+    assert seen_hidden.tolist() == [False, True, True, True, True, False]
+    again = drop_tokens(am, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(again, drop_tokens(am, 0.5, torch.Generator().manual_seed(3)))
+
+
+def test_token_dropout_trains_and_is_validated(toy, tmp_path):
+    train(tiny_train(toy, tmp_path / "td", token_dropout=0.3))
+    assert load_checkpoint(tmp_path / "td" / "model.pt").meta["step"] == 2
+    with pytest.raises(SystemExit, match="token-dropout"):
+        train(tiny_train(toy, tmp_path / "bad", token_dropout=1.0))

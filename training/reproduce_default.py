@@ -24,7 +24,7 @@ from their wheel).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
---finetune-lr, --refine-steps, --refine-lr overrides it.
+--finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout overrides it.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Scale:
     finetune_lr: float = 1e-4  # peak learning rate of the fine-tuning stage (decoder and image encoder)
     refine_steps: int = 0  # steps of the optional warm-restart stage after the fine-tune (0: no such stage)
     refine_lr: float = 1e-4  # its peak learning rate
+    refine_token_dropout: float = 0.0  # its --token-dropout (words hidden from the fusion at random)
 
 
 def student_dir(out: Path, s: Scale) -> Path:
@@ -268,6 +269,8 @@ def build_plan(
             str(s.refine_lr),
             "--warmup-steps",
             str(min(200, s.refine_steps // 10 + 1)),
+            "--token-dropout",
+            str(s.refine_token_dropout),
             "--seed",
             "1",  # another order of the training samples than stage 4's
             "--val-every",

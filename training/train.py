@@ -115,6 +115,11 @@ class TrainConfig:
     dice_weight: float = arg(0.25, help="weight of the Dice term")
     presence_weight: float = arg(1.0, help="weight of the presence BCE")
     iou_weight: float = arg(1.0, help="weight of the IoU-head MSE (makes the Segmenter's score meaningful)")
+    token_dropout: float = arg(
+        0.0,
+        help="probability of hiding each word token of a request from the fusion during training (attention "
+        "mask 0; [CLS], [SEP] and at least one word stay), against over-reliance on exact phrasings",
+    )
     no_augment: bool = arg(False, help="disable crop / flip / colour augmentation")
     amp: str = arg(
         "auto",
@@ -273,6 +278,22 @@ class TrainStep(nn.Module):
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
 
+def drop_tokens(attention_mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """attention_mask: Q x T (1 = token, right-padded) -> a copy with each word token hidden with probability
+    p. The first token ([CLS]) and the last real one ([SEP]) are kept, and so is at least one word per row:
+    a row that would lose every word keeps its original mask."""
+    if p <= 0:
+        return attention_mask
+    am = attention_mask.clone()
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(am.shape[1], device=am.device).unsqueeze(0)
+    words = (attention_mask > 0) & (positions > 0) & (positions < (lengths - 1).unsqueeze(1))
+    hide = words & (torch.rand(am.shape, generator=generator).to(am.device) < p)
+    keeps_a_word = (words & ~hide).any(1, keepdim=True)
+    am[hide & keeps_a_word] = 0
+    return am
+
+
 def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     # Blocks freeze what they never use (TinyViT's ImageNet head); only add to that here.
     model.text_encoder.requires_grad_(False)
@@ -408,6 +429,8 @@ def resume_state(last: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the final validation metrics (rank 0) and the output paths."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not 0.0 <= cfg.token_dropout < 1.0:
+        raise SystemExit(f"--token-dropout must be in [0, 1), got {cfg.token_dropout}")
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)
@@ -596,6 +619,13 @@ def train(cfg: TrainConfig) -> dict:
                 target = batch["mask_low"].to(device, non_blocking=True)
                 presence_t = batch["presence"].to(device)
                 text, am = cache.lookup(batch["prompt"], device)
+                if (
+                    cfg.token_dropout > 0
+                ):  # seeded by (seed, rank, step, micro-batch): a resumed run draws the same
+                    g = torch.Generator().manual_seed(
+                        cfg.seed * 1_000_003 + d.rank * 7919 + step * 64 + micro
+                    )
+                    am = drop_tokens(am, cfg.token_dropout, g)
                 image_index = batch["image_index"].to(device)
                 with autocast():
                     logits, iou_pred, presence = stepper(images, image_index, text, am)
