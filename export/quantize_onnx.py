@@ -66,7 +66,7 @@ METHOD = "onnxruntime dynamic INT8: int8 weights ({}), uint8 activations quantiz
 
 
 class QuantizationError(ConverSegError):
-    """The quantized graphs disagree with the float32 export beyond the limits."""
+    """The quantized graphs lose more accuracy than the limits allow against the float32 export, or cannot run."""
 
 
 @dataclass

