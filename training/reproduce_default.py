@@ -103,6 +103,51 @@ def stage_done(checkpoint: Path, steps: int) -> bool:
     return int(load_checkpoint(checkpoint).meta.get("step", -1)) >= steps
 
 
+def student_train_args(
+    train_data: Path,
+    out_dir: Path,
+    init: list[str],
+    steps: int,
+    lr: float,
+    s: Scale,
+    common: list[str],
+    extra: list[str] | None = None,
+) -> list[str]:
+    """training.train arguments of a stage that trains converseg_edge end to end (fine-tune, refine)."""
+    return [
+        "--data",
+        str(train_data),
+        "--out-dir",
+        str(out_dir),
+        "--model",
+        "converseg_edge",
+        "--override",
+        f"img_size={s.finetune_img_size or s.img_size}",
+        "--init",
+        *init,
+        "--train-image-encoder",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(s.batch_size),
+        "--queries-per-image",
+        str(s.queries_per_image),
+        "--lr",
+        str(lr),
+        "--image-encoder-lr",
+        str(lr),
+        "--warmup-steps",
+        str(min(200, steps // 10 + 1)),
+        *(extra or []),
+        "--val-every",
+        str(max(1, steps // 4)),
+        "--save-every",
+        str(max(1, min(500, steps // 4))),
+        "--resume",
+        *common,
+    ]
+
+
 def build_plan(
     out: Path, s: Scale, args: argparse.Namespace
 ) -> list[tuple[str, list[str], Path | None, int]]:
@@ -204,38 +249,18 @@ def build_plan(
             s.distill_steps,
         )
     )
-    finetune = [
-        "--data",
-        str(train_data),
-        "--out-dir",
-        str(out / "student"),
-        "--model",
-        "converseg_edge",
-        "--override",
-        f"img_size={s.finetune_img_size or s.img_size}",
-        "--init",
-        f"{out / 'teacher' / 'model.pt'}:fusion,prompt_encoder,mask_decoder",
-        f"{out / 'distill' / 'model.pt'}:image_encoder",
-        "--train-image-encoder",
-        "--steps",
-        str(s.finetune_steps),
-        "--batch-size",
-        str(s.batch_size),
-        "--queries-per-image",
-        str(s.queries_per_image),
-        "--lr",
-        str(s.finetune_lr),
-        "--image-encoder-lr",
-        str(s.finetune_lr),
-        "--warmup-steps",
-        str(min(200, s.finetune_steps // 10 + 1)),
-        "--val-every",
-        str(max(1, s.finetune_steps // 4)),
-        "--save-every",
-        str(max(1, min(500, s.finetune_steps // 4))),
-        "--resume",
-        *common,
-    ]
+    finetune = student_train_args(
+        train_data,
+        out / "student",
+        [
+            f"{out / 'teacher' / 'model.pt'}:fusion,prompt_encoder,mask_decoder",
+            f"{out / 'distill' / 'model.pt'}:image_encoder",
+        ],
+        s.finetune_steps,
+        s.finetune_lr,
+        s,
+        common,
+    )
     plan.append(
         (
             "finetune",
@@ -245,41 +270,17 @@ def build_plan(
         )
     )
     if s.refine_steps > 0:
-        refine = [
-            "--data",
-            str(train_data),
-            "--out-dir",
-            str(out / "refined"),
-            "--model",
-            "converseg_edge",
-            "--override",
-            f"img_size={s.finetune_img_size or s.img_size}",
-            "--init",
-            str(out / "student" / "model.pt"),
-            "--train-image-encoder",
-            "--steps",
-            str(s.refine_steps),
-            "--batch-size",
-            str(s.batch_size),
-            "--queries-per-image",
-            str(s.queries_per_image),
-            "--lr",
-            str(s.refine_lr),
-            "--image-encoder-lr",
-            str(s.refine_lr),
-            "--warmup-steps",
-            str(min(200, s.refine_steps // 10 + 1)),
-            "--token-dropout",
-            str(s.refine_token_dropout),
-            "--seed",
-            "1",  # another order of the training samples than stage 4's
-            "--val-every",
-            str(max(1, s.refine_steps // 4)),
-            "--save-every",
-            str(max(1, min(500, s.refine_steps // 4))),
-            "--resume",
-            *common,
-        ]
+        refine = student_train_args(
+            train_data,
+            out / "refined",
+            [str(out / "student" / "model.pt")],
+            s.refine_steps,
+            s.refine_lr,
+            s,
+            common,
+            # another sample order than stage 4's
+            extra=["--token-dropout", str(s.refine_token_dropout), "--seed", "1"],
+        )
         plan.append(
             (
                 "refine",
