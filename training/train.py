@@ -619,9 +619,8 @@ def train(cfg: TrainConfig) -> dict:
                 target = batch["mask_low"].to(device, non_blocking=True)
                 presence_t = batch["presence"].to(device)
                 text, am = cache.lookup(batch["prompt"], device)
-                if (
-                    cfg.token_dropout > 0
-                ):  # seeded by (seed, rank, step, micro-batch): a resumed run draws the same
+                # Seeded by (seed, rank, step, micro-batch), so a resumed run draws the same tokens.
+                if cfg.token_dropout > 0:
                     g = torch.Generator().manual_seed(
                         cfg.seed * 1_000_003 + d.rank * 7919 + step * 64 + micro
                     )

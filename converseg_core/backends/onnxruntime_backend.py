@@ -84,8 +84,8 @@ class OnnxManifest:
     tokenizer: str = "tokenizer.json"
     parity: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
-    # Empty for a float32 export; export/quantize_onnx.py records the quantized graphs, the method and the
-    # measured agreement with the float32 export here.
+    # Empty for a float32 export; export/quantize_onnx.py records here the quantized graphs, the method, and
+    # the agreement and accuracy it measured against the float32 export.
     quantization: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
