@@ -289,8 +289,8 @@ def build_plan(
                 s.refine_steps,
             )
         )
-    for who in ("teacher", "student"):
-        run_dir = out / who if who == "teacher" else student_dir(out, s)
+    run_dirs = {"teacher": out / "teacher", "student": student_dir(out, s)}
+    for who, run_dir in run_dirs.items():
         # The presence threshold is chosen on the training run's validation scenes, never on the test set.
         cal = [
             "--checkpoint",
@@ -305,8 +305,7 @@ def build_plan(
             args.device,
         ]
         plan.append((f"calibrate-{who}", python_module("training.calibrate", cal, 1), None, 0))
-    for who in ("teacher", "student"):
-        run_dir = out / who if who == "teacher" else student_dir(out, s)
+    for who, run_dir in run_dirs.items():
         ev = [
             "--checkpoint",
             str(run_dir / "calibrated.pt"),
