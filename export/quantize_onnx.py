@@ -1,30 +1,34 @@
-"""Quantize graphs of an ONNX export to INT8 for the CPU, and measure what it costs against the float32 export.
+"""Quantize the graphs of an ONNX export to INT8 for the CPU, and measure what it costs against float32.
 
     python export/quantize_onnx.py --onnx-dir out/onnx_edge --out out/onnx_edge_int8 \\
+        --calib-images runs/default/data/train/shard-00000/images \\
         --data runs/default/data/test          # accuracy checked against float32 on 1,000 test requests
-    python export/quantize_onnx.py --onnx-dir out/onnx_edge --out out/onnx_edge_int8   # no accuracy check
+    python export/quantize_onnx.py --onnx-dir out/onnx_edge --out out/onnx_edge_int8 \\
+        --graphs text_encoder decoder          # per-request graphs only: no calibration images needed
 
-ONNX Runtime's dynamic quantization: weights become int8, activations are quantized at run time per tensor
-(uint8), and the matmuls run as MatMulInteger (VNNI / AMX on recent x86 CPUs, dot-product
-instructions on ARM). Nothing needs calibration data, and the folder loads in the runtime exactly like the
-float32 one (`OnnxRuntimeBackend`, `converseg segment --backend onnxruntime`).
+Two kinds of ONNX Runtime quantization, each where it runs fastest on the CPU:
+- per-frame graphs (image_encoder, image_context): static INT8. Weights become int8 per output channel;
+  activations become uint8 with ranges calibrated once on --calib-images (camera-like images, pre-processed
+  exactly as at run time; image_context is calibrated on the float32 encoder's embeddings of them). The
+  graphs run as QLinearConv / QGemm chains, about 1.5x faster than float32 at 512 on a VNNI x86 CPU. (The
+  dynamic alternative is slower than float: ConvInteger ran 203 against 21 ms.)
+- per-request graphs (text_encoder, decoder): dynamic INT8. int8 weights (text encoder per channel, decoder
+  per tensor: ONNX Runtime's per-channel kernel refuses the decoder's 3-D weight matmuls), activations
+  quantized per tensor at run time, MatMulInteger. No calibration: requests vary too much for fixed ranges.
+The folder loads in the runtime exactly like the float32 one (`converseg segment --backend onnxruntime`).
 
-Only the per-request graphs are offered, the text encoder (MiniLM; per-channel weights) and the decoder
-(per-tensor weights: ONNX Runtime's per-channel kernel refuses the decoder's 3-D weight matmuls at run time).
-On the default model both together cost 0.4 gIoU on the 6,003 test requests and cut a new request's time by
-about a quarter (21.9 -> 16.7 ms at 512 on 2 cores; docs/EXPORT.md). The per-frame graphs are not offered: the
-image encoder's ConvInteger runs 10x slower than its float convolutions in ONNX Runtime (203 against 21 ms at
-512), and image_context holds only Gemm nodes, which the dynamic quantizer leaves in float.
+With --data (a dataset with target masks), both folders are evaluated on the same requests with
+training.evaluate's metrics, and the result is refused (exit 1, manifest.failed.json instead of
+manifest.json) when gIoU, N-acc or T-acc drop by more than the limits. Calibrate and evaluate on different
+scenes (e.g. train images and the test set). Agreement with float32 (mask IoU between the two exports'
+low-res masks, same presence decisions) is recorded as well; it is not the gate, because an under-trained
+model's logits sit near the threshold and its masks move visibly while its accuracy does not. Without --data
+only the agreement on the export's synthetic test frame is recorded, and accuracy is NOT checked.
 
-With --data (a dataset with target masks), both folders are evaluated on the same requests with training.evaluate's
-metrics, and the result is refused (exit 1, manifest.failed.json instead of manifest.json) when gIoU, N-acc
-or T-acc drop by more than the limits. Agreement with float32 (mask IoU between the two exports' low-res
-masks, same presence decisions) is recorded as well; it is not the gate, because an under-trained model's
-logits sit near the threshold and its masks move visibly while its accuracy does not. Without --data only
-the agreement on the export's synthetic test frame is recorded, and accuracy is NOT checked.
-
-TensorRT does not take these graphs (ONNX Runtime's integer ops); build TensorRT engines from the float32
-export, where `build_trt.py --precision int8` calibrates its own INT8.
+uint8 x int8 products can saturate on x86 CPUs without VNNI (AVX2 / AVX-512 before Cascade Lake); check the
+accuracy with --data on the machine that will run the folder. TensorRT does not take these graphs (ONNX
+Runtime's integer ops): build TensorRT engines from the float32 export, where `build_trt.py --precision int8`
+calibrates its own INT8.
 """
 
 from __future__ import annotations
@@ -53,16 +57,38 @@ from converseg_core.tokenizer import QueryTokenizer  # noqa: E402
 
 log = logging.getLogger("quantize_onnx")
 
-# Graph -> per-channel weights? (see the module docstring for why these two and why so)
-QUANTIZABLE = {"text_encoder": True, "decoder": False}
+
+@dataclass(frozen=True)
+class GraphQuantization:
+    """How one graph is quantized (the module docstring says why)."""
+
+    static: bool  # calibrated activation ranges (needs images) or ranges measured at run time
+    per_channel: bool  # int8 weights per output channel or per tensor
+
+    def describe(self, calibration: str = "") -> str:
+        weights = "per output channel" if self.per_channel else "per tensor"
+        if self.static:
+            return f"onnxruntime static INT8 (QOperator): int8 weights {weights}, uint8 activations {calibration}"
+        return f"onnxruntime dynamic INT8: int8 weights {weights}, uint8 activations quantized per tensor at run time"
+
+
+QUANTIZABLE = {
+    "image_encoder": GraphQuantization(static=True, per_channel=True),
+    "image_context": GraphQuantization(static=True, per_channel=True),
+    "text_encoder": GraphQuantization(static=False, per_channel=True),
+    "decoder": GraphQuantization(static=False, per_channel=False),
+}
 DEFAULT_GRAPHS = tuple(QUANTIZABLE)
+PER_REQUEST_GRAPHS = tuple(stage for stage, how in QUANTIZABLE.items() if not how.static)
+DEFAULT_CALIB_COUNT = 64
+# ONNX Runtime's calibrators. Its entropy calibrator is not offered: on the default model it wrote graphs
+# byte-identical to minmax's.
+CALIB_METHODS = ("percentile", "minmax")
 # Largest accepted loss against the float32 export on the same requests, in points (gIoU; N-acc and T-acc
-# in percent). The default model with both graphs in INT8 loses 0.4 gIoU and 0.9 T-acc on the full test set
-# (docs/EXPORT.md).
+# in percent). Measured costs on the default model are in docs/EXPORT.md.
 DEFAULT_MAX_GIOU_DROP = 1.0
 DEFAULT_MAX_ACC_DROP = 2.0
 ACCURACY_KEYS = ("giou", "ciou", "n_acc", "t_acc")
-METHOD = "onnxruntime dynamic INT8: int8 weights ({}), uint8 activations quantized per tensor at run time"
 
 
 class QuantizationError(ConverSegError):
@@ -82,15 +108,83 @@ class Agreement:
     presence_prob_max_abs_diff: float
 
 
-def quantize_graph(src: Path, dst: Path, *, per_channel: bool) -> None:
+def quantize_dynamic_graph(src: Path, dst: Path, *, per_channel: bool) -> None:
     """Dynamic INT8 quantization of one graph file (ONNX Runtime's quantizer)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
 
 
-def method(stage: str) -> str:
-    return METHOD.format("per output channel" if QUANTIZABLE[stage] else "per tensor")
+def quantize_static_graph(
+    src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], *, per_channel: bool, calib_method: str
+) -> None:
+    """Static INT8 quantization of one graph file: activation ranges from running `feeds` (one input dict
+    per calibration image) through it; QOperator format (QLinearConv, QGemm), uint8 activations."""
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory(prefix="converseg_quant_") as tmp:
+        prepared = Path(tmp) / src.name
+        quant_pre_process(str(src), str(prepared))  # shape inference and graph clean-up, as ORT recommends
+        quantize_static(
+            str(prepared),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QOperator,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            calibrate_method=methods[calib_method],
+            # Not CalibMaxIntermediateOutputs: ONNX Runtime 1.31's MinMax calibrator drops the collected
+            # activations at that count without reducing them, so only the last partial group would count.
+        )
+
+
+def calibration_feeds(
+    reference: OnnxRuntimeBackend, images: Path, count: int, graphs: Sequence[str]
+) -> tuple[dict[str, list[dict[str, np.ndarray]]], int]:
+    """Inputs of the static graphs for `count` images of `images` (a seeded choice over the whole folder),
+    pre-processed as at run time; image_context gets the float32 encoder's embeddings of the same images.
+    Returns (graph -> feeds, number of images)."""
+    from tqdm import tqdm
+
+    from export.calibration import CalibrationBatcher, find_images
+
+    config, manifest = reference.config, reference.manifest
+    batcher = CalibrationBatcher(
+        find_images(images),
+        preprocess=lambda rgb: (
+            preprocess(
+                rgb, img_size=config.img_size, pixel_mean=config.pixel_mean, pixel_std=config.pixel_std
+            ).tensor
+        ),
+        input_shape=manifest.graphs["image_encoder"].inputs[0].shape,
+        max_images=count,
+    )
+    encoder_input = manifest.graphs["image_encoder"].inputs[0].name
+    context_input = manifest.graphs["image_context"].inputs[0].name
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"image_encoder": [], "image_context": []}
+    for batch in tqdm(batcher, total=batcher.num_batches, desc="calibration images", unit="img"):
+        feeds["image_encoder"].append({encoder_input: batch})
+        if "image_context" in graphs:
+            feeds["image_context"].append({context_input: reference.encode_image(batch)})
+    return {stage: feeds[stage] for stage in graphs if QUANTIZABLE[stage].static}, batcher.num_images
 
 
 def synthetic_requests(config) -> Iterator[tuple[np.ndarray, list[str]]]:
@@ -219,12 +313,19 @@ def quantize_export(
     max_giou_drop: float = DEFAULT_MAX_GIOU_DROP,
     max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
     num_threads: int | None = None,
+    calib_images: str | Path | None = None,
+    calib_count: int = DEFAULT_CALIB_COUNT,
+    calib_method: str = "percentile",
 ) -> OnnxManifest:
-    """Copy the float32 export `onnx_dir` to `out` with `graphs` quantized, measure agreement and (with `data`)
-    accuracy against the float32 export, write the manifest.
+    """Copy the float32 export `onnx_dir` to `out` with `graphs` quantized (the per-frame ones calibrated on
+    `calib_count` images of `calib_images`), measure agreement and (with `data`) accuracy against the float32
+    export, write the manifest.
 
     Raises:
-        InputError: bad arguments (unknown graph, `out` is `onnx_dir`, an already quantized source).
+        InputError: bad arguments (unknown graph, `out` is `onnx_dir`, an already quantized source, per-frame
+            graphs without calibration images).
+        FileNotFoundError, ValueError, OSError: no usable calibration images (none found, fewer than one,
+            an unreadable file).
         QuantizationError: accuracy drops beyond the limits (manifest.failed.json is written instead of
             manifest.json, so no runtime loads the folder).
     """
@@ -243,22 +344,50 @@ def quantize_export(
         raise InputError("--out must be another folder than --onnx-dir (the float32 export is the reference)")
     if data is not None and not Path(data).exists():
         raise InputError(f"--data {data}: no such file or folder")
+    static = [stage for stage in graphs if QUANTIZABLE[stage].static]
+    if static and calib_images is None:
+        raise InputError(
+            f"static INT8 of {static} needs --calib-images DIR: camera-like images, not the evaluation set "
+            "(e.g. runs/default/data/train/shard-00000/images); or quantize the per-request graphs only: "
+            f"--graphs {' '.join(PER_REQUEST_GRAPHS)}"
+        )
+    if calib_method not in CALIB_METHODS:
+        raise InputError(f"calibration method must be one of {list(CALIB_METHODS)}, got {calib_method!r}")
+    if static and calib_count < 1:
+        raise InputError(f"--calib-count must be at least 1, got {calib_count}")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+
+    feeds, calibration = {}, ""
+    if static:
+        reference = OnnxRuntimeBackend.from_dir(src, providers=["cpu"], num_threads=num_threads)
+        feeds, num_images = calibration_feeds(reference, Path(calib_images), calib_count, graphs)
+        calibration = f"calibrated on {num_images} images of {calib_images} ({calib_method})"
     for stage in STAGES:
-        name = manifest.graphs[stage].file
-        if stage in graphs:
-            log.info("quantizing %s", name)
-            quantize_graph(src / name, out / name, per_channel=QUANTIZABLE[stage])
-        else:
+        name, how = manifest.graphs[stage].file, QUANTIZABLE.get(stage)
+        if stage not in graphs:
             shutil.copyfile(src / name, out / name)
+        elif how.static:
+            log.info("quantizing %s (static, %s)", name, calibration)
+            quantize_static_graph(
+                src / name, out / name, feeds[stage], per_channel=how.per_channel, calib_method=calib_method
+            )
+        else:
+            log.info("quantizing %s (dynamic)", name)
+            quantize_dynamic_graph(src / name, out / name, per_channel=how.per_channel)
     shutil.copyfile(src / manifest.tokenizer, out / manifest.tokenizer)
 
     manifest.quantization = {
-        "graphs": {stage: method(stage) for stage in graphs},
+        "graphs": {stage: QUANTIZABLE[stage].describe(calibration) for stage in graphs},
         "onnxruntime": onnxruntime.__version__,
         "float32_source": str(src),
     }
+    if static:
+        manifest.quantization["calibration"] = {
+            "images": str(calib_images),
+            "count": num_images,
+            "method": calib_method,
+        }
     # The checks open the folder as the runtime does, so the manifest is written first; whatever stops them
     # moves it aside (manifest.failed.json), so a folder that was not checked never loads.
     manifest.save(out / MANIFEST_NAME)
@@ -314,7 +443,28 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list(QUANTIZABLE),
         default=list(DEFAULT_GRAPHS),
-        help="graphs to quantize (default: both; why not the per-frame graphs: see above)",
+        help="graphs to quantize (default: all four; image_encoder and image_context need --calib-images)",
+    )
+    parser.add_argument(
+        "--calib-images",
+        type=Path,
+        default=None,
+        help="folder of camera-like images (searched recursively; .jpg .png ...) that calibrate the "
+        "per-frame graphs' activation ranges; not the --data evaluation scenes",
+    )
+    parser.add_argument(
+        "--calib-count",
+        type=int,
+        default=DEFAULT_CALIB_COUNT,
+        help=f"calibration images used, a seeded choice spread over the folder (default: {DEFAULT_CALIB_COUNT})",
+    )
+    parser.add_argument(
+        "--calib-method",
+        choices=CALIB_METHODS,
+        default="percentile",
+        help="how activation ranges are chosen from the calibration activations: the 99.999th percentile "
+        "of their histogram (ignores rare outliers; the better one on the default model) or min / max "
+        "(default: percentile)",
     )
     parser.add_argument(
         "--data",
@@ -361,8 +511,12 @@ def main(argv: list[str] | None = None) -> int:
             max_giou_drop=args.max_giou_drop,
             max_acc_drop=args.max_acc_drop,
             num_threads=args.threads,
+            calib_images=args.calib_images,
+            calib_count=args.calib_count,
+            calib_method=args.calib_method,
         )
-    except (ConverSegError, FileNotFoundError, ValueError) as exc:  # ValueError: the dataset readers
+    # ValueError: the dataset readers, too few calibration images; OSError: missing or unreadable files.
+    except (ConverSegError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     q = manifest.quantization

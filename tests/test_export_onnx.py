@@ -306,18 +306,36 @@ def quantized_export(edge_export, tmp_path_factory):
     src, _ = edge_export
     out = tmp_path_factory.mktemp("onnx_edge_int8")
     data = write_toy_dataset(tmp_path_factory.mktemp("toy"), num_scenes=2)
-    return out, quantize_export(src, out, data=data, limit=8, max_giou_drop=100.0, max_acc_drop=100.0)
+    calib = (
+        data / "shard-00000" / "images"
+    )  # 2 calibration scenes, the accuracy check on the same: a test only
+    return out, quantize_export(
+        src, out, data=data, limit=8, max_giou_drop=100.0, max_acc_drop=100.0, calib_images=calib
+    )
+
+
+def graph_ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(path).graph.node}
 
 
 def test_quantized_export_loads_in_the_runtime_and_records_what_it_did(edge_export, quantized_export):
     src, float_manifest = edge_export
     out, manifest = quantized_export
-    assert sorted(manifest.quantization["graphs"]) == ["decoder", "text_encoder"]
+    graphs = manifest.quantization["graphs"]
+    assert sorted(graphs) == ["decoder", "image_context", "image_encoder", "text_encoder"]
+    # Per-frame graphs: static, integer convolutions and matmuls with calibrated ranges ...
+    assert "QLinearConv" in graph_ops(out / manifest.graphs["image_encoder"].file)
+    assert "Conv" not in graph_ops(out / manifest.graphs["image_encoder"].file)
+    assert graph_ops(out / manifest.graphs["image_context"].file) & {"QGemm", "QLinearMatMul"}
+    assert "static" in graphs["image_encoder"] and "calibrated on 2 images" in graphs["image_context"]
+    assert manifest.quantization["calibration"]["count"] == 2
+    # ... per-request graphs: dynamic.
     for stage in ("text_encoder", "decoder"):
-        ops = {n.op_type for n in onnx.load(out / manifest.graphs[stage].file).graph.node}
+        ops = graph_ops(out / manifest.graphs[stage].file)
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, stage
-    # The per-frame graphs and the float32 source are untouched.
-    assert (out / "image_encoder.onnx").read_bytes() == (src / "image_encoder.onnx").read_bytes()
+        assert "dynamic" in graphs[stage]
+    # The float32 source is untouched.
+    assert "Conv" in graph_ops(src / "image_encoder.onnx")
     assert not OnnxManifest.load(src).quantization
     accuracy = manifest.quantization["accuracy"]
     assert accuracy["float32"]["n"] == accuracy["quantized"]["n"] == 8
@@ -339,8 +357,43 @@ def test_quantize_refuses_bad_requests(edge_export, quantized_export, tmp_path):
         quantize_export(src, src)
     with pytest.raises(InputError, match="already quantized"):
         quantize_export(quantized_export[0], tmp_path / "again")
-    with pytest.raises(InputError, match="text_encoder"):  # ConvInteger would be 10x slower
+    # Static INT8 of the per-frame graphs needs calibration images: refused before any work, with the way out.
+    with pytest.raises(InputError, match="--calib-images .*--graphs text_encoder decoder"):
         quantize_export(src, tmp_path / "enc", graphs=["image_encoder"])
+    assert not (tmp_path / "enc").exists()
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        quantize_export(src, tmp_path / "enc", calib_images=empty)
+    assert not (tmp_path / "enc" / MANIFEST_NAME).exists()
+
+
+def test_calibration_feeds_follow_the_runtime_pipeline(edge_export, tmp_path):
+    from PIL import Image
+
+    from converseg_core.processing import preprocess
+    from export.export_onnx import camera_like_image
+    from export.quantize_onnx import calibration_feeds
+
+    src, manifest = edge_export
+    frames = [camera_like_image(160, seed=i) for i in range(3)]
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"f{i}.png")
+    backend = OnnxRuntimeBackend.from_dir(src, providers=["cpu"])
+    feeds, count = calibration_feeds(backend, tmp_path, 2, ["image_encoder", "image_context", "decoder"])
+    assert count == 2 and sorted(feeds) == ["image_context", "image_encoder"]  # only the static graphs
+    (encoder_input,) = feeds["image_encoder"][0]
+    config = backend.config
+    expected = [
+        preprocess(f, img_size=SIZE, pixel_mean=config.pixel_mean, pixel_std=config.pixel_std).tensor
+        for f in frames
+    ]
+    for feed, context_feed in zip(feeds["image_encoder"], feeds["image_context"], strict=True):
+        image = feed[encoder_input]
+        # Pre-processed exactly as at run time (one of the folder's images, chosen by the seeded shuffle) ...
+        assert any(np.array_equal(image, e) for e in expected)
+        # ... and image_context calibrates on the float32 encoder's embedding of the same image.
+        np.testing.assert_array_equal(next(iter(context_feed.values())), backend.encode_image(image))
 
 
 def test_accuracy_drops_beyond_the_limits_are_named():
@@ -367,7 +420,7 @@ def test_quantization_that_loses_accuracy_leaves_no_loadable_folder(edge_export,
     src, _ = edge_export
     data = write_toy_dataset(tmp_path / "toy", num_scenes=1)
     with pytest.raises(q.QuantizationError, match="giou drops 10.0"):
-        q.quantize_export(src, tmp_path / "q", data=data, limit=2)
+        q.quantize_export(src, tmp_path / "q", data=data, limit=2, graphs=q.PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q" / MANIFEST_NAME).exists()
     assert json.loads((tmp_path / "q" / "manifest.failed.json").read_text())["quantization"]["accuracy"]
     with pytest.raises(CheckpointError):
@@ -407,12 +460,14 @@ def test_verify_judges_float32_on_parity_and_reports_int8_without_judging_it(
     assert not passed
     # ... but not the INT8 one, whose errors are shown and whose accuracy check lives in its manifest.
     results, notes, passed = verify(onnx_dir=quantized_export[0], **{**common, "max_rel_error": 0.0})
-    assert passed and any("INT8 graphs (decoder, text_encoder)" in n for n in notes)
-    assert "INT8 decoder+text_encoder" in format_table(results, notes)
+    assert passed and any(
+        "INT8 graphs (decoder, image_context, image_encoder, text_encoder)" in n for n in notes
+    )
+    assert "INT8 decoder+image_context+image_encoder+text_encoder" in format_table(results, notes)
 
 
 def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export, tmp_path):
-    from export.quantize_onnx import quantize_export
+    from export.quantize_onnx import PER_REQUEST_GRAPHS, quantize_export
 
     src, _ = edge_export
     with pytest.raises(InputError, match="no such file"):  # refused before any work
@@ -421,6 +476,6 @@ def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export,
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "missing.png", "prompt": "the mug", "mask_merged": "m.png"}\n')
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        quantize_export(src, tmp_path / "q1", data=bad)
+        quantize_export(src, tmp_path / "q1", data=bad, graphs=PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q1" / MANIFEST_NAME).exists()
     assert "error" in json.loads((tmp_path / "q1" / "manifest.failed.json").read_text())["quantization"]
