@@ -84,6 +84,7 @@ def build_from_config(config: ConverSegConfig, *, pretrained_text: bool = True) 
             depth=config.fusion_depth,
             num_heads=config.fusion_heads,
             mlp_dim=config.fusion_mlp_dim,
+            sentence_token=config.fusion_sentence_token,
         ),
         prompt_encoder=prompt_encoder,
         mask_decoder=MaskDecoder(

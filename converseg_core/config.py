@@ -43,6 +43,9 @@ class ConverSegConfig:
     fusion_depth: int = 2
     fusion_heads: int = 8
     fusion_mlp_dim: int = 1024
+    # Also give the fusion the request's mean-pooled MiniLM features as one extra text token: the sentence
+    # embedding all-MiniLM-L6-v2 was trained to place paraphrases close together with. Adds no weights.
+    fusion_sentence_token: bool = False
     # Mask decoder settings, as in SAM.
     num_multimask_outputs: int = 3
     decoder_depth: int = 2

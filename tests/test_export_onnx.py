@@ -230,6 +230,30 @@ def test_image_encoder_round_trip_for_every_variant(name, tmp_path):
     assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
 
 
+def test_decoder_with_the_sentence_token_round_trips_with_any_token_count(tmp_path):
+    """fusion_sentence_token pools the text inside the decoder graph: the export must keep T dynamic and
+    ignore padding, as PyTorch does."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = build_model("converseg_edge", pretrained_text=False, img_size=64, fusion_sentence_token=True)
+    model.eval()
+    module, args = traced_graphs(model, QueryTokenizer.default())["decoder"]
+    spec = graph_specs(model.config)["decoder"]
+    export_stage(module, args, spec, tmp_path, opset=17, simplify=True)
+    session = ort.InferenceSession(str(tmp_path / spec.file), providers=["CPUExecutionProvider"])
+    *frame, text, mask = args
+    padded_text = torch.cat([text, torch.randn(text.shape[0], 3, text.shape[2])], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(mask.shape[0], 3, dtype=mask.dtype)], dim=1)
+    with torch.inference_mode():
+        want = [t.numpy() for t in module(*args)]
+    for t, m in ((text, mask), (padded_text, padded_mask)):
+        feeds = {s.name: a.numpy() for s, a in zip(spec.inputs, (*frame, t, m), strict=True)}
+        got = session.run(spec.output_names, feeds)
+        for g, w in zip(got, want, strict=True):
+            assert rel_error(g, w) < DEFAULT_MAX_REL_ERROR
+
+
 def test_export_cli_fails_loudly_when_parity_is_missed(tmp_path):
     out = tmp_path / "onnx"
     proc = subprocess.run(

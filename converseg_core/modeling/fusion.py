@@ -27,6 +27,15 @@ def attention_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - attention_mask.to(dtype))[:, None, None, :] * torch.finfo(dtype).min
 
 
+def with_sentence_token(text_features: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Prepend each request's mean-pooled token features (padding excluded) as a token that is always attended:
+    Q x T x D, Q x T -> Q x (T+1) x D, Q x (T+1)."""
+    weights = attention_mask.to(text_features.dtype).unsqueeze(-1)
+    pooled = (text_features * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1.0)
+    ones = torch.ones_like(attention_mask[:, :1])
+    return torch.cat([pooled, text_features], dim=1), torch.cat([ones, attention_mask], dim=1)
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, *, dim: int, num_heads: int, kv_dim: int | None = None) -> None:
         super().__init__()
@@ -129,9 +138,11 @@ class TextImageFusion(nn.Module):
         depth: int = 2,
         num_heads: int = 8,
         mlp_dim: int = 1024,
+        sentence_token: bool = False,
     ) -> None:
         super().__init__()
         self.num_prompt_tokens = num_prompt_tokens
+        self.sentence_token = sentence_token  # see ConverSegConfig.fusion_sentence_token
         self.text_proj = nn.Sequential(nn.Linear(text_dim, embed_dim), nn.LayerNorm(embed_dim))
         # The last query token is the presence token; the others become SAM sparse prompts.
         self.query_tokens = nn.Parameter(torch.randn(num_prompt_tokens + 1, embed_dim) * 0.02)
@@ -166,6 +177,8 @@ class TextImageFusion(nn.Module):
         attention_mask: Q x T (1 = token, 0 = padding) -> (sparse Q x N x C, dense bias Q x HW x C as tokens,
         presence logits Q)."""
         q = text_features.shape[0]
+        if self.sentence_token:
+            text_features, attention_mask = with_sentence_token(text_features, attention_mask)
         text = self.text_proj(text_features)
         text_bias = attention_bias(attention_mask, text.dtype)
 

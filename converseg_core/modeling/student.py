@@ -1,7 +1,8 @@
 """StudentCNN: the small convolutional image encoder distilled from SAM / MobileSAM for the edge.
 
-Only Conv2d, BatchNorm2d, ReLU, additions and the LayerNorm2d reductions of a SAM-style neck: every op
-exports to ONNX opset 13+ and builds in TensorRT without plugins, and BatchNorm folds into the convs.
+Only Conv2d, BatchNorm2d, ReLU, additions and the LayerNorm2d of a SAM-style neck: every op exports to ONNX
+opset 17 (LayerNorm2d as LayerNormalization between transposes) and builds in TensorRT 8.6+ without plugins,
+and BatchNorm folds into the convs.
 
 Layout (S = img_size):
     stem       3x3 s2 conv-BN-ReLU, then a depthwise-separable s2 block        S/4,  widths[0]
