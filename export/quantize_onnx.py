@@ -355,14 +355,13 @@ def quantize_export(
         raise InputError(f"calibration method must be one of {list(CALIB_METHODS)}, got {calib_method!r}")
     if static and calib_count < 1:
         raise InputError(f"--calib-count must be at least 1, got {calib_count}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-
     feeds, calibration = {}, ""
-    if static:
+    if static:  # before `out` is touched: unusable calibration images leave it as it was
         reference = OnnxRuntimeBackend.from_dir(src, providers=["cpu"], num_threads=num_threads)
         feeds, num_images = calibration_feeds(reference, Path(calib_images), calib_count, graphs)
         calibration = f"calibrated on {num_images} images of {calib_images} ({calib_method})"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     for stage in STAGES:
         name, how = manifest.graphs[stage].file, QUANTIZABLE.get(stage)
         if stage not in graphs:

@@ -389,7 +389,11 @@ def test_quantize_refuses_bad_requests(edge_export, quantized_export, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         quantize_export(src, tmp_path / "enc", calib_images=empty)
-    assert not (tmp_path / "enc" / MANIFEST_NAME).exists()
+    assert not (tmp_path / "enc").exists()  # nothing written
+    (empty / "broken.png").write_text("not an image")
+    with pytest.raises(OSError, match="broken.png"):
+        quantize_export(src, tmp_path / "enc", calib_images=empty)
+    assert not (tmp_path / "enc").exists()
 
 
 def test_calibration_feeds_follow_the_runtime_pipeline(edge_export, tmp_path):
