@@ -192,15 +192,29 @@ def _rss_mb() -> float:
 # --- parent: export once, run every configuration in fresh processes, aggregate -----------------------------
 
 
+def model_code_digest() -> str:
+    """sha256 of the code that decides what an export computes (the model and the exporter): a bench export
+    made by other code is made again, not timed as if it were this code's."""
+    import hashlib
+
+    files = sorted((REPO / "converseg_core" / "modeling").glob("*.py")) + [REPO / "export" / "export_onnx.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def ensure_export(variant: str, size: int, work: Path, threads: int) -> Path:
     from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest
     from converseg_core.errors import CheckpointError
 
     out = work / f"onnx_{variant}_{size}"
+    code = model_code_digest()
     if (out / MANIFEST_NAME).is_file():
         try:
-            OnnxManifest.load(out)
-            return out
+            if OnnxManifest.load(out).source.get("code") == code:
+                return out
+            print(f"[bench] {out} was exported by other model code: exporting again", flush=True)
         except CheckpointError as exc:  # written by another version of the exporter: export again
             print(f"[bench] {out}: {exc}", flush=True)
     import torch
@@ -213,7 +227,7 @@ def ensure_export(variant: str, size: int, work: Path, threads: int) -> Path:
     export_model(
         build_model(variant, img_size=size),
         out,
-        source={"model": variant, "bench": True},
+        source={"model": variant, "bench": True, "code": code},
         num_threads=threads,
     )
     return out
@@ -235,9 +249,11 @@ def ensure_quantized(float_dir: Path, threads: int) -> Path:
 
     out = float_dir.with_name(float_dir.name + "_int8")
     try:
-        quantization = OnnxManifest.load(out).quantization
-        if quantization.get("float32_source") == str(float_dir) and set(quantization["graphs"]) == set(
-            DEFAULT_GRAPHS
+        made = OnnxManifest.load(out)
+        if (
+            made.quantization.get("float32_source") == str(float_dir)
+            and set(made.quantization["graphs"]) == set(DEFAULT_GRAPHS)
+            and made.source.get("code") == OnnxManifest.load(float_dir).source.get("code")
         ):
             return out
     except CheckpointError:
