@@ -233,7 +233,7 @@ def input_profiles(
 
 def check_float_export(manifest: OnnxManifest, onnx_dir: Path) -> None:
     """TensorRT parses standard ONNX: the INT8 graphs of export/quantize_onnx.py use ONNX Runtime's integer
-    ops (MatMulInteger, DynamicQuantizeLinear) and are refused with the way out."""
+    ops (QLinearConv, QGemm, MatMulInteger, DynamicQuantizeLinear) and are refused with the way out."""
     if manifest.quantization:
         graphs = sorted(manifest.quantization.get("graphs", {}))
         source = manifest.quantization.get("float32_source", "the float32 export")

@@ -198,8 +198,7 @@ def synthetic_requests(config) -> Iterator[tuple[np.ndarray, list[str]]]:
 def dataset_requests(data: Path, limit: int) -> Iterator[tuple[np.ndarray, list[str]]]:
     """(frame, its requests) from a training dataset (data engine folder, .jsonl, items.json, COCO), frames in
     order, until `limit` requests."""
-    from PIL import Image
-
+    from export.calibration import load_rgb
     from training.datasets import read_records
 
     by_image: dict[Path, list[str]] = {}
@@ -211,9 +210,7 @@ def dataset_requests(data: Path, limit: int) -> Iterator[tuple[np.ndarray, list[
     for path, prompts in by_image.items():
         if left <= 0:
             return
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
-        yield rgb, prompts[:left]
+        yield load_rgb(path), prompts[:left]
         left -= len(prompts[:left])
 
 
@@ -225,6 +222,8 @@ def measure_agreement(
     *,
     source: str,
 ) -> Agreement:
+    from training.metrics import batch_iou_counts
+
     config = reference.config
     ious: list[float] = []
     same: list[bool] = []
@@ -241,9 +240,9 @@ def measure_agreement(
             logits, _, presence = backend.decode(frame, text, tokens.attention_mask)
             out.append((logits[:, 0] > config.mask_threshold, sigmoid(presence.reshape(-1))))
         (ref_masks, ref_p), (q_masks, q_p) = out
-        for a, b in zip(ref_masks, q_masks, strict=True):
-            union = np.logical_or(a, b).sum()
-            ious.append(1.0 if union == 0 else float(np.logical_and(a, b).sum() / union))
+        inter, union = batch_iou_counts(ref_masks, q_masks)
+        # Two empty masks agree perfectly (training.metrics' convention).
+        ious += [1.0 if u == 0 else float(i / u) for i, u in zip(inter, union, strict=True)]
         threshold = config.presence_threshold
         same += list((ref_p >= threshold) == (q_p >= threshold))
         prob_diff = max(prob_diff, float(np.max(np.abs(ref_p - q_p))))
