@@ -148,34 +148,27 @@ def test_template_split_is_deterministic_and_holds_out_some_phrases_of_every_fam
     from training.dataengine import prompts as P
     from training.dataengine.knowledge import load_knowledge_base
 
-    kb = load_knowledge_base()
-    keys = {
-        "entities": [f"entities.single.t{i}" for i in range(len(P.ENTITY_SINGLE))]
-        + [f"entities.all.t{i}" for i in range(len(P.ENTITY_ALL))]
-    }
-    keys["spatial"] = [
-        f"spatial.{k}.t{i}"
-        for k, tpl in (
-            ("rel", P.SPATIAL_REL),
-            ("side", P.SPATIAL_SIDE),
-            ("region_fits", P.REGION_FITS),
-            ("near_cam", P.SPATIAL_NEAR_CAM),
-            ("on", P.SPATIAL_ON),
-        )
-        for i in range(len(tpl))
-    ]
-    for fam, vk in (
-        ("intent", "intents"),
-        ("affordances", "affordances"),
-        ("functions", "functions"),
-        ("safety", "safety"),
-        ("physical", "physical"),
-    ):
-        keys[fam] = [f"{fam}.{c}.p{j}" for c, ph in kb.vocab[vk].items() for j in range(len(ph))]
-    for fam, ks in keys.items():
+    by_family: dict[str, list[str]] = {}
+    for group, keys in P.phrase_groups(load_knowledge_base()).items():
+        by_family.setdefault(group.split(".")[0], []).extend(keys)
+    assert set(by_family) == set(P.FAMILIES)
+    for fam, ks in by_family.items():
         splits = [P.template_split(k) for k in ks]
         assert splits == [P.template_split(k) for k in ks]
         assert "heldout" in splits and "train" in splits, fam
+
+
+def test_every_concept_and_template_list_keeps_two_training_phrasings():
+    """A held-out phrasing must be a new way of saying something the model was trained on: a concept whose
+    every phrase is held out would test an unseen concept instead (the knowledge base once had nine)."""
+    from training.dataengine import prompts as P
+    from training.dataengine.knowledge import load_knowledge_base
+
+    groups = P.phrase_groups(load_knowledge_base())
+    thin = {g: [P.template_split(k) for k in ks] for g, ks in groups.items()}
+    thin = {g: s for g, s in thin.items() if s.count("train") < 2}
+    assert not thin, f"add phrasings to these (knowledge_base.json vocab or prompts.py): {thin}"
+    assert P.template_split("functions.writing.p0") == "heldout"  # the rule itself: crc32 % 5 == 0
 
 
 # ------------------------------------------------------------------------------------ output and the reader

@@ -137,6 +137,10 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert metrics["overall"]["n"] == 30 and metrics["skipped"] == 0
     assert set(metrics["by_template"]) == {"seen", "heldout"}
     assert set(metrics["by_family"]) == {"attribute", "spatial"}
+    cross = metrics["by_family_template"]  # every sample in exactly one (family, split) cell
+    assert set(cross) <= {f"{f}: {t}" for f in ("attribute", "spatial") for t in ("seen", "heldout")}
+    for fam, m in metrics["by_family"].items():
+        assert sum(c["n"] for k, c in cross.items() if k.startswith(fam + ":")) == m["n"]
     for k in ("giou", "ciou", "n_acc", "t_acc"):
         assert 0 <= metrics["overall"][k] <= 100
     md = (tmp_path / "e" / "metrics.md").read_text()
@@ -340,6 +344,8 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
         "5e-5",
         "--refine-token-dropout",
         "0.15",
+        "--samples-per-family",
+        "2",
     ]
     assert main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -355,6 +361,9 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
     )
     assert "--steps 9" in refine and "--lr 5e-05" in refine and "--train-image-encoder" in refine
     assert "--token-dropout 0.15" in refine
+    # more requests per training scene; the test set keeps one per family, so test sets stay comparable
+    assert "--samples-per-family 2 " in commands["data-train"]
+    assert "--samples-per-family" not in commands["data-test"]
     assert f"--checkpoint {tmp_path / 'refined' / 'model.pt'}" in commands["calibrate-student"]
     assert f"{tmp_path / 'refined' / 'calibrated.pt'}" in commands["eval-student"]
     assert f"{tmp_path / 'teacher' / 'calibrated.pt'}" in commands["eval-teacher"]

@@ -185,10 +185,12 @@ def evaluate(cfg: EvalConfig) -> dict:
                 sweep_pool.append((res.presence, ungated, int(masks[i].sum())))
             if not present:
                 res.mask = np.zeros_like(res.mask)
+            split = template_split(r, heldout)
             acc.add(
                 s,
                 family=r.family or "unknown",
-                template=template_split(r, heldout),
+                template=split,
+                family_template=f"{r.family or 'unknown'}: {split}",
                 kind="negative" if r.negative else "positive",
             )
             if cfg.num_panels:
@@ -243,6 +245,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         )
     )
     md.append(markdown_table("By concept family", acc.by("family")))
+    md.append(markdown_table("By concept family and template split", acc.by("family_template")))
     if cfg.presence_sweep:
         sweep = presence_sweep(sweep_pool, cfg.presence_sweep)
         metrics["presence_sweep"] = {str(t): m.to_dict() for t, m in sweep.items()}

