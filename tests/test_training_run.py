@@ -362,7 +362,8 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
     assert "--steps 9" in refine and "--lr 5e-05" in refine and "--train-image-encoder" in refine
     assert "--token-dropout 0.15" in refine
     # more requests per training scene; the test set keeps one per family, so test sets stay comparable
-    assert "--samples-per-family 2 " in commands["data-train"]
+    data_train = commands["data-train"].split()
+    assert data_train[data_train.index("--samples-per-family") + 1] == "2"
     assert "--samples-per-family" not in commands["data-test"]
     assert f"--checkpoint {tmp_path / 'refined' / 'model.pt'}" in commands["calibrate-student"]
     assert f"{tmp_path / 'refined' / 'calibrated.pt'}" in commands["eval-student"]

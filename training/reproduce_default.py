@@ -164,10 +164,8 @@ def build_plan(
             "data-train",
             python_module(
                 "training.dataengine",
-                [
-                    *("--out", str(train_data), "--scenes", str(s.scenes), "--seed", "0"),
-                    *("--samples-per-family", str(s.samples_per_family), *render),
-                ],
+                ["--out", str(train_data), "--scenes", str(s.scenes), "--seed", "0", *render]
+                + ["--samples-per-family", str(s.samples_per_family)],
                 1,
             ),
             None,
