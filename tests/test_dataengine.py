@@ -138,9 +138,14 @@ def test_every_family_negatives_regions_and_multi_targets_appear(results):
             if r["negative"] and r["family"] == "entities":
                 words = {_head(w.strip("?.,!")) for w in r["prompt"].lower().split()}
                 assert not (words & heads) - {"thing", "table", "robot", "me"}, r["prompt"]
+    # every phrase key the generator emits is one phrase_groups knows, so the split checks below cover it
+    from training.dataengine.prompts import phrase_groups
+
+    known = {k for keys in phrase_groups(kb).values() for k in keys}
     for r in recs:
         assert r["template_split"] in ("train", "heldout")
         assert r["template_id"].startswith(r["family"] + ".")
+        assert r["template_id"].rsplit(".", 1)[0] in known, r["template_id"]
         assert r["prompt"] and r["prompt"][0].isupper()
 
 
