@@ -394,3 +394,11 @@ def test_token_dropout_trains_and_is_validated(toy, tmp_path):
     assert load_checkpoint(tmp_path / "td" / "model.pt").meta["step"] == 2
     with pytest.raises(SystemExit, match="token-dropout"):
         train(tiny_train(toy, tmp_path / "bad", token_dropout=1.0))
+
+
+@pytest.mark.parametrize("flag", ["steps", "val_every", "save_every"])
+def test_non_positive_intervals_are_refused_before_any_work(toy, tmp_path, flag):
+    # --val-every 0 used to crash with ZeroDivisionError after the model was built and data read.
+    with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be at least 1"):
+        train(tiny_train(toy, tmp_path / "bad", **{flag: 0}))
+    assert not (tmp_path / "bad").exists()

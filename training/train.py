@@ -431,6 +431,15 @@ def train(cfg: TrainConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not 0.0 <= cfg.token_dropout < 1.0:
         raise SystemExit(f"--token-dropout must be in [0, 1), got {cfg.token_dropout}")
+    for flag, value in (
+        ("--steps", cfg.steps),
+        ("--val-every", cfg.val_every),
+        ("--save-every", cfg.save_every),
+    ):
+        if value < 1:
+            raise SystemExit(
+                f"{flag} must be at least 1, got {value} (validation and saving also run at the end)"
+            )
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)
