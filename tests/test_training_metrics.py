@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.metrics import MetricAccumulator, score_sample, summarize
+from training.metrics import MetricAccumulator, score_sample, summarize, target_size_group
 
 
 def m(rows):
@@ -83,3 +83,13 @@ def test_presence_sweep_gates_ungated_scores_by_threshold():
     # 0.7: both gated -> the positive scores 0 with its whole target as union
     assert high.giou == 0.0 and high.ciou == 0.0 and high.n_acc == 100.0 and high.t_acc == 0.0
     assert high.giou_all == pytest.approx(50.0)  # the negative's empty answer is IoU 1
+
+
+def test_target_size_groups_cover_every_positive_once_in_size_order():
+    # 100 x 100 image: 99 px is 0.99 % (smallest group), 100 px is exactly 1 % (next group: edges are lower-inclusive)
+    names = [target_size_group(px, 100 * 100) for px in (1, 99, 100, 249, 250, 499, 500, 10_000)]
+    assert names == ["0-1 %", "0-1 %", "1-2.5 %", "1-2.5 %", "2.5-5 %", "2.5-5 %", ">= 5 %", ">= 5 %"]
+    assert sorted(set(names)) == list(dict.fromkeys(names))  # tables list them small to large
+    assert target_size_group(0, 100) is None  # no-target queries belong to no size group
+    with pytest.raises(ValueError, match="image_pixels"):
+        target_size_group(5, 0)

@@ -141,6 +141,9 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert set(cross) <= {f"{f}: {t}" for f in ("attribute", "spatial") for t in ("seen", "heldout")}
     for fam, m in metrics["by_family"].items():
         assert sum(c["n"] for k, c in cross.items() if k.startswith(fam + ":")) == m["n"]
+    # every positive in exactly one target-size group, no negative in any
+    assert sum(g["n"] for g in metrics["by_target_size"].values()) == metrics["overall"]["n_positive"]
+    assert all(g["n_negative"] == 0 for g in metrics["by_target_size"].values())
     for k in ("giou", "ciou", "n_acc", "t_acc"):
         assert 0 <= metrics["overall"][k] <= 100
     md = (tmp_path / "e" / "metrics.md").read_text()

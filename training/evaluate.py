@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import Record, SampleError, load_mask, load_rgb, read_records, split_records
-from .metrics import GroupMetrics, MetricAccumulator, SampleResult, score_sample
+from .metrics import GroupMetrics, MetricAccumulator, SampleResult, score_sample, target_size_group
 from .panels import make_panel, save_panels
 from .train import add_dataclass_args, arg
 
@@ -192,6 +192,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 template=split,
                 family_template=f"{r.family or 'unknown'}: {split}",
                 kind="negative" if r.negative else "positive",
+                target_size=target_size_group(int(masks[i].sum()), h * w),
             )
             if cfg.num_panels:
                 cap = f"{r.prompt} | IoU {s.iou:.2f} presence {res.presence:.2f}" + (
@@ -246,6 +247,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     )
     md.append(markdown_table("By concept family", acc.by("family")))
     md.append(markdown_table("By concept family and template split", acc.by("family_template")))
+    md.append(markdown_table("By target size (share of the image; positives only)", acc.by("target_size")))
     if cfg.presence_sweep:
         sweep = presence_sweep(sweep_pool, cfg.presence_sweep)
         metrics["presence_sweep"] = {str(t): m.to_dict() for t, m in sweep.items()}

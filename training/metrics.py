@@ -54,6 +54,30 @@ def score_sample(
     return SampleResult(inter, union, bool(negative), bool(present and pred.any()))
 
 
+# Edges of the target-size groups, as a share of the image's pixels. On the data engine's 256 x 192 test
+# scenes the quartiles of positive targets fall near 1 %, 2.5 % and 5 %.
+TARGET_SIZE_EDGES = (0.01, 0.025, 0.05)
+
+
+def target_size_group(target_pixels: int, image_pixels: int) -> str | None:
+    """Name of the target-size group of a positive sample ("0-1 %", "1-2.5 %", ...); None for an empty target.
+
+    The names sort in size order (">" sorts after the digits), so MetricAccumulator.by lists them small to
+    large.
+    """
+    if image_pixels <= 0:
+        raise ValueError(f"image_pixels must be positive, got {image_pixels}")
+    if target_pixels <= 0:
+        return None
+    share = target_pixels / image_pixels
+    lo = 0.0
+    for hi in TARGET_SIZE_EDGES:
+        if share < hi:
+            return f"{100 * lo:g}-{100 * hi:g} %"
+        lo = hi
+    return f">= {100 * lo:g} %"
+
+
 @dataclass
 class GroupMetrics:
     """Metrics of one group of samples; percentages in 0..100, None where the group has no such sample."""
