@@ -5,6 +5,7 @@ data engine's format. Training runs use a random-init MiniLM (no 90 MB weight lo
 through the real MiniLM weights and the runtime Segmenter.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -127,6 +128,15 @@ def test_distill_two_steps_and_resume(trained, toy, tmp_path):
     cfg.steps, cfg.resume = 3, True
     assert distill(cfg)["step"] == 3
     assert load_checkpoint(tmp_path / "d" / "last.pt").extra["step"] == 3
+    for flag in (
+        "steps",
+        "log_every",
+        "save_every",
+    ):  # refused before any work, not a ZeroDivisionError later
+        bad = dataclasses.replace(cfg, out_dir=str(tmp_path / flag), resume=False, **{flag: 0})
+        with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be at least 1"):
+            distill(bad)
+        assert not (tmp_path / flag).exists()
 
 
 def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
@@ -399,7 +409,7 @@ def test_token_dropout_trains_and_is_validated(toy, tmp_path):
         train(tiny_train(toy, tmp_path / "bad", token_dropout=1.0))
 
 
-@pytest.mark.parametrize("flag", ["steps", "val_every", "save_every"])
+@pytest.mark.parametrize("flag", ["steps", "log_every", "val_every", "save_every"])
 def test_non_positive_intervals_are_refused_before_any_work(toy, tmp_path, flag):
     # --val-every 0 used to crash with ZeroDivisionError after the model was built and data read.
     with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be at least 1"):

@@ -37,7 +37,15 @@ from converseg_core.checkpoint import load_official_weights, save_checkpoint
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
 from .losses import distill_loss
-from .train import add_dataclass_args, arg, parse_overrides, plain, resume_state, setup_distributed
+from .train import (
+    add_dataclass_args,
+    arg,
+    parse_overrides,
+    plain,
+    require_at_least_one,
+    resume_state,
+    setup_distributed,
+)
 
 log = logging.getLogger("training.distill")
 
@@ -119,6 +127,7 @@ def match_embedding(teacher: torch.Tensor, size: int) -> torch.Tensor:
 
 def distill(cfg: DistillConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    require_at_least_one(cfg, "steps", "log_every", "save_every")
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)

@@ -148,6 +148,15 @@ class TrainConfig:
     threads: int = arg(0, help="torch CPU threads per process (0: cores / processes)")
 
 
+def require_at_least_one(cfg: object, *fields: str) -> None:
+    """Exit with the flag's name if a step count or interval is below 1 (an interval of 0 would divide by zero
+    mid-run; the last step always logs, validates and saves anyway)."""
+    for name in fields:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -431,15 +440,7 @@ def train(cfg: TrainConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not 0.0 <= cfg.token_dropout < 1.0:
         raise SystemExit(f"--token-dropout must be in [0, 1), got {cfg.token_dropout}")
-    for flag, value in (
-        ("--steps", cfg.steps),
-        ("--val-every", cfg.val_every),
-        ("--save-every", cfg.save_every),
-    ):
-        if value < 1:
-            raise SystemExit(
-                f"{flag} must be at least 1, got {value} (validation and saving also run at the end)"
-            )
+    require_at_least_one(cfg, "steps", "log_every", "val_every", "save_every")
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)
