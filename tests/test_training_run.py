@@ -128,11 +128,8 @@ def test_distill_two_steps_and_resume(trained, toy, tmp_path):
     cfg.steps, cfg.resume = 3, True
     assert distill(cfg)["step"] == 3
     assert load_checkpoint(tmp_path / "d" / "last.pt").extra["step"] == 3
-    for flag in (
-        "steps",
-        "log_every",
-        "save_every",
-    ):  # refused before any work, not a ZeroDivisionError later
+    # zero steps or intervals are refused before any work, not a ZeroDivisionError mid-run
+    for flag in ("steps", "log_every", "save_every"):
         bad = dataclasses.replace(cfg, out_dir=str(tmp_path / flag), resume=False, **{flag: 0})
         with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be at least 1"):
             distill(bad)

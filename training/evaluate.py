@@ -179,20 +179,22 @@ def evaluate(cfg: EvalConfig) -> dict:
         for i, res in zip(idxs, results, strict=True):
             r = records[i]
             present = res.presence >= threshold
+            target_px = int(np.count_nonzero(masks[i]))
             s = score_sample(res.mask, masks[i], negative=r.negative, present=present)
             if cfg.presence_sweep:
                 ungated = score_sample(res.mask, masks[i], negative=r.negative)
-                sweep_pool.append((res.presence, ungated, int(masks[i].sum())))
+                sweep_pool.append((res.presence, ungated, target_px))
             if not present:
                 res.mask = np.zeros_like(res.mask)
+            family = r.family or "unknown"
             split = template_split(r, heldout)
             acc.add(
                 s,
-                family=r.family or "unknown",
+                family=family,
                 template=split,
-                family_template=f"{r.family or 'unknown'}: {split}",
+                family_template=f"{family}: {split}",
                 kind="negative" if r.negative else "positive",
-                target_size=target_size_group(int(masks[i].sum()), h * w),
+                target_size=target_size_group(target_px, h * w),
             )
             if cfg.num_panels:
                 cap = f"{r.prompt} | IoU {s.iou:.2f} presence {res.presence:.2f}" + (
