@@ -176,6 +176,20 @@ def test_every_concept_and_template_list_keeps_two_training_phrasings():
     assert P.template_split("functions.writing.p0") == "heldout"  # the rule itself: crc32 % 5 == 0
 
 
+def test_no_phrase_is_said_twice_in_a_vocab_section():
+    """A phrase under two concepts of one section would be trained toward two different answers, and a
+    phrase listed twice in a concept weights it twice and may sit in both splits (keys are indices)."""
+    from training.dataengine.knowledge import load_knowledge_base
+
+    for section, concepts in load_knowledge_base().vocab.items():
+        seen: dict[str, str] = {}
+        for concept, phrases in concepts.items():
+            for p in phrases:
+                key = p.lower().strip()
+                assert key not in seen, f"vocab.{section}: {p!r} is in {seen[key]!r} and {concept!r}"
+                seen[key] = concept
+
+
 # ------------------------------------------------------------------------------------ output and the reader
 def read_dataset(root: Path) -> list[dict]:
     """A tiny reader of the output contract (docs/ARCHITECTURE.md): jsonl + PNGs."""
@@ -418,3 +432,40 @@ def test_layout_without_drops_dependents_and_remaps_supports():
     assert [p.model_index for p in out.placements] == [2, 3]
     assert out.placements[1].on == 0 and out.placements[0].on is None
     assert len(lay.placements) == 4  # the original is untouched
+
+
+def test_phrase_similarity_flags_a_new_phrase_that_repeats_a_held_out_one_and_refuses_edits():
+    import copy
+
+    from training.dataengine.knowledge import load_knowledge_base
+    from training.dataengine.phrase_similarity import heldout_neighbours
+    from training.dataengine.prompts import template_split
+
+    base = load_knowledge_base().vocab
+    # a fixed-size embedding so both vocabularies embed alike: the words of both, one pool
+    allw = sorted({w for s in base.values() for ps in s.values() for p in ps for w in p.lower().split()})
+
+    def embed(texts):
+        v = np.array([[t.lower().split().count(w) for w in allw] + [1e-3] for t in texts], float)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    concept, phrases = next(  # a concept with a held-out phrase whose next key trains
+        (c, ps)
+        for c, ps in base["functions"].items()
+        if any(template_split(f"functions.{c}.p{j}") == "heldout" for j in range(len(ps)))
+        and template_split(f"functions.{c}.p{len(ps)}") == "train"
+    )
+    j = next(j for j in range(len(phrases)) if template_split(f"functions.{concept}.p{j}") == "heldout")
+    held = phrases[j]
+    new = copy.deepcopy(base)
+    new["functions"][concept].append(held.upper())  # the same words: cosine 1 in this embedding
+    rows = {r.key: r for r in heldout_neighbours(new, embed, ["functions"], baseline_vocab=base)}
+    row = rows[f"functions.{concept}.p{j}"]
+    assert row.baseline < 0.999 and row.current > 0.999 and row.nearest == held.upper()
+    others = [r for k, r in rows.items() if k != f"functions.{concept}.p{j}"]
+    assert others and all(abs(r.current - r.baseline) < 1e-9 for r in others)
+
+    edited = copy.deepcopy(base)
+    edited["functions"][concept].insert(0, "a phrase put first")  # shifts every key of that concept
+    with pytest.raises(SystemExit, match="appended"):
+        heldout_neighbours(edited, embed, ["functions"], baseline_vocab=base)
