@@ -93,3 +93,81 @@ def test_target_size_groups_cover_every_positive_once_in_size_order():
     assert target_size_group(0, 100) is None  # no-target queries belong to no size group
     with pytest.raises(ValueError, match="image_pixels"):
         target_size_group(5, 0)
+
+
+# ------------------------------------------------------------------------------ paired comparison (compare)
+def _write_samples(folder, rows):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _sample(i, scene, *, inter, union, split="seen", negative=False, present=True, family="f"):
+    return {
+        "id": f"r{i}",
+        "scene": f"s{scene}",
+        "family": family,
+        "split": split,
+        "negative": negative,
+        "intersection": inter,
+        "union": union,
+        "present": present,
+        "presence": 0.9 if present else 0.1,
+        "target_pixels": 0 if negative else 10,
+    }
+
+
+def test_compare_hand_computed_values_and_a_held_out_only_gain(tmp_path):
+    from training.compare import compare, pair, read_samples
+
+    # 40 scenes, each: a seen positive (IoU 0.5), a held-out positive, a negative. A answers the held-out one
+    # with IoU 0.2, B with 0.6; everything else equal.
+    a_rows, b_rows = [], []
+    for s in range(40):
+        base = [
+            _sample(3 * s, s, inter=5, union=10),
+            _sample(3 * s + 2, s, inter=0, union=0, negative=True, present=(s % 4 == 0)),
+        ]
+        a_rows += base + [_sample(3 * s + 1, s, inter=2, union=10, split="heldout")]
+        b_rows += base + [_sample(3 * s + 1, s, inter=6, union=10, split="heldout")]
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "a", a_rows)),
+        read_samples(_write_samples(tmp_path / "b", b_rows)),
+    )
+    rows = {r.metric: r for r in compare(a, b, bootstrap=200, seed=1)}
+    assert rows["gIoU"].a == pytest.approx(35.0) and rows["gIoU"].b == pytest.approx(55.0)
+    assert rows["cIoU"].a == pytest.approx(100 * 7 / 20) and rows["cIoU"].b == pytest.approx(100 * 11 / 20)
+    assert rows["N-acc"].a == pytest.approx(75.0) and rows["N-acc"].diff == 0
+    assert rows["T-acc"].a == pytest.approx(100.0)
+    gap = rows["held-out gap (seen - held-out)"]
+    assert gap.a == pytest.approx(30.0) and gap.b == pytest.approx(-10.0)
+    assert gap.high < 0  # every scene gains the same: the interval is the difference itself
+    seen = rows["gIoU seen templates"]
+    assert seen.diff == 0 and seen.low == 0 and seen.high == 0
+
+
+def test_compare_interval_covers_zero_for_noise_and_refuses_other_requests(tmp_path):
+    from training.compare import compare, pair, read_samples
+
+    rng = np.random.default_rng(0)
+    a_rows, b_rows = [], []
+    for i in range(0, 200, 2):  # B = A plus noise that sums to zero: +d on one request, -d on the next
+        inter, d = rng.integers(3, 8, size=2), int(rng.integers(0, 4))
+        for k, sign in ((0, 1), (1, -1)):
+            a_rows.append(_sample(i + k, (i + k) % 37, inter=int(inter[k]), union=10))
+            b_rows.append(_sample(i + k, (i + k) % 37, inter=int(inter[k]) + sign * d, union=10))
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "a", a_rows)),
+        read_samples(_write_samples(tmp_path / "b", b_rows)),
+    )
+    g = next(r for r in compare(a, b, bootstrap=500, seed=0) if r.metric == "gIoU")
+    assert g.diff == pytest.approx(0) and g.low < 0 < g.high
+
+    with pytest.raises(SystemExit, match="different requests"):
+        pair(read_samples(tmp_path / "a"), read_samples(_write_samples(tmp_path / "c", b_rows[:-1])))
+    with pytest.raises(SystemExit, match="not found"):
+        read_samples(tmp_path / "missing")
+    with pytest.raises(SystemExit, match="at least 100"):
+        compare(a, b, bootstrap=10, seed=0)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,24 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert swept["presence_sweep"][str(own)] == metrics["overall"]
     assert swept["presence_sweep"]["0.0"]["n_acc"] <= swept["presence_sweep"]["1.0"]["n_acc"]
     assert "Presence threshold sweep" in (tmp_path / "s" / "metrics.md").read_text()
+
+    # samples.jsonl holds what the tables were computed from: training.compare recomputes them exactly, and two
+    # evaluations of one model differ by exactly nothing, with a zero-width interval.
+    from training.compare import compare, pair, read_samples
+
+    a, b = pair(read_samples(tmp_path / "e"), read_samples(tmp_path / "s"))
+    assert len(a.ids) == 30
+    rows = {r.metric: r for r in compare(a, b, bootstrap=100, seed=0)}
+    for name, key in (("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc")):
+        want = metrics["overall"][key]
+        if want is None:
+            assert np.isnan(rows[name].a)
+        else:
+            assert rows[name].a == pytest.approx(want, abs=1e-3)
+        assert rows[name].diff == 0 or np.isnan(rows[name].diff)
+    assert rows["gIoU held-out templates"].a == pytest.approx(
+        metrics["by_template"]["heldout"]["giou"], abs=1e-3
+    )
 
 
 def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(trained, toy, tmp_path):

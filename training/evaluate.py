@@ -6,7 +6,8 @@ Scoring goes through converseg_core.Segmenter, the runtime inference path (pre-p
 presence gating, upsampling to the camera frame), with any backend (`--backend onnxruntime` on an exported
 folder). Masks are compared at the image's own resolution. Each image is encoded once and all its requests are
 decoded together, so this is not slower than a batched torch loop on a CPU. Writes metrics.json, metrics.md
-(tables) and overlay panels (panels_*.png: image | target | prediction).
+(tables), samples.jsonl (one line per scored request: its counts and presence, for paired comparisons of two
+models with `python -m training.compare`) and overlay panels (panels_*.png: image | target | prediction).
 
 Definitions: see training/metrics.py. A sample whose image or mask cannot be read is skipped and counted in
 `skipped` (reported in both outputs); `--strict` stops instead.
@@ -157,6 +158,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         by_image[r.image].append(i)
 
     acc = MetricAccumulator()
+    per_sample: list[dict] = []  # samples.jsonl
     skipped: list[str] = []
     panel_pool: list[tuple[float, int, object]] = []
     first_panels: list = []
@@ -196,6 +198,20 @@ def evaluate(cfg: EvalConfig) -> dict:
                 kind="negative" if r.negative else "positive",
                 target_size=target_size_group(target_px, h * w),
             )
+            per_sample.append(
+                {
+                    "id": r.sample_id or f"{r.image}#{i}",
+                    "scene": r.scene_id or str(r.image),
+                    "family": family,
+                    "split": split,
+                    "negative": s.negative,
+                    "intersection": s.intersection,
+                    "union": s.union,
+                    "present": s.predicted_present,
+                    "presence": round(float(res.presence), 5),
+                    "target_pixels": target_px,
+                }
+            )
             if cfg.num_panels:
                 cap = f"{r.prompt} | IoU {s.iou:.2f} presence {res.presence:.2f}" + (
                     " [negative]" if r.negative else ""
@@ -234,6 +250,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     ):
         metrics["heldout_giou_gap"] = round(templates["seen"].giou - templates["heldout"].giou, 3)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out_dir / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in per_sample)
 
     md = [f"## {name} on {cfg.data} ({cfg.split})", ""]
     md.append(

@@ -1,0 +1,223 @@
+"""Compare two evaluations of the same requests, with confidence intervals: is model B really better than A?
+
+    python -m training.compare --a runs/eval_a --b runs/eval_b --names "Run I" "Run J"
+
+Reads the samples.jsonl that `training.evaluate` writes into each --out-dir. Both must have scored the same
+requests (same test set, same --limit); the comparison is paired, request by request. For every metric it
+prints A, B, B - A and a 95 % interval of B - A from a bootstrap over scenes: scenes are drawn with
+replacement, because the requests of one scene share an image and are not independent. An interval that
+excludes 0 is a difference this test set can tell apart from noise; one that includes it is not.
+
+Metrics (see training/metrics.py): gIoU and cIoU on positives, N-acc, T-acc, gIoU on seen and held-out
+templates and their gap (seen - held-out), and per concept family gIoU and gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .train import add_dataclass_args, arg
+
+
+@dataclass
+class CompareConfig:
+    a: str = arg(help="evaluation folder of model A (holds samples.jsonl)")
+    b: str = arg(help="evaluation folder of model B, same requests")
+    names: list[str] = arg(["A", "B"], help="labels of A and B in the table", nargs=2)
+    bootstrap: int = arg(2000, help="bootstrap resamples of the scenes (at least 100)")
+    seed: int = arg(0, help="bootstrap random seed")
+    out: str | None = arg(None, help="also write the markdown table here")
+
+
+@dataclass
+class Samples:
+    """Per-request arrays of one evaluation, in a fixed request order."""
+
+    ids: list[str]
+    scene: np.ndarray  # int index of the request's scene
+    family: np.ndarray  # str
+    heldout: np.ndarray  # bool: template split is held out
+    negative: np.ndarray  # bool
+    inter: np.ndarray  # float pixel counts
+    union: np.ndarray
+    present: np.ndarray  # bool: predicted something
+
+    @property
+    def iou(self) -> np.ndarray:
+        return np.where(self.union == 0, 1.0, self.inter / np.maximum(self.union, 1))
+
+
+def read_samples(folder: str | Path) -> dict[str, dict]:
+    path = Path(folder) / "samples.jsonl"
+    if not path.is_file():
+        raise SystemExit(
+            f"{path}: not found; evaluate with `python -m training.evaluate ... --out-dir {folder}` first "
+            "(samples.jsonl is written since knowledge base v2; older evaluation folders lack it)"
+        )
+    rows = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows[str(row["id"])] = row
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}:{n}: not a samples.jsonl line ({exc})") from exc
+    if not rows:
+        raise SystemExit(f"{path}: empty")
+    return rows
+
+
+def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
+    """Both evaluations as arrays over the same requests; refuses evaluations of different requests."""
+    if a.keys() != b.keys():
+        only_a, only_b = len(a.keys() - b.keys()), len(b.keys() - a.keys())
+        raise SystemExit(
+            f"the evaluations scored different requests ({only_a} only in A, {only_b} only in B): "
+            "compare evaluations of one test set with the same --limit and no skipped samples"
+        )
+    ids = sorted(a)
+    for i in ids:
+        if a[i]["negative"] != b[i]["negative"] or a[i]["split"] != b[i]["split"]:
+            raise SystemExit(f"request {i}: A and B disagree on its labels; not the same test set")
+    scenes = {s: k for k, s in enumerate(sorted({a[i]["scene"] for i in ids}))}
+
+    def arrays(rows: dict[str, dict]) -> Samples:
+        return Samples(
+            ids=ids,
+            scene=np.array([scenes[rows[i]["scene"]] for i in ids]),
+            family=np.array([rows[i]["family"] for i in ids]),
+            heldout=np.array([rows[i]["split"] == "heldout" for i in ids]),
+            negative=np.array([bool(rows[i]["negative"]) for i in ids]),
+            inter=np.array([rows[i]["intersection"] for i in ids], float),
+            union=np.array([rows[i]["union"] for i in ids], float),
+            present=np.array([bool(rows[i]["present"]) for i in ids]),
+        )
+
+    return arrays(a), arrays(b)
+
+
+# A metric maps (samples, W) to one value per row of W: W is R x N request weights (how often each
+# request's scene was drawn; a row of ones is the test set itself). NaN where the group is empty.
+Metric = Callable[[Samples, np.ndarray], np.ndarray]
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 100.0 * num / np.where(den > 0, den, 1), np.nan)
+
+
+def giou(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
+    def f(s: Samples, w: np.ndarray) -> np.ndarray:
+        m = ~s.negative & (select(s) if select else True)
+        return _ratio(w @ (s.iou * m), w @ m.astype(float))
+
+    return f
+
+
+def ciou(s: Samples, w: np.ndarray) -> np.ndarray:
+    pos = (~s.negative).astype(float)
+    return _ratio(w @ (s.inter * pos), w @ (s.union * pos))
+
+
+def n_acc(s: Samples, w: np.ndarray) -> np.ndarray:
+    return _ratio(w @ (s.negative & ~s.present).astype(float), w @ s.negative.astype(float))
+
+
+def t_acc(s: Samples, w: np.ndarray) -> np.ndarray:
+    return _ratio(w @ (~s.negative & s.present).astype(float), w @ (~s.negative).astype(float))
+
+
+def gap(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
+    seen = giou(lambda s: ~s.heldout & (select(s) if select else True))
+    held = giou(lambda s: s.heldout & (select(s) if select else True))
+    return lambda s, w: seen(s, w) - held(s, w)
+
+
+def metrics(families: Sequence[str]) -> dict[str, Metric]:
+    out: dict[str, Metric] = {
+        "gIoU": giou(),
+        "cIoU": ciou,
+        "N-acc": n_acc,
+        "T-acc": t_acc,
+        "gIoU seen templates": giou(lambda s: ~s.heldout),
+        "gIoU held-out templates": giou(lambda s: s.heldout),
+        "held-out gap (seen - held-out)": gap(),
+    }
+    for fam in families:
+        out[f"{fam}: gIoU"] = giou(lambda s, fam=fam: s.family == fam)
+        out[f"{fam}: held-out gap"] = gap(lambda s, fam=fam: s.family == fam)
+    return out
+
+
+@dataclass
+class Row:
+    metric: str
+    a: float
+    b: float
+    diff: float
+    low: float
+    high: float
+
+
+def compare(a: Samples, b: Samples, *, bootstrap: int, seed: int) -> list[Row]:
+    """Paired differences B - A with 95 % scene-bootstrap intervals (percentile method)."""
+    if bootstrap < 100:
+        raise SystemExit(f"--bootstrap must be at least 100 for a 95 % interval, got {bootstrap}")
+    n_scenes = int(a.scene.max()) + 1
+    rng = np.random.default_rng(seed)
+    rows = []
+    ones = np.ones((1, len(a.ids)))
+    chunks = [min(500, bootstrap - k) for k in range(0, bootstrap, 500)]  # bounds memory: 500 x N weights
+    weights = [rng.multinomial(n_scenes, np.full(n_scenes, 1 / n_scenes), size=c)[:, a.scene] for c in chunks]
+    for name, f in metrics(sorted(set(a.family))).items():
+        va, vb = float(f(a, ones)[0]), float(f(b, ones)[0])
+        d = np.concatenate([f(b, w.astype(float)) - f(a, w.astype(float)) for w in weights])
+        d = d[~np.isnan(d)]
+        low, high = np.percentile(d, [2.5, 97.5]) if d.size else (np.nan, np.nan)
+        rows.append(Row(name, va, vb, vb - va, float(low), float(high)))
+    return rows
+
+
+def markdown(rows: list[Row], names: Sequence[str], n_requests: int, n_scenes: int, bootstrap: int) -> str:
+    def f(v: float) -> str:
+        return "-" if np.isnan(v) else f"{v:.1f}"
+
+    out = [
+        f"{n_requests} requests in {n_scenes} scenes; 95 % intervals from {bootstrap} scene bootstraps. "
+        "* marks an interval that excludes 0.",
+        "",
+        f"| metric | {names[0]} | {names[1]} | {names[1]} - {names[0]} | 95 % interval |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        sig = " *" if not np.isnan(r.low) and (r.low > 0 or r.high < 0) else ""
+        out.append(f"| {r.metric} | {f(r.a)} | {f(r.b)} | {r.diff:+.1f}{sig} | [{f(r.low)}, {f(r.high)}] |")
+    return "\n".join(out) + "\n"
+
+
+def run(cfg: CompareConfig) -> list[Row]:
+    a, b = pair(read_samples(cfg.a), read_samples(cfg.b))
+    rows = compare(a, b, bootstrap=cfg.bootstrap, seed=cfg.seed)
+    md = markdown(rows, cfg.names, len(a.ids), int(a.scene.max()) + 1, cfg.bootstrap)
+    print(md)
+    if cfg.out:
+        Path(cfg.out).write_text(md)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_dataclass_args(parser, CompareConfig)
+    run(CompareConfig(**vars(parser.parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
