@@ -204,6 +204,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "scene": r.scene_id or str(r.image),
                     "family": family,
                     "split": split,
+                    "template": r.template_id,
                     "negative": s.negative,
                     "intersection": s.intersection,
                     "union": s.union,
