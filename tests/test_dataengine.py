@@ -442,7 +442,7 @@ def test_phrase_similarity_flags_a_new_phrase_that_repeats_a_held_out_one_and_re
     from training.dataengine.prompts import template_split
 
     base = load_knowledge_base().vocab
-    # a fixed-size embedding so both vocabularies embed alike: the words of both, one pool
+    # one fixed word list for every text (the base vocab's words; the appended phrase adds none)
     allw = sorted({w for s in base.values() for ps in s.values() for p in ps for w in p.lower().split()})
 
     def embed(texts):

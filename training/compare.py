@@ -58,7 +58,7 @@ def read_samples(folder: str | Path) -> dict[str, dict]:
     if not path.is_file():
         raise SystemExit(
             f"{path}: not found; evaluate with `python -m training.evaluate ... --out-dir {folder}` first "
-            "(samples.jsonl is written since knowledge base v2; older evaluation folders lack it)"
+            "(evaluation folders written before evaluate wrote samples.jsonl lack it)"
         )
     rows = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
