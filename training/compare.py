@@ -101,8 +101,9 @@ def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
     return arrays(a), arrays(b)
 
 
-# A metric maps (samples, W) to one value per row of W: W is R x N request weights (how often each
-# request's scene was drawn; a row of ones is the test set itself). NaN where the group is empty.
+# A metric maps (samples, C) to one value per row of C: C is R x S scene counts (how often each scene was
+# drawn; a row of ones is the test set itself). Every metric is a ratio of sums over requests, so requests are
+# summed per scene once and the bootstrap only reweights scenes. NaN where the group is empty.
 Metric = Callable[[Samples, np.ndarray], np.ndarray]
 
 
@@ -111,31 +112,36 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, 100.0 * num / np.where(den > 0, den, 1), np.nan)
 
 
-def giou(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
-    def f(s: Samples, w: np.ndarray) -> np.ndarray:
-        m = ~s.negative & (select(s) if select else True)
-        return _ratio(w @ (s.iou * m), w @ m.astype(float))
+def ratio(parts: Callable[[Samples], tuple[np.ndarray, np.ndarray]]) -> Metric:
+    """100 * sum(numerator) / sum(denominator), from per-request parts (the definitions of metrics.py)."""
+
+    def f(s: Samples, counts: np.ndarray) -> np.ndarray:
+        num, den = parts(s)
+        per_scene = [
+            np.bincount(s.scene, weights=x.astype(float), minlength=counts.shape[1]) for x in (num, den)
+        ]
+        return _ratio(counts @ per_scene[0], counts @ per_scene[1])
 
     return f
 
 
-def ciou(s: Samples, w: np.ndarray) -> np.ndarray:
-    pos = (~s.negative).astype(float)
-    return _ratio(w @ (s.inter * pos), w @ (s.union * pos))
+def giou(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
+    def parts(s: Samples) -> tuple[np.ndarray, np.ndarray]:
+        m = ~s.negative & (select(s) if select else True)
+        return s.iou * m, m
+
+    return ratio(parts)
 
 
-def n_acc(s: Samples, w: np.ndarray) -> np.ndarray:
-    return _ratio(w @ (s.negative & ~s.present).astype(float), w @ s.negative.astype(float))
-
-
-def t_acc(s: Samples, w: np.ndarray) -> np.ndarray:
-    return _ratio(w @ (~s.negative & s.present).astype(float), w @ (~s.negative).astype(float))
+ciou = ratio(lambda s: (s.inter * ~s.negative, s.union * ~s.negative))
+n_acc = ratio(lambda s: (s.negative & ~s.present, s.negative))
+t_acc = ratio(lambda s: (~s.negative & s.present, ~s.negative))
 
 
 def gap(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
     seen = giou(lambda s: ~s.heldout & (select(s) if select else True))
     held = giou(lambda s: s.heldout & (select(s) if select else True))
-    return lambda s, w: seen(s, w) - held(s, w)
+    return lambda s, c: seen(s, c) - held(s, c)
 
 
 def metrics(families: Sequence[str]) -> dict[str, Metric]:
@@ -171,12 +177,11 @@ def compare(a: Samples, b: Samples, *, bootstrap: int, seed: int) -> list[Row]:
     n_scenes = int(a.scene.max()) + 1
     rng = np.random.default_rng(seed)
     rows = []
-    ones = np.ones((1, len(a.ids)))
-    chunks = [min(500, bootstrap - k) for k in range(0, bootstrap, 500)]  # bounds memory: 500 x N weights
-    weights = [rng.multinomial(n_scenes, np.full(n_scenes, 1 / n_scenes), size=c)[:, a.scene] for c in chunks]
+    ones = np.ones((1, n_scenes))
+    counts = rng.multinomial(n_scenes, np.full(n_scenes, 1 / n_scenes), size=bootstrap).astype(float)
     for name, f in metrics(sorted(set(a.family))).items():
         va, vb = float(f(a, ones)[0]), float(f(b, ones)[0])
-        d = np.concatenate([f(b, w.astype(float)) - f(a, w.astype(float)) for w in weights])
+        d = f(b, counts) - f(a, counts)
         d = d[~np.isnan(d)]
         low, high = np.percentile(d, [2.5, 97.5]) if d.size else (np.nan, np.nan)
         rows.append(Row(name, va, vb, vb - va, float(low), float(high)))

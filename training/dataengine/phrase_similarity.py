@@ -48,12 +48,6 @@ def _phrases(vocab: dict, families: Sequence[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _nearest(embed: Embed, query: str, pool: list[str]) -> tuple[float, str]:
-    sims = embed([query]) @ embed(pool).T
-    i = int(sims.argmax())
-    return float(sims[0, i]), pool[i]
-
-
 def heldout_neighbours(
     vocab: dict, embed: Embed, families: Sequence[str], baseline_vocab: dict | None = None
 ) -> list[Neighbour]:
@@ -70,14 +64,18 @@ def heldout_neighbours(
                     f"{key}: {phrase!r} in the baseline, {cur[group].get(key)!r} now; phrases must be "
                     "appended, never inserted, removed or edited (a key is an index)"
                 )
+        held = {k: p for k, p in keyed.items() if template_split(k) == "heldout"}
+        if not held:
+            continue
         train_cur = [p for k, p in cur[group].items() if template_split(k) == "train"]
         train_base = [p for k, p in keyed.items() if template_split(k) == "train"]
-        for key, phrase in keyed.items():
-            if template_split(key) != "heldout":
-                continue
-            sim, near = _nearest(embed, phrase, train_cur)
-            before = _nearest(embed, phrase, train_base)[0] if baseline_vocab is not None else None
-            rows.append(Neighbour(key, phrase, before, sim, near))
+        e_held = embed(list(held.values()))  # each text embedded once per concept
+        sim_cur = e_held @ embed(train_cur).T
+        sim_base = e_held @ embed(train_base).T if baseline_vocab is not None else None
+        for n, (key, phrase) in enumerate(held.items()):
+            i = int(sim_cur[n].argmax())
+            before = float(sim_base[n].max()) if sim_base is not None else None
+            rows.append(Neighbour(key, phrase, before, float(sim_cur[n, i]), train_cur[i]))
     return rows
 
 
