@@ -193,6 +193,14 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert rows["gIoU held-out templates"].a == pytest.approx(
         metrics["by_template"]["heldout"]["giou"], abs=1e-3
     )
+    # Each line also records the scored mask's size and the decoder's predicted IoU (for analyses of the
+    # presence decision); the counts must be those of the mask that was scored.
+    for line in (tmp_path / "e" / "samples.jsonl").read_text().splitlines():
+        s = json.loads(line)
+        assert s["union"] == s["mask_pixels"] + s["target_pixels"] - s["intersection"]
+        assert np.isfinite(s["score"])
+        if not s["present"]:
+            assert s["mask_pixels"] == 0
 
 
 def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(trained, toy, tmp_path):

@@ -6,8 +6,9 @@ Scoring goes through converseg_core.Segmenter, the runtime inference path (pre-p
 presence gating, upsampling to the camera frame), with any backend (`--backend onnxruntime` on an exported
 folder). Masks are compared at the image's own resolution. Each image is encoded once and all its requests are
 decoded together, so this is not slower than a batched torch loop on a CPU. Writes metrics.json, metrics.md
-(tables), samples.jsonl (one line per scored request: its counts and presence, for paired comparisons of two
-models with `python -m training.compare`) and overlay panels (panels_*.png: image | target | prediction).
+(tables), samples.jsonl (one line per scored request: its counts, presence, predicted IoU and mask size, for
+paired comparisons of two models with `python -m training.compare`) and overlay panels (panels_*.png: image |
+target | prediction).
 
 Definitions: see training/metrics.py. A sample whose image or mask cannot be read is skipped and counted in
 `skipped` (reported in both outputs); `--strict` stops instead.
@@ -210,6 +211,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "union": s.union,
                     "present": s.predicted_present,
                     "presence": round(float(res.presence), 5),
+                    "score": round(float(res.score), 5),
+                    "mask_pixels": int(np.count_nonzero(res.mask)),
                     "target_pixels": target_px,
                 }
             )
