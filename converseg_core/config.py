@@ -54,6 +54,11 @@ class ConverSegConfig:
     # Inference defaults (the Segmenter and the ROS node may override them per call).
     mask_threshold: float = 0.0
     presence_threshold: float = 0.5
+    # How much the decoder's predicted mask IoU adds to the presence decision: presence =
+    # sigmoid(presence_logit + presence_score_weight * iou_score). 0 is the presence head alone;
+    # training.calibrate fits it on validation requests (a mask the decoder itself rates poorly is weaker
+    # evidence that the target is there).
+    presence_score_weight: float = 0.0
     # Largest camera frame accepted, in pixels on the longest side: a guard against memory blow-ups.
     max_input_side: int = 8192
 

@@ -144,3 +144,17 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def presence_probability(
+    presence_logits: np.ndarray, iou_scores: np.ndarray, score_weight: float
+) -> np.ndarray:
+    """Q probabilities that each request's target is in the picture: the presence head's logit, plus
+    `score_weight` times the decoder's predicted IoU of the request's mask (ConverSegConfig.presence_score_weight).
+    presence_logits: Q (or Q x 1); iou_scores: Q x 1 (or Q)."""
+    logits = np.asarray(presence_logits, dtype=np.float64).reshape(-1)
+    if score_weight:
+        logits = (
+            logits + score_weight * np.asarray(iou_scores, dtype=np.float64).reshape(len(logits), -1)[:, 0]
+        )
+    return sigmoid(logits)

@@ -21,7 +21,14 @@ from .backends import Backend, get_backend
 from .backends.base import FrameContext
 from .config import ConverSegConfig
 from .errors import ConverSegError, InputError
-from .processing import PreprocessedImage, mask_box, preprocess, sigmoid, upsample_logits, validate_image
+from .processing import (
+    PreprocessedImage,
+    mask_box,
+    preprocess,
+    presence_probability,
+    upsample_logits,
+    validate_image,
+)
 
 # Requests are sentences; 2,000 characters is far past any real one and well under anything that would
 # stall the tokenizer. Longer text is rejected; text past max_query_tokens is truncated with a warning.
@@ -35,7 +42,8 @@ class SegmentationResult:
 
     mask: H x W bool at the resolution of the image given to set_image (empty when the target is absent).
     score: the decoder's predicted IoU of the mask (0..1, uncalibrated).
-    presence: probability that what was asked for is in the picture at all.
+    presence: probability that what was asked for is in the picture at all (the presence head's, with the
+        predicted IoU added at config.presence_score_weight).
     present: presence >= the presence threshold; when False the mask is empty.
     area: number of mask pixels. box: (x0, y0, x1, y1) inclusive pixel bounds of the mask, or None.
     timings: milliseconds per stage of the predict() call that produced this result.
@@ -211,7 +219,7 @@ class Segmenter:
             input_size=image.input_size,
             original_size=image.original_size,
         )
-        presence = sigmoid(presence_logits.reshape(-1))
+        presence = presence_probability(presence_logits, iou, self.config.presence_score_weight)
         results = []
         for i, query in enumerate(active):
             present = bool(presence[i] >= self.presence_threshold)

@@ -52,7 +52,7 @@ from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
     OnnxRuntimeBackend,
 )
 from converseg_core.errors import ConverSegError, InputError  # noqa: E402
-from converseg_core.processing import preprocess, sigmoid  # noqa: E402
+from converseg_core.processing import preprocess, presence_probability  # noqa: E402
 from converseg_core.tokenizer import QueryTokenizer  # noqa: E402
 
 log = logging.getLogger("quantize_onnx")
@@ -237,8 +237,9 @@ def measure_agreement(
         for backend in (reference, quantized):
             frame = backend.prepare_frame(tensor)
             text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
-            logits, _, presence = backend.decode(frame, text, tokens.attention_mask)
-            out.append((logits[:, 0] > config.mask_threshold, sigmoid(presence.reshape(-1))))
+            logits, iou, presence = backend.decode(frame, text, tokens.attention_mask)
+            p = presence_probability(presence, iou, config.presence_score_weight)
+            out.append((logits[:, 0] > config.mask_threshold, p))
         (ref_masks, ref_p), (q_masks, q_p) = out
         inter, union = batch_iou_counts(ref_masks, q_masks)
         # Two empty masks agree perfectly (training.metrics' convention).

@@ -152,3 +152,20 @@ def test_predict_needs_an_image_and_a_query(model, rgb):
         seg.predict()
     with pytest.raises(InputError, match="list of strings"):
         seg.set_queries("a cup")
+
+
+def test_presence_adds_the_weighted_predicted_iou(model, rgb):
+    # config.presence_score_weight w: presence = sigmoid(presence logit + w * predicted IoU); w = 0 is the
+    # presence head alone. The masks do not depend on w.
+    plain = Segmenter(model, presence_threshold=0.0)
+    weighted = Segmenter(model, presence_threshold=0.0)
+    weighted.config = weighted.config.replace(presence_score_weight=2.5)
+    queries = ["the red mug", "something to drink from"]
+    plain.set_image(rgb)
+    weighted.set_image(rgb)
+    a, b = plain.predict(queries), weighted.predict(queries)
+    for x, y in zip(a, b, strict=True):
+        logit = np.log(x.presence / (1 - x.presence))
+        assert y.presence == pytest.approx(1 / (1 + np.exp(-(logit + 2.5 * x.score))), rel=1e-6)
+        assert y.score == pytest.approx(x.score) and np.array_equal(x.mask, y.mask)
+    assert a[0].presence != pytest.approx(b[0].presence)

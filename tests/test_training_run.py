@@ -205,7 +205,7 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
 
 def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(trained, toy, tmp_path):
     from converseg_core.checkpoint import load_checkpoint
-    from training.calibrate import CalibrateConfig, calibrate, choose_threshold
+    from training.calibrate import CalibrateConfig, calibrate, choose_threshold, fit_score_weight
     from training.metrics import GroupMetrics
 
     out, _ = trained
@@ -222,9 +222,43 @@ def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(tr
     best = max((v["n_acc"] + v["t_acc"]) / 2 for v in sweep.values())
     chosen = sweep[str(record["presence_threshold"])]
     assert (chosen["n_acc"] + chosen["t_acc"]) / 2 == best
+    # The rule kept (the presence head alone, or with the fitted predicted-IoU weight) is the better one.
+    candidates = record["candidates"]
+    assert "0.0" in candidates and str(record["presence_score_weight"]) in candidates
+    assert (chosen["n_acc"] + chosen["t_acc"]) / 2 == max(
+        (c["n_acc"] + c["t_acc"]) / 2 for c in candidates.values()
+    )
     a, b = load_checkpoint(src), load_checkpoint(dst)
     assert b.config.presence_threshold == record["presence_threshold"]
-    assert b.config.replace(presence_threshold=a.config.presence_threshold) == a.config
+    assert b.config.presence_score_weight == record["presence_score_weight"]
+    assert (
+        b.config.replace(
+            presence_threshold=a.config.presence_threshold,
+            presence_score_weight=a.config.presence_score_weight,
+        )
+        == a.config
+    )
+    # The calibrated checkpoint, evaluated with its own rule, reproduces the validation numbers the record
+    # claims for it (the sweep is rescored offline; this pass gates for real).
+    again = evaluate(
+        EvalConfig(checkpoint=str(dst), data=str(toy), out_dir=str(tmp_path / "again"), num_panels=0)
+    )
+    for key in ("giou", "n_acc", "t_acc"):
+        assert again["overall"][key] == pytest.approx(chosen[key], abs=1e-3)
+    kept = calibrate(
+        CalibrateConfig(
+            checkpoint=str(dst),
+            data=str(toy),
+            out=str(tmp_path / "kept.pt"),
+            split="all",
+            thresholds=[0.1, 0.5, 0.9],
+            keep_score_weight=True,
+        )
+    )
+    assert (
+        kept["presence_score_weight"] == record["presence_score_weight"]
+        and kept["fitted_score_weight"] is None
+    )
     assert b.meta["presence_calibration"]["presence_threshold"] == record["presence_threshold"]
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert src.read_bytes() == before and not b.extra
@@ -233,6 +267,20 @@ def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(tr
 
     def group(n_acc, t_acc):
         return GroupMetrics(10, 5, 5, 0.0, 0.0, 0.0, 0.0, n_acc, t_acc)
+
+    # fit_score_weight: the predicted IoU's weight next to the presence logit, from a logistic regression.
+    rng = np.random.default_rng(0)
+    negative = rng.random(4000) < 0.3
+    logit = rng.normal(np.where(negative, -1.0, 1.0), 1.5)
+    iou = np.clip(rng.normal(np.where(negative, 0.3, 0.6), 0.2), 0, 1)
+    presence = 1 / (1 + np.exp(-logit))
+    assert fit_score_weight(presence, iou, negative) > 1.0  # the IoU separates the two kinds as well
+    assert abs(fit_score_weight(presence, rng.random(4000), negative)) < 0.5  # an uninformative IoU: ~0
+    assert fit_score_weight(presence, 1 - iou, negative) < -1.0  # a reversed one: negative weight
+    assert fit_score_weight(presence, iou, np.zeros(4000, bool)) is None  # no negatives: nothing to fit
+    assert (
+        fit_score_weight(1 - presence, iou, negative) is None
+    )  # a head pointing the wrong way is left alone
 
     # balanced accuracy decides; a tie goes to the threshold nearer 0.5
     assert choose_threshold({0.3: group(60, 90), 0.6: group(80, 80), 0.9: group(100, 40)}) == 0.6

@@ -1,17 +1,26 @@
-"""Pick a model's presence threshold on a validation split and write it into a copy of its checkpoint.
+"""Pick a model's presence rule (threshold, and the predicted IoU's weight) on a validation split; write it into a
+copy of its checkpoint.
 
     python -m training.calibrate --checkpoint runs/x/student/model.pt --data runs/x/data/train --split val \\
         --out runs/x/student/calibrated.pt
 
 The presence head answers "is what was asked for in the picture at all?"; below `presence_threshold` the
 Segmenter returns an empty mask. Training does not choose that threshold, so this script does: one evaluation
-pass over the validation requests (`training.evaluate --presence-sweep`), then the threshold with the best
-balanced accuracy, (N-acc + T-acc) / 2, ties broken towards 0.5. Balanced, because the two errors both
-matter to a robot: acting on an object that is not what was asked for (a missed no-target request) and
-saying "not here" when it is. Calibrate on validation scenes only, never on the test set you report.
+pass over the validation requests with every mask kept (`training.evaluate --presence-threshold 0
+--presence-sweep`), then the threshold with the best balanced accuracy, (N-acc + T-acc) / 2, ties broken towards
+0.5. Balanced, because the two errors both matter to a robot: acting on an object that is not what was asked
+for (a missed no-target request) and saying "not here" when it is. Calibrate on validation scenes only, never
+on the test set you report.
 
-The output checkpoint is the input with `config.presence_threshold` replaced and the sweep recorded under
-`meta["presence_calibration"]`; the weights are untouched.
+The decoder's own predicted IoU of a request's mask is evidence too: a mask it rates poorly more often answers
+a request whose target is absent. So, unless `--keep-score-weight`, the same pass also fits
+`presence_score_weight` w (presence = sigmoid(presence logit + w * predicted IoU)) by a logistic regression of
+"target present" on the two, sweeps thresholds for that rule as well, and keeps whichever rule, with its best
+threshold, has the higher balanced accuracy (ties keep the checkpoint's own rule). No second pass: gating
+changes which requests answer, not their masks.
+
+The output checkpoint is the input with `config.presence_threshold` and `config.presence_score_weight` replaced
+and the sweeps recorded under `meta["presence_calibration"]`; the weights are untouched.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from converseg_core.checkpoint import load_checkpoint, write_checkpoint
 
-from .evaluate import EvalConfig, evaluate
-from .metrics import GroupMetrics
+from .evaluate import EvalConfig, evaluate, presence_sweep
+from .metrics import GroupMetrics, SampleResult
 from .train import add_dataclass_args, arg
 
 log = logging.getLogger("training.calibrate")
@@ -47,6 +58,11 @@ class CalibrateConfig:
     )
     val_fraction: float = arg(0.05, help="with --split val: the training run's --val-fraction")
     thresholds: list[float] = arg(DEFAULT_THRESHOLDS, help="presence thresholds to try", nargs="*")
+    keep_score_weight: bool = arg(
+        False,
+        help="only choose the threshold; keep the checkpoint's presence_score_weight (0 unless an earlier "
+        "calibration fitted one) instead of fitting how much the decoder's predicted IoU adds",
+    )
     device: str = arg("cpu", help="torch device")
     threads: int = arg(0, help="torch CPU threads (0: PyTorch's default)")
     allow_partial: bool = arg(False, help="read data engine output without index.json")
@@ -62,6 +78,58 @@ def choose_threshold(sweep: dict[float, GroupMetrics]) -> float:
     return max(usable, key=lambda t: ((usable[t].n_acc + usable[t].t_acc) / 2, -abs(t - 0.5)))
 
 
+def fit_score_weight(presence: np.ndarray, score: np.ndarray, negative: np.ndarray) -> float | None:
+    """Weight w of the predicted IoU next to the presence logit (presence = sigmoid(logit + w * IoU)), from a
+    logistic regression of "target present" on the two (L2-regularised, Newton steps on standardised
+    features). None when the fit gives the presence logit no positive weight (a head that does not separate
+    the requests, or too few of either kind); then the rule is left as it is."""
+    p = np.clip(np.asarray(presence, dtype=np.float64), 1e-7, 1 - 1e-7)
+    x = np.stack([np.log(p / (1 - p)), np.asarray(score, dtype=np.float64)], axis=1)
+    y = (~np.asarray(negative, dtype=bool)).astype(np.float64)
+    if y.min() == y.max():
+        return None
+    mu, sd = x.mean(0), x.std(0)
+    if np.any(sd < 1e-9):
+        return None
+    z = np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], axis=1)
+    w = np.zeros(3)
+    ridge = np.diag([1.0, 1.0, 0.0])  # as scikit-learn's default C = 1; the intercept is not penalised
+    for _ in range(100):
+        q = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -50, 50)))
+        grad = z.T @ (q - y) + ridge @ w
+        hess = (z * (q * (1 - q))[:, None]).T @ z + ridge
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    a_logit, a_score = w[0] / sd[0], w[1] / sd[1]
+    if not np.isfinite(a_logit) or a_logit <= 0 or not np.isfinite(a_score):
+        return None
+    return float(a_score / a_logit)
+
+
+def rescored_sweep(
+    samples: list[dict], extra_weight: float, thresholds: list[float]
+) -> dict[float, GroupMetrics]:
+    """The threshold sweep for presence logit + extra_weight * predicted IoU, from ungated samples.jsonl lines."""
+    p = np.clip(np.array([s["presence"] for s in samples], dtype=np.float64), 1e-7, 1 - 1e-7)
+    score = np.array([s["score"] for s in samples], dtype=np.float64)
+    presence = 1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + extra_weight * score)))
+    pool = [
+        (
+            float(pr),
+            SampleResult(s["intersection"], s["union"], bool(s["negative"]), bool(s["present"])),
+            s["target_pixels"],
+        )
+        for pr, s in zip(presence, samples, strict=True)
+    ]
+    return presence_sweep(pool, thresholds)
+
+
+def balanced(m: GroupMetrics) -> float:
+    return (m.n_acc + m.t_acc) / 2
+
+
 def calibrate(cfg: CalibrateConfig) -> dict:
     """Sweep, choose, write the calibrated checkpoint and OUT.calibration.json; return the record."""
     out = Path(cfg.out)
@@ -70,6 +138,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if not cfg.thresholds or not all(0.0 <= t <= 1.0 for t in cfg.thresholds):
         raise SystemExit(f"--thresholds must be values in [0, 1], got {cfg.thresholds}")
     work = out.with_name(out.stem + "_calibration")
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    own_weight = checkpoint.config.presence_score_weight
     metrics = evaluate(
         EvalConfig(
             checkpoint=cfg.checkpoint,
@@ -81,37 +151,76 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             num_panels=0,
             threads=cfg.threads,
             allow_partial=cfg.allow_partial,
+            presence_threshold=0.0,  # every mask kept: samples.jsonl then holds the ungated counts
             presence_sweep=list(cfg.thresholds),
             name="calibration",
         )
     )
-    sweep = {float(t): GroupMetrics(**m) for t, m in metrics["presence_sweep"].items()}
-    chosen = choose_threshold(sweep)
+    sweeps = {own_weight: {float(t): GroupMetrics(**m) for t, m in metrics["presence_sweep"].items()}}
+    fitted = None
+    if not cfg.keep_score_weight:
+        with open(work / "samples.jsonl") as f:
+            samples = [json.loads(line) for line in f]
+        # samples.jsonl's presence already includes the checkpoint's own weight; the fit adds to it.
+        extra = fit_score_weight(
+            np.array([s["presence"] for s in samples]),
+            np.array([s["score"] for s in samples]),
+            np.array([s["negative"] for s in samples]),
+        )
+        if extra is None:
+            log.warning(
+                "the presence head does not separate the validation requests; presence_score_weight kept"
+            )
+        else:
+            fitted = round(own_weight + extra, 4)
+            if fitted != own_weight:
+                sweeps[fitted] = rescored_sweep(samples, fitted - own_weight, list(cfg.thresholds))
+    best = {w: choose_threshold(s) for w, s in sweeps.items()}
+    weight = own_weight
+    for w, t in best.items():  # the checkpoint's own rule first: a tie keeps it
+        if balanced(sweeps[w][t]) > balanced(sweeps[weight][best[weight]]):
+            weight = w
+    chosen = best[weight]
+    sweep = sweeps[weight]
     record = {
         "presence_threshold": chosen,
-        "previous_threshold": metrics["presence_threshold"],
-        "criterion": "max (N-acc + T-acc) / 2 on the validation requests, ties towards 0.5",
+        "presence_score_weight": weight,
+        "previous_threshold": checkpoint.config.presence_threshold,
+        "previous_score_weight": own_weight,
+        "fitted_score_weight": fitted,
+        "criterion": "max (N-acc + T-acc) / 2 on the validation requests, ties towards 0.5 and the previous "
+        "score weight",
         "data": cfg.data,
         "split": cfg.split,
         "samples": metrics["overall"]["n"],
+        "candidates": {
+            str(w): {
+                "threshold": t,
+                **{k: sweeps[w][t].to_dict()[k] for k in ("giou", "ciou", "n_acc", "t_acc")},
+            }
+            for w, t in best.items()
+        },
         "sweep": {
             str(t): {k: m.to_dict()[k] for k in ("giou", "ciou", "n_acc", "t_acc")} for t, m in sweep.items()
         },
     }
-    checkpoint = load_checkpoint(cfg.checkpoint)
-    checkpoint.config = checkpoint.config.replace(presence_threshold=chosen)
+    checkpoint.config = checkpoint.config.replace(presence_threshold=chosen, presence_score_weight=weight)
     checkpoint.meta = {**checkpoint.meta, "presence_calibration": record}
     checkpoint.extra = {}  # optimizer state etc. belong to training's last.pt, not to a released model
     write_checkpoint(checkpoint, out)
     Path(str(out) + ".calibration.json").write_text(json.dumps(record, indent=2) + "\n")
-    best = sweep[chosen]
+    kept = sweep[chosen]
     log.info(
-        "presence threshold %.2f (was %.2f): N-acc %.1f, T-acc %.1f, gIoU %.1f on %d validation requests -> %s",
+        "presence threshold %.2f (was %.2f), predicted-IoU weight %g (was %g; fitted %s): N-acc %.1f, T-acc %.1f, "
+        "gIoU %.1f on %d validation requests -> %s",
         chosen,
         record["previous_threshold"],
-        best.n_acc,
-        best.t_acc,
-        best.giou or 0.0,
+        weight,
+        own_weight,
+        fitted,
+        kept.n_acc,
+        kept.t_acc,
+        kept.giou or 0.0,
         record["samples"],
         out,
     )

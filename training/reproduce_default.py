@@ -15,8 +15,8 @@ the same command after a crash continues):
 4b. refine:  only with --refine-steps N: a second fine-tune from stage 4's weights with a fresh warm-up and
              cosine schedule at --refine-lr (a warm restart, so a finished run can train on without
              starting over);
-5. calibrate: python -m training.calibrate picks each model's presence threshold on the training run's
-             validation scenes (best (N-acc + T-acc) / 2) and writes OUT/<model>/calibrated.pt;
+5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
+             on the training run's validation scenes (best (N-acc + T-acc) / 2), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
 The result is OUT/converseg_edge.pt, the calibrated student: the refined one when stage 4b ran. Frozen MiniLM
