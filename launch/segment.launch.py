@@ -42,8 +42,9 @@ ARGUMENTS = [
     DeclareLaunchArgument("mask_threshold", default_value="0.0", description="mask logit threshold"),
     DeclareLaunchArgument(
         "presence_threshold",
-        default_value="0.5",
-        description="presence probability below which the target is absent",
+        default_value="-1.0",
+        description="presence probability below which the target is absent; negative: the model's own "
+        "(calibrated) threshold",
     ),
     DeclareLaunchArgument(
         "max_input_side", default_value="4096", description="reject frames with a longer side"

@@ -304,6 +304,19 @@ def test_invalid_settings_are_named(change):
         SegmentSettings.from_values(change)
 
 
+def test_the_model_keeps_its_calibrated_presence_rule_unless_a_threshold_is_given():
+    # By default the node uses the threshold training.calibrate stored in the checkpoint (and its
+    # predicted-IoU weight), not a fixed 0.5; a non-negative parameter overrides the threshold only.
+    from converseg_core import default_checkpoint, load_checkpoint
+
+    config = load_checkpoint(default_checkpoint()).config
+    assert config.presence_threshold != 0.5  # else this test could not tell the two apart
+    own = load_segmenter(SegmentSettings())
+    assert own.presence_threshold == config.presence_threshold
+    assert own.config.presence_score_weight == config.presence_score_weight
+    assert load_segmenter(SegmentSettings(presence_threshold=0.3)).presence_threshold == 0.3
+
+
 def test_missing_checkpoint_fails_with_an_actionable_message(tmp_path):
     settings = SegmentSettings(model_path=str(tmp_path / "missing.pt"))
     with pytest.raises(Exception) as info:

@@ -13,7 +13,8 @@ def load_segmenter(settings: SegmentSettings) -> Any:
 
     kwargs = dict(
         mask_threshold=settings.mask_threshold,
-        presence_threshold=settings.presence_threshold,
+        # negative: keep the threshold training.calibrate stored in the checkpoint
+        presence_threshold=settings.presence_threshold if settings.presence_threshold >= 0 else None,
         max_input_side=settings.max_input_side,
     )
     if settings.random_model:

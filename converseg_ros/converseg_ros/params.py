@@ -43,7 +43,13 @@ SEGMENT_PARAMETERS: tuple[ParamSpec, ...] = (
         4096,
     ),
     ParamSpec("mask_threshold", 0.0, "mask logit threshold", -20.0, 20.0),
-    ParamSpec("presence_threshold", 0.5, "presence probability below which the target is absent", 0.0, 1.0),
+    ParamSpec(
+        "presence_threshold",
+        -1.0,
+        "presence probability below which the target is absent; negative: the model's own, calibrated one",
+        -1.0,
+        1.0,
+    ),
     ParamSpec("max_input_side", 4096, "frames with a side longer than this are rejected (pixels)", 16, 16384),
     ParamSpec(
         "max_rate_hz", 0.0, "most frames segmented per second; 0 = as fast as the model runs", 0.0, 1000.0
@@ -91,7 +97,7 @@ class SegmentSettings:
     random_model: str = ""
     random_model_img_size: int = 0
     mask_threshold: float = 0.0
-    presence_threshold: float = 0.5
+    presence_threshold: float = -1.0
     max_input_side: int = 4096
     max_rate_hz: float = 0.0
     image_transport: str = "raw"

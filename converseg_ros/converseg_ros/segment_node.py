@@ -97,7 +97,9 @@ class SegmentNode(Node):
         self.pipeline.start(self._publish_result)
         self.get_logger().info(
             f"ready: backend={settings.backend} model={settings.random_model or settings.model_path or 'default'}"
-            f" transport={settings.image_transport}; waiting for frames and a query on /converseg/query"
+            f" transport={settings.image_transport}"
+            + (f" presence_threshold={segmenter.presence_threshold:g}" if segmenter is not None else "")
+            + "; waiting for frames and a query on /converseg/query"
         )
 
     def _log_problem_once(self, reason: str, message: str) -> None:
