@@ -15,6 +15,7 @@ from .modeling.converseg import ConverSeg
 from .modeling.fusion import TextImageFusion
 from .modeling.image_encoder import ImageEncoderViT
 from .modeling.mask_decoder import MaskDecoder
+from .modeling.presence import MaskPresenceHead
 from .modeling.prompt_encoder import PromptEncoder
 from .modeling.student import StudentCNN
 from .modeling.text_encoder import build_text_encoder
@@ -99,6 +100,7 @@ def build_from_config(config: ConverSegConfig, *, pretrained_text: bool = True) 
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         ),
+        mask_presence=MaskPresenceHead(dim=dim) if config.mask_presence else None,
     )
 
 

@@ -46,6 +46,9 @@ class ConverSegConfig:
     # Also give the fusion the request's mean-pooled MiniLM features as one extra text token: the sentence
     # embedding all-MiniLM-L6-v2 was trained to place paraphrases close together with. Adds no weights.
     fusion_sentence_token: bool = False
+    # Refine the fusion's presence logit with the evidence of the decoder's mask (modeling/presence.py): what
+    # the mask covers, how the decoder rates it. Zero-initialised: adding it changes no answer until trained.
+    mask_presence: bool = False
     # Mask decoder settings, as in SAM.
     num_multimask_outputs: int = 3
     decoder_depth: int = 2

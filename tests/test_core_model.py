@@ -194,3 +194,66 @@ def test_layer_norm_2d_is_sams_channel_norm():
     got = norm(x)
     assert got.shape == x.shape
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def edge_pair_with_and_without_mask_presence():
+    """The same weights in a model without the mask-evidence presence head and in one with it."""
+    torch.manual_seed(0)
+    plain = build_model("converseg_edge", img_size=SMALL, pretrained_text=False).eval()
+    with_head = build_model(
+        "converseg_edge", img_size=SMALL, pretrained_text=False, mask_presence=True
+    ).eval()
+    with_head.load_state_dict(plain.state_dict(), strict=False)
+    return plain, with_head
+
+
+def test_mask_presence_head_starts_as_a_no_op_then_changes_presence_only():
+    plain, model = edge_pair_with_and_without_mask_presence()
+    emb = torch.randn(1, 256, SMALL // 16, SMALL // 16)
+    feats, mask = torch.randn(3, 6, 384), torch.ones(3, 6, dtype=torch.long)
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        before, fresh = plain.decode(emb, feats, mask), model.decode(emb, feats, mask)
+        assert torch.equal(fresh.presence_logits, before.presence_logits)
+        torch.nn.init.normal_(model.mask_presence.mlp[-1].weight, std=0.5)
+        trained = model.decode(emb, feats, mask)
+    assert (trained.presence_logits - before.presence_logits).abs().min() > 1e-4
+    assert torch.equal(trained.low_res_logits, before.low_res_logits)
+    assert torch.equal(trained.iou_scores, before.iou_scores)
+
+
+def test_mask_presence_head_gets_a_gradient_for_every_weight():
+    _, model = edge_pair_with_and_without_mask_presence()
+    torch.nn.init.normal_(model.mask_presence.mlp[-1].weight, std=0.5)  # else only the last layer learns
+    emb = torch.randn(2, 256, SMALL // 16, SMALL // 16)
+    out = model.decode(emb, torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.long))
+    out.presence_logits.sum().backward()
+    for name, p in model.mask_presence.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_mask_presence_region_features_follow_the_mask():
+    """A confident mask over one token's 4 x 4 block of low-res pixels reads that token; an empty one has no
+    area and no peak."""
+    from converseg_core.modeling.presence import MaskPresenceHead
+
+    h = w = 3
+    tokens = torch.randn(2, h * w, 8)
+    logits = torch.full((2, 1, 4 * h, 4 * w), -30.0)
+    logits[0, 0, 4:8, 8:12] = 30.0  # token (1, 2), row-major index 5
+    region, area, peak = MaskPresenceHead.region_features(logits, tokens)
+    assert torch.allclose(region[0], tokens[0, 5], atol=1e-5)
+    assert area[0].item() == pytest.approx(1 / (h * w), abs=1e-6) and peak[0].item() == pytest.approx(1.0)
+    assert area[1].item() < 1e-9 and peak[1].item() < 1e-9 and region[1].abs().max() < 1e-3
+
+
+def test_decode_context_with_mask_presence_matches_one_request_at_a_time():
+    _, model = edge_pair_with_and_without_mask_presence()
+    torch.nn.init.normal_(model.mask_presence.mlp[-1].weight, std=0.5)
+    with torch.no_grad():
+        emb = model.encode_image(torch.randn(1, 3, SMALL, SMALL))
+        feats, mask = torch.randn(3, 4, 384), torch.ones(3, 4, dtype=torch.long)
+        together = model.decode_context(model.image_context(emb), feats, mask)
+        for i in range(3):
+            alone = model.decode(emb, feats[i : i + 1], mask[i : i + 1])
+            assert torch.allclose(together.presence_logits[i], alone.presence_logits[0], atol=1e-5)

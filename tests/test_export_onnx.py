@@ -230,13 +230,16 @@ def test_image_encoder_round_trip_for_every_variant(name, tmp_path):
     assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
 
 
-def test_decoder_with_the_sentence_token_round_trips_with_any_token_count(tmp_path):
-    """fusion_sentence_token pools the text inside the decoder graph: the export must keep T dynamic and
-    ignore padding, as PyTorch does."""
+@pytest.mark.parametrize("option", ["fusion_sentence_token", "mask_presence"])
+def test_decoder_options_round_trip_with_any_token_count(option, tmp_path):
+    """fusion_sentence_token pools the text inside the decoder graph; mask_presence reads the decoder's own
+    mask and tokens. The export must keep T dynamic and ignore padding, as PyTorch does."""
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    model = build_model("converseg_edge", pretrained_text=False, img_size=64, fusion_sentence_token=True)
+    model = build_model("converseg_edge", pretrained_text=False, img_size=64, **{option: True})
+    if option == "mask_presence":  # zero-initialised last layer: make the head count
+        torch.nn.init.normal_(model.mask_presence.mlp[-1].weight, std=0.5)
     model.eval()
     module, args = traced_graphs(model, QueryTokenizer.default())["decoder"]
     spec = graph_specs(model.config)["decoder"]

@@ -487,3 +487,33 @@ def test_non_positive_intervals_are_refused_before_any_work(toy, tmp_path, flag)
     with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be at least 1"):
         train(tiny_train(toy, tmp_path / "bad", **{flag: 0}))
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_parts_mask_presence_trains_only_the_new_head(trained, toy, tmp_path):
+    """A trained model gains the mask-evidence presence head (--init keeps what the checkpoint holds, the new
+    head starts at zero) and --train-parts mask_presence changes that head and nothing else."""
+    out, _ = trained
+    base = load_checkpoint(out / "model.pt").state_dict
+    cfg = tiny_train(
+        toy,
+        tmp_path / "mp",
+        override=[*TINY, "mask_presence=true"],
+        init=[str(out / "model.pt")],
+        train_parts=["mask_presence"],
+        lr=1e-2,
+    )
+    train(cfg)
+    after = load_checkpoint(tmp_path / "mp" / "model.pt")
+    assert after.config.mask_presence
+    head = [k for k in after.state_dict if k.startswith("mask_presence.")]
+    assert head and all(k not in base for k in head)
+    assert any(after.state_dict[k].abs().sum() > 0 for k in head if k.startswith("mask_presence.mlp.4."))
+    for k, v in base.items():  # every other weight, BatchNorm statistics included, exactly as loaded
+        assert torch.equal(after.state_dict[k], v), k
+
+
+def test_train_parts_refuses_a_part_the_model_lacks_and_a_conflicting_flag(toy, tmp_path):
+    with pytest.raises(SystemExit, match="mask_presence=true"):
+        train(tiny_train(toy, tmp_path / "a", train_parts=["mask_presence"]))
+    with pytest.raises(SystemExit, match="conflicts"):
+        train(tiny_train(toy, tmp_path / "b", train_parts=["fusion"], train_image_encoder=True))

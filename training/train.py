@@ -54,7 +54,9 @@ from .panels import make_panel, save_panels
 
 log = logging.getLogger("training.train")
 
-MODEL_PARTS = ("image_encoder", "fusion", "prompt_encoder", "mask_decoder")
+# The model's top-level blocks that --init loads and --train-parts names (mask_presence only exists in models
+# built with config.mask_presence).
+MODEL_PARTS = ("image_encoder", "fusion", "prompt_encoder", "mask_decoder", "mask_presence")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -95,6 +97,14 @@ class TrainConfig:
         [], help="template ids never trained on (samples marked heldout never are)", nargs="*"
     )
     train_image_encoder: bool = arg(False, help="train the image encoder too (from scratch or fine-tuning)")
+    train_parts: list[str] = arg(
+        [],
+        help="train only these parts; every other part is frozen and kept in eval mode (e.g. mask_presence: "
+        "the mask-evidence presence head on top of a trained model, with --override mask_presence=true). "
+        "Default: every part but the image encoder, which --train-image-encoder adds",
+        nargs="*",
+        choices=list(MODEL_PARTS),
+    )
     freeze_text_proj: bool = arg(
         False,
         help="freeze the language projection (fusion.text_proj); it trains by default as it starts random",
@@ -241,13 +251,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def load_parts(model: nn.Module, spec: str) -> list[str]:
-    """Load `PATH[:part,part]` from a ConverSeg checkpoint into `model` (shape-checked)."""
+    """Load `PATH[:part,part]` from a ConverSeg checkpoint into `model` (shape-checked). Without a part list,
+    every part the checkpoint holds (a model that adds a part, such as mask_presence, keeps its new part's
+    initialisation)."""
     path, _, parts_s = spec.rpartition(":") if not Path(spec).exists() else (spec, "", "")
-    parts = tuple(p for p in parts_s.split(",") if p) or MODEL_PARTS
-    bad = sorted(set(parts) - set(MODEL_PARTS))
+    named = tuple(p for p in parts_s.split(",") if p)
+    bad = sorted(set(named) - set(MODEL_PARTS))
     if bad:
         raise SystemExit(f"--init {spec}: unknown parts {bad}; choose from {MODEL_PARTS}")
     ckpt = load_checkpoint(path)
+    held = {k.split(".", 1)[0] for k in ckpt.state_dict}
+    parts = named or tuple(p for p in MODEL_PARTS if p in held)
     own = model.state_dict()
     state = {k: v for k, v in ckpt.state_dict.items() if k.split(".", 1)[0] in parts}
     if not state:
@@ -260,6 +274,22 @@ def load_parts(model: nn.Module, spec: str) -> list[str]:
         )
     model.load_state_dict(state, strict=False)
     return list(parts)
+
+
+def trainable_parts(model: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
+    """The top-level parts this run trains (see --train-parts and --train-image-encoder)."""
+    present = tuple(p for p in MODEL_PARTS if getattr(model, p, None) is not None)
+    if not cfg.train_parts:
+        return tuple(p for p in present if p != "image_encoder" or cfg.train_image_encoder)
+    absent = [p for p in cfg.train_parts if p not in present]
+    if absent:
+        raise SystemExit(
+            f"--train-parts {' '.join(absent)}: {model.config.name} has no such part"
+            + (" (build it with --override mask_presence=true)" if "mask_presence" in absent else "")
+        )
+    if cfg.train_image_encoder and "image_encoder" not in cfg.train_parts:
+        raise SystemExit("--train-image-encoder conflicts with --train-parts without image_encoder")
+    return tuple(p for p in present if p in cfg.train_parts)
 
 
 class TrainStep(nn.Module):
@@ -306,8 +336,10 @@ def drop_tokens(attention_mask: torch.Tensor, p: float, generator: torch.Generat
 def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     # Blocks freeze what they never use (TinyViT's ImageNet head); only add to that here.
     model.text_encoder.requires_grad_(False)
-    if not cfg.train_image_encoder:
-        model.image_encoder.requires_grad_(False)
+    trained = trainable_parts(model, cfg)
+    for part in MODEL_PARTS:
+        if part not in trained and getattr(model, part, None) is not None:
+            getattr(model, part).requires_grad_(False)
     if cfg.freeze_text_proj:
         model.fusion.text_proj.requires_grad_(False)
     groups: dict[str, list[dict]] = {}
@@ -329,8 +361,10 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
     model.train()
     model.text_encoder.eval()
-    if not cfg.train_image_encoder:
-        model.image_encoder.eval()  # frozen BatchNorm statistics stay as loaded
+    trained = trainable_parts(model, cfg)
+    for part in MODEL_PARTS:
+        if part not in trained and getattr(model, part, None) is not None:
+            getattr(model, part).eval()  # frozen BatchNorm statistics stay as loaded
 
 
 def build_text_cache(model, records_list, cfg: TrainConfig, d: Dist, flips: bool) -> TextFeatureCache:
@@ -481,6 +515,10 @@ def train(cfg: TrainConfig) -> dict:
             log.info("loaded %d official tensors from %s", len(keys), cfg.init_official)
     model.to(device)
     param_groups = configure_trainable(model, cfg)
+    if not param_groups:
+        raise SystemExit(
+            f"nothing to train: {', '.join(trainable_parts(model, cfg))} hold no trainable weights"
+        )
     optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
 
     step = 0
@@ -531,7 +569,7 @@ def train(cfg: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
 
-    stepper: nn.Module = TrainStep(model, cfg.train_image_encoder)
+    stepper: nn.Module = TrainStep(model, "image_encoder" in trainable_parts(model, cfg))
     if d.world > 1:
         stepper = nn.parallel.DistributedDataParallel(
             stepper, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..config import ConverSegConfig
 from .fusion import FusionImageContext, TextImageFusion
 from .mask_decoder import MaskDecoder
+from .presence import MaskPresenceHead
 from .prompt_encoder import PromptEncoder
 
 
@@ -52,6 +53,7 @@ class ConverSeg(nn.Module):
         fusion: TextImageFusion,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
+        mask_presence: MaskPresenceHead | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -61,6 +63,8 @@ class ConverSeg(nn.Module):
         self.fusion = fusion
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        # Optional (config.mask_presence): refines the fusion's presence logit with the mask's evidence.
+        self.mask_presence = mask_presence
 
     @property
     def device(self) -> torch.device:
@@ -106,19 +110,25 @@ class ConverSeg(nn.Module):
     ) -> DecoderOutput:
         """The per-request part: context from image_context(); text_features: Q x T x 384; attention_mask:
         Q x T (1 = token, 0 = padding)."""
-        sparse, dense_bias, presence_logits = self.fusion.forward_context(
+        fused = self.fusion.forward_context(
             FusionImageContext(context.fusion_keys, context.fusion_values, context.dense_queries),
             text_features,
             attention_mask,
         )
         # SAM's dense prompt is no_mask_embed + the request's bias; no_mask_embed is in image_tokens already.
-        masks, iou = self.mask_decoder.forward_tokens(
-            context.image_tokens + dense_bias,
+        masks, iou, tokens = self.mask_decoder.decode_tokens(
+            context.image_tokens + fused.dense_bias,
             self.pe_tokens(),
-            sparse,
+            fused.sparse,
             self.prompt_encoder.image_embedding_size,
             multimask_output=multimask_output,
         )
+        presence_logits = fused.presence_logits
+        if self.mask_presence is not None:
+            # With several masks the first one's evidence is read (the single-mask output of inference).
+            presence_logits = self.mask_presence(
+                presence_logits, fused.presence_token, masks[:, :1], iou[:, :1], *tokens
+            )
         return DecoderOutput(low_res_logits=masks, iou_scores=iou, presence_logits=presence_logits)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> DecoderOutput:

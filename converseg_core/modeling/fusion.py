@@ -126,6 +126,16 @@ class FusionImageContext(NamedTuple):
     dense_queries: Tensor
 
 
+class FusionOutput(NamedTuple):
+    """The fusion's answer to Q requests: sparse prompts Q x N x C, dense bias Q x HW x C (as tokens),
+    presence logits Q, and the presence query token Q x C they came from (for modeling/presence.py)."""
+
+    sparse: Tensor
+    dense_bias: Tensor
+    presence_logits: Tensor
+    presence_token: Tensor
+
+
 class TextImageFusion(nn.Module):
     """Request + image -> (sparse prompts Q x N x C, dense bias, presence logits Q)."""
 
@@ -172,10 +182,9 @@ class TextImageFusion(nn.Module):
 
     def forward_context(
         self, context: FusionImageContext, text_features: Tensor, attention_mask: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> FusionOutput:
         """The per-request part. context: from image_context(); text_features: Q x T x text_dim;
-        attention_mask: Q x T (1 = token, 0 = padding) -> (sparse Q x N x C, dense bias Q x HW x C as tokens,
-        presence logits Q)."""
+        attention_mask: Q x T (1 = token, 0 = padding)."""
         q = text_features.shape[0]
         if self.sentence_token:
             text_features, attention_mask = with_sentence_token(text_features, attention_mask)
@@ -189,8 +198,13 @@ class TextImageFusion(nn.Module):
             queries = layer(queries, text, text_bias, context.keys[:, i], context.values[:, i])
         queries = self.norm_out(queries)
         sparse = queries[:, : self.num_prompt_tokens]
-        presence_logits = self.presence_head(queries[:, self.num_prompt_tokens]).squeeze(-1)
-        return sparse, self._dense_bias(context.dense_queries, text, text_bias), presence_logits
+        presence_token = queries[:, self.num_prompt_tokens]
+        return FusionOutput(
+            sparse,
+            self._dense_bias(context.dense_queries, text, text_bias),
+            self.presence_head(presence_token).squeeze(-1),
+            presence_token,
+        )
 
     def _dense_bias(self, dense_queries: Tensor, text: Tensor, text_bias: Tensor) -> Tensor:
         """dense_out(dense_attn(pixels -> text)) as Q x HW x C tokens, computed in the text's low rank.
@@ -221,5 +235,5 @@ class TextImageFusion(nn.Module):
         context = self.image_context(
             image_embeddings.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
         )
-        sparse, dense, presence = self.forward_context(context, text_features, attention_mask)
+        sparse, dense, presence, _ = self.forward_context(context, text_features, attention_mask)
         return sparse, dense.transpose(1, 2).reshape(dense.shape[0], -1, h, w), presence

@@ -10,6 +10,8 @@ traces to ONNX with a dynamic prompt batch.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -45,6 +47,14 @@ class MLP(nn.Module):
         if self.sigmoid_output:
             x = torch.sigmoid(x)
         return x
+
+
+class DecoderTokens(NamedTuple):
+    """The decoder's transformer outputs behind its masks, for heads that read them (modeling/presence.py).
+    iou_token: N x C, the IoU token; image_tokens: N x hw x C, the image tokens (row-major h x w)."""
+
+    iou_token: torch.Tensor
+    image_tokens: torch.Tensor
 
 
 class MaskDecoder(nn.Module):
@@ -125,9 +135,25 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward() with the image side as tokens, the layout the fusion produces (no transposes per request):
         src_tokens: N x hw x C, image embedding + dense prompt; pe_tokens: 1 x hw x C; grid: (h, w)."""
-        masks, iou_pred = self.predict_masks_tokens(src_tokens, pe_tokens, sparse_prompt_embeddings, grid)
+        masks, iou_pred, _ = self.decode_tokens(
+            src_tokens, pe_tokens, sparse_prompt_embeddings, grid, multimask_output
+        )
+        return masks, iou_pred
+
+    def decode_tokens(
+        self,
+        src_tokens: torch.Tensor,
+        pe_tokens: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        grid: tuple[int, int],
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, DecoderTokens]:
+        """forward_tokens(), plus the transformer outputs the masks were made from."""
+        masks, iou_pred, tokens = self.predict_masks_tokens(
+            src_tokens, pe_tokens, sparse_prompt_embeddings, grid
+        )
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, mask_slice], iou_pred[:, mask_slice]
+        return masks[:, mask_slice], iou_pred[:, mask_slice], tokens
 
     def predict_masks_tokens(
         self,
@@ -135,8 +161,8 @@ class MaskDecoder(nn.Module):
         pe_tokens: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         grid: tuple[int, int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All num_mask_tokens masks and IoU predictions; see forward_tokens."""
+    ) -> tuple[torch.Tensor, torch.Tensor, DecoderTokens]:
+        """All num_mask_tokens masks and IoU predictions, and the transformer outputs; see forward_tokens."""
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
@@ -154,7 +180,7 @@ class MaskDecoder(nn.Module):
         masks = hyper_in @ self.upscale_tokens(src).transpose(1, 2)
         masks = masks.reshape(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks.reshape(b, -1, 4 * h, 4 * w), iou_pred
+        return masks.reshape(b, -1, 4 * h, 4 * w), iou_pred, DecoderTokens(iou_token_out, src)
 
     def upscale_tokens(self, src: torch.Tensor) -> torch.Tensor:
         """SAM's output_upscaling (ConvTranspose 2x2/2, LayerNorm2d, act, ConvTranspose 2x2/2, act) on image
