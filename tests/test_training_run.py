@@ -360,6 +360,7 @@ def test_reproduce_default_plan(tmp_path, capsys):
         "teacher",
         "distill",
         "finetune",
+        "presence",
         "calibrate-teacher",
         "calibrate-student",
         "eval-teacher",
@@ -374,7 +375,8 @@ def test_reproduce_default_plan(tmp_path, capsys):
     assert "img_size=256" in commands["finetune"] and "img_size=128" in commands["teacher"]
     # calibration sees only the training run's validation scenes; evaluation the calibrated models
     assert "data/train --split val" in commands["calibrate-student"]
-    assert "student/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
+    assert "presence/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
+    assert f"--init {tmp_path / 'student' / 'model.pt'} " in commands["presence"]
 
 
 def test_init_official_loads_sam_named_weights(toy, tmp_path):
@@ -415,7 +417,8 @@ def test_mostly_bad_data_stops_training(tmp_path):
 
 
 def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
-    """--refine-steps adds a warm restart from the fine-tuned student; it is what gets calibrated and shipped."""
+    """--refine-steps adds a warm restart from the fine-tuned student; without a presence stage it is what gets
+    calibrated and shipped."""
     from training.reproduce_default import main
 
     argv = [
@@ -429,6 +432,8 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
         "5e-5",
         "--refine-token-dropout",
         "0.15",
+        "--presence-steps",
+        "0",
         "--samples-per-family",
         "2",
     ]

@@ -15,7 +15,7 @@ the same command after a crash continues):
 4b. refine:  only with --refine-steps N: a second fine-tune from stage 4's weights with a fresh warm-up and
              cosine schedule at --refine-lr (a warm restart, so a finished run can train on without
              starting over);
-4c. presence: only with --presence-steps N: the student (4b's, else 4's) gains the mask-evidence presence
+4c. presence: with --presence-steps N > 0 (every preset has some): the student (4b's, else 4's) gains the mask-evidence presence
              head (converseg_core/modeling/presence.py) and trains it alone at --presence-lr, every other
              weight frozen (train --train-parts mask_presence), so its masks stay as they were;
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
@@ -82,12 +82,12 @@ def student_dir(out: Path, s: Scale) -> Path:
 
 SCALES = {
     # A minute or two: checks that every stage runs. The numbers mean nothing.
-    "smoke": Scale(16, 8, 256, 192, 128, 20, 20, 20, 2, 4, 4, 1, 1),
+    "smoke": Scale(16, 8, 256, 192, 128, 20, 20, 20, 2, 4, 4, 1, 1, presence_steps=10),
     # The reduced recipe that fits a 2-core CPU in about two hours. Lower resolution and far fewer steps
     # than the model is designed for: expect clearly lower numbers than the GPU recipe.
-    "cpu": Scale(400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2),
+    "cpu": Scale(400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2, presence_steps=500),
     # The intended default model (needs a GPU; render the data on a many-core machine first).
-    "gpu": Scale(20000, 1000, 512, 384, 512, 40000, 20000, 20000, 16, 4, 32, 0, 8),
+    "gpu": Scale(20000, 1000, 512, 384, 512, 40000, 20000, 20000, 16, 4, 32, 0, 8, presence_steps=5000),
 }
 
 

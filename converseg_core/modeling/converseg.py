@@ -126,9 +126,7 @@ class ConverSeg(nn.Module):
         presence_logits = fused.presence_logits
         if self.mask_presence is not None:
             # With several masks the first one's evidence is read (the single-mask output of inference).
-            presence_logits = self.mask_presence(
-                presence_logits, fused.presence_token, masks[:, :1], iou[:, :1], *tokens
-            )
+            presence_logits = self.mask_presence(presence_logits, masks[:, :1], iou[:, :1], *tokens)
         return DecoderOutput(low_res_logits=masks, iou_scores=iou, presence_logits=presence_logits)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> DecoderOutput:

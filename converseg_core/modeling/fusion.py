@@ -128,12 +128,11 @@ class FusionImageContext(NamedTuple):
 
 class FusionOutput(NamedTuple):
     """The fusion's answer to Q requests: sparse prompts Q x N x C, dense bias Q x HW x C (as tokens),
-    presence logits Q, and the presence query token Q x C they came from (for modeling/presence.py)."""
+    presence logits Q."""
 
     sparse: Tensor
     dense_bias: Tensor
     presence_logits: Tensor
-    presence_token: Tensor
 
 
 class TextImageFusion(nn.Module):
@@ -197,13 +196,10 @@ class TextImageFusion(nn.Module):
         for i, layer in enumerate(self.layers):
             queries = layer(queries, text, text_bias, context.keys[:, i], context.values[:, i])
         queries = self.norm_out(queries)
-        sparse = queries[:, : self.num_prompt_tokens]
-        presence_token = queries[:, self.num_prompt_tokens]
         return FusionOutput(
-            sparse,
+            queries[:, : self.num_prompt_tokens],
             self._dense_bias(context.dense_queries, text, text_bias),
-            self.presence_head(presence_token).squeeze(-1),
-            presence_token,
+            self.presence_head(queries[:, self.num_prompt_tokens]).squeeze(-1),
         )
 
     def _dense_bias(self, dense_queries: Tensor, text: Tensor, text_bias: Tensor) -> Tensor:
@@ -235,5 +231,5 @@ class TextImageFusion(nn.Module):
         context = self.image_context(
             image_embeddings.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
         )
-        sparse, dense, presence, _ = self.forward_context(context, text_features, attention_mask)
+        sparse, dense, presence = self.forward_context(context, text_features, attention_mask)
         return sparse, dense.transpose(1, 2).reshape(dense.shape[0], -1, h, w), presence

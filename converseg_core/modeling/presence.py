@@ -2,15 +2,17 @@
 
 The fusion's presence token decides from the request and the raw image embedding alone, before any mask
 exists. Many of its errors are visible afterwards: for an absent target the decoder tends to draw a weak,
-scattered or low-confidence mask, or a confident mask on an object that does not fit the words. This head
-reads that evidence and adds a correction to the fusion's logit:
+scattered or low-confidence mask. This head reads that evidence and adds a correction to the fusion's logit:
 
 - what the mask covers: the decoder's image tokens (after its two-way transformer) averaged under the mask's
   probabilities, pooled to the embedding grid;
 - how the decoder rates its mask: its IoU token, and three numbers (predicted IoU, the mask's soft area as a
-  share of the input, its peak probability);
-- the request: the fusion's presence token, and its elementwise product with the covered region's features
-  (both projected), so "does what the mask covers match what was asked for" is one multiply away.
+  share of the input, its peak probability).
+
+It does not read the request's words directly (the fusion's logit already does). A variant that also read
+the fusion's presence token (commit d078b2d) separated present from absent as well on validation requests,
+but learned to trust phrasings seen in training: on held-out phrasings its gIoU fell 1.6 points
+(docs/MODEL_CARD.md, Run K).
 
 The last layer starts at zero, so a model that gains this head answers exactly as it did without it until
 the head is trained (`python -m training.train --train-parts mask_presence`).
@@ -28,13 +30,10 @@ SCALAR_FEATURES = 3  # predicted IoU, soft area, peak probability
 class MaskPresenceHead(nn.Module):
     def __init__(self, *, dim: int = 256, hidden_dim: int = 256) -> None:
         super().__init__()
-        self.norm_query = nn.LayerNorm(dim)
         self.norm_region = nn.LayerNorm(dim)
         self.norm_iou = nn.LayerNorm(dim)
-        self.query_proj = nn.Linear(dim, dim)
-        self.region_proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(
-            nn.Linear(4 * dim + SCALAR_FEATURES, hidden_dim),
+            nn.Linear(2 * dim + SCALAR_FEATURES, hidden_dim),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
             nn.GELU(),
@@ -56,19 +55,15 @@ class MaskPresenceHead(nn.Module):
     def forward(
         self,
         presence_logits: Tensor,
-        presence_token: Tensor,
         mask_logits: Tensor,
         iou_scores: Tensor,
         iou_token: Tensor,
         image_tokens: Tensor,
     ) -> Tensor:
-        """presence_logits: Q (the fusion's); presence_token: Q x C (the fusion's presence query after its last
-        norm); mask_logits: Q x 1 x 4h x 4w; iou_scores: Q x 1; iou_token: Q x C; image_tokens: Q x hw x C
-        (the decoder's, after its transformer) -> refined presence logits Q (> 0: the target is there)."""
+        """presence_logits: Q (the fusion's); mask_logits: Q x 1 x 4h x 4w; iou_scores: Q x 1; iou_token: Q x C;
+        image_tokens: Q x hw x C (the decoder's, after its transformer) -> refined presence logits Q (> 0: the
+        target is there)."""
         region, area, peak = self.region_features(mask_logits, image_tokens)
-        query = self.norm_query(presence_token)
-        region = self.norm_region(region)
-        match = self.query_proj(query) * self.region_proj(region)
         scalars = torch.stack([iou_scores[:, 0], area, peak], dim=1)
-        x = torch.cat([query, region, self.norm_iou(iou_token), match, scalars], dim=1)
+        x = torch.cat([self.norm_region(region), self.norm_iou(iou_token), scalars], dim=1)
         return presence_logits + self.mlp(x).squeeze(-1)
