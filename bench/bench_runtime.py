@@ -2,6 +2,7 @@
 
     python bench/bench_runtime.py                                  # edge + MobileSAM, 512 and 1024, torch + ORT
     python bench/bench_runtime.py --variants converseg_edge --sizes 512 --repeats 30 --rounds 3
+    python bench/bench_runtime.py --variants converseg_edge converseg_edge+mask_presence --sizes 384 512
     python bench/bench_runtime.py --backends onnxruntime tensorrt --trt-dir out/trt_edge --sizes 512
 
 Each (backend, variant, size) runs in its own fresh process, so its peak RSS is its own and the ONNX Runtime
@@ -76,6 +77,15 @@ def _median_ms(fn, repeats: int, cpu: list[float] | None = None) -> list[float]:
     return samples
 
 
+def variant_model(spec: str, size: int):
+    """A registered variant at img_size `size`, random weights; `NAME+FLAG+...` also switches boolean config
+    fields on (e.g. converseg_edge+mask_presence: the mask-evidence presence head)."""
+    from converseg_core.build import build_model
+
+    name, *flags = spec.split("+")
+    return build_model(name, img_size=size, **{flag: True for flag in flags})
+
+
 def run_child(
     backend_name: str, variant: str, size: int, path: str | None, repeats: int, threads: int
 ) -> dict:
@@ -88,10 +98,9 @@ def run_child(
 
         torch.set_num_threads(threads)
         from converseg_core.backends.torch_backend import TorchBackend
-        from converseg_core.build import build_model
 
         torch.manual_seed(0)
-        backend = TorchBackend(build_model(variant, img_size=size).eval())
+        backend = TorchBackend(variant_model(variant, size).eval())
     elif backend_name.startswith("onnxruntime"):
         from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -219,13 +228,12 @@ def ensure_export(variant: str, size: int, work: Path, threads: int) -> Path:
             print(f"[bench] {out}: {exc}", flush=True)
     import torch
 
-    from converseg_core.build import build_model
     from export.export_onnx import export_model
 
     torch.manual_seed(0)
     print(f"[bench] exporting {variant} at {size} to {out} (once)", flush=True)
     export_model(
-        build_model(variant, img_size=size),
+        variant_model(variant, size),
         out,
         source={"model": variant, "bench": True, "code": code},
         num_threads=threads,
@@ -426,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--variants", nargs="+", default=["converseg_edge", "converseg_mobilesam"], help="registered variants"
+        "--variants",
+        nargs="+",
+        default=["converseg_edge", "converseg_mobilesam"],
+        help="registered variants; NAME+FLAG switches a boolean config field on (converseg_edge+mask_presence)",
     )
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="img_size values")
     parser.add_argument(
