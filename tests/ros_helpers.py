@@ -332,7 +332,10 @@ def scenario_basic(c: Client, **_) -> dict:
 
 def scenario_stream(c: Client, seconds: float = 4.0, rate_hz: float = 30.0, **_) -> dict:
     """A camera at rate_hz: stale frames must be dropped, never queued."""
-    proc = c.start_segment_node(TINY_MODEL | {"diagnostics_period": 0.5})
+    # The model must be slower than the camera for frames to go stale. The 128 px model of the other
+    # scenarios keeps up with 30 Hz on a quiet 2-core machine (seen 2026-12-01: 120 masks for 120 frames);
+    # at 512 px one frame takes about 100-200 ms there.
+    proc = c.start_segment_node(TINY_MODEL | {"random_model_img_size": 512, "diagnostics_period": 0.5})
     c.wait_for_node()
     c.query("the red mug")
     c.send_until_answered(sec=1)

@@ -3,7 +3,8 @@
 Each test runs one scenario of tests/ros_helpers.py in a child process with
 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, its own ROS_DOMAIN_ID and, where the kernel allows, inside
 `unshare -rn` (a network namespace with only `lo`). The model is converseg_edge with random weights at
-128 px, so the tests check plumbing, formats and robustness, not segmentation quality.
+128 px (512 px for the stream test, which needs a model slower than the camera), so the tests check
+plumbing, formats and robustness, not segmentation quality.
 """
 
 from __future__ import annotations
