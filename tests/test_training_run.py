@@ -374,7 +374,9 @@ def test_reproduce_default_plan(tmp_path, capsys):
     # the student fine-tunes at its own resolution; teacher and distillation keep the preset's
     assert "img_size=256" in commands["finetune"] and "img_size=128" in commands["teacher"]
     # calibration sees only the training run's validation scenes; evaluation the calibrated models
-    assert "data/train --split val" in commands["calibrate-student"]
+    assert "data/train --split val --val-fraction 0.3" in commands["calibrate-student"]
+    for stage in ("teacher", "finetune", "presence"):  # the scenes calibration uses never train
+        assert "--val-fraction 0.3" in commands[stage], stage
     assert "presence/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
     assert f"--init {tmp_path / 'student' / 'model.pt'} " in commands["presence"]
 

