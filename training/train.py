@@ -292,6 +292,14 @@ def trainable_parts(model: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
     return tuple(p for p in present if p in cfg.train_parts)
 
 
+def frozen_parts(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
+    """The top-level parts this run does not train (the text encoder is always frozen, separately)."""
+    trained = trainable_parts(model, cfg)
+    return [
+        getattr(model, p) for p in MODEL_PARTS if p not in trained and getattr(model, p, None) is not None
+    ]
+
+
 class TrainStep(nn.Module):
     """What DDP wraps: image encoding + decoding for one query per image (text features come cached)."""
 
@@ -336,10 +344,8 @@ def drop_tokens(attention_mask: torch.Tensor, p: float, generator: torch.Generat
 def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     # Blocks freeze what they never use (TinyViT's ImageNet head); only add to that here.
     model.text_encoder.requires_grad_(False)
-    trained = trainable_parts(model, cfg)
-    for part in MODEL_PARTS:
-        if part not in trained and getattr(model, part, None) is not None:
-            getattr(model, part).requires_grad_(False)
+    for part in frozen_parts(model, cfg):
+        part.requires_grad_(False)
     if cfg.freeze_text_proj:
         model.fusion.text_proj.requires_grad_(False)
     groups: dict[str, list[dict]] = {}
@@ -361,10 +367,8 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
     model.train()
     model.text_encoder.eval()
-    trained = trainable_parts(model, cfg)
-    for part in MODEL_PARTS:
-        if part not in trained and getattr(model, part, None) is not None:
-            getattr(model, part).eval()  # frozen BatchNorm statistics stay as loaded
+    for part in frozen_parts(model, cfg):
+        part.eval()  # frozen BatchNorm statistics stay as loaded
 
 
 def build_text_cache(model, records_list, cfg: TrainConfig, d: Dist, flips: bool) -> TextFeatureCache:

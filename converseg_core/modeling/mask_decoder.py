@@ -117,26 +117,12 @@ class MaskDecoder(nn.Module):
         n = sparse_prompt_embeddings.shape[0]
         # expand(n) is a no-op for batch N and a broadcast for batch 1 (SAM's repeat_interleave).
         src = image_embeddings.expand(n, -1, -1, -1) + dense_prompt_embeddings
-        return self.forward_tokens(
+        masks, iou_pred, _ = self.decode_tokens(
             src.flatten(2).transpose(1, 2),
             image_pe.flatten(2).transpose(1, 2),
             sparse_prompt_embeddings,
             (src.shape[-2], src.shape[-1]),
             multimask_output,
-        )
-
-    def forward_tokens(
-        self,
-        src_tokens: torch.Tensor,
-        pe_tokens: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        grid: tuple[int, int],
-        multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward() with the image side as tokens, the layout the fusion produces (no transposes per request):
-        src_tokens: N x hw x C, image embedding + dense prompt; pe_tokens: 1 x hw x C; grid: (h, w)."""
-        masks, iou_pred, _ = self.decode_tokens(
-            src_tokens, pe_tokens, sparse_prompt_embeddings, grid, multimask_output
         )
         return masks, iou_pred
 
@@ -148,7 +134,9 @@ class MaskDecoder(nn.Module):
         grid: tuple[int, int],
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderTokens]:
-        """forward_tokens(), plus the transformer outputs the masks were made from."""
+        """forward() with the image side as tokens, the layout the fusion produces (no transposes per request),
+        plus the transformer outputs the masks were made from. src_tokens: N x hw x C, image embedding + dense
+        prompt; pe_tokens: 1 x hw x C; grid: (h, w)."""
         masks, iou_pred, tokens = self.predict_masks_tokens(
             src_tokens, pe_tokens, sparse_prompt_embeddings, grid
         )
@@ -162,7 +150,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         grid: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderTokens]:
-        """All num_mask_tokens masks and IoU predictions, and the transformer outputs; see forward_tokens."""
+        """All num_mask_tokens masks and IoU predictions, and the transformer outputs; see decode_tokens."""
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype)
