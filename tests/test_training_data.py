@@ -18,6 +18,7 @@ from training.datasets import (
     collate,
     read_records,
     split_records,
+    unused_records,
     write_toy_dataset,
 )
 
@@ -252,6 +253,11 @@ def test_split_by_scene_and_heldout_templates(toy):
     assert {r.scene_id for r in train}.isdisjoint({r.scene_id for r in val})
     assert all(r.template_id not in ("t1", "t2") for r in train)
     assert train and val
+    # what neither side holds: held-out-template requests of training scenes, for `evaluate --split unused`
+    unused = unused_records(recs, val_fraction=0.4, heldout_templates=["t1"])
+    assert unused and {r.template_id for r in unused} <= {"t1", "t2"}
+    assert {r.scene_id for r in unused} <= {r.scene_id for r in train}
+    assert sorted(map(id, train + val + unused)) == sorted(map(id, recs))
 
 
 def test_step_sampler_resumes_and_shards():

@@ -171,3 +171,21 @@ def test_compare_interval_covers_zero_for_noise_and_refuses_other_requests(tmp_p
         read_samples(tmp_path / "missing")
     with pytest.raises(SystemExit, match="at least 100"):
         compare(a, b, bootstrap=10, seed=0)
+
+
+def test_compare_of_held_out_only_requests_prints_dashes_not_nan(tmp_path):
+    from training.compare import compare, markdown, pair, read_samples
+
+    # what `evaluate --split unused` writes: every request held out, so seen-template rows have no requests
+    a_rows = [_sample(i, i % 20, inter=4, union=10, split="heldout") for i in range(60)]
+    b_rows = [_sample(i, i % 20, inter=6, union=10, split="heldout") for i in range(60)]
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "a", a_rows)),
+        read_samples(_write_samples(tmp_path / "b", b_rows)),
+    )
+    rows = compare(a, b, bootstrap=200, seed=0)
+    held = next(r for r in rows if r.metric == "gIoU held-out templates")
+    assert held.diff == pytest.approx(20.0) and held.low > 0
+    text = markdown(rows, ["A", "B"], 60, 20, 200)
+    assert "nan" not in text
+    assert "| gIoU seen templates | - | - | - | [-, -] |" in text

@@ -201,7 +201,8 @@ def markdown(rows: list[Row], names: Sequence[str], n_requests: int, n_scenes: i
     ]
     for r in rows:
         sig = " *" if not np.isnan(r.low) and (r.low > 0 or r.high < 0) else ""
-        out.append(f"| {r.metric} | {f(r.a)} | {f(r.b)} | {r.diff:+.1f}{sig} | [{f(r.low)}, {f(r.high)}] |")
+        diff = "-" if np.isnan(r.diff) else f"{r.diff:+.1f}"  # a group one side lacks
+        out.append(f"| {r.metric} | {f(r.a)} | {f(r.b)} | {diff}{sig} | [{f(r.low)}, {f(r.high)}] |")
     return "\n".join(out) + "\n"
 
 

@@ -295,6 +295,14 @@ def _bucket(key: str) -> float:
     return (zlib.crc32(key.encode()) & 0xFFFFFFFF) / 2**32
 
 
+def _side(r: Record, val_fraction: float, held: set[str]) -> str:
+    """'val' (a validation scene), 'train', or 'unused': a held-out-template sample of a training scene."""
+    if _bucket(r.scene_id or str(r.image)) < val_fraction:
+        return "val"
+    heldout = r.template_split == "heldout" or (r.template_id is not None and r.template_id in held)
+    return "unused" if heldout else "train"
+
+
 def split_records(
     records: Sequence[Record], *, val_fraction: float, heldout_templates: Sequence[str] = ()
 ) -> tuple[list[Record], list[Record]]:
@@ -304,15 +312,21 @@ def split_records(
     a validation scene, so held-out templates are measured on held-out scenes as well.
     """
     held = set(map(str, heldout_templates))
-    train, val = [], []
-    for r in records:
-        is_val = _bucket(r.scene_id or str(r.image)) < val_fraction
-        heldout = r.template_split == "heldout" or (r.template_id is not None and r.template_id in held)
-        if is_val:
-            val.append(r)
-        elif not heldout:
-            train.append(r)
+    sides = [_side(r, val_fraction, held) for r in records]
+    train = [r for r, side in zip(records, sides, strict=True) if side == "train"]
+    val = [r for r, side in zip(records, sides, strict=True) if side == "val"]
     return train, val
+
+
+def unused_records(
+    records: Sequence[Record], *, val_fraction: float, heldout_templates: Sequence[str] = ()
+) -> list[Record]:
+    """The samples `split_records` puts on neither side: held-out-template requests of training scenes.
+
+    A training run never sees their phrasings, only their scenes, so they measure phrasing generalization
+    without the test set, on many more requests than the validation scenes hold."""
+    held = set(map(str, heldout_templates))
+    return [r for r in records if _side(r, val_fraction, held) == "unused"]
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -28,7 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import Record, SampleError, load_mask, load_rgb, read_records, split_records
+from .datasets import (
+    Record,
+    SampleError,
+    load_mask,
+    load_rgb,
+    read_records,
+    split_records,
+    unused_records,
+)
 from .metrics import GroupMetrics, MetricAccumulator, SampleResult, score_sample, target_size_group
 from .panels import make_panel, save_panels
 from .train import add_dataclass_args, arg
@@ -45,12 +53,17 @@ class EvalConfig:
     device: str = arg("cpu", help="torch backend device")
     split: str = arg(
         "all",
-        help="'val': only the scenes a training run with the same --val-fraction held out",
-        choices=["all", "val"],
+        help="'val': only the scenes a training run with the same --val-fraction held out; 'unused': the "
+        "held-out-template requests of its training scenes, which it never trained on (phrasing "
+        "generalization without touching the test set)",
+        choices=["all", "val", "unused"],
     )
-    val_fraction: float = arg(0.05, help="with --split val: the training run's --val-fraction")
+    val_fraction: float = arg(0.05, help="with --split val or unused: the training run's --val-fraction")
     heldout_templates: list[str] = arg(
-        [], help="template ids to report as held-out (besides samples marked so)", nargs="*"
+        [],
+        help="template ids to report as held-out (besides samples marked so); with --split unused, also the "
+        "training run's --heldout-templates",
+        nargs="*",
     )
     limit: int = arg(0, help="evaluate at most this many samples (0: all)")
     presence_threshold: float | None = arg(None, help="override the model's presence threshold")
@@ -131,6 +144,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     records = read_records(cfg.data, allow_partial=cfg.allow_partial)
     if cfg.split == "val":
         _, records = split_records(records, val_fraction=cfg.val_fraction)
+    elif cfg.split == "unused":
+        records = unused_records(
+            records, val_fraction=cfg.val_fraction, heldout_templates=cfg.heldout_templates
+        )
     if cfg.limit > 0:
         records = records[: cfg.limit]
     if not records:
