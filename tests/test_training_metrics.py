@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from training.metrics import MetricAccumulator, score_sample, summarize, target_size_group
+from training.metrics import (
+    MetricAccumulator,
+    SampleResult,
+    positive_outcomes,
+    score_sample,
+    summarize,
+    target_size_group,
+)
 
 
 def m(rows):
@@ -93,6 +100,29 @@ def test_target_size_groups_cover_every_positive_once_in_size_order():
     assert target_size_group(0, 100) is None  # no-target queries belong to no size group
     with pytest.raises(ValueError, match="image_pixels"):
         target_size_group(5, 0)
+
+
+def test_positive_outcomes_split_positives_by_what_went_wrong():
+    """Five positives: one rejected, IoU 0.05 (wrong), 0.1 (partial: edges are lower-inclusive), 0.3, 0.5 (good).
+    The negative counts in no share."""
+    results = [
+        SampleResult(0, 10, negative=False, predicted_present=False),
+        SampleResult(1, 20, negative=False, predicted_present=True),
+        SampleResult(1, 10, negative=False, predicted_present=True),
+        SampleResult(3, 10, negative=False, predicted_present=True),
+        SampleResult(5, 10, negative=False, predicted_present=True),
+        SampleResult(0, 4, negative=True, predicted_present=True),
+    ]
+    o = positive_outcomes(results)
+    assert o.n_positive == 5
+    assert (o.rejected, o.wrong, o.partial, o.good) == (20.0, 20.0, 40.0, 20.0)
+    assert o.answered_iou == pytest.approx(100 * (0.05 + 0.1 + 0.3 + 0.5) / 4)
+    # the identity the table states: gIoU = answered IoU x answered share
+    assert summarize(results).giou == pytest.approx(o.answered_iou * (100 - o.rejected) / 100)
+    none = positive_outcomes([SampleResult(0, 0, negative=True, predicted_present=False)])
+    assert none.n_positive == 0 and none.rejected is None and none.answered_iou is None
+    everything_rejected = positive_outcomes([SampleResult(0, 3, negative=False, predicted_present=False)])
+    assert everything_rejected.rejected == 100.0 and everything_rejected.answered_iou is None
 
 
 # ------------------------------------------------------------------------------ paired comparison (compare)

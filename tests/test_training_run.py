@@ -154,8 +154,22 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert all(g["n_negative"] == 0 for g in metrics["by_target_size"].values())
     for k in ("giou", "ciou", "n_acc", "t_acc"):
         assert 0 <= metrics["overall"][k] <= 100
+    # where positives lose IoU: the shares cover every positive, and answered IoU x answered share is gIoU
+    for key, rows in metrics["outcomes"].items():
+        by = {
+            "all": {"all": metrics["overall"]},
+            "templates": metrics["by_template"],
+            "target size": metrics["by_target_size"],
+            "family": metrics["by_family"],
+        }[key]
+        for name, o in rows.items():
+            assert o["n_positive"] == by[name]["n_positive"]
+            if o["n_positive"]:
+                assert o["rejected"] + o["wrong"] + o["partial"] + o["good"] == pytest.approx(100, abs=1e-2)
+                answered = (o["answered_iou"] or 0) * (100 - o["rejected"]) / 100
+                assert answered == pytest.approx(by[name]["giou"], abs=1e-2)
     md = (tmp_path / "e" / "metrics.md").read_text()
-    assert "| attribute |" in md and "N-acc" in md
+    assert "| attribute |" in md and "N-acc" in md and "Where positives lose IoU" in md
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["overall"] == metrics["overall"]
     assert (tmp_path / "e" / "panels_first.png").is_file()
 

@@ -37,7 +37,16 @@ from .datasets import (
     split_records,
     unused_records,
 )
-from .metrics import GroupMetrics, MetricAccumulator, SampleResult, score_sample, target_size_group
+from .metrics import (
+    GOOD_IOU,
+    WRONG_IOU,
+    GroupMetrics,
+    MetricAccumulator,
+    PositiveOutcomes,
+    SampleResult,
+    score_sample,
+    target_size_group,
+)
 from .panels import make_panel, save_panels
 from .train import add_dataclass_args, arg
 
@@ -106,6 +115,26 @@ def markdown_table(title: str, rows: dict[str, GroupMetrics]) -> str:
         lines.append(
             f"| {name} | {m.n} | {m.n_positive} | {m.n_negative} | {fmt(m.giou)} | {fmt(m.ciou)} | {fmt(m.n_acc)} | {fmt(m.t_acc)} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def outcomes_table(rows: dict[str, PositiveOutcomes]) -> str:
+    lines = [
+        "### Where positives lose IoU",
+        "",
+        f"Shares of each group's positives: rejected (nothing answered), wrong (answered, IoU < {WRONG_IOU:g}), "
+        f"partial (IoU {WRONG_IOU:g}-{GOOD_IOU:g}), good (IoU >= {GOOD_IOU:g}); answered IoU: mean IoU of the "
+        "answered ones. gIoU = answered IoU x (100 - rejected) / 100.",
+        "",
+        "| group | positives | rejected | wrong | partial | good | answered IoU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, o in rows.items():
+        if o.n_positive:
+            lines.append(
+                f"| {name} | {o.n_positive} | {fmt(o.rejected)} | {fmt(o.wrong)} | {fmt(o.partial)} | "
+                f"{fmt(o.good)} | {fmt(o.answered_iou)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +292,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     )
     overall = acc.overall()
     templates = acc.by("template")
+    # Which groups' positives fail by rejection, which by a mask on the wrong thing.
+    outcome_groups = {
+        "all": acc.outcomes_by("all"),
+        "templates": acc.outcomes_by("template"),
+        "target size": acc.outcomes_by("target_size"),
+        "family": acc.outcomes_by("family"),
+    }
+    metrics["outcomes"] = {
+        key: {name: o.to_dict() for name, o in rows.items()} for key, rows in outcome_groups.items()
+    }
     if (
         "seen" in templates
         and "heldout" in templates
@@ -289,6 +328,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     md.append(markdown_table("By concept family", acc.by("family")))
     md.append(markdown_table("By concept family and template split", acc.by("family_template")))
     md.append(markdown_table("By target size (share of the image; positives only)", acc.by("target_size")))
+    md.append(
+        outcomes_table(
+            {
+                (name if key == "all" else f"{key}: {name}"): o
+                for key, rows in outcome_groups.items()
+                for name, o in rows.items()
+            }
+        )
+    )
     if cfg.presence_sweep:
         sweep = presence_sweep(sweep_pool, cfg.presence_sweep)
         metrics["presence_sweep"] = {str(t): m.to_dict() for t, m in sweep.items()}

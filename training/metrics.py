@@ -126,6 +126,51 @@ def summarize(results: list[SampleResult]) -> GroupMetrics:
     )
 
 
+# IoU edges of the outcome classes of an answered positive (PositiveOutcomes): below WRONG_IOU the mask lies
+# on something else (another object, the wrong region); from GOOD_IOU on it is the target, outlined usably.
+WRONG_IOU = 0.1
+GOOD_IOU = 0.5
+
+
+@dataclass
+class PositiveOutcomes:
+    """Where a group's positives lose their IoU; shares in 0..100 of its positives, None without positives.
+
+    rejected + wrong + partial + good = 100. gIoU is answered_iou x (100 - rejected) / 100: presence
+    rejections and poor masks can be told apart from the gated results alone.
+    """
+
+    n_positive: int
+    rejected: float | None  # nothing answered: presence below the threshold, or an empty mask
+    wrong: float | None  # answered, IoU < WRONG_IOU
+    partial: float | None  # answered, WRONG_IOU <= IoU < GOOD_IOU
+    good: float | None  # answered, IoU >= GOOD_IOU
+    answered_iou: float | None  # mean IoU (0..100) of the answered positives
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def positive_outcomes(results: list[SampleResult]) -> PositiveOutcomes:
+    pos = [r for r in results if not r.negative]
+    if not pos:
+        return PositiveOutcomes(0, None, None, None, None, None)
+    answered = [r.iou for r in pos if r.predicted_present]
+    iou = np.array(answered, dtype=float)
+
+    def share(count: int) -> float:
+        return round(100.0 * count / len(pos), 3)
+
+    return PositiveOutcomes(
+        n_positive=len(pos),
+        rejected=share(len(pos) - len(answered)),
+        wrong=share(int(np.count_nonzero(iou < WRONG_IOU))),
+        partial=share(int(np.count_nonzero((iou >= WRONG_IOU) & (iou < GOOD_IOU)))),
+        good=share(int(np.count_nonzero(iou >= GOOD_IOU))),
+        answered_iou=round(100.0 * float(iou.mean()), 3) if answered else None,
+    )
+
+
 @dataclass
 class MetricAccumulator:
     """Collects SampleResults with group labels (e.g. family, template split) and summarizes them."""
@@ -148,6 +193,15 @@ class MetricAccumulator:
     def by(self, key: str) -> dict[str, GroupMetrics]:
         return {
             name: summarize([self.results[i] for i in idx])
+            for name, idx in sorted(self.groups.get(key, {}).items())
+        }
+
+    def outcomes_by(self, key: str) -> dict[str, PositiveOutcomes]:
+        """positive_outcomes of each group of `key` ("all" for every sample)."""
+        if key == "all":
+            return {"all": positive_outcomes(self.results)}
+        return {
+            name: positive_outcomes([self.results[i] for i in idx])
             for name, idx in sorted(self.groups.get(key, {}).items())
         }
 
