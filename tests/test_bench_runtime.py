@@ -1,0 +1,48 @@
+"""bench/bench_runtime.py judges the issue's runtime targets on the configuration the stack ships."""
+
+import importlib.util
+from pathlib import Path
+
+from converseg_core import default_checkpoint, load_checkpoint
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_runtime.py"
+_spec = importlib.util.spec_from_file_location("bench_runtime", _PATH)
+bench_runtime = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_runtime)
+
+STAGES = ("frame_model", "new_frame", "image_encoder", "text_decoder", "new_query")
+
+
+def _entry(ms: float) -> dict:
+    return {
+        "median_ms": dict.fromkeys(STAGES, ms),
+        "rss_loaded_mb": 200,
+        "rss_peak_mb": 300,
+        "torch_modules_loaded": 0,
+    }
+
+
+def test_default_edge_names_the_bundled_models_configuration():
+    variant, _, flag = bench_runtime.DEFAULT_EDGE.partition("+")
+    config = load_checkpoint(default_checkpoint()).config
+    assert config.name == variant and getattr(config, flag) is True
+
+
+def test_targets_judge_the_default_configuration_when_measured():
+    bare, default = "converseg_edge", bench_runtime.DEFAULT_EDGE
+    pooled = {
+        ("torch", bare, 512): _entry(90.0),
+        ("onnxruntime", bare, 512): _entry(10.0),  # 9x: would pass
+        ("torch", default, 512): _entry(90.0),
+        ("onnxruntime", default, 512): _entry(45.0),  # 2x, 45 ms: the one judged, fails
+    }
+    rows = {t: (measured, met) for t, measured, met in bench_runtime.targets(pooled)}
+    frame = rows[
+        "edge at 512, new frame (encoder, decoder, post): ONNX Runtime >= 3x faster than PyTorch eager"
+    ]
+    assert frame == ("2.00x (90.0 -> 45.0 ms)", False)
+    assert rows["edge, new query on a cached frame (text encoder + decoder, ORT, 512) <= 25 ms"][1] is False
+    # without the default configuration in the run, the bare variant is judged
+    del pooled[("torch", default, 512)], pooled[("onnxruntime", default, 512)]
+    rows = {t: met for t, _, met in bench_runtime.targets(pooled)}
+    assert rows["edge, new query on a cached frame (text encoder + decoder, ORT, 512) <= 25 ms"] is True
