@@ -326,8 +326,6 @@ def targets(pooled: dict) -> list[tuple[str, str, bool | None]]:
     edge = DEFAULT_EDGE if DEFAULT_EDGE in measured else "converseg_edge"
 
     def get(backend, variant, size, stage):
-        if variant == "converseg_edge":
-            variant = edge
         entry = pooled.get((backend, variant, size))
         return None if entry is None else entry["median_ms"][stage]
 
@@ -347,21 +345,21 @@ def targets(pooled: dict) -> list[tuple[str, str, bool | None]]:
         for backend, how in (("onnxruntime", "ONNX Runtime"), ("onnxruntime-int8", "ONNX Runtime INT8")):
             speedup(
                 f"edge at 512, {what}: {how} >= 3x faster than PyTorch eager",
-                get("torch", "converseg_edge", 512, stage),
-                get(backend, "converseg_edge", 512, stage),
+                get("torch", edge, 512, stage),
+                get(backend, edge, 512, stage),
                 3,
                 "->",
             )
     speedup(
         "edge image encoder >= 5x faster than MobileSAM TinyViT (ORT, 512)",
         get("onnxruntime", "converseg_mobilesam", 512, "image_encoder"),
-        get("onnxruntime", "converseg_edge", 512, "image_encoder"),
+        get("onnxruntime", edge, 512, "image_encoder"),
         5,
         "vs",
     )
     for backend, how in (("onnxruntime", "ORT"), ("onnxruntime-int8", "ORT, INT8")):
-        query = get(backend, "converseg_edge", 512, "text_decoder")
-        with_post = get(backend, "converseg_edge", 512, "new_query")
+        query = get(backend, edge, 512, "text_decoder")
+        with_post = get(backend, edge, 512, "new_query")
         if query is None and backend != "onnxruntime":
             continue
         rows.append(

@@ -44,6 +44,7 @@ from .metrics import (
     MetricAccumulator,
     PositiveOutcomes,
     SampleResult,
+    positive_outcomes,
     score_sample,
     target_size_group,
 )
@@ -294,7 +295,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     templates = acc.by("template")
     # Which groups' positives fail by rejection, which by a mask on the wrong thing.
     outcome_groups = {
-        "all": acc.outcomes_by("all"),
+        "all": {"all": positive_outcomes(acc.results)},
         "templates": acc.outcomes_by("template"),
         "target size": acc.outcomes_by("target_size"),
         "family": acc.outcomes_by("family"),

@@ -190,20 +190,17 @@ class MetricAccumulator:
     def overall(self) -> GroupMetrics:
         return summarize(self.results)
 
-    def by(self, key: str) -> dict[str, GroupMetrics]:
+    def members(self, key: str) -> dict[str, list[SampleResult]]:
+        """The results of each group of `key`, groups in name order."""
         return {
-            name: summarize([self.results[i] for i in idx])
-            for name, idx in sorted(self.groups.get(key, {}).items())
+            name: [self.results[i] for i in idx] for name, idx in sorted(self.groups.get(key, {}).items())
         }
 
+    def by(self, key: str) -> dict[str, GroupMetrics]:
+        return {name: summarize(rs) for name, rs in self.members(key).items()}
+
     def outcomes_by(self, key: str) -> dict[str, PositiveOutcomes]:
-        """positive_outcomes of each group of `key` ("all" for every sample)."""
-        if key == "all":
-            return {"all": positive_outcomes(self.results)}
-        return {
-            name: positive_outcomes([self.results[i] for i in idx])
-            for name, idx in sorted(self.groups.get(key, {}).items())
-        }
+        return {name: positive_outcomes(rs) for name, rs in self.members(key).items()}
 
     def to_dict(self) -> dict:
         return {
