@@ -18,15 +18,42 @@ from .backends import BACKENDS
 from .errors import ConverSegError
 from .registry import list_models
 
+# Masks must stay exactly 0/255: only lossless formats.
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+
 
 def read_rgb(path: Path) -> np.ndarray:
+    """The image file as H x W x 3 uint8 RGB, upright as a viewer shows it (converseg_core.processing)."""
+    from .processing import pil_to_rgb
+
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return pil_to_rgb(img)
     except FileNotFoundError:
         raise ConverSegError(f"{path}: no such image file") from None
+    except Image.DecompressionBombError as exc:
+        raise ConverSegError(f"{path}: refused, too many pixels ({exc})") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ConverSegError(f"{path}: cannot be read as an image ({exc})") from exc
+
+
+def check_outputs(image: Path, out: Path, overlay: Path | None) -> None:
+    """Refuse output paths before any work: a lossy or unknown mask format, or overwriting the input."""
+    if out.suffix.lower() not in MASK_SUFFIXES:
+        raise ConverSegError(
+            f"--out {out}: a mask must be written losslessly; use one of {', '.join(MASK_SUFFIXES)}"
+        )
+    if overlay is not None and overlay.suffix.lower() not in Image.registered_extensions():
+        raise ConverSegError(
+            f"--overlay {overlay}: unknown image format {overlay.suffix!r}; use .png or .jpg"
+        )
+    written = [p.resolve() for p in (out, overlay) if p is not None]
+    if image.resolve() in written:
+        raise ConverSegError(
+            f"{image}: the input image would be overwritten by an output; choose another path"
+        )
+    if len(set(written)) < len(written):
+        raise ConverSegError("--out and --overlay are the same file; choose two paths")
 
 
 def segment(
@@ -41,10 +68,19 @@ def segment(
 ) -> list[dict]:
     """Segment `image` for each query; write the union mask (mono8 0/255) to `out`. Returns one summary
     dict per query."""
-    from .segmenter import Segmenter
+    from .segmenter import Segmenter, normalize_query
     from .visualize import overlay_masks
     from .weights import default_checkpoint
 
+    check_outputs(image, out, overlay)
+    queries = [normalize_query(q) for q in queries]  # a bad query fails before the model loads
+    if presence_threshold is not None and not 0.0 <= presence_threshold <= 1.0:
+        raise ConverSegError(f"--presence-threshold is a probability in [0, 1], got {presence_threshold}")
+    if checkpoint is None and backend != "torch":
+        raise ConverSegError(
+            f"--backend {backend} runs an exported folder: pass --checkpoint DIR (export/export_onnx.py"
+            f"{', export/build_trt.py' if backend == 'tensorrt' else ''}); the bundled model is a PyTorch file"
+        )
     rgb = read_rgb(image)
     source = checkpoint if checkpoint is not None else default_checkpoint()
     seg = Segmenter.from_checkpoint(source, backend=backend, presence_threshold=presence_threshold)
@@ -83,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='the request, e.g. "hand me something to drink from"; '
         "repeat the flag for several (the output mask is their union)",
     )
-    p.add_argument("--out", type=Path, required=True, help="output mask PNG (mono8, 255 = answer)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help=f"output mask (mono8, 255 = answer), lossless: {', '.join(MASK_SUFFIXES)}",
+    )
     p.add_argument(
         "--checkpoint",
         type=Path,
@@ -96,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--presence-threshold",
         type=float,
         default=None,
-        help="probability under which a target counts as absent (empty mask); default: the model's",
+        help="probability in [0, 1] under which a target counts as absent (empty mask); default: the model's "
+        "calibrated one",
     )
     sub.add_parser("models", help="list the registered model variants")
     return parser

@@ -17,16 +17,34 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from threadpoolctl import ThreadpoolController
 
 from .errors import InputError
 
 
 def resized_shape(height: int, width: int, target: int) -> tuple[int, int]:
-    """Shape after resizing the longest side to `target` (SAM's ResizeLongestSide.get_preprocess_shape)."""
+    """Shape after resizing the longest side to `target` (SAM's ResizeLongestSide.get_preprocess_shape).
+    A side never shrinks below one pixel: SAM's rounding gives 0 for a 1100 x 1 strip at 512."""
     scale = target / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 RGB from an image file opened with Pillow, as a viewer shows it.
+
+    The EXIF orientation is applied (a phone photo stored sideways comes out upright, so "the cup on the
+    left" means what the user sees). 16-bit and float grey images are scaled by their maximum: Pillow's
+    convert("RGB") would clip them at 255 and return an almost white frame. Everything else (palette, grey,
+    alpha, CMYK) goes through convert("RGB").
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0.0, None)
+        top = float(grey.max()) if grey.size else 0.0
+        scaled = (grey / top * 255.0).astype(np.uint8) if top > 0 else np.zeros(grey.shape, np.uint8)
+        return np.repeat(scaled[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
 
 
 def validate_image(image: object, *, max_side: int) -> np.ndarray:

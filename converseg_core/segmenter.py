@@ -63,6 +63,10 @@ class NoImageError(ConverSegError, RuntimeError):
     """predict() was called before set_image()."""
 
 
+class ModelOutputError(ConverSegError, RuntimeError):
+    """The backend returned NaN or infinite values: no answer can be trusted."""
+
+
 def normalize_query(text: object) -> str:
     """Validate a request and collapse its whitespace; raise InputError naming what is wrong."""
     if isinstance(text, bytes):
@@ -220,6 +224,12 @@ class Segmenter:
             original_size=image.original_size,
         )
         presence = presence_probability(presence_logits, iou, self.config.presence_score_weight)
+        if not (np.isfinite(presence).all() and np.isfinite(low_res).all()):
+            # e.g. an FP16 engine that overflowed: an empty "absent" answer here would be silently wrong.
+            raise ModelOutputError(
+                f"the {self.backend.name} backend returned non-finite logits for {active!r}; "
+                "an FP16 engine that overflows needs an FP32 (or INT8 with FP32 fallback) build"
+            )
         results = []
         for i, query in enumerate(active):
             present = bool(presence[i] >= self.presence_threshold)

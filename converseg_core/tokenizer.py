@@ -103,8 +103,9 @@ class QueryTokenizer:
         caller (the Segmenter) warns. A word may be cut between two of its word pieces.
 
         Raises:
-            InputError: `texts` is a bare string or empty, an item is not a str or has no visible
-                character, or `max_tokens` leaves no room for a word piece.
+            InputError: `texts` is a bare string or empty, an item is not a str, has no visible character
+                or yields no word piece (e.g. zero-width spaces only), or `max_tokens` leaves no room for a
+                word piece.
         """
         if isinstance(texts, str | bytes):
             raise InputError("texts must be a list of strings, got a single string; wrap it in a list")
@@ -128,7 +129,9 @@ class QueryTokenizer:
         budget = int(max_tokens) - self._num_special
         encodings: list[Encoding] = self._tokenizer.encode_batch(texts, add_special_tokens=False)
         truncated = []
-        for enc in encodings:
+        for i, enc in enumerate(encodings):
+            if not enc.ids:  # only control, zero-width or other characters the tokenizer drops
+                raise InputError(f"query {i} ({texts[i]!r}) has no word the tokenizer can read")
             truncated.append(len(enc.ids) > budget)
             if truncated[-1]:
                 enc.truncate(budget)

@@ -93,6 +93,57 @@ def test_bad_input_exits_non_zero_with_a_message(setup, message, checkpoint, ima
     assert not (tmp_path / "m.png").exists()
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--out": "m.jpg"}, "losslessly"),
+        ({"--out": "m"}, "losslessly"),
+        ({"--out": "IMAGE"}, "would be overwritten"),
+        ({"--overlay": "m.png"}, "same file"),
+        ({"--query": " \u200b "}, "no word the tokenizer can read"),
+        ({"--query": "   "}, "empty or whitespace"),
+        ({"--presence-threshold": "50"}, "in [0, 1]"),
+        ({"--backend": "onnxruntime", "--checkpoint": None}, "pass --checkpoint DIR"),
+        ({"--backend": "onnxruntime"}, "not a ConverSeg ONNX manifest"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message(change, message, checkpoint, image, tmp_path, capsys):
+    args = {"--image": str(image), "--query": "the cup", "--out": "m.png", "--checkpoint": str(checkpoint)}
+    args |= change
+    if args["--out"] == "IMAGE":
+        args["--out"] = str(image)
+    for flag in ("--out", "--overlay"):
+        if flag in args and not args[flag].startswith("/"):
+            args[flag] = str(tmp_path / args[flag])
+    argv = ["segment"] + [x for k, v in args.items() if v is not None for x in (k, v)]
+    before = image.read_bytes()
+    if args.get("--backend") == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert image.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [image.name], "no output written"
+
+
+def test_images_are_read_upright_and_deep_grey_is_scaled(tmp_path):
+    from converseg_core.cli import read_rgb
+
+    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
+    rgb[:, :10] = 255  # white on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the viewer turns the stored image 90 degrees clockwise
+    Image.fromarray(rgb).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = read_rgb(tmp_path / "phone.jpg")
+    assert upright.shape == (30, 20, 3)
+    assert upright[:8].mean() > 200 and upright[-8:].mean() < 50  # the white band is now at the top
+
+    deep = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)  # up to 59,900
+    Image.fromarray(deep).save(tmp_path / "depth.png")
+    grey = read_rgb(tmp_path / "depth.png")
+    assert grey.shape == (20, 30, 3) and grey.dtype == np.uint8
+    assert grey[0, 0, 0] == 0 and grey[-1, -1, 0] == 255 and 100 < grey[10, 0, 0] < 155  # scaled, not clipped
+
+
 def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     assert "converseg_edge" in capsys.readouterr().out.split()

@@ -184,6 +184,33 @@ def test_segmenter_on_onnxruntime_matches_torch(edge, edge_export):
         assert abs(a.presence - b.presence) < 1e-4
 
 
+def test_more_queries_than_a_graph_takes_run_in_chunks(edge_export):
+    # A TensorRT engine admits at most its profile's queries (8 by default); the ROS node allows 64.
+    out, _ = edge_export
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
+    queries = [f"the {c} mug number {i}" for i, c in enumerate(["red", "blue", "green", "tall", "small"])]
+    answers = []
+    for limits in ({}, {"text_encoder": 2, "decoder": 2}):
+        segmenter = Segmenter.from_checkpoint(out, backend="onnxruntime")
+        segmenter.backend.query_limits = limits
+        calls = []
+
+        def counting_run(stage, *arrays, run=segmenter.backend._run, calls=calls):
+            calls.append(stage)
+            return run(stage, *arrays)
+
+        segmenter.backend._run = counting_run
+        segmenter.set_image(frame)
+        answers.append(segmenter.predict(queries))
+        runs = calls.count("decoder"), calls.count("text_encoder")
+        assert runs == ((1, 1) if not limits else (3, 3))
+    for whole, chunked in zip(*answers, strict=True):
+        assert whole.query == chunked.query
+        assert np.array_equal(whole.mask, chunked.mask)
+        assert abs(whole.presence - chunked.presence) < 1e-5 and abs(whole.score - chunked.score) < 1e-5
+
+
 def test_runtime_process_never_imports_torch(edge_export):
     out, _ = edge_export
     script = f"""

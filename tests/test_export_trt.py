@@ -32,6 +32,7 @@ from converseg_core.backends.tensorrt_backend import (
     EngineMismatchError,
     EngineSideFile,
     TensorRTBackend,
+    query_limits,
     sha256_file,
 )
 from converseg_core.errors import BackendUnavailableError, CheckpointError
@@ -141,6 +142,22 @@ def test_input_profiles_follow_the_manifest_axis_names():
     assert shapes["attention_mask"] == ((1, 1), (1, 16), (8, 32))
     with pytest.raises(ValueError, match="no --profile"):
         input_profiles(manifest, "decoder", {q: (1, 1, 8)})
+
+
+def test_query_limits_come_from_the_engine_profiles():
+    profiles = {
+        "image_encoder": {},
+        "text_encoder": {
+            "input_ids": [[1, 1], [1, 16], [8, 32]],
+            "attention_mask": [[1, 1], [1, 16], [8, 32]],
+        },
+        "decoder": {
+            "text_features": [[1, 1, 384], [2, 16, 384], [4, 32, 384]],
+            "attention_mask": [[1, 1], [2, 16], [6, 32]],
+        },
+    }
+    assert query_limits(profiles) == {"text_encoder": 8, "decoder": 4}
+    assert query_limits({}) == {}  # a side-file without profiles: no limit known, nothing chunked
 
 
 # --- side-file ------------------------------------------------------------------------------------------

@@ -114,6 +114,13 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def test_compressed_sixteen_bit_grey_is_scaled_like_mono16():
+    deep = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500).astype(np.uint16)  # up to 59,500
+    out = compressed_to_rgb(msg(format="png", data=png_bytes(deep)), max_side=64)
+    assert out.shape == (12, 10, 3) and out.dtype == np.uint8
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255 and 100 < out[6, 0, 0] < 155  # not clipped at 255
+
+
 def test_compressed_decodes():
     out = compressed_to_rgb(msg(format="png", data=png_bytes(RGB)), max_side=64)
     np.testing.assert_array_equal(out, RGB)

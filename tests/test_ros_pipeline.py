@@ -105,6 +105,19 @@ def test_no_query_no_work(segmenter):
     assert pipe.stats.processed == 0
 
 
+def test_a_frame_that_came_before_the_first_query_is_answered_when_it_comes(segmenter):
+    # A single or latched image: no later frame will come to carry the answer.
+    pipe, _ = make_pipeline(segmenter)
+    pipe.submit(frame(seq=1))
+    pipe.submit(frame(seq=2))
+    assert pipe.step() is None and pipe.stats.processed == 0
+    pipe.handle_query("the red mug")
+    result = pipe.step()
+    assert result is not None and result.header.frame_id == "cam2"
+    assert pipe.stats.dropped == 1 and pipe.stats.processed == 1
+    assert pipe.step() is None  # answered once, not again
+
+
 def test_newest_frame_wins_and_drops_are_counted(segmenter):
     pipe, _ = make_pipeline(segmenter)
     pipe.handle_query("the red mug")

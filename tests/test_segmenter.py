@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from converseg_core import InputError, SegmentationResult, Segmenter, build_model
-from converseg_core.segmenter import MAX_QUERY_CHARS, NoImageError
+from converseg_core.segmenter import MAX_QUERY_CHARS, ModelOutputError, NoImageError
 
 SMALL = 64
 
@@ -131,6 +131,32 @@ def test_rejected_frame_keeps_the_previous_one(seg, rgb):
 def test_bad_queries_are_rejected_clearly(seg, query, problem):
     with pytest.raises(InputError, match=problem):
         seg.set_query(query)
+
+
+def test_a_query_with_no_readable_word_is_refused(seg):
+    with pytest.raises(InputError, match="no word the tokenizer can read"):
+        seg.set_queries(["a cup", "\u200b\u200b"])
+    assert seg.queries != ["a cup", "\u200b\u200b"]  # the whole call changed nothing
+
+
+def test_a_very_wide_strip_is_segmented_at_its_own_size(seg):
+    strip = np.full((1, 1100, 3), 128, dtype=np.uint8)  # at 512 px SAM's rounding gives a 0-row image
+    seg.set_image(strip)
+    assert seg.predict(["a cup"])[0].mask.shape == (1, 1100)
+
+
+def test_non_finite_model_output_is_an_error_not_an_absent_target(model, rgb, monkeypatch):
+    seg = Segmenter(model)
+    seg.set_image(rgb)
+    decode = seg.backend.decode
+
+    def overflowing(*args):
+        low_res, iou, presence = decode(*args)
+        return low_res, iou, np.full_like(presence, np.nan)
+
+    monkeypatch.setattr(seg.backend, "decode", overflowing)
+    with pytest.raises(ModelOutputError, match="non-finite"):
+        seg.predict(["a cup"])
 
 
 def test_long_query_is_truncated_with_a_warning(seg, rgb):

@@ -134,7 +134,7 @@ def test_coco_polygon_rle_and_negative(tmp_path):
             {"id": 3, "image_id": 7, "segmentation": {"size": [30, 40], "counts": counts}},
         ],
         "prompts": [
-            {"image_id": 7, "prompt": "the red box", "annotation_ids": [1]},
+            {"image_id": 7, "prompt": "the red box", "annotation_ids": [1], "template_split": "train"},
             {"image_id": 7, "prompt": "both things", "annotation_ids": [2]},
             {"image_id": 7, "prompt": "uncompressed", "annotation_ids": [3]},
             {"image_id": 7, "prompt": "the giraffe", "annotation_ids": []},
@@ -148,6 +148,8 @@ def test_coco_polygon_rle_and_negative(tmp_path):
     assert np.array_equal(recs[1].mask(30, 40), col_major)
     assert np.array_equal(recs[2].mask(30, 40), col_major)
     assert recs[3].negative and recs[3].mask is None
+    # the data engine's "train" phrasings are "seen" in every reader, so held-out gaps are computed
+    assert recs[0].template_split == "seen" and recs[1].template_split is None
 
 
 def test_item_is_preprocessed_like_the_runtime(toy):

@@ -217,6 +217,21 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
             assert s["mask_pixels"] == 0
 
 
+def test_repeated_request_ids_stay_apart_in_samples_and_compare_refuses_them(tmp_path):
+    from training.compare import read_samples
+    from training.datasets import Record
+    from training.evaluate import sample_ids
+
+    records = [Record(image=Path("a.png"), prompt="x", mask=None, negative=True, sample_id=s) for s in "aab"]
+    with pytest.warns(UserWarning, match="1 request id"):
+        ids = sample_ids(records)
+    assert len(set(ids)) == 3
+    assert sample_ids(records[1:]) == ["a", "b"]  # unique ids are kept as they are
+    (tmp_path / "samples.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n{"id": "a"}\n')
+    with pytest.raises(SystemExit, match="appears twice"):
+        read_samples(tmp_path)
+
+
 def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(trained, toy, tmp_path):
     from converseg_core.checkpoint import load_checkpoint
     from training.calibrate import CalibrateConfig, calibrate, choose_threshold, fit_score_weight

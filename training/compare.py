@@ -64,9 +64,15 @@ def read_samples(folder: str | Path) -> dict[str, dict]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
             row = json.loads(line)
-            rows[str(row["id"])] = row
+            key = str(row["id"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise SystemExit(f"{path}:{n}: not a samples.jsonl line ({exc})") from exc
+        if key in rows:
+            raise SystemExit(
+                f"{path}:{n}: request id {key!r} appears twice; evaluate again with this version of "
+                "training.evaluate (it makes repeated ids unique)"
+            )
+        rows[key] = row
     if not rows:
         raise SystemExit(f"{path}: empty")
     return rows

@@ -64,6 +64,11 @@ class Record:
 # ---------------------------------------------------------------------------------------------- readers
 
 
+def seen_split_name(split: str | None) -> str | None:
+    """The data engine calls the phrasings training may use "train"; every reader reports them as "seen"."""
+    return "seen" if split == "train" else split
+
+
 def _record_from_json(obj: dict, base: Path, where: str) -> Record:
     try:
         prompt = obj["prompt"]
@@ -76,9 +81,7 @@ def _record_from_json(obj: dict, base: Path, where: str) -> Record:
     negative = bool(obj.get("negative", False))
     if mask_rel is None and not negative:
         raise DatasetError(f"{where}: no `mask_merged` and not marked negative")
-    split = obj.get("template_split")
-    if split == "train":  # the data engine's name for phrasings that training may use
-        split = "seen"
+    split = seen_split_name(obj.get("template_split"))
     if split is None and "heldout_template" in obj:
         split = "heldout" if obj["heldout_template"] else "seen"
     return Record(
@@ -251,7 +254,7 @@ def read_coco(
                 negative=not chosen,
                 family=p.get("family"),
                 template_id=None if p.get("template_id") is None else str(p["template_id"]),
-                template_split=p.get("template_split"),
+                template_split=seen_split_name(p.get("template_split")),
                 scene_id=str(p["image_id"]),
                 sample_id=str(p.get("id", i)),
             )

@@ -10,8 +10,9 @@ decoded together, so this is not slower than a batched torch loop on a CPU. Writ
 paired comparisons of two models with `python -m training.compare`) and overlay panels (panels_*.png: image |
 target | prediction).
 
-Definitions: see training/metrics.py. A sample whose image or mask cannot be read is skipped and counted in
-`skipped` (reported in both outputs); `--strict` stops instead.
+Definitions: see training/metrics.py. A sample whose image or mask cannot be read, or whose image the model
+refuses (e.g. larger than max_input_side), is skipped and counted in `skipped` (reported in both outputs);
+`--strict` stops instead. Non-finite model outputs stop the run (converseg_core's ModelOutputError).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from converseg_core.errors import InputError
 
 from .datasets import (
     Record,
@@ -99,6 +102,19 @@ def template_split(r: Record, heldout: set[str]) -> str:
     if r.template_split:
         return r.template_split
     return "heldout" if r.template_id is not None and r.template_id in heldout else "seen"
+
+
+def sample_ids(records: list[Record]) -> list[str]:
+    """One id per request for samples.jsonl, which training.compare pairs by id. Repeated ids (two merged
+    datasets, a COCO file that reuses `id`) would merge requests there, so then every id gets its index."""
+    ids = [r.sample_id or f"{r.image}#{i}" for i, r in enumerate(records)]
+    if len(set(ids)) < len(ids):
+        repeated = len(ids) - len(set(ids))
+        warnings.warn(
+            f"{repeated} request id(s) repeat in the data; samples.jsonl ids become 'ID#index'", stacklevel=2
+        )
+        ids = [f"{sid}#{i}" for i, sid in enumerate(ids)]
+    return ids
 
 
 def fmt(v: float | None) -> str:
@@ -178,6 +194,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         records = unused_records(
             records, val_fraction=cfg.val_fraction, heldout_templates=cfg.heldout_templates
         )
+    if cfg.limit < 0:
+        raise SystemExit(f"--limit must be 0 (all) or a positive count, got {cfg.limit}")
     if cfg.limit > 0:
         records = records[: cfg.limit]
     if not records:
@@ -213,18 +231,19 @@ def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     from tqdm import tqdm
 
+    ids = sample_ids(records)
     for image_path, idxs in tqdm(by_image.items(), desc="evaluate", dynamic_ncols=True):
         try:
             image = load_rgb(image_path)
             h, w = image.shape[:2]
             masks = {i: load_mask(records[i], h, w) for i in idxs}
-        except SampleError as exc:
+            seg.set_image(image)  # InputError: an image the model refuses (e.g. over max_input_side)
+        except (SampleError, InputError) as exc:
             if cfg.strict:
                 raise
-            skipped.extend(str(records[i].sample_id or i) for i in idxs)
+            skipped.extend(ids[i] for i in idxs)
             warnings.warn(f"skipping {len(idxs)} sample(s) of {image_path}: {exc}", stacklevel=1)
             continue
-        seg.set_image(image)
         results = seg.predict([records[i].prompt for i in idxs])
         for i, res in zip(idxs, results, strict=True):
             r = records[i]
@@ -248,7 +267,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             )
             per_sample.append(
                 {
-                    "id": r.sample_id or f"{r.image}#{i}",
+                    "id": ids[i],
                     "scene": r.scene_id or str(r.image),
                     "family": family,
                     "split": split,

@@ -95,9 +95,28 @@ class GraphBackend:
     for their runtime."""
 
     config: ConverSegConfig
+    # stage -> the most queries one run of its graph takes; a stage not named takes any number. TensorRT
+    # engines admit a range (export/build_trt.py --profile num_queries=MIN,OPT,MAX, 8 by default), while the
+    # ROS node allows up to 64 active queries: more queries than that run in chunks.
+    query_limits: dict[str, int] = {}
 
     def _run(self, stage: str, *arrays: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def _run_queries(
+        self, stage: str, fixed: tuple[np.ndarray, ...], *per_query: np.ndarray
+    ) -> list[np.ndarray]:
+        """_run(stage, *fixed, *per_query) where every per_query array and every output has the queries
+        first; split into runs of at most query_limits[stage] queries and joined again."""
+        limit = self.query_limits.get(stage)
+        count = per_query[0].shape[0]
+        if limit is None or count <= limit:
+            return self._run(stage, *fixed, *per_query)
+        parts = [
+            self._run(stage, *fixed, *(a[start : start + limit] for a in per_query))
+            for start in range(0, count, limit)
+        ]
+        return [np.concatenate(outputs, axis=0) for outputs in zip(*parts, strict=True)]
 
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         """1 x 3 x S x S float32 (normalized, padded) -> 1 x 256 x S/16 x S/16 float32."""
@@ -123,7 +142,7 @@ class GraphBackend:
             raise InputError(
                 f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be Q x T"
             )
-        return self._run("text_encoder", input_ids, attention_mask)[0]
+        return self._run_queries("text_encoder", (), input_ids, attention_mask)[0]
 
     def decode(
         self, frame: FrameContext, text_features: np.ndarray, attention_mask: np.ndarray
@@ -131,7 +150,7 @@ class GraphBackend:
         """-> (low_res_logits Q x 1 x 4h x 4w, iou_scores Q x 1, presence_logits Q), float32."""
         frame = check_frame(frame)
         check_text(text_features, attention_mask)
-        low_res_logits, iou_scores, presence_logits = self._run(
-            "decoder", *frame, text_features, attention_mask
+        low_res_logits, iou_scores, presence_logits = self._run_queries(
+            "decoder", tuple(frame), text_features, attention_mask
         )
         return low_res_logits, iou_scores, presence_logits

@@ -109,8 +109,12 @@ class OnnxManifest:
             )
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"ONNX manifest {path} is not valid JSON: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{path} is not a ConverSeg ONNX manifest (not valid JSON: {exc}); this backend opens the "
+                "folder that `python export/export_onnx.py --checkpoint CKPT --out DIR` writes, not a "
+                "PyTorch checkpoint"
+            ) from exc
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise CheckpointError(f"{path} is not a ConverSeg ONNX manifest (format != {MANIFEST_FORMAT!r})")
         if data.get("version") != MANIFEST_VERSION:

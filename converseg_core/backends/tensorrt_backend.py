@@ -100,7 +100,7 @@ class EngineSideFile:
             )
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"TensorRT side-file {path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or data.get("format") != SIDE_FILE_FORMAT:
             raise CheckpointError(
@@ -296,6 +296,17 @@ class TrtEngine:
             buffer.free()
 
 
+def query_limits(profiles: dict[str, dict[str, list[list[int]]]]) -> dict[str, int]:
+    """stage -> the most queries its engine admits: the smallest max of dimension 0 (the queries axis) over
+    the dynamic inputs of the text encoder and the decoder (their only dynamic axes are queries and tokens)."""
+    limits = {}
+    for stage in ("text_encoder", "decoder"):
+        maxima = [int(min_opt_max[2][0]) for min_opt_max in profiles.get(stage, {}).values()]
+        if maxima:
+            limits[stage] = min(maxima)
+    return limits
+
+
 class TensorRTBackend(GraphBackend):
     """The Backend interface of docs/ARCHITECTURE.md on TensorRT engines (Jetson / NGC container)."""
 
@@ -308,6 +319,7 @@ class TensorRTBackend(GraphBackend):
         self.tokenizer_path = directory / side_file.tokenizer
         self._engines = engines
         self._io = side_file.io
+        self.query_limits = query_limits(side_file.profiles)
 
     @classmethod
     def from_dir(cls, path: str | Path, *, device: int = 0, verify_checksums: bool = True) -> TensorRTBackend:

@@ -112,6 +112,11 @@ def compressed_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:
         with PILImage.open(io.BytesIO(memoryview(data))) as img:
             _check_size(img.height, img.width, max_side)
             img.load()
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                # 16-bit or float grey (a compressed depth or IR stream): scaled like mono16, where Pillow's
+                # convert("RGB") would clip at 255 and give an almost white frame.
+                grey = _scale_to_u8(np.clip(np.asarray(img), 0, None))
+                return np.repeat(grey[:, :, None], 3, axis=2)
             rgb = img.convert("RGB")
     except ImageConversionError:
         raise
@@ -135,7 +140,8 @@ def _scale_to_u8(pixels: np.ndarray) -> np.ndarray:
     top = int(pixels.max())
     if top == 0:
         return np.zeros(pixels.shape, dtype=np.uint8)
-    return (pixels.astype(np.float32) * (255.0 / top)).astype(np.uint8)
+    # Divide first: the brightest pixel is then exactly 255 (x * (255 / top) can land on 254.99...).
+    return (pixels.astype(np.float64) / top * 255.0).astype(np.uint8)
 
 
 def mono8_fields(mask: np.ndarray) -> dict[str, Any]:

@@ -182,9 +182,14 @@ class SegmentationPipeline:
                     self.reject("publish_error", f"publishing a result failed: {exc!r}")
 
     def _take(self, timeout: float) -> Frame | None:
+        """The newest frame, once there is a query for it. Until the first query arrives the newest frame
+        stays in the mailbox (newer ones replace it, counted as dropped), so a single or latched image is
+        answered when the request comes."""
         with self._cond:
-            if self._pending is None:
+            if self._pending is None or not self._queries:
                 self._cond.wait(timeout)
+            if not self._queries:
+                return None
             frame, self._pending = self._pending, None
             return frame
 
