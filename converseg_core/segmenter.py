@@ -46,6 +46,7 @@ class SegmentationResult:
         predicted IoU added at config.presence_score_weight).
     present: presence >= the presence threshold; when False the mask is empty.
     area: number of mask pixels. box: (x0, y0, x1, y1) inclusive pixel bounds of the mask, or None.
+    truncated: the request was longer than config.max_query_tokens; the model read only its beginning.
     timings: milliseconds per stage of the predict() call that produced this result.
     """
 
@@ -56,6 +57,7 @@ class SegmentationResult:
     present: bool
     area: int
     box: tuple[int, int, int, int] | None
+    truncated: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,7 +118,8 @@ class Segmenter:
         self._image: PreprocessedImage | None = None
         self._frame: FrameContext | None = None
         self._queries: list[str] = []
-        self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # query -> (token features T x 384, attention mask T, truncated)
+        self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, bool]] = OrderedDict()
         # Counters that tests and diagnostics read: expensive work must happen once.
         self.stats = {"image_encodes": 0, "text_encodes": 0, "queries_encoded": 0}
         self.last_image_ms = 0.0
@@ -181,6 +184,7 @@ class Segmenter:
                 self._text_cache[query] = (
                     features[i, :length].copy(),
                     tokens.attention_mask[i, :length].copy(),
+                    bool(tokens.truncated[i]),
                 )
         for query in queries:
             self._text_cache.move_to_end(query)
@@ -189,11 +193,11 @@ class Segmenter:
 
     def _stack_text(self, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
         entries = [self._text_cache[q] for q in queries]
-        longest = max(f.shape[0] for f, _ in entries)
+        longest = max(f.shape[0] for f, _, _ in entries)
         dim = entries[0][0].shape[1]
         features = np.zeros((len(entries), longest, dim), dtype=np.float32)
         mask = np.zeros((len(entries), longest), dtype=np.int64)
-        for i, (f, m) in enumerate(entries):
+        for i, (f, m, _) in enumerate(entries):
             features[i, : f.shape[0]] = f
             mask[i, : m.shape[0]] = m
         return features, mask
@@ -244,6 +248,7 @@ class Segmenter:
                     present=present,
                     area=int(m.sum()),
                     box=mask_box(m),
+                    truncated=self._text_cache[query][2],
                 )
             )
         t2 = time.perf_counter()

@@ -167,6 +167,8 @@ def test_long_query_is_truncated_with_a_warning(seg, rgb):
         result = seg.predict([long_query])[0]
     assert any("truncated" in str(w.message) for w in caught)
     assert result.mask.shape == (48, 80)
+    assert result.truncated and not seg.predict(["a cup"])[0].truncated  # reported per result, also cached
+    assert seg.predict([long_query])[0].truncated
 
 
 def test_predict_needs_an_image_and_a_query(model, rgb):
