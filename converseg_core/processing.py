@@ -39,12 +39,25 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     alpha, CMYK) goes through convert("RGB").
     """
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        grey = np.clip(np.asarray(img, dtype=np.float64), 0.0, None)
-        top = float(grey.max()) if grey.size else 0.0
-        scaled = (grey / top * 255.0).astype(np.uint8) if top > 0 else np.zeros(grey.shape, np.uint8)
-        return np.repeat(scaled[:, :, None], 3, axis=2)
+    if is_deep_grey(img):
+        return np.repeat(scale_to_u8(np.asarray(img))[:, :, None], 3, axis=2)
     return np.asarray(img.convert("RGB"))
+
+
+def is_deep_grey(img: Image.Image) -> bool:
+    """16-bit or float single-channel Pillow image (depth, IR), which convert("RGB") would clip at 255."""
+    return img.mode in ("I", "F") or img.mode.startswith("I;16")
+
+
+def scale_to_u8(pixels: np.ndarray) -> np.ndarray:
+    """A deep grey image (16-bit, 32-bit or float) as uint8, scaled so its maximum is 255; negatives are 0
+    and an all-zero image stays black."""
+    grey = np.clip(pixels.astype(np.float64), 0.0, None)
+    top = float(grey.max()) if grey.size else 0.0
+    if top <= 0:
+        return np.zeros(grey.shape, dtype=np.uint8)
+    # Divide first: the brightest pixel is then exactly 255 (x * (255 / top) can land on 254.99...).
+    return (grey / top * 255.0).astype(np.uint8)
 
 
 def validate_image(image: object, *, max_side: int) -> np.ndarray:

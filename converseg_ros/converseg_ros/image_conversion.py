@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from converseg_core.processing import is_deep_grey, scale_to_u8
+
 # encoding -> (channels, numpy dtype of one channel, channel order: "rgb", "bgr" or "grey")
 _ENCODINGS: dict[str, tuple[int, str, str]] = {
     "rgb8": (3, "u1", "rgb"),
@@ -63,7 +65,7 @@ def image_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:
         endian = ">" if msg.is_bigendian else "<"
         pixels = np.ascontiguousarray(rows).view(endian + dtype).reshape(height, width)
     if order == "grey":
-        grey = pixels if pixels.dtype == np.uint8 else _scale_to_u8(pixels)
+        grey = pixels if pixels.dtype == np.uint8 else scale_to_u8(pixels)
         return np.repeat(grey[:, :, None], 3, axis=2)
     # Both are strided views of the message buffer: the alpha channel and the BGR order cost nothing here.
     return pixels[:, :, :3] if order == "rgb" else pixels[:, :, 2::-1]
@@ -112,11 +114,8 @@ def compressed_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:
         with PILImage.open(io.BytesIO(memoryview(data))) as img:
             _check_size(img.height, img.width, max_side)
             img.load()
-            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                # 16-bit or float grey (a compressed depth or IR stream): scaled like mono16, where Pillow's
-                # convert("RGB") would clip at 255 and give an almost white frame.
-                grey = _scale_to_u8(np.clip(np.asarray(img), 0, None))
-                return np.repeat(grey[:, :, None], 3, axis=2)
+            if is_deep_grey(img):  # a compressed depth or IR stream: scaled like mono16
+                return np.repeat(scale_to_u8(np.asarray(img))[:, :, None], 3, axis=2)
             rgb = img.convert("RGB")
     except ImageConversionError:
         raise
@@ -134,14 +133,6 @@ def _check_size(height: int, width: int, max_side: int) -> None:
         raise ImageConversionError(
             "image_too_large", f"image {width} x {height} exceeds max_input_side={max_side}"
         )
-
-
-def _scale_to_u8(pixels: np.ndarray) -> np.ndarray:
-    top = int(pixels.max())
-    if top == 0:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    # Divide first: the brightest pixel is then exactly 255 (x * (255 / top) can land on 254.99...).
-    return (pixels.astype(np.float64) / top * 255.0).astype(np.uint8)
 
 
 def mono8_fields(mask: np.ndarray) -> dict[str, Any]:
