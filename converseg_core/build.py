@@ -62,7 +62,8 @@ def build_from_config(config: ConverSegConfig, *, pretrained_text: bool = True) 
     from .modeling.transformer import TwoWayTransformer
 
     text_encoder = build_text_encoder(pretrained=pretrained_text)
-    # MiniLM is used frozen: its features are precomputed per query in training and cached at inference.
+    # Frozen by default (training.train unfreezes the top config.text_trainable_layers): features are
+    # precomputed per query in training and cached at inference.
     text_encoder.requires_grad_(False)
     prompt_encoder = PromptEncoder(
         embed_dim=dim,

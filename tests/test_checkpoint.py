@@ -105,3 +105,38 @@ def test_config_survives_a_json_round_trip():
         assert ConverSegConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown ConverSegConfig fields"):
         ConverSegConfig.from_dict({**get_config("converseg_edge").to_dict(), "warp_drive": True})
+
+
+def test_trained_minilm_layers_are_stored_and_restored_the_rest_comes_from_the_wheel(tmp_path):
+    """text_trainable_layers=1: the checkpoint holds MiniLM's last layer (and no other MiniLM weight), and a
+    model rebuilt from it runs that layer's trained weights; a file without the layer is refused."""
+    torch.manual_seed(0)
+    model = build_model("converseg_edge", img_size=SMALL, pretrained_text=False, text_trainable_layers=1)
+    with torch.no_grad():
+        for p in model.text_encoder.encoder.layer[5].parameters():
+            p.add_(0.5)
+    path = save_checkpoint(model, tmp_path / "text1.pt")
+    state = load_checkpoint(path).state_dict
+    text_keys = {k for k in state if k.startswith("text_encoder.")}
+    assert text_keys and all(k.startswith("text_encoder.encoder.layer.5.") for k in text_keys)
+    torch.manual_seed(1)  # another random MiniLM underneath: only layer 5 may come from the file
+    rebuilt = build_model(checkpoint=path, pretrained_text=False)
+    for k in text_keys:
+        assert torch.equal(rebuilt.state_dict()[k], model.state_dict()[k]), k
+    assert not torch.equal(
+        rebuilt.text_encoder.encoder.layer[4].attention.self.query.weight,
+        model.text_encoder.encoder.layer[4].attention.self.query.weight,
+    )
+    ckpt = load_checkpoint(path)
+    for k in text_keys:
+        del ckpt.state_dict[k]
+    from converseg_core.checkpoint import write_checkpoint
+
+    write_checkpoint(ckpt, tmp_path / "without_layer.pt")
+    with pytest.raises(CheckpointError, match="missing keys: text_encoder.encoder.layer.5"):
+        build_model(checkpoint=tmp_path / "without_layer.pt", pretrained_text=False)
+
+
+def test_text_trainable_layers_outside_minilm_is_refused():
+    with pytest.raises(ValueError, match="text_trainable_layers"):
+        build_model("converseg_edge", img_size=SMALL, pretrained_text=False, text_trainable_layers=7)

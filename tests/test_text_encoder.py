@@ -168,6 +168,19 @@ def test_encoder_shapes_finite_and_gradients():
         assert param.grad is not None, name
 
 
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_cached_prefix_then_the_top_layers_equals_the_whole_encoder(start):
+    """Training caches the frozen layers' output and runs the trained ones on it: same features."""
+    enc = _tiny_encoder()
+    ids = torch.randint(1, TINY["vocab_size"], (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.int64)
+    mask[2, 3:] = 0
+    whole = enc(ids, mask)
+    split = enc.run_layers(enc.hidden_states(ids, mask, stop=start), mask, start)
+    assert torch.allclose(split, whole, atol=1e-6)
+    assert not torch.allclose(enc.hidden_states(ids, mask, stop=0), whole, atol=1e-3)
+
+
 def test_padding_does_not_change_real_tokens():
     enc = _tiny_encoder()
     ids = torch.randint(1, TINY["vocab_size"], (1, 5))

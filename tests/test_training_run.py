@@ -581,3 +581,35 @@ def test_train_parts_refuses_a_part_the_model_lacks_and_a_conflicting_flag(toy, 
         train(tiny_train(toy, tmp_path / "a", train_parts=["mask_presence"]))
     with pytest.raises(SystemExit, match="conflicts"):
         train(tiny_train(toy, tmp_path / "b", train_parts=["fusion"], train_image_encoder=True))
+
+
+def test_trained_minilm_layer_learns_is_stored_and_the_frozen_ones_stay(trained, toy, tmp_path):
+    """--override text_trainable_layers=1: only MiniLM's last layer trains (on cached layer-5 inputs), the
+    checkpoint stores it, and --init of that file into a model that would not store the layer is refused
+    rather than the trained layer silently dropped."""
+    from converseg_core.build import build_model
+    from training.train import configure_trainable, parse_overrides
+
+    out, _ = trained
+    override = [*TINY, "text_trainable_layers=1"]
+    cfg = tiny_train(
+        toy, tmp_path / "t1", override=override, init=[str(out / "model.pt")], text_encoder_lr=1e-2, lr=1e-2
+    )
+    torch.manual_seed(cfg.seed)  # the random MiniLM the run starts from (train() seeds and builds the same)
+    start = build_model("converseg_edge", pretrained_text=False, **parse_overrides(override))
+    configure_trainable(start, cfg)
+    trainable = {n for n, p in start.text_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("encoder.layer.5.") for n in trainable)
+    assert len(trainable) == len(list(start.text_encoder.encoder.layer[5].parameters()))
+
+    train(cfg)
+    assert (tmp_path / "t1" / "text_features_random_layer5.pt").is_file()
+    after = load_checkpoint(tmp_path / "t1" / "model.pt").state_dict
+    text_keys = [k for k in after if k.startswith("text_encoder.")]
+    assert sorted(text_keys) == sorted("text_encoder." + n for n in trainable)
+    assert any(not torch.equal(after[k], start.state_dict()[k]) for k in text_keys)
+
+    with pytest.raises(SystemExit, match="unexpected/mismatched .*text_encoder.encoder.layer.5"):
+        train(tiny_train(toy, tmp_path / "t0", init=[str(tmp_path / "t1" / "model.pt")]))
+    with pytest.raises(SystemExit, match="text_trainable_layers=N"):
+        train(tiny_train(toy, tmp_path / "t2", train_parts=["text_encoder"]))

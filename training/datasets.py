@@ -542,9 +542,16 @@ class TextFeatureCache:
 
     @torch.no_grad()
     def add(
-        self, prompts: Sequence[str], text_encoder: torch.nn.Module, tokenizer, *, batch_size: int = 64
+        self,
+        prompts: Sequence[str],
+        text_encoder: torch.nn.Module,
+        tokenizer,
+        *,
+        batch_size: int = 64,
+        stop_layer: int | None = None,
     ) -> int:
-        """Encode the prompts not cached yet; returns how many were new."""
+        """Encode the prompts not cached yet; returns how many were new. `stop_layer`: cache the features
+        after that many MiniLM layers (the input of the layers a run trains) instead of the last ones."""
         new = sorted({p for p in prompts if p not in self.features})
         if not new:
             return 0
@@ -554,7 +561,10 @@ class TextFeatureCache:
             tok = tokenizer.encode(chunk, self.max_tokens)
             ids = torch.from_numpy(tok.input_ids).to(device)
             am = torch.from_numpy(tok.attention_mask).to(device)
-            feats = text_encoder(ids, am).float().cpu()
+            if stop_layer is None:
+                feats = text_encoder(ids, am).float().cpu()
+            else:
+                feats = text_encoder.hidden_states(ids, am, stop=stop_layer).float().cpu()
             for j, p in enumerate(chunk):
                 n = int(tok.attention_mask[j].sum())
                 self.features[p] = feats[j, :n].to(torch.float16).clone()

