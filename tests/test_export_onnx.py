@@ -537,3 +537,34 @@ def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export,
         quantize_export(src, tmp_path / "q1", data=bad, graphs=PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q1" / MANIFEST_NAME).exists()
     assert "error" in json.loads((tmp_path / "q1" / "manifest.failed.json").read_text())["quantization"]
+
+
+def test_text_encoder_export_of_a_checkpoint_runs_its_trained_minilm_layer(tmp_path):
+    """A model that trained MiniLM's last layer (text_trainable_layers=1) exports that layer from its
+    checkpoint: ONNX Runtime gives the trained model's features, not those of the layer it started from."""
+    import onnxruntime as ort
+
+    from converseg_core.checkpoint import save_checkpoint
+
+    def random_minilm_model():  # the same random MiniLM each time (no 90 MB weight load)
+        torch.manual_seed(0)
+        return build_model(
+            "converseg_edge", pretrained_text=False, img_size=64, text_trainable_layers=1
+        ).eval()
+
+    trained = random_minilm_model()
+    with torch.no_grad():
+        trained.text_encoder.encoder.layer[5].output.dense.weight.mul_(3.0)
+    path = save_checkpoint(trained, tmp_path / "text1.pt")
+    torch.manual_seed(0)
+    rebuilt = build_model(checkpoint=path, pretrained_text=False).eval()
+    module, args = traced_graphs(rebuilt, QueryTokenizer.default())["text_encoder"]
+    spec = graph_specs(rebuilt.config)["text_encoder"]
+    export_stage(module, args, spec, tmp_path, opset=17, simplify=True)
+    session = ort.InferenceSession(str(tmp_path / spec.file), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {s.name: a.numpy() for s, a in zip(spec.inputs, args, strict=True)})
+    with torch.inference_mode():
+        want = trained.encode_text(*args).numpy()
+        before = random_minilm_model().encode_text(*args).numpy()
+    assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
+    assert rel_error(before, want) > 0.01  # the trained layer changes the features
