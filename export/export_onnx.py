@@ -25,6 +25,7 @@ export fails (exit 1, no manifest.json) if logits or masks disagree with PyTorch
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import shutil
 import sys
@@ -567,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             model = build_model(checkpoint=args.checkpoint)
-            source = {"checkpoint": str(args.checkpoint)}
+            digest = hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()
+            source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest}
         else:
             overrides = {"img_size": args.img_size} if args.img_size else {}
             model = build_model(args.model, **overrides)

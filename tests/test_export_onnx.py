@@ -522,6 +522,16 @@ def test_verify_judges_float32_on_parity_and_reports_int8_without_judging_it(
         "INT8 graphs (decoder, image_context, image_encoder, text_encoder)" in n for n in notes
     )
     assert "INT8 decoder+image_context+image_encoder+text_encoder" in format_table(results, notes)
+    # A checkpoint calibrated after the export: same weights (parity holds), another presence rule.
+    recalibrated = build_model("converseg_edge", img_size=SIZE, pretrained_text=False)
+    recalibrated.load_state_dict(edge.state_dict())
+    recalibrated.config = recalibrated.config.replace(presence_threshold=0.8, presence_score_weight=-0.5)
+    results, notes, passed = verify(onnx_dir=edge_export[0], **{**common, "model": recalibrated.eval()})
+    assert results[1][1]["logits_rel_error"] <= DEFAULT_MAX_REL_ERROR
+    assert not passed
+    assert any(
+        "presence_threshold: checkpoint 0.8, export 0.5" in n and "export it again" in n for n in notes
+    )
 
 
 def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export, tmp_path):
@@ -568,3 +578,20 @@ def test_text_encoder_export_of_a_checkpoint_runs_its_trained_minilm_layer(tmp_p
         before = random_minilm_model().encode_text(*args).numpy()
     assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
     assert rel_error(before, want) > 0.01  # the trained layer changes the features
+
+
+def test_export_cli_records_which_checkpoint_file_it_exported(tmp_path):
+    """The manifest names the checkpoint and its SHA-256, so a folder can be traced to the exact file."""
+    import hashlib
+
+    from converseg_core.checkpoint import save_checkpoint
+    from export.export_onnx import main
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        build_model("converseg_edge", img_size=64, pretrained_text=False), tmp_path / "m.pt"
+    )
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "onnx"), "--threads", "1"]) == 0
+    source = OnnxManifest.load(tmp_path / "onnx" / MANIFEST_NAME).source
+    assert source["checkpoint"] == str(ckpt)
+    assert source["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
