@@ -221,12 +221,6 @@ class Segmenter:
         low_res, iou, presence_logits = self.backend.decode(self._frame, features, mask)
         t1 = time.perf_counter()
         image = self._image
-        logits = upsample_logits(
-            low_res,
-            img_size=self.config.img_size,
-            input_size=image.input_size,
-            original_size=image.original_size,
-        )
         presence = presence_probability(presence_logits, iou, self.config.presence_score_weight)
         if not (np.isfinite(presence).all() and np.isfinite(low_res).all()):
             # e.g. an FP16 engine that overflowed: an empty "absent" answer here would be silently wrong.
@@ -237,8 +231,21 @@ class Segmenter:
         results = []
         for i, query in enumerate(active):
             present = bool(presence[i] >= self.presence_threshold)
-            # The presence head has the last word: an absent target never yields pixels.
-            m = logits[i] > self.mask_threshold if present else np.zeros(image.original_size, dtype=bool)
+            # The presence head has the last word: an absent target never yields pixels. Logits are brought
+            # to camera resolution one query at a time, and only for present targets: 64 queries on a 4096 x
+            # 4096 frame would otherwise hold 4.3 GB of float32 logits at once.
+            if present:
+                m = (
+                    upsample_logits(
+                        low_res[i : i + 1],
+                        img_size=self.config.img_size,
+                        input_size=image.input_size,
+                        original_size=image.original_size,
+                    )[0]
+                    > self.mask_threshold
+                )
+            else:
+                m = np.zeros(image.original_size, dtype=bool)
             results.append(
                 SegmentationResult(
                     query=query,

@@ -94,6 +94,37 @@ def test_batched_queries_match_single_queries(seg, rgb):
         assert np.array_equal(b.mask, s.mask)
 
 
+def test_camera_resolution_logits_are_made_one_present_query_at_a_time(model, rgb, monkeypatch):
+    """Memory stays one frame of float32 logits whatever the number of queries, and an absent target costs
+    no upsampling; the masks equal a whole-batch upsampling of the same logits."""
+    import converseg_core.segmenter as segmenter_module
+    from converseg_core.processing import upsample_logits
+
+    seg = Segmenter(model, presence_threshold=0.0, mask_threshold=-0.05)
+    seg.set_image(rgb)
+    queries = ["a cup", "the knife", "a plate to put things on"]
+    seen = []
+
+    def spy(low_res, **kw):
+        seen.append(low_res.shape[0])
+        return upsample_logits(low_res, **kw)
+
+    monkeypatch.setattr(segmenter_module, "upsample_logits", spy)
+    results = seg.predict(queries)
+    assert seen == [1, 1, 1]
+    low_res, _, _ = seg.backend.decode(seg._frame, *seg._stack_text(queries))
+    image = seg._image
+    whole = upsample_logits(
+        low_res, img_size=SMALL, input_size=image.input_size, original_size=image.original_size
+    )
+    for r, logits in zip(results, whole, strict=True):
+        assert np.array_equal(r.mask, logits > -0.05)
+    seen.clear()
+    absent = Segmenter(model, presence_threshold=1.01)
+    absent.set_image(rgb)
+    assert not any(r.present for r in absent.predict(queries)) and seen == []
+
+
 @pytest.mark.parametrize(
     "image, problem",
     [
