@@ -1,6 +1,7 @@
 """Dataset readers, runtime-identical pre-processing, augmentation, splits and bad-input handling."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from training.augment import AugmentConfig, augment, swap_left_right
 from training.datasets import (
     ConverSegDataset,
     DatasetError,
+    Record,
     SampleError,
     StepSampler,
     collate,
@@ -260,6 +262,23 @@ def test_split_by_scene_and_heldout_templates(toy):
     assert unused and {r.template_id for r in unused} <= {"t1", "t2"}
     assert {r.scene_id for r in unused} <= {r.scene_id for r in train}
     assert sorted(map(id, train + val + unused)) == sorted(map(id, recs))
+
+
+def test_split_without_scene_ids_does_not_depend_on_how_the_data_path_was_typed(tmp_path, monkeypatch):
+    """A ConverSeg JSONL has no scene ids: images decide. `data/x.jsonl`, `./data/../data/x.jsonl` and the
+    absolute path must split alike, or a calibration typed differently from training uses trained images."""
+    monkeypatch.chdir(tmp_path)
+    names = [f"img{i:03d}.png" for i in range(200)]
+
+    def split_with(base):
+        recs = [Record(image=Path(base) / "images" / n, prompt="a cup", mask=None) for n in names]
+        _, val = split_records(recs, val_fraction=0.3)
+        return sorted(r.image.name for r in val)
+
+    val = split_with("data")
+    assert 20 < len(val) < 100
+    assert split_with("./data/../data") == val
+    assert split_with(tmp_path / "data") == val
 
 
 def test_step_sampler_resumes_and_shards():

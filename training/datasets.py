@@ -298,9 +298,16 @@ def _bucket(key: str) -> float:
     return (zlib.crc32(key.encode()) & 0xFFFFFFFF) / 2**32
 
 
+def split_key(r: Record) -> str:
+    """What decides a sample's side: its scene id, else its image's folder and file name. Not the whole
+    path: that depends on how --data was typed (`data/x.jsonl`, `./data/x.jsonl`, an absolute path), and
+    training and calibration typed differently would then split differently, calibrating on trained images."""
+    return r.scene_id or f"{r.image.parent.name}/{r.image.name}"
+
+
 def _side(r: Record, val_fraction: float, held: set[str]) -> str:
     """'val' (a validation scene), 'train', or 'unused': a held-out-template sample of a training scene."""
-    if _bucket(r.scene_id or str(r.image)) < val_fraction:
+    if _bucket(split_key(r)) < val_fraction:
         return "val"
     heldout = r.template_split == "heldout" or (r.template_id is not None and r.template_id in held)
     return "unused" if heldout else "train"
