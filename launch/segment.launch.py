@@ -39,7 +39,11 @@ ARGUMENTS = [
         default_value="0",
         description="input side for random_model (0 = the variant's)",
     ),
-    DeclareLaunchArgument("mask_threshold", default_value="0.0", description="mask logit threshold"),
+    DeclareLaunchArgument(
+        "mask_threshold",
+        default_value="0.0",
+        description="mask logit threshold; replaces the checkpoint's own (0.0 in every shipped model)",
+    ),
     DeclareLaunchArgument(
         "presence_threshold",
         default_value="-1.0",

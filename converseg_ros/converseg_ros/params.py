@@ -42,7 +42,13 @@ SEGMENT_PARAMETERS: tuple[ParamSpec, ...] = (
         0,
         4096,
     ),
-    ParamSpec("mask_threshold", 0.0, "mask logit threshold", -20.0, 20.0),
+    ParamSpec(
+        "mask_threshold",
+        0.0,
+        "mask logit threshold; replaces the checkpoint's own (0.0 in every shipped model)",
+        -20.0,
+        20.0,
+    ),
     ParamSpec(
         "presence_threshold",
         -1.0,
