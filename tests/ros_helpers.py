@@ -458,6 +458,58 @@ def scenario_launch(c: Client, **_) -> dict:
                 queries=[q["query"] for q in doc["queries"]], stop=c.stop(proc, 20), log=c.log("launch")[-3000:])  # fmt: skip
 
 
+# A node whose timer callback gets SIGINT twice (a terminal's and a launcher's) while running Python code,
+# then, after spin, SIGTERM (a launcher escalating). Prints RESULT before that SIGTERM.
+SIGNAL_CHILD = r"""
+import json, os, signal, sys, time
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from converseg_ros.shutdown import install_shutdown_signals
+
+signals = install_shutdown_signals()
+rclpy.init()
+node = rclpy.create_node("converseg_signal_test")
+steps = []
+
+def callback():
+    steps.append("start")
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    t = time.monotonic()
+    while time.monotonic() - t < 0.3:  # bytecode running: where a KeyboardInterrupt would land
+        pass
+    steps.append("end")
+
+node.create_timer(0.05, callback)
+outcome = "spin returned"
+try:
+    rclpy.spin(node)
+except ExternalShutdownException:
+    outcome = "ExternalShutdownException"
+except KeyboardInterrupt:
+    outcome = "KeyboardInterrupt"
+node.destroy_node()
+print("RESULT " + json.dumps({"outcome": outcome, "steps": steps, "received": signals.received}), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)
+"""
+
+
+def scenario_signals(c: Client, **_) -> dict:
+    """install_shutdown_signals: Ctrl-C never interrupts a callback; SIGTERM after it exits at once."""
+    proc = c.start(["-c", SIGNAL_CHILD], "signals")
+    t0 = time.monotonic()
+    try:
+        rc = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    seconds = round(time.monotonic() - t0, 2)
+    log = c.log("signals")
+    lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
+    child = json.loads(lines[-1][len("RESULT ") :]) if lines else None
+    return {"rc": rc, "seconds": seconds, "child": child, "log": log[-3000:]}
+
+
 def main() -> None:
     name, kwargs = sys.argv[1], json.loads(sys.argv[2])
     assert os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") == "LOCALHOST", "refusing to run without LOCALHOST"

@@ -8,9 +8,12 @@ converseg-ros-launch, and each with a description.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -223,3 +226,37 @@ def test_demo_scenes_synthetic_and_from_a_data_engine_folder(tmp_path):
     assert len(samples) == 1 and samples[0].query == "the red mug"
     np.testing.assert_array_equal(samples[0].rgb, frames[0])
     assert dataset_samples(tmp_path / "nothing-here") == []
+
+
+def _child(code: str) -> list[str]:
+    return [sys.executable, "-c", "import signal, sys, time\n" + code]
+
+
+EXITS_ON_SIGINT = "signal.signal(signal.SIGINT, lambda *a: sys.exit(0)); time.sleep(60)"
+IGNORES_SIGINT = "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+IGNORES_BOTH = "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+QUITS = "time.sleep(1.5); sys.exit({code})"
+
+
+@pytest.mark.parametrize(
+    ("others", "quit_code", "status", "escalated"),
+    [
+        ([EXITS_ON_SIGINT], 0, 0, []),  # one node ends: the others stop on SIGINT
+        ([EXITS_ON_SIGINT], 3, 3, []),  # the first failing node's status is the launcher's
+        ([IGNORES_SIGINT], 0, 1, ["SIGTERM"]),
+        ([IGNORES_BOTH], 0, 1, ["SIGTERM", "SIGKILL"]),
+    ],
+)
+def test_supervise_stops_every_node_and_escalates_without_waiting_forever(
+    capfd, others, quit_code, status, escalated
+):
+    commands = [("quits", _child(QUITS.format(code=quit_code)))]
+    commands += [(f"node{i}", _child(code)) for i, code in enumerate(others)]
+    t0 = time.monotonic()
+    assert launch_main.supervise(commands, dict(os.environ), sigterm_after=1.0, sigkill_after=1.0) == status
+    assert time.monotonic() - t0 < 20  # a node that ignores SIGINT and SIGTERM sleeps 60 s
+    out = capfd.readouterr().out
+    for sig in ("SIGTERM", "SIGKILL"):
+        assert (
+            f"node0 still running {'1' if sig == 'SIGTERM' else '2'} s after SIGINT: sending {sig}" in out
+        ) == (sig in escalated), out

@@ -28,6 +28,7 @@ pytestmark = [
 # Distinct domains per test, away from 0 (the default on real robots).
 DOMAINS = {
     "basic": 61, "stream": 62, "compressed": 63, "load_failure": 64, "launch": 65, "fence": 66, "bad_parameters": 67,
+    "signals": 68,
 }  # fmt: skip
 
 
@@ -121,6 +122,19 @@ def test_launch_entry_point_runs_demo_camera_and_segment_node(tmp_path):
     assert out["size"] == [160, 120] and out["frame_id"] == "demo_camera"
     assert out["queries"] == ["the blue bowl"]
     assert out["stop"]["rc"] == 0, out["log"]
+
+
+def test_ctrl_c_never_interrupts_a_callback_and_sigterm_after_it_exits_at_once(tmp_path):
+    """Python's own SIGINT handler raised KeyboardInterrupt wherever the node happened to be (inside a callback,
+    or holding a lock its shutdown then waits for). install_shutdown_signals leaves the stop to rclpy."""
+    out = run("signals", tmp_path)
+    child = out["child"]
+    assert child is not None, out["log"]
+    assert child["outcome"] in ("ExternalShutdownException", "spin returned"), out["log"]  # a clean stop
+    steps = child["steps"]
+    assert steps[:2] == ["start", "end"] and steps.count("start") == steps.count("end"), steps
+    assert child["received"] == [2, 2]  # the repeated SIGINT was recorded, not acted on
+    assert out["rc"] == 128 + 15 and out["seconds"] < 25, out  # SIGTERM after SIGINT: no 30 s sleep
 
 
 @pytest.mark.skipif(not ros_helpers.UNSHARE, reason="needs unprivileged user and network namespaces")

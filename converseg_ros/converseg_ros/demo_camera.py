@@ -17,6 +17,7 @@ from std_msgs.msg import String
 from .demo_scene import DemoSample, dataset_samples, synthetic_frames
 from .image_conversion import rgb_to_image_fields
 from .segment_node import IMAGE_TOPIC, QUERY_QOS
+from .shutdown import install_shutdown_signals
 
 PARAMETERS = {
     "rate_hz": (30.0, "frames per second"),
@@ -78,13 +79,20 @@ class DemoCamera(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    signals = install_shutdown_signals()
     rclpy.init(args=args)
     node = None
     try:
+        if signals.received:  # a signal between installing the handler and rclpy.init
+            return 0
         node = DemoCamera()
         rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except ExternalShutdownException:
         pass
+    except Exception:
+        if signals.received:  # stopped while rendering the scenes: the node's context is gone, as asked
+            return 0
+        raise
     finally:
         if node is not None:
             node.destroy_node()

@@ -6,7 +6,9 @@ the `launch` packages (which are not on PyPI).
     converseg-ros-launch --help                       # every argument with default and description
 
 Each node runs in its own process (as under `ros2 launch`); Ctrl-C or SIGTERM stops them all, and when
-one exits the others are stopped. The exit status is the first non-zero status of a node.
+one exits the others are stopped. A node still running 10 s after SIGINT gets SIGTERM, 5 s later SIGKILL
+(ros2 launch escalates the same way), and is named on stdout. The exit status is the first non-zero status
+of a node, or 1 when a node had to be escalated.
 This sets FASTDDS_DEFAULT_PROFILES_FILE (if unset) but not ROS_AUTOMATIC_DISCOVERY_RANGE: a robot needs
 discovery across hosts; tests, benchmarks and demos on a shared machine set LOCALHOST themselves.
 """
@@ -67,44 +69,82 @@ def commands(plan: LaunchPlan, workdir: Path) -> list[tuple[str, list[str]]]:
     return procs
 
 
-def run(plan: LaunchPlan) -> int:
-    env = environment_with_profile()
-    with tempfile.TemporaryDirectory(prefix="converseg-launch-") as tmp:
-        children = [(name, subprocess.Popen(argv, env=env)) for name, argv in commands(plan, Path(tmp))]
-        stopping = False
+# As ros2 launch does: SIGINT, then SIGTERM to a node still running after SIGTERM_AFTER_S, then SIGKILL.
+SIGTERM_AFTER_S = 10.0
+SIGKILL_AFTER_S = 5.0
 
-        def stop(signum: int, _frame: object) -> None:
-            nonlocal stopping
-            stopping = True
+
+def supervise(
+    commands: list[tuple[str, list[str]]],
+    env: dict[str, str],
+    *,
+    sigterm_after: float = SIGTERM_AFTER_S,
+    sigkill_after: float = SIGKILL_AFTER_S,
+) -> int:
+    """Run each (name, argv) as a child until one exits or this process gets SIGINT/SIGTERM, then stop them all.
+
+    Returns the first non-zero exit status of a node, or 1 when a node had to be sent SIGTERM or SIGKILL
+    (a node that does not stop on SIGINT is a bug worth a failing status). Never waits without bound.
+    """
+    children = [(name, subprocess.Popen(argv, env=env)) for name, argv in commands]
+    stop_since: float | None = None
+    status = 0
+
+    def request_stop(_signum: int = signal.SIGINT, _frame: object = None) -> None:
+        nonlocal stop_since
+        if stop_since is None:
+            stop_since = time.monotonic()
             for _, child in children:
                 if child.poll() is None:
                     child.send_signal(signal.SIGINT)
 
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            status = 0
-            while any(child.poll() is None for _, child in children):
+    def escalate(sig: signal.Signals, after: float) -> None:
+        nonlocal status
+        for name, child in children:
+            if child.poll() is None:
+                print(f"[converseg-ros-launch] {name} still running {after:.0f} s after SIGINT: sending {sig.name}",
+                      flush=True)  # fmt: skip
+                child.send_signal(sig)
+                status = status or 1
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sent = set()
+        while any(child.poll() is None for _, child in children):
+            if stop_since is None:
                 for name, child in children:
-                    code = child.poll()
-                    if code is not None and not stopping:
-                        print(
-                            f"[converseg-ros-launch] {name} exited with {code}; stopping the others",
-                            flush=True,
-                        )
-                        status = status or code
-                        stop(signal.SIGINT, None)
-                time.sleep(0.1)
-            deadline = time.monotonic() + 10.0
-            for _, child in children:
-                try:
-                    child.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                status = status or (child.returncode if child.returncode and child.returncode > 0 else 0)
-            return status
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                    if child.poll() is not None:
+                        print(f"[converseg-ros-launch] {name} exited with {child.returncode}; stopping the others",
+                              flush=True)  # fmt: skip
+                        code = child.returncode
+                        status = status or (code if code > 0 else 1 if code < 0 else 0)  # <0: killed
+                        request_stop()
+                        break
+            else:
+                waited = time.monotonic() - stop_since
+                if waited > sigterm_after and signal.SIGTERM not in sent:
+                    sent.add(signal.SIGTERM)
+                    escalate(signal.SIGTERM, sigterm_after)
+                if waited > sigterm_after + sigkill_after and signal.SIGKILL not in sent:
+                    sent.add(signal.SIGKILL)
+                    escalate(signal.SIGKILL, sigterm_after + sigkill_after)
+            time.sleep(0.05)
+        for _, child in children:  # a node that failed while the others were stopping
+            status = status or (child.returncode if child.returncode > 0 else 0)
+        return status
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for _, child in children:  # only after an exception here: never leave a node behind
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def run(plan: LaunchPlan) -> int:
+    env = environment_with_profile()
+    with tempfile.TemporaryDirectory(prefix="converseg-launch-") as tmp:
+        return supervise(commands(plan, Path(tmp)), env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from .model_loading import describe_load_failure, load_segmenter
 from .params import SEGMENT_PARAMETERS, ParamSpec, SegmentSettings
 from .pipeline import Frame, FrameResult, SegmentationPipeline, overlay_image
 from .results import result_document
+from .shutdown import install_shutdown_signals
 
 IMAGE_TOPIC = "/camera/image_raw"
 QUERY_QOS = QoSProfile(
@@ -148,12 +149,15 @@ class SegmentNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    signals = install_shutdown_signals()
     rclpy.init(args=args)
     node = None
     try:
+        if signals.received:  # a signal between installing the handler and rclpy.init
+            return 0
         node = SegmentNode()
         rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except ExternalShutdownException:
         pass
     except ValueError as exc:  # SegmentSettings names every bad parameter
         print(f"converseg_segment: {exc}", file=sys.stderr)
@@ -161,6 +165,10 @@ def main(args: list[str] | None = None) -> int:
     except ParameterException as exc:  # rclpy's own range and type checks
         print(f"converseg_segment: invalid parameters: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        if signals.received:  # stopped while the model loaded: the node's context is gone, as asked
+            return 0
+        raise
     finally:
         if node is not None:
             node.destroy_node()
