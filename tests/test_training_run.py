@@ -251,12 +251,19 @@ def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(tr
     best = max((v["n_acc"] + v["t_acc"]) / 2 for v in sweep.values())
     chosen = sweep[str(record["presence_threshold"])]
     assert (chosen["n_acc"] + chosen["t_acc"]) / 2 == best
-    # The rule kept (the presence head alone, or with the fitted predicted-IoU weight) is the better one.
+    # The fitted predicted-IoU weight replaces the presence head alone only when it is better beyond noise.
     candidates = record["candidates"]
     assert "0.0" in candidates and str(record["presence_score_weight"]) in candidates
-    assert (chosen["n_acc"] + chosen["t_acc"]) / 2 == max(
-        (c["n_acc"] + c["t_acc"]) / 2 for c in candidates.values()
-    )
+    gain = record["fitted_weight_gain"]
+    if record["presence_score_weight"] != 0.0:
+        assert gain["ci95"][0] > 0 and (chosen["n_acc"] + chosen["t_acc"]) / 2 == max(
+            (c["n_acc"] + c["t_acc"]) / 2 for c in candidates.values()
+        )
+    elif gain is not None:
+        fitted = candidates[str(record["fitted_score_weight"])]
+        assert (
+            gain["ci95"][0] <= 0 or (fitted["n_acc"] + fitted["t_acc"]) <= chosen["n_acc"] + chosen["t_acc"]
+        )
     a, b = load_checkpoint(src), load_checkpoint(dst)
     assert b.config.presence_threshold == record["presence_threshold"]
     assert b.config.presence_score_weight == record["presence_score_weight"]
@@ -316,6 +323,35 @@ def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(tr
     assert choose_threshold({0.2: group(70, 90), 0.6: group(90, 70)}) == 0.6
     with pytest.raises(ValueError, match="no-target and positive"):
         choose_threshold({0.5: GroupMetrics(5, 5, 0, 0.0, 0.0, 0.0, 0.0, None, 100.0)})
+
+
+def test_a_fitted_presence_weight_must_gain_beyond_scene_noise():
+    from training.calibrate import balanced_gain_interval
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for scene in range(200):
+        for k in range(5):
+            negative = k == 0
+            samples.append({"id": f"{scene}_{k}", "scene": f"s{scene}", "negative": negative,
+                            "presence": float(rng.uniform(0.3, 0.7)), "score": 0.1 if negative else 0.9})  # fmt: skip
+    # The presence head alone is a coin toss; the predicted IoU separates the requests completely.
+    coin, informed = (0.0, 0.5), (5.0, 1 / (1 + np.exp(-2.5)))
+    points, low, high = balanced_gain_interval(samples, coin, informed, resamples=500, seed=0)
+    negative = np.array([s["negative"] for s in samples])
+    kept = np.array([s["presence"] for s in samples]) >= 0.5
+    expected = 100 - 100 * ((~kept[negative]).mean() + kept[~negative].mean()) / 2
+    assert points == pytest.approx(expected) and 0 < low < points < high
+    # A rule that differs on one no-target request: its point gain is real but inside the noise.
+    samples[0]["presence"] = 0.5  # a no-target request that the coin keeps (>= 0.5) and the nudged rule drops
+    nudged = (0.0, 0.5 + 1e-6)
+    points, low, high = balanced_gain_interval(samples, coin, nudged, resamples=500, seed=0)
+    assert points > 0 and low <= 0 <= high
+    # Without no-target requests there is no balanced accuracy to compare.
+    with pytest.raises(ValueError, match="no-target and positive"):
+        balanced_gain_interval(
+            [s for s in samples if not s["negative"]], coin, informed, resamples=100, seed=0
+        )
 
 
 def _free_port() -> int:

@@ -15,9 +15,12 @@ on the test set you report.
 The decoder's own predicted IoU of a request's mask is evidence too: a mask it rates poorly more often answers
 a request whose target is absent. So, unless `--keep-score-weight`, the same pass also fits
 `presence_score_weight` w (presence = sigmoid(presence logit + w * predicted IoU)) by a logistic regression of
-"target present" on the two, sweeps thresholds for that rule as well, and keeps whichever rule, with its best
-threshold, has the higher balanced accuracy (ties keep the checkpoint's own rule). No second pass: gating
-changes which requests answer, not their masks.
+"target present" on the two, and sweeps thresholds for that rule as well. The fitted rule replaces the
+checkpoint's own only if its balanced accuracy is higher beyond the validation set's noise: the lower end of
+a 95 % interval of the gain, from a bootstrap over validation scenes, must be above 0 (`--bootstrap 0`
+keeps any gain). A few thousand requests decide a threshold well, but a 0.2-point "gain" of a second
+parameter is noise, and a change of rule moves gIoU a lot (Run Q in docs/MODEL_CARD.md: +0.2 balanced
+points on validation, -3.9 gIoU). No second pass: gating changes which requests answer, not their masks.
 
 The output checkpoint is the input with `config.presence_threshold` and `config.presence_score_weight` replaced
 and the sweeps recorded under `meta["presence_calibration"]`; the weights are untouched.
@@ -63,6 +66,12 @@ class CalibrateConfig:
         help="only choose the threshold; keep the checkpoint's presence_score_weight (0 unless an earlier "
         "calibration fitted one) instead of fitting how much the decoder's predicted IoU adds",
     )
+    bootstrap: int = arg(
+        2000,
+        help="scene bootstrap resamples for the fitted weight's gain (its 95 %% interval must lie above 0); "
+        "0: keep the fitted weight on any gain",
+    )
+    seed: int = arg(0, help="bootstrap random seed")
     device: str = arg("cpu", help="torch device")
     threads: int = arg(0, help="torch CPU threads (0: PyTorch's default)")
     allow_partial: bool = arg(False, help="read data engine output without index.json")
@@ -108,13 +117,55 @@ def fit_score_weight(presence: np.ndarray, score: np.ndarray, negative: np.ndarr
     return float(a_score / a_logit)
 
 
+def rescored_presence(samples: list[dict], extra_weight: float) -> np.ndarray:
+    """sigmoid(presence logit + extra_weight * predicted IoU) of ungated samples.jsonl lines."""
+    p = np.clip(np.array([s["presence"] for s in samples], dtype=np.float64), 1e-7, 1 - 1e-7)
+    score = np.array([s["score"] for s in samples], dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + extra_weight * score)))
+
+
+def balanced_gain_interval(
+    samples: list[dict],
+    rule_a: tuple[float, float],
+    rule_b: tuple[float, float],
+    *,
+    resamples: int,
+    seed: int,
+) -> tuple[float, float, float]:
+    """Balanced accuracy of rule B minus rule A (points), and its 95 % interval from a bootstrap over scenes.
+
+    A rule is (extra weight on top of the samples' presence, threshold). Scenes are resampled, not requests:
+    a scene's requests share an image, so they are not independent evidence.
+    """
+    negative = np.array([bool(s["negative"]) for s in samples])
+    if negative.all() or not negative.any():
+        raise ValueError("a balanced accuracy needs no-target and positive requests")
+    correct = []
+    for extra, threshold in (rule_a, rule_b):
+        keep = rescored_presence(samples, extra) >= threshold
+        correct.append(np.where(negative, ~keep, keep).astype(np.float64))
+    scene_names = [str(s.get("scene", s["id"])) for s in samples]
+    index = {name: i for i, name in enumerate(dict.fromkeys(scene_names))}
+    scene = np.array([index[name] for name in scene_names])
+    n = len(index)
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=resamples)])[:, scene]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without negatives: NaN, dropped
+        neg_w, pos_w = (weights * negative).sum(1), (weights * ~negative).sum(1)
+        acc = [
+            ((weights * (c * negative)).sum(1) / neg_w + (weights * (c * ~negative)).sum(1) / pos_w) / 2
+            for c in correct
+        ]
+    diff = (acc[1] - acc[0]) * 100
+    low, high = np.nanpercentile(diff[1:], [2.5, 97.5]) if resamples else (np.nan, np.nan)
+    return float(diff[0]), float(low), float(high)
+
+
 def rescored_sweep(
     samples: list[dict], extra_weight: float, thresholds: list[float]
 ) -> dict[float, GroupMetrics]:
     """The threshold sweep for presence logit + extra_weight * predicted IoU, from ungated samples.jsonl lines."""
-    p = np.clip(np.array([s["presence"] for s in samples], dtype=np.float64), 1e-7, 1 - 1e-7)
-    score = np.array([s["score"] for s in samples], dtype=np.float64)
-    presence = 1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + extra_weight * score)))
+    presence = rescored_presence(samples, extra_weight)
     pool = [
         (
             float(pr),
@@ -137,6 +188,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         raise SystemExit("--out must differ from --checkpoint: the input checkpoint is never overwritten")
     if not cfg.thresholds or not all(0.0 <= t <= 1.0 for t in cfg.thresholds):
         raise SystemExit(f"--thresholds must be values in [0, 1], got {cfg.thresholds}")
+    if cfg.bootstrap != 0 and cfg.bootstrap < 100:
+        raise SystemExit(f"--bootstrap must be 0 or at least 100 for a 95 % interval, got {cfg.bootstrap}")
     work = out.with_name(out.stem + "_calibration")
     checkpoint = load_checkpoint(cfg.checkpoint)
     own_weight = checkpoint.config.presence_score_weight
@@ -157,7 +210,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         )
     )
     sweeps = {own_weight: {float(t): GroupMetrics(**m) for t, m in metrics["presence_sweep"].items()}}
-    fitted = None
+    fitted, gain = None, None
     if not cfg.keep_score_weight:
         with open(work / "samples.jsonl") as f:
             samples = [json.loads(line) for line in f]
@@ -177,9 +230,26 @@ def calibrate(cfg: CalibrateConfig) -> dict:
                 sweeps[fitted] = rescored_sweep(samples, fitted - own_weight, list(cfg.thresholds))
     best = {w: choose_threshold(s) for w, s in sweeps.items()}
     weight = own_weight
-    for w, t in best.items():  # the checkpoint's own rule first: a tie keeps it
-        if balanced(sweeps[w][t]) > balanced(sweeps[weight][best[weight]]):
-            weight = w
+    if fitted is not None and fitted != own_weight:
+        points, low, high = balanced_gain_interval(
+            samples, (0.0, best[own_weight]), (fitted - own_weight, best[fitted]), resamples=cfg.bootstrap,
+            seed=cfg.seed,
+        )  # fmt: skip
+        better = balanced(sweeps[fitted][best[fitted]]) > balanced(sweeps[own_weight][best[own_weight]])
+        beyond_noise = cfg.bootstrap == 0 or low > 0
+        gain = {
+            "points": round(points, 3),
+            "ci95": [round(low, 3), round(high, 3)],
+            "resamples": cfg.bootstrap,
+        }
+        if better and beyond_noise:
+            weight = fitted
+        elif better:
+            log.info(
+                "fitted predicted-IoU weight %g gains %.2f balanced points, 95%% interval [%.2f, %.2f] over "
+                "validation scenes: within noise, the checkpoint's rule (weight %g) is kept",
+                fitted, points, low, high, own_weight,
+            )  # fmt: skip
     chosen = best[weight]
     sweep = sweeps[weight]
     record = {
@@ -188,8 +258,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         "previous_threshold": checkpoint.config.presence_threshold,
         "previous_score_weight": own_weight,
         "fitted_score_weight": fitted,
-        "criterion": "max (N-acc + T-acc) / 2 on the validation requests, ties towards 0.5 and the previous "
-        "score weight",
+        "criterion": "max (N-acc + T-acc) / 2 on the validation requests, ties towards 0.5; the fitted score "
+        "weight only if its gain's 95 % scene-bootstrap interval lies above 0",
+        "fitted_weight_gain": gain,
         "data": cfg.data,
         "split": cfg.split,
         "samples": metrics["overall"]["n"],
