@@ -69,11 +69,21 @@ def run_backend(
     cfg = backend.config
     run = BackendRun(name=name, device=device)
 
-    def post(low, pre):
-        logits = upsample_logits(
-            low, img_size=cfg.img_size, input_size=pre.input_size, original_size=pre.original_size
+    def post(
+        low, pre
+    ):  # one query at a time, as the Segmenter does: float32 logits for all at full size add up
+        return np.stack(
+            [
+                upsample_logits(
+                    low[i : i + 1],
+                    img_size=cfg.img_size,
+                    input_size=pre.input_size,
+                    original_size=pre.original_size,
+                )[0]
+                > cfg.mask_threshold
+                for i in range(len(low))
+            ]
         )
-        return logits > cfg.mask_threshold
 
     for frame in frames:
         pre = preprocess(frame, img_size=cfg.img_size, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
