@@ -40,9 +40,9 @@ ARGUMENTS = [
         description="input side for random_model (0 = the variant's)",
     ),
     DeclareLaunchArgument(
-        "mask_threshold",
-        default_value="0.0",
-        description="mask logit threshold; replaces the checkpoint's own (0.0 in every shipped model)",
+        "mask_probability",
+        default_value="-1.0",
+        description="pixel probability above which a pixel is in the mask (0 < p < 1); negative: the model's own",
     ),
     DeclareLaunchArgument(
         "presence_threshold",

@@ -6,6 +6,7 @@ A real Segmenter with random weights (converseg_edge at 128 px) is injected; not
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from types import SimpleNamespace
@@ -313,7 +314,15 @@ def test_settings_match_the_parameter_table():
 
 @pytest.mark.parametrize(
     "change",
-    [dict(backend="caffe"), dict(presence_threshold=1.5), dict(max_queries=0), dict(max_rate_hz=1)],
+    [
+        dict(backend="caffe"),
+        dict(presence_threshold=1.5),
+        dict(max_queries=0),
+        dict(max_rate_hz=1),
+        dict(mask_probability=0.0),
+        dict(mask_probability=1.0),
+        dict(mask_probability=1.5),
+    ],  # fmt: skip
 )
 def test_invalid_settings_are_named(change):
     with pytest.raises(ValueError, match=next(iter(change))):
@@ -331,6 +340,21 @@ def test_the_model_keeps_its_calibrated_presence_rule_unless_a_threshold_is_give
     assert own.presence_threshold == config.presence_threshold
     assert own.config.presence_score_weight == config.presence_score_weight
     assert load_segmenter(SegmentSettings(presence_threshold=0.3)).presence_threshold == 0.3
+
+
+def test_the_model_keeps_its_mask_threshold_unless_a_probability_is_given(tmp_path):
+    # The parameter used to replace the checkpoint's config.mask_threshold with its own default (0.0) always.
+    from converseg_core import default_checkpoint, load_checkpoint
+    from converseg_core.checkpoint import write_checkpoint
+
+    checkpoint = load_checkpoint(default_checkpoint())
+    checkpoint.config = checkpoint.config.replace(mask_threshold=1.5)
+    path = tmp_path / "strict.pt"
+    write_checkpoint(checkpoint, path)
+    assert load_segmenter(SegmentSettings(model_path=str(path))).mask_threshold == 1.5
+    given = load_segmenter(SegmentSettings(model_path=str(path), mask_probability=0.9))
+    assert given.mask_threshold == pytest.approx(math.log(0.9 / 0.1))  # the logit: sigmoid(logit) > 0.9
+    assert load_segmenter(SegmentSettings(mask_probability=0.5)).mask_threshold == pytest.approx(0.0)
 
 
 def test_missing_checkpoint_fails_with_an_actionable_message(tmp_path):

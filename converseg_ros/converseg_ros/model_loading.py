@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .params import SegmentSettings
@@ -11,8 +12,10 @@ def load_segmenter(settings: SegmentSettings) -> Any:
     """Build the converseg_core.Segmenter the settings describe; raises whatever the core raises."""
     from converseg_core import Segmenter, default_checkpoint
 
+    p = settings.mask_probability
     kwargs = dict(
-        mask_threshold=settings.mask_threshold,
+        # negative: the checkpoint's own mask logit threshold; else the logit of the probability
+        mask_threshold=math.log(p / (1.0 - p)) if p >= 0 else None,
         # negative: keep the threshold training.calibrate stored in the checkpoint
         presence_threshold=settings.presence_threshold if settings.presence_threshold >= 0 else None,
         max_input_side=settings.max_input_side,

@@ -43,11 +43,12 @@ SEGMENT_PARAMETERS: tuple[ParamSpec, ...] = (
         4096,
     ),
     ParamSpec(
-        "mask_threshold",
-        0.0,
-        "mask logit threshold; replaces the checkpoint's own (0.0 in every shipped model)",
-        -20.0,
-        20.0,
+        "mask_probability",
+        -1.0,
+        "pixel probability above which a pixel is in the mask, strictly between 0 and 1; negative: the "
+        "model's own (the checkpoint's mask logit threshold, 0.0 = probability 0.5 in every shipped model)",
+        -1.0,
+        1.0,
     ),
     ParamSpec(
         "presence_threshold",
@@ -102,7 +103,7 @@ class SegmentSettings:
     backend: str = "torch"
     random_model: str = ""
     random_model_img_size: int = 0
-    mask_threshold: float = 0.0
+    mask_probability: float = -1.0
     presence_threshold: float = -1.0
     max_input_side: int = 4096
     max_rate_hz: float = 0.0
@@ -132,4 +133,6 @@ class SegmentSettings:
                 out.append(f"{spec.name}={value!r} must be one of {', '.join(spec.choices)}")
             elif spec.low is not None and not (spec.low <= value <= spec.high):
                 out.append(f"{spec.name}={value!r} must be in [{spec.low}, {spec.high}]")
+            elif spec.name == "mask_probability" and value in (0.0, 1.0):
+                out.append(f"mask_probability={value!r} would mark every pixel or none: use 0 < p < 1, or -1")
         return out
