@@ -499,6 +499,8 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
         "5e-5",
         "--refine-token-dropout",
         "0.15",
+        "--refine-text-layers",
+        "1",
         "--presence-steps",
         "0",
         "--samples-per-family",
@@ -518,6 +520,9 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
     )
     assert "--steps 9" in refine and "--lr 5e-05" in refine and "--train-image-encoder" in refine
     assert "--token-dropout 0.15" in refine
+    # MiniLM's last layer trains in the refine stage only (the stage Run Q' added to the default's history)
+    assert "text_trainable_layers=1" in refine and "--text-encoder-lr 5e-05" in refine
+    assert "text_trainable_layers" not in commands["finetune"]
     # more requests per training scene; the test set keeps one per family, so test sets stay comparable
     data_train = commands["data-train"].split()
     assert data_train[data_train.index("--samples-per-family") + 1] == "2"

