@@ -239,7 +239,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         beyond_noise = cfg.bootstrap == 0 or low > 0
         gain = {
             "points": round(points, 3),
-            "ci95": [round(low, 3), round(high, 3)],
+            "ci95": [round(low, 3), round(high, 3)] if cfg.bootstrap else None,  # no NaN in the JSON
             "resamples": cfg.bootstrap,
         }
         if better and beyond_noise:
