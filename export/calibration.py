@@ -7,6 +7,7 @@ decides what the calibrator sees lives here, so it is tested without TensorRT.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,11 +21,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 
 
 def find_images(directory: str | Path) -> list[Path]:
-    """Image files under `directory` (recursively), sorted so a seed gives the same selection everywhere."""
+    """Image files under `directory` (recursively, into symlinked folders too: a folder of links to a dataset's
+    shards is the usual way to pick some), sorted so a seed gives the same selection everywhere."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"calibration image folder {directory} does not exist")
-    paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths, seen = [], set()
+    for root, dirs, files in os.walk(directory, followlinks=True):  # Path.rglob skips linked folders
+        seen.add(os.path.realpath(root))
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen]  # no link cycles
+        paths += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    paths = sorted(p for p in paths if p.is_file())
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
     return paths

@@ -286,6 +286,15 @@ def test_calibration_batches_are_whole_and_shaped_like_the_engine_input(tmp_path
     assert batcher.batch_index == 1
 
 
+def test_calibration_images_are_found_in_symlinked_folders(tmp_path):
+    shard = _write_images(tmp_path / "dataset" / "shard-00000" / "images", 3)[0].parent
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "shard-00000").symlink_to(shard, target_is_directory=True)
+    assert [p.name for p in find_images(tmp_path / "calib")] == [p.name for p in find_images(shard)]
+    (shard / "loop").symlink_to(tmp_path / "calib", target_is_directory=True)  # a cycle: each image once
+    assert len(find_images(tmp_path / "calib")) == 3
+
+
 def test_calibration_selection_is_seeded_and_capped(tmp_path):
     paths = find_images(_write_images(tmp_path / "calib", 9)[0].parent)
     a = CalibrationBatcher(
