@@ -69,20 +69,11 @@ def run_backend(
     cfg = backend.config
     run = BackendRun(name=name, device=device)
 
-    def post(
-        low, pre
-    ):  # one query at a time, as the Segmenter does: float32 logits for all at full size add up
+    # One query at a time, as the Segmenter does: float32 logits of every query at full size add up.
+    def post(low, pre):
+        size = dict(img_size=cfg.img_size, input_size=pre.input_size, original_size=pre.original_size)
         return np.stack(
-            [
-                upsample_logits(
-                    low[i : i + 1],
-                    img_size=cfg.img_size,
-                    input_size=pre.input_size,
-                    original_size=pre.original_size,
-                )[0]
-                > cfg.mask_threshold
-                for i in range(len(low))
-            ]
+            [upsample_logits(low[i : i + 1], **size)[0] > cfg.mask_threshold for i in range(len(low))]
         )
 
     for frame in frames:

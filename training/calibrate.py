@@ -39,6 +39,7 @@ import numpy as np
 
 from converseg_core.checkpoint import load_checkpoint, write_checkpoint
 
+from .compare import scene_resamples
 from .evaluate import EvalConfig, evaluate, presence_sweep
 from .metrics import GroupMetrics, SampleResult
 from .train import add_dataclass_args, arg
@@ -148,8 +149,7 @@ def balanced_gain_interval(
     index = {name: i for i, name in enumerate(dict.fromkeys(scene_names))}
     scene = np.array([index[name] for name in scene_names])
     n = len(index)
-    rng = np.random.default_rng(seed)
-    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=resamples)])[:, scene]
+    weights = np.vstack([np.ones(n), scene_resamples(n, resamples, seed)])[:, scene]
     with np.errstate(invalid="ignore", divide="ignore"):  # a resample without negatives: NaN, dropped
         neg_w, pos_w = (weights * negative).sum(1), (weights * ~negative).sum(1)
         acc = [

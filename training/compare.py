@@ -176,15 +176,20 @@ class Row:
     high: float
 
 
+def scene_resamples(n_scenes: int, bootstrap: int, seed: int) -> np.ndarray:
+    """bootstrap x n_scenes: how often each scene is drawn in each resample (scenes drawn with replacement)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_scenes, np.full(n_scenes, 1 / n_scenes), size=bootstrap).astype(float)
+
+
 def compare(a: Samples, b: Samples, *, bootstrap: int, seed: int) -> list[Row]:
     """Paired differences B - A with 95 % scene-bootstrap intervals (percentile method)."""
     if bootstrap < 100:
         raise SystemExit(f"--bootstrap must be at least 100 for a 95 % interval, got {bootstrap}")
     n_scenes = int(a.scene.max()) + 1
-    rng = np.random.default_rng(seed)
     rows = []
     ones = np.ones((1, n_scenes))
-    counts = rng.multinomial(n_scenes, np.full(n_scenes, 1 / n_scenes), size=bootstrap).astype(float)
+    counts = scene_resamples(n_scenes, bootstrap, seed)
     for name, f in metrics(sorted(set(a.family))).items():
         va, vb = float(f(a, ones)[0]), float(f(b, ones)[0])
         d = f(b, counts) - f(a, counts)
