@@ -135,7 +135,7 @@ def test_every_family_negatives_regions_and_multi_targets_appear(results):
             c = kb.categories[o["category"]]
             heads |= {_head(w) for w in (c.name, c.plural, *c.synonyms)}
         for r, _ in res.samples:
-            if r["negative"] and r["family"] == "entities":
+            if r["negative"] and r["negative_kind"] == "absent" and r["family"] == "entities":
                 words = {_head(w.strip("?.,!")) for w in r["prompt"].lower().split()}
                 assert not (words & heads) - {"thing", "table", "robot", "me"}, r["prompt"]
     # every phrase key the generator emits is one phrase_groups knows, so the split checks below cover it
@@ -147,6 +147,49 @@ def test_every_family_negatives_regions_and_multi_targets_appear(results):
         assert r["template_id"].startswith(r["family"] + ".")
         assert r["template_id"].rsplit(".", 1)[0] in known, r["template_id"]
         assert r["prompt"] and r["prompt"][0].isupper()
+
+
+@needs_furniture
+def test_negatives_are_phrased_like_positives_and_attribute_negatives_name_a_missing_colour(results):
+    """No phrasing may give the answer away: every template that names an object (entity phrasings, spatial
+    relations, "the hot X") is sometimes asked about something that is not there. Until 2026-12-03 only
+    "the {name}" / "the {syn}" and the spatial "rel" phrasings were ever negative; a model trained on that
+    rejected half of the plain "the mug" positives. Drawn straight from the generator over the rendered
+    scene graphs (no rendering), many draws per scene."""
+    import collections
+    import re
+
+    from training.dataengine.knowledge import load_knowledge_base
+    from training.dataengine.prompts import COLOURS, NEAR_COLOURS, TEMPLATES, PromptGenerator
+
+    kb = load_knowledge_base()
+    gen = PromptGenerator(kb=kb)
+    counts = collections.defaultdict(lambda: [0, 0])  # template key -> [positives, negatives]
+    attribute = 0
+    for res in results:
+        for k in range(150):
+            for r in gen.generate(res.graph, np.random.default_rng(k), per_family=2):
+                key = r.template_id.rsplit(".", 1)[0]
+                counts[key][int(r.negative)] += 1
+                if r.negative_kind != "attribute":
+                    continue
+                attribute += 1
+                c = kb.categories[r.concept]
+                named = [o for o in res.graph["objects"] if c.name in gen._present_words({"objects": [o]})]
+                assert named, r.prompt  # a hard negative: the category is on the table...
+                said = {w for w in re.findall(r"[a-z]+", r.prompt.lower()) if w in COLOURS}
+                assert len(said) == 1, r.prompt
+                for o in named:  # ...but in no colour near the one asked for
+                    assert not said & {o["colour"], *NEAR_COLOURS[o["colour"]]}, (r.prompt, o["colour"])
+    assert attribute > 0
+    for prefix in ("entities.single", "entities.all", "spatial.rel", "spatial.side", "spatial.near_cam"):
+        keys = [f"{prefix}.t{i}" for i in range(len(TEMPLATES[prefix]))]
+        for key in keys:
+            assert counts[key][1] > 0, f"{key} is never a negative: its phrasing alone says 'present'"
+        pos, neg = (sum(counts[k][j] for k in keys) for j in (0, 1))
+        assert 0.05 < neg / (pos + neg) < 0.5, (prefix, pos, neg)
+    for prefix in ("spatial.on", "spatial.left_of", "spatial.right_of", "safety.hot_state"):
+        assert sum(counts[f"{prefix}.t{i}"][1] for i in range(len(TEMPLATES[prefix]))) > 0, prefix
 
 
 def test_template_split_is_deterministic_and_holds_out_some_phrases_of_every_family():

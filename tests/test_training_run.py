@@ -152,6 +152,10 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     # every positive in exactly one target-size group, no negative in any
     assert sum(g["n"] for g in metrics["by_target_size"].values()) == metrics["overall"]["n_positive"]
     assert all(g["n_negative"] == 0 for g in metrics["by_target_size"].values())
+    # every negative in one negative-kind group (the toy's are all "absent"), no positive in any
+    assert set(metrics["by_negative_kind"]) == {"absent"}
+    assert metrics["by_negative_kind"]["absent"]["n"] == metrics["overall"]["n_negative"] > 0
+    assert metrics["by_negative_kind"]["absent"]["n_acc"] == metrics["overall"]["n_acc"]
     for k in ("giou", "ciou", "n_acc", "t_acc"):
         assert 0 <= metrics["overall"][k] <= 100
     # where positives lose IoU: the shares cover every positive, and answered IoU x answered share is gIoU
@@ -170,6 +174,7 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
                 assert answered == pytest.approx(by[name]["giou"], abs=1e-2)
     md = (tmp_path / "e" / "metrics.md").read_text()
     assert "| attribute |" in md and "N-acc" in md and "Where positives lose IoU" in md
+    assert "Negatives by kind" in md
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["overall"] == metrics["overall"]
     assert (tmp_path / "e" / "panels_first.png").is_file()
 

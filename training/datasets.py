@@ -96,7 +96,7 @@ def _record_from_json(obj: dict, base: Path, where: str) -> Record:
         sample_id=str(obj["sample_id"])
         if obj.get("sample_id") is not None
         else (str(obj["id"]) if "id" in obj else None),
-        extra={k: obj[k] for k in ("answer_kind", "targets") if k in obj},
+        extra={k: obj[k] for k in ("answer_kind", "targets", "negative_kind") if k in obj},
     )
 
 
@@ -777,6 +777,7 @@ def write_toy_dataset(
                         "template_split": "heldout" if template == "t2" else "seen",
                         "targets": [] if mask is None else [q],
                         "negative": mask is None,
+                        **({"negative_kind": "absent"} if mask is None else {}),
                         "answer_kind": "object",
                         "scene_id": scene,
                         "sample_id": sample,

@@ -264,6 +264,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                 family_template=f"{family}: {split}",
                 kind="negative" if r.negative else "positive",
                 target_size=target_size_group(target_px, h * w),
+                # data engine negatives: "absent" (nothing answers) or "attribute" (the category is there,
+                # not in the colour asked for); None for positives and for data that does not say
+                negative_kind=r.extra.get("negative_kind") if r.negative else None,
             )
             per_sample.append(
                 {
@@ -273,6 +276,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "split": split,
                     "template": r.template_id,
                     "negative": s.negative,
+                    **({"negative_kind": r.extra["negative_kind"]} if "negative_kind" in r.extra else {}),
                     "intersection": s.intersection,
                     "union": s.union,
                     "present": s.predicted_present,
@@ -348,6 +352,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     md.append(markdown_table("By concept family", acc.by("family")))
     md.append(markdown_table("By concept family and template split", acc.by("family_template")))
     md.append(markdown_table("By target size (share of the image; positives only)", acc.by("target_size")))
+    if acc.groups.get("negative_kind"):
+        md.append(markdown_table("Negatives by kind (N-acc: said 'not here')", acc.by("negative_kind")))
     md.append(
         outcomes_table(
             {

@@ -127,6 +127,7 @@ class Engine:
                 "targets": req.targets,
                 "target_categories": [graph["objects"][t]["category"] for t in req.targets],
                 "negative": req.negative,
+                **({"negative_kind": req.negative_kind} if req.negative else {}),
                 "answer_kind": req.answer_kind,
                 "scene_id": scene_id,
                 "sample_id": sample_id,

@@ -67,6 +67,37 @@ ENTITY_SINGLE = (
     "the {name} coloured {colour}",
     "the {name} on the table",
 )
+# Colour words of the scene graph (scene_graph.colour_name), and the ones an albedo near the border between
+# two words may get instead: an attribute negative never asks for a neighbour of a colour that is there.
+COLOURS = ("black", "white", "grey", "brown", "red", "orange", "yellow", "green", "blue", "purple", "pink")
+NEAR_COLOURS = {
+    "black": ("grey", "brown"),
+    "white": ("grey",),
+    "grey": ("white", "black"),
+    "brown": ("black", "red", "orange"),
+    "red": ("brown", "orange", "pink", "purple"),
+    "orange": ("red", "brown", "yellow"),
+    "yellow": ("orange", "green"),
+    "green": ("yellow", "blue"),
+    "blue": ("green", "purple"),
+    "purple": ("blue", "pink", "red"),
+    "pink": ("red", "purple"),
+}
+COLOUR_TEMPLATES = tuple(i for i, t in enumerate(ENTITY_SINGLE) if "{colour}" in t)
+# Share of entity negatives that are attribute negatives (when the scene allows one).
+ATTRIBUTE_NEGATIVE_RATE = 0.3
+# Spatial kinds whose phrasing names an object, so that it can name an absent one, drawn about as often as
+# their positives are (rel, side and near_cam requests are the common ones).
+SPATIAL_NEGATIVE_KINDS = {
+    "rel": 0.35,
+    "side": 0.2,
+    "near_cam": 0.15,
+    "on": 0.1,
+    "left_of": 0.1,
+    "right_of": 0.1,
+}
+# Share of safety negatives asked as "the hot {name}" of an absent category (about as rare as its positives).
+HOT_NEGATIVE_RATE = 0.1
 ENTITY_ALL = ("all the {plural}", "every {name}", "each {name} on the table", "the {plural}")
 SPATIAL_SIDE = ("the {name} on the {side}", "the {side}most {name}", "the {name} furthest to the {side}")
 SPATIAL_NEAR_CAM = (
@@ -190,6 +221,9 @@ class Request:
     region_radius_m: float | None = None
     region_safe_margin_m: float = 0.0
     ambiguous: bool = False
+    # Negatives only: "absent" (nothing on the table answers the request) or "attribute" (the category is
+    # there, not in the colour asked for).
+    negative_kind: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -272,6 +306,7 @@ class PromptGenerator:
             negative=neg,
             answer_kind=kw.pop("answer_kind", "object"),
             concept=concept,
+            negative_kind=kw.pop("negative_kind", "absent" if neg else None),
             **kw,
         )
 
@@ -314,26 +349,11 @@ class PromptGenerator:
     def _entities(self, g, rng, neg):
         objs = self._visible(g)
         if neg or not objs:
-            cat = self._absent_category(g, rng)
-            if cat is None:
-                return None
-            c = self.kb.categories[cat]
-            i = int(rng.integers(2))  # "the X" / "the <synonym>"
-            syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
-            if syn in self._present_words(g) or _head(syn) in self._present_words(g):  # a mug is a cup
-                i = 0
-            fill = {"name": c.name, "syn": syn}
-            return self._make(
-                rng,
-                "entities",
-                f"entities.single.t{i}",
-                ENTITY_SINGLE[i].format(**fill),
-                NP_WRAPPERS,
-                "n",
-                [],
-                True,
-                cat,
-            )
+            if objs and rng.random() < ATTRIBUTE_NEGATIVE_RATE:
+                req = self._entity_attribute_negative(g, rng, objs)
+                if req is not None:
+                    return req
+            return self._entity_absent_negative(g, rng)
         o = objs[int(rng.integers(len(objs)))]
         c = self.kb.categories[o["category"]]
         same = [x for x in g["objects"] if x["category"] == o["category"]]
@@ -376,6 +396,59 @@ class PromptGenerator:
             ambiguous=ambiguous,
         )
 
+    def _entity_absent_negative(self, g, rng):
+        """Something that is not on the table, asked for in any entity phrasing: a negative must sound like
+        a positive, or the phrasing alone tells the model the answer (before 2026-12-03 only "the {name}"
+        and "the {syn}" were ever negative, and the model learned to doubt exactly those)."""
+        cat = self._absent_category(g, rng)
+        if cat is None:
+            return None
+        c = self.kb.categories[cat]
+        if rng.random() < len(ENTITY_ALL) / (len(ENTITY_ALL) + len(ENTITY_SINGLE)):
+            i = int(rng.integers(len(ENTITY_ALL)))
+            key, phrase = f"entities.all.t{i}", ENTITY_ALL[i].format(name=c.name, plural=c.plural)
+        else:
+            i = int(rng.integers(len(ENTITY_SINGLE)))
+            syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
+            size = ("small", "large")[int(rng.integers(2))]
+            if i == 1 and (syn in self._present_words(g) or _head(syn) in self._present_words(g)):
+                i = 0  # a mug is a cup: "the cup" next to a mug is no negative
+            colour = COLOURS[int(rng.integers(len(COLOURS)))]
+            key = f"entities.single.t{i}"
+            phrase = ENTITY_SINGLE[i].format(name=c.name, syn=syn, colour=colour, size=size)
+        return self._make(rng, "entities", key, phrase, NP_WRAPPERS, "n", [], True, cat)
+
+    def _entity_attribute_negative(self, g, rng, objs):
+        """A hard negative: the category is on the table, but not in the colour asked for ("the red mug"
+        next to a blue one). The colour is one that no object of the category has, nor a neighbouring colour
+        word (albedo -> word is coarse: a dark red mug may be called brown). None if no colour qualifies."""
+        cats = sorted({o["category"] for o in objs})
+        cat = cats[int(rng.integers(len(cats)))]
+        c = self.kb.categories[cat]
+        # every object answering to the name, whatever its category ("the glass": wine glasses too)
+        named = [o for o in g["objects"] if c.name in self._present_words({"objects": [o]})]
+        near = set()
+        for o in named:
+            near |= {o["colour"], *NEAR_COLOURS[o["colour"]]}
+        free = [k for k in COLOURS if k not in near]
+        if not free:
+            return None
+        colour = free[int(rng.integers(len(free)))]
+        i = COLOUR_TEMPLATES[int(rng.integers(len(COLOUR_TEMPLATES)))]
+        phrase = ENTITY_SINGLE[i].format(name=c.name, colour=colour)
+        return self._make(
+            rng,
+            "entities",
+            f"entities.single.t{i}",
+            phrase,
+            NP_WRAPPERS,
+            "n",
+            [],
+            True,
+            cat,
+            negative_kind="attribute",
+        )
+
     def _spatial(self, g, rng, neg):
         objs = self._visible(g)
         kinds = ["region", "region_empty", "nearest_obj", "rel", "side", "near_cam", "on", "left_right"]
@@ -383,22 +456,44 @@ class PromptGenerator:
         for o in objs:
             by_cat.setdefault(o["category"], []).append(o)
         if neg:
-            # a relation to something that is not there
-            cat = self._absent_category(g, rng)
-            if cat is None or not objs:
-                return None
-            o = objs[int(rng.integers(len(objs)))]
-            i = int(rng.integers(len(SPATIAL_REL)))
-            phrase = SPATIAL_REL[i].format(name=self.kb.categories[cat].name, ref=o["name"])
-            return self._make(
-                rng, "spatial", f"spatial.rel.t{i}", phrase, NP_WRAPPERS, "n", [], True, "relation"
-            )
+            return self._spatial_negative(g, rng, objs)
         # try the kinds in a random order; the first that this scene supports wins
         for k in rng.permutation(len(kinds)):
             req = self._spatial_kind(kinds[int(k)], g, rng, objs, by_cat)
             if req is not None:
                 return req
         return None  # unreachable: the region kinds always apply
+
+    def _spatial_negative(self, g, rng, objs):
+        """A spatial request about something that is not there, in the phrasing of any spatial kind that
+        names an object (a relation to a present reference, the leftmost / nearest of an absent category,
+        what lies on or beside an absent reference). Kinds that name no object (free space, the nearest
+        thing) always have an answer."""
+        cat = self._absent_category(g, rng)
+        if cat is None or not objs:
+            return None
+        name = self.kb.categories[cat].name
+        kinds = list(SPATIAL_NEGATIVE_KINDS)
+        kind = kinds[int(rng.choice(len(kinds), p=list(SPATIAL_NEGATIVE_KINDS.values())))]
+        if kind == "rel":
+            ref = objs[int(rng.integers(len(objs)))]["name"]
+            i = int(rng.integers(len(SPATIAL_REL)))
+            phrase, concept = SPATIAL_REL[i].format(name=name, ref=ref), "nearest_to_object"
+        elif kind == "side":
+            side = "left" if rng.random() < 0.5 else "right"
+            i = int(rng.integers(len(SPATIAL_SIDE)))
+            phrase, concept = SPATIAL_SIDE[i].format(name=name, side=side), f"{side}most"
+        elif kind == "near_cam":
+            i = int(rng.integers(len(SPATIAL_NEAR_CAM)))
+            phrase, concept = SPATIAL_NEAR_CAM[i].format(name=name), "nearest_camera"
+        elif kind == "on":
+            i = int(rng.integers(len(SPATIAL_ON)))
+            phrase, concept = SPATIAL_ON[i].format(ref=name), "on"
+        else:  # left_of / right_of an absent reference
+            tpl = SPATIAL_LEFT_OF if kind == "left_of" else SPATIAL_RIGHT_OF
+            i = int(rng.integers(len(tpl)))
+            phrase, concept = tpl[i].format(ref=name), kind
+        return self._make(rng, "spatial", f"spatial.{kind}.t{i}", phrase, NP_WRAPPERS, "n", [], True, concept)
 
     def _spatial_kind(self, kind, g, rng, objs, by_cat):
         """One kind of spatial request, or None if this scene cannot support it."""
@@ -625,6 +720,21 @@ class PromptGenerator:
                 region_safe_margin_m=0.1,
             )
         hot = [o for o in objs if o["states"].get("hot")]
+        if neg and rng.random() < HOT_NEGATIVE_RATE:  # "the hot kettle" with no kettle on the table
+            cat = self._absent_category(g, rng)
+            if cat is not None:
+                i = int(rng.integers(len(HOT_STATE)))
+                return self._make(
+                    rng,
+                    "safety",
+                    f"safety.hot_state.t{i}",
+                    HOT_STATE[i].format(name=self.kb.categories[cat].name),
+                    Q_WRAPPERS,
+                    "q",
+                    [],
+                    True,
+                    "hot",
+                )
         if hot and not neg and rng.random() < 0.3:
             o = hot[int(rng.integers(len(hot)))]
             same = [x for x in objs if x["category"] == o["category"]]
