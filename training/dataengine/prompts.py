@@ -435,18 +435,9 @@ class PromptGenerator:
             return None
         colour = free[int(rng.integers(len(free)))]
         i = COLOUR_TEMPLATES[int(rng.integers(len(COLOUR_TEMPLATES)))]
-        phrase = ENTITY_SINGLE[i].format(name=c.name, colour=colour)
+        key, phrase = f"entities.single.t{i}", ENTITY_SINGLE[i].format(name=c.name, colour=colour)
         return self._make(
-            rng,
-            "entities",
-            f"entities.single.t{i}",
-            phrase,
-            NP_WRAPPERS,
-            "n",
-            [],
-            True,
-            cat,
-            negative_kind="attribute",
+            rng, "entities", key, phrase, NP_WRAPPERS, "n", [], True, cat, negative_kind="attribute"
         )
 
     def _spatial(self, g, rng, neg):
