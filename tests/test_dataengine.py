@@ -154,7 +154,7 @@ def test_negatives_are_phrased_like_positives_and_attribute_negatives_name_a_mis
     """No phrasing may give the answer away: every template that names an object (entity phrasings, spatial
     relations, "the hot X") is sometimes asked about something that is not there. Until 2026-12-03 only
     "the {name}" / "the {syn}" and the spatial "rel" phrasings were ever negative; a model trained on that
-    rejected half of the plain "the mug" positives. Drawn straight from the generator over the rendered
+    rejected two thirds of the plain "the mug" positives. Drawn straight from the generator over the rendered
     scene graphs (no rendering), many draws per scene."""
     import collections
     import re
