@@ -411,7 +411,7 @@ class PromptGenerator:
             i = int(rng.integers(len(ENTITY_SINGLE)))
             syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
             size = ("small", "large")[int(rng.integers(2))]
-            if i == 1 and (syn in self._present_words(g) or _head(syn) in self._present_words(g)):
+            if i == 1 and {syn, _head(syn)} & self._present_words(g):
                 i = 0  # a mug is a cup: "the cup" next to a mug is no negative
             colour = COLOURS[int(rng.integers(len(COLOURS)))]
             key = f"entities.single.t{i}"
