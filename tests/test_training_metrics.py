@@ -171,6 +171,9 @@ def test_compare_hand_computed_values_and_a_held_out_only_gain(tmp_path):
     assert rows["cIoU"].a == pytest.approx(100 * 7 / 20) and rows["cIoU"].b == pytest.approx(100 * 11 / 20)
     assert rows["N-acc"].a == pytest.approx(75.0) and rows["N-acc"].diff == 0
     assert rows["T-acc"].a == pytest.approx(100.0)
+    assert rows["gIoU + N-acc + T-acc"].a == pytest.approx(35 + 75 + 100)
+    assert rows["gIoU + N-acc + T-acc"].diff == pytest.approx(20.0)
+    assert rows["(N-acc + T-acc) / 2"].a == pytest.approx(87.5) and rows["(N-acc + T-acc) / 2"].diff == 0
     gap = rows["held-out gap (seen - held-out)"]
     assert gap.a == pytest.approx(30.0) and gap.b == pytest.approx(-10.0)
     assert gap.high < 0  # every scene gains the same: the interval is the difference itself

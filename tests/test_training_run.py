@@ -239,7 +239,13 @@ def test_repeated_request_ids_stay_apart_in_samples_and_compare_refuses_them(tmp
 
 def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(trained, toy, tmp_path):
     from converseg_core.checkpoint import load_checkpoint
-    from training.calibrate import CalibrateConfig, calibrate, choose_threshold, fit_score_weight
+    from training.calibrate import (
+        CalibrateConfig,
+        calibrate,
+        choose_threshold,
+        criterion_value,
+        fit_score_weight,
+    )
     from training.metrics import GroupMetrics
 
     out, _ = trained
@@ -252,23 +258,23 @@ def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(tr
         )
     )
     assert record["presence_threshold"] in (0.1, 0.5, 0.9) and record["samples"] == 30
+    assert record["criterion_name"] == "targets"
+
+    def targets(v: dict) -> float:  # the default criterion, gIoU + N-acc + T-acc, from a record's numbers
+        return (v["giou"] or 0.0) + v["n_acc"] + v["t_acc"]
+
     sweep = record["sweep"]
-    best = max((v["n_acc"] + v["t_acc"]) / 2 for v in sweep.values())
     chosen = sweep[str(record["presence_threshold"])]
-    assert (chosen["n_acc"] + chosen["t_acc"]) / 2 == best
+    assert targets(chosen) == max(targets(v) for v in sweep.values())
     # The fitted predicted-IoU weight replaces the presence head alone only when it is better beyond noise.
     candidates = record["candidates"]
     assert "0.0" in candidates and str(record["presence_score_weight"]) in candidates
     gain = record["fitted_weight_gain"]
     if record["presence_score_weight"] != 0.0:
-        assert gain["ci95"][0] > 0 and (chosen["n_acc"] + chosen["t_acc"]) / 2 == max(
-            (c["n_acc"] + c["t_acc"]) / 2 for c in candidates.values()
-        )
+        assert gain["ci95"][0] > 0 and targets(chosen) == max(targets(c) for c in candidates.values())
     elif gain is not None:
         fitted = candidates[str(record["fitted_score_weight"])]
-        assert (
-            gain["ci95"][0] <= 0 or (fitted["n_acc"] + fitted["t_acc"]) <= chosen["n_acc"] + chosen["t_acc"]
-        )
+        assert gain["ci95"][0] <= 0 or targets(fitted) <= targets(chosen)
     a, b = load_checkpoint(src), load_checkpoint(dst)
     assert b.config.presence_threshold == record["presence_threshold"]
     assert b.config.presence_score_weight == record["presence_score_weight"]
@@ -306,8 +312,8 @@ def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(tr
     with pytest.raises(SystemExit, match="must differ"):
         calibrate(CalibrateConfig(checkpoint=str(src), data=str(toy), out=str(src)))
 
-    def group(n_acc, t_acc):
-        return GroupMetrics(10, 5, 5, 0.0, 0.0, 0.0, 0.0, n_acc, t_acc)
+    def group(n_acc, t_acc, giou=0.0):
+        return GroupMetrics(10, 5, 5, giou, 0.0, 0.0, 0.0, n_acc, t_acc)
 
     # fit_score_weight: the predicted IoU's weight next to the presence logit, from a logistic regression.
     rng = np.random.default_rng(0)
@@ -323,15 +329,24 @@ def test_calibrate_writes_the_chosen_presence_threshold_and_keeps_the_weights(tr
         fit_score_weight(1 - presence, iou, negative) is None
     )  # a head pointing the wrong way is left alone
 
-    # balanced accuracy decides; a tie goes to the threshold nearer 0.5
-    assert choose_threshold({0.3: group(60, 90), 0.6: group(80, 80), 0.9: group(100, 40)}) == 0.6
-    assert choose_threshold({0.2: group(70, 90), 0.6: group(90, 70)}) == 0.6
+    # The criterion decides; a tie goes to the threshold nearer 0.5.
+    for criterion in ("targets", "balanced"):
+        sweep = {0.3: group(60, 90), 0.6: group(80, 80), 0.9: group(100, 40)}
+        assert choose_threshold(sweep, criterion) == 0.6
+        assert choose_threshold({0.2: group(70, 90), 0.6: group(90, 70)}, criterion) == 0.6
+    # Masks count for 'targets' only: 4 N-acc points bought with 2 T-acc and 5 gIoU points are a loss there,
+    # a gain in balanced accuracy.
+    sweep = {0.7: group(70, 80, giou=40), 0.8: group(74, 78, giou=35)}
+    assert choose_threshold(sweep, "targets") == 0.7 and choose_threshold(sweep, "balanced") == 0.8
+    assert criterion_value(sweep[0.7], "targets") == 190 and criterion_value(sweep[0.7], "balanced") == 75
+    with pytest.raises(ValueError, match="unknown criterion"):
+        choose_threshold(sweep, "f1")
     with pytest.raises(ValueError, match="no-target and positive"):
         choose_threshold({0.5: GroupMetrics(5, 5, 0, 0.0, 0.0, 0.0, 0.0, None, 100.0)})
 
 
 def test_a_fitted_presence_weight_must_gain_beyond_scene_noise():
-    from training.calibrate import balanced_gain_interval
+    from training.calibrate import gain_interval
 
     rng = np.random.default_rng(1)
     samples = []
@@ -339,23 +354,33 @@ def test_a_fitted_presence_weight_must_gain_beyond_scene_noise():
         for k in range(5):
             negative = k == 0
             samples.append({"id": f"{scene}_{k}", "scene": f"s{scene}", "negative": negative,
-                            "presence": float(rng.uniform(0.3, 0.7)), "score": 0.1 if negative else 0.9})  # fmt: skip
+                            "presence": float(rng.uniform(0.3, 0.7)), "score": 0.1 if negative else 0.9,
+                            "intersection": 0 if negative else 60, "union": 0 if negative else 100})  # fmt: skip
     # The presence head alone is a coin toss; the predicted IoU separates the requests completely.
     coin, informed = (0.0, 0.5), (5.0, 1 / (1 + np.exp(-2.5)))
-    points, low, high = balanced_gain_interval(samples, coin, informed, resamples=500, seed=0)
     negative = np.array([s["negative"] for s in samples])
     kept = np.array([s["presence"] for s in samples]) >= 0.5
-    expected = 100 - 100 * ((~kept[negative]).mean() + kept[~negative].mean()) / 2
-    assert points == pytest.approx(expected) and 0 < low < points < high
+    n_acc, t_acc = 100 * (~kept[negative]).mean(), 100 * kept[~negative].mean()
+    points, low, high = gain_interval(samples, coin, informed, criterion="balanced", resamples=500, seed=0)
+    assert points == pytest.approx(100 - (n_acc + t_acc) / 2) and 0 < low < points < high
+    # 'targets' also counts the masks: every positive the informed rule keeps adds its IoU (0.6) to gIoU.
+    points, low, high = gain_interval(samples, coin, informed, criterion="targets", resamples=500, seed=0)
+    assert points == pytest.approx((100 - n_acc) + (100 - t_acc) + 0.6 * (100 - t_acc)) and low > 0
     # A rule that differs on one no-target request: its point gain is real but inside the noise.
     samples[0]["presence"] = 0.5  # a no-target request that the coin keeps (>= 0.5) and the nudged rule drops
     nudged = (0.0, 0.5 + 1e-6)
-    points, low, high = balanced_gain_interval(samples, coin, nudged, resamples=500, seed=0)
-    assert points > 0 and low <= 0 <= high
-    # Without no-target requests there is no balanced accuracy to compare.
+    for criterion in ("balanced", "targets"):
+        points, low, high = gain_interval(samples, coin, nudged, criterion=criterion, resamples=500, seed=0)
+        assert points > 0 and low <= 0 <= high
+    # Without no-target requests there is no criterion to compare.
     with pytest.raises(ValueError, match="no-target and positive"):
-        balanced_gain_interval(
-            [s for s in samples if not s["negative"]], coin, informed, resamples=100, seed=0
+        gain_interval(
+            [s for s in samples if not s["negative"]],
+            coin,
+            informed,
+            criterion="targets",
+            resamples=100,
+            seed=0,
         )
 
 

@@ -7,16 +7,20 @@ copy of its checkpoint.
 The presence head answers "is what was asked for in the picture at all?"; below `presence_threshold` the
 Segmenter returns an empty mask. Training does not choose that threshold, so this script does: one evaluation
 pass over the validation requests with every mask kept (`training.evaluate --presence-threshold 0
---presence-sweep`), then the threshold with the best balanced accuracy, (N-acc + T-acc) / 2, ties broken towards
-0.5. Balanced, because the two errors both matter to a robot: acting on an object that is not what was asked
-for (a missed no-target request) and saying "not here" when it is. Calibrate on validation scenes only, never
-on the test set you report.
+--presence-sweep`), then the threshold with the best criterion (`--criterion`), ties broken towards 0.5:
+- `targets` (default): gIoU + N-acc + T-acc, the three metrics the accuracy targets name, each a point. Both
+  errors matter to a robot (acting on an object that is not what was asked for, a missed no-target request;
+  saying "not here" when it is), and so does the mask: a positive the rule rejects scores 0 in gIoU, so a
+  threshold that buys a point of N-acc with more than a point of gIoU + T-acc is not chosen.
+- `balanced`: (N-acc + T-acc) / 2, the rule before 2026-12-03. It ignores the masks; on honestly phrased
+  negatives it spent gated gIoU on N-acc (Runs S and S2 in docs/MODEL_CARD.md).
+Calibrate on validation scenes only, never on the test set you report.
 
 The decoder's own predicted IoU of a request's mask is evidence too: a mask it rates poorly more often answers
 a request whose target is absent. So, unless `--keep-score-weight`, the same pass also fits
 `presence_score_weight` w (presence = sigmoid(presence logit + w * predicted IoU)) by a logistic regression of
 "target present" on the two, and sweeps thresholds for that rule as well. The fitted rule replaces the
-checkpoint's own only if its balanced accuracy is higher beyond the validation set's noise: the lower end of
+checkpoint's own only if its criterion is higher beyond the validation set's noise: the lower end of
 a 95 % interval of the gain, from a bootstrap over validation scenes, must be above 0 (`--bootstrap 0`
 keeps any gain). A few thousand requests decide a threshold well, but a 0.2-point "gain" of a second
 parameter is noise, and a change of rule moves gIoU a lot (Run Q in docs/MODEL_CARD.md: +0.2 balanced
@@ -47,6 +51,7 @@ from .train import add_dataclass_args, arg
 log = logging.getLogger("training.calibrate")
 
 DEFAULT_THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 ... 0.95
+CRITERIA = {"targets": "gIoU + N-acc + T-acc", "balanced": "(N-acc + T-acc) / 2"}
 
 
 @dataclass
@@ -73,19 +78,35 @@ class CalibrateConfig:
         "0: keep the fitted weight on any gain",
     )
     seed: int = arg(0, help="bootstrap random seed")
+    criterion: str = arg(
+        "targets",
+        help="what the threshold maximises on the validation requests: 'targets' = gIoU + N-acc + T-acc (a "
+        "rejected positive scores 0 in gIoU, so masks count); 'balanced' = (N-acc + T-acc) / 2 (the rule "
+        "before 2026-12-03; ignores masks)",
+        choices=sorted(CRITERIA),
+    )
     device: str = arg("cpu", help="torch device")
     threads: int = arg(0, help="torch CPU threads (0: PyTorch's default)")
     allow_partial: bool = arg(False, help="read data engine output without index.json")
 
 
-def choose_threshold(sweep: dict[float, GroupMetrics]) -> float:
-    """The threshold with the highest (N-acc + T-acc) / 2; ties go to the one nearest 0.5."""
+def criterion_value(m: GroupMetrics, criterion: str) -> float:
+    """The calibration criterion of one sweep point (points; higher is better)."""
+    if criterion == "balanced":
+        return (m.n_acc + m.t_acc) / 2
+    if criterion == "targets":
+        return (m.giou or 0.0) + m.n_acc + m.t_acc
+    raise ValueError(f"unknown criterion {criterion!r}; one of {sorted(CRITERIA)}")
+
+
+def choose_threshold(sweep: dict[float, GroupMetrics], criterion: str = "targets") -> float:
+    """The threshold with the highest criterion; ties go to the one nearest 0.5."""
     usable = {t: m for t, m in sweep.items() if m.n_acc is not None and m.t_acc is not None}
     if not usable:
         some = next(iter(sweep.values()), None)
         found = "no samples" if some is None else f"{some.n_negative} no-target, {some.n_positive} positive"
         raise ValueError(f"calibration needs no-target and positive requests in its data; found {found}")
-    return max(usable, key=lambda t: ((usable[t].n_acc + usable[t].t_acc) / 2, -abs(t - 0.5)))
+    return max(usable, key=lambda t: (criterion_value(usable[t], criterion), -abs(t - 0.5)))
 
 
 def fit_score_weight(presence: np.ndarray, score: np.ndarray, negative: np.ndarray) -> float | None:
@@ -125,38 +146,43 @@ def rescored_presence(samples: list[dict], extra_weight: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) + extra_weight * score)))
 
 
-def balanced_gain_interval(
+def gain_interval(
     samples: list[dict],
     rule_a: tuple[float, float],
     rule_b: tuple[float, float],
     *,
+    criterion: str,
     resamples: int,
     seed: int,
 ) -> tuple[float, float, float]:
-    """Balanced accuracy of rule B minus rule A (points), and its 95 % interval from a bootstrap over scenes.
+    """The criterion of rule B minus rule A (points), and its 95 % interval from a bootstrap over scenes.
 
-    A rule is (extra weight on top of the samples' presence, threshold). Scenes are resampled, not requests:
-    a scene's requests share an image, so they are not independent evidence.
+    A rule is (extra weight on top of the samples' presence, threshold); samples are ungated samples.jsonl
+    lines, so a positive's gated IoU is its mask's IoU where the rule keeps it and 0 where it does not. Scenes
+    are resampled, not requests: a scene's requests share an image, so they are not independent evidence.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; one of {sorted(CRITERIA)}")
     negative = np.array([bool(s["negative"]) for s in samples])
     if negative.all() or not negative.any():
-        raise ValueError("a balanced accuracy needs no-target and positive requests")
-    correct = []
-    for extra, threshold in (rule_a, rule_b):
-        keep = rescored_presence(samples, extra) >= threshold
-        correct.append(np.where(negative, ~keep, keep).astype(np.float64))
+        raise ValueError("the criterion needs no-target and positive requests")
+    union = np.array([s["union"] for s in samples], dtype=np.float64)
+    iou = np.array([s["intersection"] for s in samples], dtype=np.float64) / np.maximum(union, 1.0)
     scene_names = [str(s.get("scene", s["id"])) for s in samples]
     index = {name: i for i, name in enumerate(dict.fromkeys(scene_names))}
     scene = np.array([index[name] for name in scene_names])
     n = len(index)
     weights = np.vstack([np.ones(n), scene_resamples(n, resamples, seed)])[:, scene]
+    values = []
     with np.errstate(invalid="ignore", divide="ignore"):  # a resample without negatives: NaN, dropped
         neg_w, pos_w = (weights * negative).sum(1), (weights * ~negative).sum(1)
-        acc = [
-            ((weights * (c * negative)).sum(1) / neg_w + (weights * (c * ~negative)).sum(1) / pos_w) / 2
-            for c in correct
-        ]
-    diff = (acc[1] - acc[0]) * 100
+        for extra, threshold in (rule_a, rule_b):
+            keep = rescored_presence(samples, extra) >= threshold
+            n_acc = (weights * (negative & ~keep)).sum(1) / neg_w
+            t_acc = (weights * (~negative & keep)).sum(1) / pos_w
+            giou = (weights * np.where(~negative & keep, iou, 0.0)).sum(1) / pos_w
+            values.append((n_acc + t_acc) / 2 if criterion == "balanced" else giou + n_acc + t_acc)
+    diff = (values[1] - values[0]) * 100
     low, high = np.nanpercentile(diff[1:], [2.5, 97.5]) if resamples else (np.nan, np.nan)
     return float(diff[0]), float(low), float(high)
 
@@ -175,10 +201,6 @@ def rescored_sweep(
         for pr, s in zip(presence, samples, strict=True)
     ]
     return presence_sweep(pool, thresholds)
-
-
-def balanced(m: GroupMetrics) -> float:
-    return (m.n_acc + m.t_acc) / 2
 
 
 def calibrate(cfg: CalibrateConfig) -> dict:
@@ -228,14 +250,16 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             fitted = round(own_weight + extra, 4)
             if fitted != own_weight:
                 sweeps[fitted] = rescored_sweep(samples, fitted - own_weight, list(cfg.thresholds))
-    best = {w: choose_threshold(s) for w, s in sweeps.items()}
+    best = {w: choose_threshold(s, cfg.criterion) for w, s in sweeps.items()}
     weight = own_weight
     if fitted is not None and fitted != own_weight:
-        points, low, high = balanced_gain_interval(
-            samples, (0.0, best[own_weight]), (fitted - own_weight, best[fitted]), resamples=cfg.bootstrap,
-            seed=cfg.seed,
+        points, low, high = gain_interval(
+            samples, (0.0, best[own_weight]), (fitted - own_weight, best[fitted]), criterion=cfg.criterion,
+            resamples=cfg.bootstrap, seed=cfg.seed,
         )  # fmt: skip
-        better = balanced(sweeps[fitted][best[fitted]]) > balanced(sweeps[own_weight][best[own_weight]])
+        better = criterion_value(sweeps[fitted][best[fitted]], cfg.criterion) > criterion_value(
+            sweeps[own_weight][best[own_weight]], cfg.criterion
+        )
         beyond_noise = cfg.bootstrap == 0 or low > 0
         gain = {
             "points": round(points, 3),
@@ -246,7 +270,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             weight = fitted
         elif better:
             log.info(
-                "fitted predicted-IoU weight %g gains %.2f balanced points, 95%% interval [%.2f, %.2f] over "
+                "fitted predicted-IoU weight %g gains %.2f criterion points, 95%% interval [%.2f, %.2f] over "
                 "validation scenes: within noise, the checkpoint's rule (weight %g) is kept",
                 fitted, points, low, high, own_weight,
             )  # fmt: skip
@@ -258,8 +282,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         "previous_threshold": checkpoint.config.presence_threshold,
         "previous_score_weight": own_weight,
         "fitted_score_weight": fitted,
-        "criterion": "max (N-acc + T-acc) / 2 on the validation requests, ties towards 0.5; the fitted score "
-        "weight only if its gain's 95 % scene-bootstrap interval lies above 0",
+        "criterion": f"max {CRITERIA[cfg.criterion]} on the validation requests, ties towards 0.5; the fitted "
+        "score weight only if its gain's 95 % scene-bootstrap interval lies above 0",
+        "criterion_name": cfg.criterion,
         "fitted_weight_gain": gain,
         "data": cfg.data,
         "split": cfg.split,

@@ -151,11 +151,15 @@ def gap(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
 
 
 def metrics(families: Sequence[str]) -> dict[str, Metric]:
+    g = giou()
     out: dict[str, Metric] = {
-        "gIoU": giou(),
+        "gIoU": g,
         "cIoU": ciou,
         "N-acc": n_acc,
         "T-acc": t_acc,
+        # the calibration criteria (training.calibrate --criterion): the targets' sum and balanced accuracy
+        "gIoU + N-acc + T-acc": lambda s, c: g(s, c) + n_acc(s, c) + t_acc(s, c),
+        "(N-acc + T-acc) / 2": lambda s, c: (n_acc(s, c) + t_acc(s, c)) / 2,
         "gIoU seen templates": giou(lambda s: ~s.heldout),
         "gIoU held-out templates": giou(lambda s: s.heldout),
         "held-out gap (seen - held-out)": gap(),

@@ -21,7 +21,7 @@ the same command after a crash continues):
              MiniLM's last N layers there at --refine-text-lr. 4, 4b, 4c is the default model's own
              history (docs/MODEL_CARD.md: Run J, Run K-b, Run L, and Run Q' for the text layer);
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
-             on the training run's validation scenes (best (N-acc + T-acc) / 2), writes OUT/<model>/calibrated.pt;
+             on the training run's validation scenes (best gIoU + N-acc + T-acc), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
 The result is OUT/converseg_edge.pt, the calibrated student of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
