@@ -45,13 +45,12 @@ from converseg_core.checkpoint import load_checkpoint, write_checkpoint
 
 from .compare import scene_resamples
 from .evaluate import EvalConfig, evaluate, presence_sweep
-from .metrics import GroupMetrics, SampleResult
+from .metrics import CRITERIA, GroupMetrics, SampleResult, criterion_score
 from .train import add_dataclass_args, arg
 
 log = logging.getLogger("training.calibrate")
 
 DEFAULT_THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 ... 0.95
-CRITERIA = {"targets": "gIoU + N-acc + T-acc", "balanced": "(N-acc + T-acc) / 2"}
 
 
 @dataclass
@@ -92,11 +91,7 @@ class CalibrateConfig:
 
 def criterion_value(m: GroupMetrics, criterion: str) -> float:
     """The calibration criterion of one sweep point (points; higher is better)."""
-    if criterion == "balanced":
-        return (m.n_acc + m.t_acc) / 2
-    if criterion == "targets":
-        return (m.giou or 0.0) + m.n_acc + m.t_acc
-    raise ValueError(f"unknown criterion {criterion!r}; one of {sorted(CRITERIA)}")
+    return criterion_score(criterion, m.giou or 0.0, m.n_acc, m.t_acc)
 
 
 def choose_threshold(sweep: dict[float, GroupMetrics], criterion: str = "targets") -> float:
@@ -161,8 +156,6 @@ def gain_interval(
     lines, so a positive's gated IoU is its mask's IoU where the rule keeps it and 0 where it does not. Scenes
     are resampled, not requests: a scene's requests share an image, so they are not independent evidence.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; one of {sorted(CRITERIA)}")
     negative = np.array([bool(s["negative"]) for s in samples])
     if negative.all() or not negative.any():
         raise ValueError("the criterion needs no-target and positive requests")
@@ -181,7 +174,7 @@ def gain_interval(
             n_acc = (weights * (negative & ~keep)).sum(1) / neg_w
             t_acc = (weights * (~negative & keep)).sum(1) / pos_w
             giou = (weights * np.where(~negative & keep, iou, 0.0)).sum(1) / pos_w
-            values.append((n_acc + t_acc) / 2 if criterion == "balanced" else giou + n_acc + t_acc)
+            values.append(criterion_score(criterion, giou, n_acc, t_acc))
     diff = (values[1] - values[0]) * 100
     low, high = np.nanpercentile(diff[1:], [2.5, 97.5]) if resamples else (np.nan, np.nan)
     return float(diff[0]), float(low), float(high)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import criterion_score
 from .train import add_dataclass_args, arg
 
 
@@ -158,8 +159,8 @@ def metrics(families: Sequence[str]) -> dict[str, Metric]:
         "N-acc": n_acc,
         "T-acc": t_acc,
         # the calibration criteria (training.calibrate --criterion): the targets' sum and balanced accuracy
-        "gIoU + N-acc + T-acc": lambda s, c: g(s, c) + n_acc(s, c) + t_acc(s, c),
-        "(N-acc + T-acc) / 2": lambda s, c: (n_acc(s, c) + t_acc(s, c)) / 2,
+        "gIoU + N-acc + T-acc": lambda s, c: criterion_score("targets", g(s, c), n_acc(s, c), t_acc(s, c)),
+        "(N-acc + T-acc) / 2": lambda s, c: criterion_score("balanced", g(s, c), n_acc(s, c), t_acc(s, c)),
         "gIoU seen templates": giou(lambda s: ~s.heldout),
         "gIoU held-out templates": giou(lambda s: s.heldout),
         "held-out gap (seen - held-out)": gap(),

@@ -78,6 +78,20 @@ def target_size_group(target_pixels: int, image_pixels: int) -> str | None:
     return f">= {100 * lo:g} %"
 
 
+# How training.calibrate ranks presence thresholds; training.compare reports both (points, higher is better).
+CRITERIA = {"targets": "gIoU + N-acc + T-acc", "balanced": "(N-acc + T-acc) / 2"}
+
+
+def criterion_score(name: str, giou, n_acc, t_acc):
+    """A calibration criterion from its metrics (floats or numpy arrays alike): 'targets' = gIoU + N-acc +
+    T-acc, the three metrics the accuracy targets name; 'balanced' = (N-acc + T-acc) / 2, which ignores masks."""
+    if name == "targets":
+        return giou + n_acc + t_acc
+    if name == "balanced":
+        return (n_acc + t_acc) / 2
+    raise ValueError(f"unknown criterion {name!r}; one of {sorted(CRITERIA)}")
+
+
 @dataclass
 class GroupMetrics:
     """Metrics of one group of samples; percentages in 0..100, None where the group has no such sample."""
