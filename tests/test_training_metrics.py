@@ -181,6 +181,41 @@ def test_compare_hand_computed_values_and_a_held_out_only_gain(tmp_path):
     assert seen.diff == 0 and seen.low == 0 and seen.high == 0
 
 
+def test_compare_concept_matched_gap_separates_phrasing_from_which_requests_are_held_out(tmp_path):
+    from training.compare import compare, pair, read_samples
+
+    # Per scene: concept "f.easy" has two seen positives (IoU 1.0) and one held-out (0.8); concept "f.hard"
+    # one seen (0.2) and three held-out (0.2). A negative and a held-out-only concept ("f.new") are ignored.
+    # Raw gap: seen (1 + 1 + 0.2) / 3 - held (0.8 + 0.6 + 0.5) / 5 = 73.3 - 38.0. Matched: easy 20 points
+    # (1 held-out), hard 0 (3): (20 * 1 + 0 * 3) / 4 = 5.0.
+    rows = []
+    for sc in range(30):
+        spec = [("f.easy.t0.n1", "seen", 10), ("f.easy.t1.n2", "seen", 10), ("f.easy.t2.n0", "heldout", 8)]
+        spec += [("f.hard.p0.q1", "seen", 2)] + [(f"f.hard.p{k}.d0", "heldout", 2) for k in (1, 2, 3)]
+        spec += [("f.new.t0.n0", "heldout", 5)]
+        for k, (template, split, inter) in enumerate(spec):
+            rows.append(
+                {**_sample(10 * sc + k, sc, inter=inter, union=10, split=split), "template": template}
+            )
+        rows.append({**_sample(10 * sc + 9, sc, inter=0, union=0, negative=True), "template": "f.easy.t0.n0"})
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "a", rows)), read_samples(_write_samples(tmp_path / "b", rows))
+    )
+    got = {r.metric: r for r in compare(a, b, bootstrap=200, seed=0)}
+    assert got["held-out gap (seen - held-out)"].a == pytest.approx(100 * 2.2 / 3 - 100 * 1.9 / 5)
+    matched = got["held-out gap, concept-matched"]
+    assert matched.a == pytest.approx(5.0) and matched.diff == 0
+    assert got["f: held-out gap, concept-matched"].a == pytest.approx(5.0)
+
+    # Without template ids (evaluations written before evaluate stored them) the row is left out, not faked.
+    plain = [{k: v for k, v in r.items() if k != "template"} for r in rows]
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "c", plain)),
+        read_samples(_write_samples(tmp_path / "d", plain)),
+    )
+    assert "held-out gap, concept-matched" not in {r.metric for r in compare(a, b, bootstrap=200, seed=0)}
+
+
 def test_compare_interval_covers_zero_for_noise_and_refuses_other_requests(tmp_path):
     from training.compare import compare, pair, read_samples
 

@@ -10,6 +10,14 @@ excludes 0 is a difference this test set can tell apart from noise; one that inc
 
 Metrics (see training/metrics.py): gIoU and cIoU on positives, N-acc, T-acc, gIoU on seen and held-out
 templates and their gap (seen - held-out), and per concept family gIoU and gap.
+
+The held-out phrasings are not spread evenly over kinds of request (a family's held-out phrasings may all be
+hard relations while its seen ones include easy free-space requests), so the raw gap mixes phrasing with
+content. "held-out gap, concept-matched" compares each held-out positive with the seen phrasings of its own
+concept (the template id's first two parts, e.g. `intent.lighting`, `spatial.left_of`): per concept, seen
+gIoU - held-out gIoU, averaged with the concepts' held-out positive counts as weights, over the concepts that
+have both, overall and per family. What remains is the cost of unseen words. (Only when samples.jsonl
+carries template ids.)
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class Samples:
     inter: np.ndarray  # float pixel counts
     union: np.ndarray
     present: np.ndarray  # bool: predicted something
+    concept: np.ndarray | None = None  # str: template id's first two parts; None without template ids
 
     @property
     def iou(self) -> np.ndarray:
@@ -92,6 +101,8 @@ def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
         if a[i]["negative"] != b[i]["negative"] or a[i]["split"] != b[i]["split"]:
             raise SystemExit(f"request {i}: A and B disagree on its labels; not the same test set")
     scenes = {s: k for k, s in enumerate(sorted({a[i]["scene"] for i in ids}))}
+    templates = [a[i].get("template") for i in ids]
+    concept = None if None in templates else np.array([".".join(str(t).split(".")[:2]) for t in templates])
 
     def arrays(rows: dict[str, dict]) -> Samples:
         return Samples(
@@ -103,6 +114,7 @@ def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
             inter=np.array([rows[i]["intersection"] for i in ids], float),
             union=np.array([rows[i]["union"] for i in ids], float),
             present=np.array([bool(rows[i]["present"]) for i in ids]),
+            concept=concept,
         )
 
     return arrays(a), arrays(b)
@@ -151,7 +163,33 @@ def gap(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
     return lambda s, c: seen(s, c) - held(s, c)
 
 
-def metrics(families: Sequence[str]) -> dict[str, Metric]:
+def matched_gap(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
+    """Seen - held-out gIoU within each concept, weighted by the concept's held-out positives (module doc)."""
+
+    def f(s: Samples, counts: np.ndarray) -> np.ndarray:
+        if s.concept is None:
+            raise ValueError("a concept-matched gap needs the template ids of the requests")
+        names, code = np.unique(s.concept, return_inverse=True)
+        n_scenes = counts.shape[1]
+        cell = code * n_scenes + s.scene
+
+        def per_concept(x: np.ndarray) -> np.ndarray:  # R x K sums over the resampled scenes
+            grid = np.bincount(cell, weights=x.astype(float), minlength=len(names) * n_scenes)
+            return counts @ grid.reshape(len(names), n_scenes).T
+
+        positive = ~s.negative & (select(s) if select else True)
+        seen, held = positive & ~s.heldout, positive & s.heldout
+        seen_den, held_den = per_concept(seen), per_concept(held)
+        both = (seen_den > 0) & (held_den > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gaps = per_concept(s.iou * seen) / seen_den - per_concept(s.iou * held) / held_den
+        weight = np.where(both, held_den, 0.0)
+        return _ratio((np.where(both, gaps, 0.0) * weight).sum(1), weight.sum(1))
+
+    return f
+
+
+def metrics(families: Sequence[str], concept_matched: bool = False) -> dict[str, Metric]:
     g = giou()
     out: dict[str, Metric] = {
         "gIoU": g,
@@ -165,9 +203,13 @@ def metrics(families: Sequence[str]) -> dict[str, Metric]:
         "gIoU held-out templates": giou(lambda s: s.heldout),
         "held-out gap (seen - held-out)": gap(),
     }
+    if concept_matched:
+        out["held-out gap, concept-matched"] = matched_gap()
     for fam in families:
         out[f"{fam}: gIoU"] = giou(lambda s, fam=fam: s.family == fam)
         out[f"{fam}: held-out gap"] = gap(lambda s, fam=fam: s.family == fam)
+        if concept_matched:
+            out[f"{fam}: held-out gap, concept-matched"] = matched_gap(lambda s, fam=fam: s.family == fam)
     return out
 
 
@@ -195,7 +237,7 @@ def compare(a: Samples, b: Samples, *, bootstrap: int, seed: int) -> list[Row]:
     rows = []
     ones = np.ones((1, n_scenes))
     counts = scene_resamples(n_scenes, bootstrap, seed)
-    for name, f in metrics(sorted(set(a.family))).items():
+    for name, f in metrics(sorted(set(a.family)), concept_matched=a.concept is not None).items():
         va, vb = float(f(a, ones)[0]), float(f(b, ones)[0])
         d = f(b, counts) - f(a, counts)
         d = d[~np.isnan(d)]
