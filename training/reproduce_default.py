@@ -19,7 +19,7 @@ the same command after a crash continues):
              stage's weights with a fresh warm-up and cosine schedule at --refine-lr (a warm restart, so a
              finished run can train on without starting over); --refine-text-layers N also trains
              MiniLM's last N layers there at --refine-text-lr. 4, 4b, 4c is the default model's own
-             history (docs/MODEL_CARD.md: Run J, Run K-b, Run L, and Run Q' for the text layer);
+             history (docs/TRAINING_RUNS.md: Run J, Run K-b, Run L, and Run Q' for the text layer);
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
              on the training run's validation scenes (best gIoU + N-acc + T-acc), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
@@ -69,7 +69,7 @@ class Scale:
     refine_lr: float = 1e-4  # its peak learning rate
     refine_token_dropout: float = 0.0  # its --token-dropout (words hidden from the fusion at random)
     refine_text_layers: int = 0  # MiniLM's last layers trained in the refine stage (stored in the checkpoint,
-    # 7.1 MB each: one fits the 40 MB budget; Run Q' in docs/MODEL_CARD.md)
+    # 7.1 MB each: one fits the 40 MB budget; Run Q' in docs/TRAINING_RUNS.md)
     refine_text_lr: float = 5e-5  # their peak learning rate
     samples_per_family: int = 1  # requests drawn per family and training scene (the test set keeps 1)
     presence_steps: int = 0  # steps of the optional mask-evidence presence stage (0: no such stage)

@@ -12,7 +12,7 @@ scattered or low-confidence mask. This head reads that evidence and adds a corre
 It does not read the request's words directly (the fusion's logit already does). A variant that also read
 the fusion's presence token (commit d078b2d) separated present from absent as well on validation requests,
 but learned to trust phrasings seen in training: on held-out phrasings its gIoU fell 1.6 points
-(docs/MODEL_CARD.md, Run K).
+(docs/TRAINING_RUNS.md, Run K).
 
 The last layer starts at zero, so a model that gains this head answers exactly as it did without it until
 the head is trained (`python -m training.train --train-parts mask_presence`).

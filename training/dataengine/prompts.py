@@ -399,7 +399,7 @@ class PromptGenerator:
     def _entity_absent_negative(self, g, rng):
         """Something that is not on the table, asked for in any entity phrasing: a negative must sound like
         a positive, or the phrasing alone tells the model the answer (before 2026-12-03 only "the {name}"
-        and "the {syn}" were ever negative, and the model learned to doubt exactly those: docs/MODEL_CARD.md, Run S)."""
+        and "the {syn}" were ever negative, and the model learned to doubt exactly those: docs/TRAINING_RUNS.md, Run S)."""
         cat = self._absent_category(g, rng)
         if cat is None:
             return None
