@@ -616,6 +616,22 @@ def test_token_dropout_trains_and_is_validated(toy, tmp_path):
         train(tiny_train(toy, tmp_path / "bad", token_dropout=1.0))
 
 
+def test_images_per_second_counts_the_steps_since_the_last_log(toy, tmp_path):
+    # The last step of a run that is not a multiple of --log-every (and the first log after a resume) used to
+    # count --log-every steps' images, overstating the rate (a 2-step interval read as 10).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "rate"
+    train(tiny_train(toy, out, steps=3, log_every=2))  # validation and saving make the interval long
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    rate = {e.step: e for e in events.Scalars("train/samples_per_s")}
+    assert sorted(rate) == [2, 3]
+    # images in the interval (2 to 3: one step of batch_size 2) = rate x the interval's length
+    images = rate[3].value * (rate[3].wall_time - rate[2].wall_time)
+    assert images == pytest.approx(2, rel=0.25)
+
+
 @pytest.mark.parametrize("flag", ["steps", "log_every", "val_every", "save_every"])
 def test_non_positive_intervals_are_refused_before_any_work(toy, tmp_path, flag):
     # --val-every 0 used to crash with ZeroDivisionError after the model was built and data read.

@@ -654,7 +654,7 @@ def train(cfg: TrainConfig) -> dict:
     seen_total = 0
     nan_total = 0
     last_val: dict = {}
-    t_last = time.perf_counter()
+    t_last, step_last = time.perf_counter(), step  # the last TensorBoard log (or the start / resume)
 
     def save(step_now: int, val: dict) -> None:
         meta = plain({"train_config": dataclasses.asdict(cfg), "step": step_now, "val": val})
@@ -807,11 +807,11 @@ def train(cfg: TrainConfig) -> dict:
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 writer.add_scalar(
                     "train/samples_per_s",
-                    cfg.log_every * cfg.batch_size * cfg.grad_accum * d.world / (now - t_last),
+                    (step - step_last) * cfg.batch_size * cfg.grad_accum * d.world / (now - t_last),
                     step,
                 )
                 writer.add_scalar("train/skipped_samples", skipped_total, step)
-                t_last = now
+                t_last, step_last = now, step
             if step % cfg.val_every == 0 or step == cfg.steps:
                 last_val = run_validation(step)
             if step % cfg.save_every == 0 or step == cfg.steps:
