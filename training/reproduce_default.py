@@ -94,8 +94,27 @@ SCALES = {
     # The reduced recipe that fits a 2-core CPU in about two hours. Lower resolution and far fewer steps
     # than the model is designed for: expect clearly lower numbers than the GPU recipe.
     "cpu": Scale(400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2, presence_steps=500),
-    # The intended default model (needs a GPU; render the data on a many-core machine first).
-    "gpu": Scale(20000, 1000, 512, 384, 512, 40000, 20000, 20000, 16, 4, 32, 0, 8, presence_steps=5000),
+    # The intended default model (needs a GPU; render the data on a many-core machine first). Its last stages
+    # are the bundled model's own (docs/TRAINING_RUNS.md): the presence head alone (Run K-b), then every part
+    # on with MiniLM's last layer (Runs L and Q). Not run yet: no GPU has been available to this project.
+    "gpu": Scale(
+        scenes=20000,
+        test_scenes=1000,
+        width=512,
+        height=384,
+        img_size=512,
+        teacher_steps=40000,
+        distill_steps=20000,
+        finetune_steps=20000,
+        batch_size=16,
+        queries_per_image=4,
+        distill_batch_size=32,
+        threads=0,
+        workers=8,
+        presence_steps=5000,
+        refine_steps=10000,
+        refine_text_layers=1,
+    ),
 }
 
 
