@@ -18,7 +18,6 @@ another, so the output has the config's default presence threshold and predicted
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -32,7 +31,7 @@ from converseg_core.checkpoint import Checkpoint, load_checkpoint, write_checkpo
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import CheckpointError
 
-from .train import add_dataclass_args, arg
+from .train import arg, config_parser
 
 log = logging.getLogger("training.average")
 
@@ -133,10 +132,7 @@ def average(cfg: AverageConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_dataclass_args(parser, AverageConfig)
+    parser = config_parser(AverageConfig, __doc__)
     cfg = AverageConfig(**vars(parser.parse_args(argv)))
     try:
         out = average(cfg)

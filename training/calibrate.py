@@ -32,7 +32,6 @@ and the sweeps recorded under `meta["presence_calibration"]`; the weights are un
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -46,7 +45,7 @@ from converseg_core.checkpoint import load_checkpoint, write_checkpoint
 from .compare import scene_resamples
 from .evaluate import EvalConfig, evaluate, presence_sweep
 from .metrics import CRITERIA, GroupMetrics, SampleResult, criterion_score
-from .train import add_dataclass_args, arg
+from .train import arg, config_parser
 
 log = logging.getLogger("training.calibrate")
 
@@ -317,10 +316,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_dataclass_args(parser, CalibrateConfig)
+    parser = config_parser(CalibrateConfig, __doc__)
     cfg = CalibrateConfig(**vars(parser.parse_args(argv)))
     record = calibrate(cfg)
     print(json.dumps({k: v for k, v in record.items() if k != "sweep"}, indent=2))

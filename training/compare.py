@@ -22,7 +22,6 @@ carries template ids.)
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import criterion_score
-from .train import add_dataclass_args, arg
+from .train import arg, config_parser
 
 
 @dataclass
@@ -275,10 +274,7 @@ def run(cfg: CompareConfig) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_dataclass_args(parser, CompareConfig)
+    parser = config_parser(CompareConfig, __doc__)
     run(CompareConfig(**vars(parser.parse_args(argv))))
     return 0
 

@@ -14,7 +14,6 @@ student variant whose image encoder is trained; take it into training with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -38,8 +37,8 @@ from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
 from .losses import distill_loss
 from .train import (
-    add_dataclass_args,
     arg,
+    config_parser,
     parse_overrides,
     plain,
     require_at_least_one,
@@ -297,10 +296,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_dataclass_args(parser, DistillConfig)
+    parser = config_parser(DistillConfig, __doc__)
     cfg = DistillConfig(**vars(parser.parse_args(argv)))
     try:
         result = distill(cfg)

@@ -17,7 +17,6 @@ refuses (e.g. larger than max_input_side), is skipped and counted in `skipped` (
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -52,7 +51,7 @@ from .metrics import (
     target_size_group,
 )
 from .panels import make_panel, save_panels
-from .train import add_dataclass_args, arg
+from .train import arg, config_parser
 
 log = logging.getLogger("training.evaluate")
 
@@ -400,10 +399,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_dataclass_args(parser, EvalConfig)
+    parser = config_parser(EvalConfig, __doc__)
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     metrics = evaluate(cfg)
     print(Path(cfg.out_dir, "metrics.md").read_text())

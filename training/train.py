@@ -201,6 +201,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, type=base, required=required, **kw)
 
 
+def config_parser(cls: type, doc: str | None) -> argparse.ArgumentParser:
+    """The command line of a script: a flag for every field of its config dataclass `cls` (defaults shown in
+    --help), described by the first line of the script's docstring `doc`."""
+    parser = argparse.ArgumentParser(
+        description=(doc or "").split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_dataclass_args(parser, cls)
+    return parser
+
+
 def plain(obj: Any) -> Any:
     """JSON-clean copy (numpy scalars -> float): checkpoints load with torch.load(weights_only=True)."""
     return json.loads(json.dumps(obj, default=float))
@@ -858,10 +868,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    add_dataclass_args(parser, TrainConfig)
+    parser = config_parser(TrainConfig, __doc__)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**vars(args))
     try:
