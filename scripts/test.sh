@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "no .venv: run 'bash scripts/setup.sh' first" >&2; exit 2; }
 
-export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_LOCALHOST_ONLY=1   # Jazzy/Kilted read the first, Humble the second
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 export ROS_LOG_DIR=${ROS_LOG_DIR:-$(mktemp -d)}

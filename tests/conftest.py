@@ -4,7 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # SAFETY: any test that starts ROS 2 must keep DDS discovery on loopback (see docs/ROS.md).
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # Iron and later
+os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")  # Humble
 
 try:
     import torch

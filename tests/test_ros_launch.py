@@ -198,6 +198,43 @@ def test_compose_passes_a_camera_and_mounts_the_engines():
         assert "../engines:/engines" in segment["volumes"]
         assert segment["build"]["dockerfile"] == f"docker/Dockerfile.{flavour}"
         assert "backend:=tensorrt" in segment["command"]
+    for name, service in services.items():  # Humble (both images) reads only ROS_LOCALHOST_ONLY
+        environment = service.get("environment", {})
+        assert "ROS_LOCALHOST_ONLY" in environment and "ROS_AUTOMATIC_DISCOVERY_RANGE" in environment, name
+
+
+def test_every_compose_service_named_in_a_docker_comment_exists():
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    profiles = {p for s in compose["services"].values() for p in s.get("profiles", [])}
+    for path in [
+        *DOCKERFILES,
+        REPO / "docker" / "compose.yaml",
+        REPO / "docs" / "ROS.md",
+        REPO / "README.md",
+    ]:
+        for line in path.read_text().splitlines():
+            if "docker compose" not in line or " up" not in line:
+                continue
+            profile = re.search(r"--profile\s+(\S+)", line)
+            assert profile and profile.group(1) in profiles, f"{path.name}: {line.strip()}"
+            # a bare service name after `up` must be a real service
+            for word in line.split(" up", 1)[1].split():
+                if word[0] in "(#":  # a comment follows
+                    break
+                if not word.startswith("-"):
+                    assert word in compose["services"], f"{path.name}: {word!r} in {line.strip()}"
+
+
+def test_loopback_environment_covers_humble_and_later():
+    from converseg_ros.loopback import loopback_env
+
+    env = loopback_env(
+        61, "/tmp/log", base={"ROS_LOCALHOST_ONLY": "0", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET"}
+    )
+    assert env["ROS_LOCALHOST_ONLY"] == "1" and env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+    script = (REPO / "scripts" / "test.sh").read_text()
+    assert "ROS_LOCALHOST_ONLY=1" in script and "ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST" in script
 
 
 def test_demo_scenes_synthetic_and_from_a_data_engine_folder(tmp_path):
