@@ -112,7 +112,7 @@ def run_inside(args: argparse.Namespace, tmp: Path) -> dict:
     rclpy.init()
     node = rclpy.create_node("converseg_bench")
     image_pub = node.create_publisher(Image, IMAGE_TOPIC, qos_profile_sensor_data)
-    query_pub = node.create_publisher(String, "/converseg/query", QUERY_QOS)
+    query_pub = node.create_publisher(String, "/converseg/query", QUERY_QOS["latched"])
     masks: dict[str, float] = {}  # frame_id -> receive time (ns)
     results: dict[str, dict] = {}
     node.create_subscription(

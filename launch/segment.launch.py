@@ -74,6 +74,11 @@ ARGUMENTS = [
     DeclareLaunchArgument(
         "diagnostics_period", default_value="1.0", description="seconds between /diagnostics"
     ),
+    DeclareLaunchArgument(
+        "autostart",
+        default_value="true",
+        description="configure and activate the (lifecycle) segment node at start; false: a lifecycle manager does",
+    ),
     # launch-only arguments
     DeclareLaunchArgument(
         "camera",

@@ -134,7 +134,7 @@ class Client:
         self.compressed_pub = self.node.create_publisher(
             CompressedImage, IMAGE_TOPIC + "/compressed", qos_profile_sensor_data
         )
-        self.query_pub = self.node.create_publisher(String, "/converseg/query", QUERY_QOS)
+        self.query_pub = self.node.create_publisher(String, "/converseg/query", QUERY_QOS["latched"])
         self.masks: list[tuple[float, object]] = []  # (receive time.time(), msg)
         self.results: list[tuple[float, dict]] = []
         self.diagnostics: list[object] = []
@@ -298,6 +298,12 @@ def scenario_basic(c: Client, **_) -> dict:
     c.spin_for(0.3)
     mask, doc = c.send_until_answered(sec=103, width=320, height=240)
     out["added"] = dict(queries=doc["queries"], pixels=mask_pixels(mask))
+    c.query('{"op": "remove", "queries": ["the blue bowl"]}')
+    c.spin_for(0.3)
+    mask, doc = c.send_until_answered(sec=105, width=320, height=240)
+    out["removed"] = dict(queries=doc["queries"], pixels=mask_pixels(mask))
+    c.query('["the blue bowl", "the knife"]')
+    c.spin_for(0.3)
 
     # Bad input: each one once, then a good frame must still come back.
     bad_frames = [
@@ -402,6 +408,137 @@ def scenario_compressed(c: Client, **_) -> dict:
     c.spin_until(lambda: "rejected.corrupt_compressed" in c.last_diagnostics(), 5)
     return dict(first=[first.width, first.height], second=[second.width, second.height],
                 diagnostics=c.last_diagnostics(), stop=c.stop(proc))  # fmt: skip
+
+
+def scenario_qos(c: Client, **_) -> dict:
+    """Requests from every kind of publisher are answered, including one latched before the node started."""
+    from rclpy.qos import (
+        DurabilityPolicy,
+        QoSProfile,
+        ReliabilityPolicy,
+        qos_profile_system_default,
+    )
+    from std_msgs.msg import String
+
+    profiles = {
+        # latched before the node exists: only a transient-local subscription can still get it
+        "latched_before_start": QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        ),
+        "default_volatile": QoSProfile(depth=10),  # what most user code creates
+        "system_default": qos_profile_system_default,
+        # `ros2 topic pub`: volatile on Jazzy and Kilted (= default_volatile, depth 1); transient local
+        # with --qos-durability transient_local or where a distro defaults to it
+        "topic_pub_volatile": QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE
+        ),
+        "topic_pub_transient_local": QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        ),
+    }
+    texts = {"latched_before_start": "the red mug", "default_volatile": "the blue bowl",
+             "system_default": "the knife", "topic_pub_volatile": "the green apple",
+             "topic_pub_transient_local": "the red mug"}  # fmt: skip
+    publishers = {}
+    first = "latched_before_start"
+    publishers[first] = c.node.create_publisher(String, "/converseg/query", profiles[first])
+    publishers[first].publish(String(data=texts[first]))
+    c.spin_for(0.2)
+    proc = c.start_segment_node(TINY_MODEL | {"diagnostics_period": 0.3})
+    c.wait_for_node()
+    out: dict = {"answered": {}}
+    for sec, name in enumerate(profiles, start=1):
+        if name != first:
+            publishers[name] = c.node.create_publisher(String, "/converseg/query", profiles[name])
+            c.spin_until(lambda n=name: publishers[n].get_subscription_count() > 0, 10)
+            publishers[name].publish(String(data=texts[name]))
+        deadline = time.monotonic() + 20
+        queries = None
+        while time.monotonic() < deadline:
+            _, doc = c.send_until_answered(
+                sec=100 * sec + int(time.monotonic() * 10) % 100, width=160, height=120
+            )
+            queries = [q["query"] for q in doc["queries"]]
+            if queries == [texts[name]]:
+                break
+        out["answered"][name] = queries
+        out.setdefault("matched", {})[name] = publishers[name].get_subscription_count()
+    c.spin_until(lambda: int(c.last_diagnostics().get("duplicate_requests", 0)) > 0, 5)
+    out["diagnostics"] = c.last_diagnostics()
+    out["stop"] = c.stop(proc)
+    out["log"] = c.log()[-6000:]
+    return out
+
+
+def _lifecycle_call(c: Client, transition: str, node: str = "converseg_segment") -> dict:
+    """Ask the node for a lifecycle transition, as a lifecycle manager (or `ros2 lifecycle set`) does."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    change = c.node.create_client(ChangeState, f"/{node}/change_state")
+    get = c.node.create_client(GetState, f"/{node}/get_state")
+    assert change.wait_for_service(timeout_sec=30) and get.wait_for_service(timeout_sec=30)
+    ok = None
+    if transition:
+        ids = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP}  # fmt: skip
+        future = change.call_async(ChangeState.Request(transition=Transition(id=ids[transition])))
+        c.spin_until(future.done, 60)
+        ok = bool(future.result().success)
+    future = get.call_async(GetState.Request())
+    c.spin_until(future.done, 30)
+    state = future.result().current_state.label
+    c.node.destroy_client(change)
+    c.node.destroy_client(get)
+    return {"success": ok, "state": state}
+
+
+def scenario_lifecycle(c: Client, **_) -> dict:
+    """autostart:=false: a lifecycle manager drives the node; input while inactive is dropped and counted."""
+    out: dict = {}
+    proc = c.start_segment_node(TINY_MODEL | {"autostart": False, "diagnostics_period": 0.3})
+    c.wait_for_node()
+    out["start"] = _lifecycle_call(c, "")
+    c.query("the red mug")  # latched: arrives now (dropped, counted) and again at activation
+    for i in range(3):
+        c.frame(sec=10 + i, width=160, height=120)
+        c.spin_for(0.1)
+    c.spin_until(lambda: int(c.last_diagnostics().get("rejected.node_inactive", 0)) >= 2, 5)
+    out["unconfigured_diagnostics"] = c.last_diagnostics()
+    out["configure"] = _lifecycle_call(c, "configure")
+    out["activate"] = _lifecycle_call(c, "activate")
+    _, doc = c.send_until_answered(sec=20, width=160, height=120)
+    out["active_queries"] = [q["query"] for q in doc["queries"]]
+    out["deactivate"] = _lifecycle_call(c, "deactivate")
+    c.spin_for(0.5)
+    c.results.clear()
+    for i in range(5):
+        c.frame(sec=30 + i, width=160, height=120)
+        c.spin_for(0.1)
+    c.spin_for(0.5)
+    out["answered_while_inactive"] = len(c.results)
+    c.spin_for(0.7)
+    out["inactive_diagnostics"] = c.last_diagnostics()
+    out["cleanup"] = _lifecycle_call(c, "cleanup")
+    out["configure_again"] = _lifecycle_call(c, "configure")
+    out["activate_again"] = _lifecycle_call(c, "activate")
+    _, doc = c.send_until_answered(sec=40, width=160, height=120)
+    out["queries_after_reactivation"] = [q["query"] for q in doc["queries"]]  # the latched request again
+    out["stop"] = c.stop(proc)
+    out["log"] = c.log()[-6000:]
+
+    # A configure that fails: the node stays unconfigured and /diagnostics says why.
+    c.diagnostics.clear()
+    missing = Path(c.tmp) / "missing.pt"
+    proc = c.start_segment_node({"model_path": str(missing), "autostart": False, "diagnostics_period": 0.3},
+                                name="failing")  # fmt: skip
+    c.wait_for_node()
+    out["failed_configure"] = _lifecycle_call(c, "configure")
+    c.spin_until(lambda: c.last_diagnostics().get("level") == 2, 5)
+    out["failed_diagnostics"] = c.last_diagnostics()
+    out["failed_stop"] = c.stop(proc)
+    out["failed_log"] = c.log("failing")[-3000:]
+    return out
 
 
 def scenario_load_failure(c: Client, **_) -> dict:

@@ -142,6 +142,31 @@ def test_compressed_size_is_checked_before_decoding():
     assert info.value.reason == "image_too_large"
 
 
+def forged_png(width: int, height: int) -> bytes:
+    """A few hundred bytes whose PNG header claims width x height (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(64)))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side", [100_000, 5000])
+def test_a_forged_huge_png_is_too_large_not_corrupt(side):
+    # 100000 x 100000 trips Pillow's own bomb check inside Image.open (it was counted as corrupt_compressed).
+    with pytest.raises(ImageConversionError) as info:
+        compressed_to_rgb(msg(format="png", data=forged_png(side, side)), max_side=4096)
+    assert info.value.reason == "image_too_large"
+
+
 def test_outgoing_fields_carry_bytes():
     mask = (RNG.integers(0, 3, size=(4, 6))).astype(np.uint8)
     fields = mono8_fields(mask)

@@ -28,7 +28,7 @@ pytestmark = [
 # Distinct domains per test, away from 0 (the default on real robots).
 DOMAINS = {
     "basic": 61, "stream": 62, "compressed": 63, "load_failure": 64, "launch": 65, "fence": 66, "bad_parameters": 67,
-    "signals": 68,
+    "signals": 68, "qos": 69, "lifecycle": 70,
 }  # fmt: skip
 
 
@@ -57,6 +57,10 @@ def test_masks_results_queries_bad_input_and_shutdown(tmp_path):
     assert all(label <= q["area"] for q, label in zip(added["queries"], added["pixels"][1:3], strict=True))
     assert sum(added["pixels"][1:3]) >= max(q["area"] for q in added["queries"])
     assert sum(added["pixels"][3:]) == 0
+    # Removing the bowl leaves the knife's label (2) as it was: robot code can keep using mask == 2.
+    removed = out["removed"]
+    assert [(q["query"], q["label"]) for q in removed["queries"]] == [("the knife", 2)]
+    assert removed["pixels"][1] == 0 and removed["pixels"][2] == removed["queries"][0]["area"]
 
     # Bad input: none answered, all counted, the node still answers and logged each reason once.
     assert [q["query"] for q in out["after_bad"]] == ["the blue bowl", "the knife"]
@@ -105,9 +109,52 @@ def test_models_that_fail_to_load_leave_the_node_up_and_reporting(tmp_path):
         assert int(case["diagnostics"]["rejected.model_unavailable"]) >= 1, name
         assert case["masks"] == 0
         assert case["log"].count("model failed to load") == 1, name
+        assert "ready" not in case["log"] and "active:" not in case["log"], name  # never claims to be up
         assert case["stop"]["rc"] == 0, name
     assert "model_path" in out["missing_checkpoint"]["diagnostics"]["message"]
     assert "TensorRT" in out["tensorrt_engine"]["diagnostics"]["message"]
+
+
+def test_requests_from_every_publisher_qos_are_answered(tmp_path):
+    """Volatile (default QoS, `ros2 topic pub` on Jazzy/Kilted) and transient-local publishers all match, and
+    a request latched before the node started is answered. The old transient-local-only subscription matched
+    no volatile publisher ("offering incompatible QoS")."""
+    out = run("qos", tmp_path)
+    expected = {"latched_before_start": ["the red mug"], "default_volatile": ["the blue bowl"],
+                "system_default": ["the knife"], "topic_pub_volatile": ["the green apple"],
+                "topic_pub_transient_local": ["the red mug"]}  # fmt: skip
+    assert out["answered"] == expected, out["log"]
+    assert all(n >= 1 for n in out["matched"].values()), out["matched"]
+    assert "incompatible" not in out["log"].lower()
+    # Transient-local publishers reach both subscriptions: the copy is skipped, not applied twice.
+    assert int(out["diagnostics"]["duplicate_requests"]) >= 1
+    assert out["stop"]["rc"] == 0
+
+
+def test_lifecycle_transitions_driven_by_a_manager(tmp_path):
+    out = run("lifecycle", tmp_path)
+    assert out["start"]["state"] == "unconfigured"
+    diag = out["unconfigured_diagnostics"]
+    assert diag["lifecycle_state"] == "unconfigured" and int(diag["rejected.node_inactive"]) >= 2
+    assert int(diag["frames_processed"]) == 0
+    for step, state in (("configure", "inactive"), ("activate", "active"), ("deactivate", "inactive"),
+                        ("cleanup", "unconfigured"), ("configure_again", "inactive"), ("activate_again", "active")):  # fmt: skip
+        assert out[step] == {"success": True, "state": state}, (step, out["log"])
+    assert out["active_queries"] == ["the red mug"]  # the latched request, delivered at activation
+    assert out["answered_while_inactive"] == 0
+    assert out["inactive_diagnostics"]["lifecycle_state"] == "inactive"
+    assert int(out["inactive_diagnostics"]["rejected.node_inactive"]) > int(diag["rejected.node_inactive"])
+    assert out["queries_after_reactivation"] == ["the red mug"]
+    assert out["stop"]["rc"] == 0 and "Traceback" not in out["log"]
+    # A transition that fails leaves the node unconfigured, saying why.
+    assert out["failed_configure"] == {"success": False, "state": "unconfigured"}
+    failed = out["failed_diagnostics"]
+    assert (
+        failed["level"] == 2
+        and "model failed to load" in failed["message"]
+        and "model_path" in failed["message"]
+    )
+    assert out["failed_stop"]["rc"] == 0 and "Traceback" not in out["failed_log"]
 
 
 def test_invalid_parameters_exit_2_naming_the_parameter(tmp_path):

@@ -16,8 +16,20 @@ import pytest
 from converseg_ros.image_conversion import rgb_to_image_fields
 from converseg_ros.model_loading import describe_load_failure, load_segmenter
 from converseg_ros.params import SEGMENT_PARAMETERS, SegmentSettings
-from converseg_ros.pipeline import Frame, SegmentationPipeline, label_image, overlay_image
-from converseg_ros.queries import QueryCommand, QueryRejected, parse_query_message
+from converseg_ros.pipeline import (
+    FAILING_MODEL_FRAMES,
+    Frame,
+    SegmentationPipeline,
+    label_image,
+    overlay_image,
+)
+from converseg_ros.queries import (
+    QueryCommand,
+    QueryRejected,
+    RequestDeduplicator,
+    decode_string_message,
+    parse_query_message,
+)
 from converseg_ros.results import result_document
 
 torch = pytest.importorskip("torch", reason="the random-weight test model needs PyTorch")
@@ -41,6 +53,8 @@ def frame(width=64, height=48, seq=0, write_as="rgb8", **change):
 def make_pipeline(segmenter, **kwargs):
     problems = []
     pipe = SegmentationPipeline(segmenter=segmenter, on_problem=lambda r, m: problems.append(r), **kwargs)
+    if segmenter is not None:
+        pipe.activate()  # no worker thread: the tests call step() themselves
     return pipe, problems
 
 
@@ -75,6 +89,12 @@ def test_query_conventions(text, expected):
         ('{"op": "add", "queries": []}', "empty_query"),
         ('["ok", "  "]', "empty_query"),
         ('{"op": "set", "queries": ["a"], "extra": 1}', "bad_query_json"),
+        ("{}", "bad_query_json"),  # not a silent "clear every request"
+        ('{"op": "set"}', "bad_query_json"),
+        ("ok\x00\xff", "query_control_character"),
+        ('["ok\\u0000"]', "query_control_character"),
+        ('["mug \\ud800"]', "query_not_utf8"),  # a lone surrogate passes json.loads, not a tokenizer
+        ("mug\x07bell", "query_control_character"),
         ("42", None),  # plain text that happens to be a number is a query
     ],
 )
@@ -241,8 +261,9 @@ def test_model_unavailable_is_counted_not_fatal():
     assert pipe.step() is None
     pipe.submit(frame())
     assert pipe.step() is None
-    # Counted; not reported again (the loader already logged the failure with its reason).
-    assert pipe.stats.rejected["model_unavailable"] == 2 and problems == []
+    # Each frame and request counted on arrival; not reported again (the loader logged the failure).
+    assert pipe.stats.rejected["model_unavailable"] == 4 and problems == []
+    assert pipe.health(rejected_since_last=True)[0] == "ERROR"
 
 
 def test_worker_thread_keeps_up_without_backlog(segmenter):
@@ -376,3 +397,194 @@ def test_engine_for_another_gpu_is_explained():
         side.check_compatible(tensorrt_version="10.3.0", gpu_name="NVIDIA H100", compute_capability="9.0")
     message = describe_load_failure(info.value, SegmentSettings(backend="tensorrt"))
     assert "build_trt.py" in message and "Orin" in message
+
+
+# -- labels, request bytes, duplicates ------------------------------------------------------------------
+def test_a_query_keeps_its_label_while_it_stays_active():
+    labels = QueryCommand("set", ("a", "b", "c")).apply_labelled({}, max_queries=8)
+    assert labels == {"a": 1, "b": 2, "c": 3}
+    labels = QueryCommand("remove", ("a",)).apply_labelled(labels, max_queries=8)
+    assert labels == {"b": 2, "c": 3}  # b and c keep their pixel values
+    labels = QueryCommand("add", ("d", "b")).apply_labelled(labels, max_queries=8)
+    assert labels == {"b": 2, "c": 3, "d": 1}  # the smallest free label
+    assert QueryCommand("set", ("c", "e")).apply_labelled(labels, max_queries=8) == {"c": 1, "e": 2}
+
+
+def test_label_image_uses_the_stable_labels(segmenter):
+    pipe, _ = make_pipeline(segmenter)
+    pipe.handle_query('["the red mug", "the blue bowl"]')
+    pipe.submit(frame(seq=1))
+    first = pipe.step()
+    pipe.handle_query('{"op": "remove", "queries": ["the red mug"]}')
+    pipe.submit(frame(seq=1))
+    second = pipe.step()
+    assert first.label_of == (1, 2) and second.label_of == (2,)
+    doc = result_document(second, camera_to_mask_ms=None)
+    assert [(q["query"], q["label"]) for q in doc["queries"]] == [("the blue bowl", 2)]
+    # The bowl's pixels keep value 2 in the label image, whatever happened to the mug.
+    mask = second.results[0].mask
+    assert set(np.unique(second.labels[mask]).tolist()) <= {2}
+    assert not np.isin(second.labels, [1]).any()
+
+
+def _cdr(payload: bytes, little: bool = True) -> bytes:
+    body = payload + b"\x00"
+    return (
+        (b"\x00\x01\x00\x00" if little else b"\x00\x00\x00\x00")
+        + len(body).to_bytes(4, "little" if little else "big")
+        + body
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (_cdr(b"the red mug"), "the red mug"),
+        (_cdr("tasse à café".encode(), little=False), "tasse à café"),
+        (_cdr(b"ok\x00\xff"), "query_control_character"),  # typed rclpy would read "ok"
+        (_cdr(b"mug \xff\xfe"), "query_not_utf8"),
+        (b"\x00\x01\x00\x00\xff\xff\x00\x00abc", "bad_query_json"),  # length past the end
+        (b"\x07", "bad_query_json"),
+    ],
+)
+def test_serialized_requests_are_decoded_or_refused_with_a_reason(raw, expected):
+    try:
+        assert decode_string_message(raw) == expected
+    except QueryRejected as exc:
+        assert exc.reason == expected
+
+
+def test_a_request_arriving_through_both_subscriptions_is_applied_once():
+    dedup = RequestDeduplicator()
+    gid = b"publisher-1"
+    assert dedup.first_time(b"a", path="volatile", publisher=gid, sequence=1)
+    assert not dedup.first_time(b"a", path="latched", publisher=gid, sequence=1)
+    assert dedup.first_time(b"b", path="latched", publisher=gid, sequence=2)
+    assert not dedup.first_time(b"b", path="volatile", publisher=gid, sequence=2)
+    assert dedup.first_time(b"a", path="volatile", publisher=b"publisher-2", sequence=1)
+    # Without publisher information (Humble): the same bytes through the other path within the window.
+    assert dedup.first_time(b"x", path="volatile", now=10.0)
+    assert not dedup.first_time(b"x", path="latched", now=10.5)
+    assert dedup.first_time(b"x", path="latched", now=20.0)
+
+
+def test_pipeline_skips_duplicates_and_applies_each_command_once(segmenter):
+    pipe, _ = make_pipeline(segmenter)
+    add = _cdr(b'{"op": "add", "queries": ["the knife"]}')
+    pipe.handle_request(_cdr(b"the red mug"), path="volatile", publisher=b"p", sequence=1)
+    pipe.handle_request(add, path="volatile", publisher=b"p", sequence=2)
+    # The latched subscription delivers the same two late: applying "set" again would drop the knife.
+    pipe.handle_request(_cdr(b"the red mug"), path="latched", publisher=b"p", sequence=1)
+    pipe.handle_request(add, path="latched", publisher=b"p", sequence=2)
+    assert pipe.queries == ("the red mug", "the knife")
+    assert pipe.snapshot()["duplicate_requests"] == 2
+
+
+# -- lifecycle and health --------------------------------------------------------------------------------
+def test_lifecycle_transitions_gate_inputs_and_free_the_model(segmenter):
+    problems = []
+    pipe = SegmentationPipeline(segmenter=None, on_problem=lambda r, m: problems.append(r))
+    assert pipe.state == "unconfigured"
+    pipe.submit(frame())
+    assert pipe.handle_query("the red mug") is None
+    assert pipe.stats.rejected["node_inactive"] == 2 and problems == ["node_inactive"]
+    assert pipe.configure(lambda: segmenter, str) is None and pipe.state == "inactive"
+    pipe.activate()
+    assert pipe.handle_query("the red mug") == ("the red mug",)
+    pipe.submit(frame(seq=3))
+    assert pipe.step().header.frame_id == "cam3"
+    pipe.deactivate()
+    assert pipe.state == "inactive"
+    pipe.submit(frame(seq=4))
+    assert pipe.handle_query("the knife") is None
+    assert pipe.stats.rejected["node_inactive"] == 4
+    pipe.activate()
+    pipe.submit(frame(seq=5))
+    assert pipe.step().queries == ("the red mug",)  # the queries survive a deactivation
+    pipe.deactivate()
+    pipe.cleanup()
+    assert pipe.state == "unconfigured" and pipe.segmenter is None and pipe.queries == ()
+    with pytest.raises(RuntimeError):
+        pipe.activate()
+
+
+def test_a_failed_configure_stays_unconfigured_and_says_why():
+    pipe = SegmentationPipeline(segmenter=None)
+
+    def missing():
+        raise FileNotFoundError("/models/missing.pt")
+
+    error = pipe.configure(missing, lambda exc: f"model failed to load ({exc})")
+    assert error == "model failed to load (/models/missing.pt)" and pipe.state == "unconfigured"
+    assert pipe.health(rejected_since_last=False) == ("ERROR", error)
+    pipe.submit(frame())
+    assert pipe.stats.rejected["model_unavailable"] == 1
+
+
+def test_configure_warms_the_model_up(segmenter):
+    pipe = SegmentationPipeline(segmenter=None)
+    before = segmenter.stats["image_encodes"]
+    assert pipe.configure(lambda: segmenter, str) is None
+    assert segmenter.stats["image_encodes"] == before + 1
+
+
+class _Broken:
+    """A model whose every frame fails inside the backend (an export that loads but cannot run)."""
+
+    presence_threshold = 0.5
+    queries: list = []
+
+    def set_queries(self, texts):
+        self.queries = list(texts)
+
+    def set_image(self, rgb):
+        raise RuntimeError("ONNXRuntimeError: node Conv_3 failed")
+
+
+def test_a_model_failing_on_every_frame_stays_error_when_frames_pause():
+    pipe, _ = make_pipeline(_Broken())
+    pipe.handle_query("the red mug")
+    for seq in range(FAILING_MODEL_FRAMES):
+        pipe.submit(frame(seq=seq))
+        assert pipe.step() is None
+    level, message = pipe.health(rejected_since_last=False)  # no new rejections: frames paused
+    assert level == "ERROR" and "ONNXRuntimeError" in message
+    assert pipe.health(rejected_since_last=False)[0] == "ERROR"  # and it stays ERROR
+
+
+def test_a_frame_that_succeeds_clears_the_failing_model_error(segmenter):
+    pipe, _ = make_pipeline(segmenter)
+    pipe.handle_query("the red mug")
+    real = pipe.segmenter
+    pipe.segmenter = _Broken()
+    pipe._applied_version = -1
+    for seq in range(FAILING_MODEL_FRAMES):
+        pipe.submit(frame(seq=seq))
+        pipe.step()
+    assert pipe.health(rejected_since_last=False)[0] == "ERROR"
+    pipe.segmenter = real
+    pipe._applied_version = -1
+    pipe.submit(frame(seq=9))
+    assert pipe.step() is not None
+    assert pipe.health(rejected_since_last=False) == ("OK", "ok")
+
+
+def test_a_latched_request_is_applied_again_only_after_cleanup(segmenter):
+    pipe, _ = make_pipeline(segmenter)
+    latched = _cdr(b"the red mug")
+    pipe.handle_request(latched, path="latched", publisher=b"p1", sequence=1)
+    pipe.handle_request(
+        _cdr(b'{"op": "add", "queries": ["the knife"]}'), path="volatile", publisher=b"p2", sequence=1
+    )
+    pipe.deactivate()
+    pipe.activate()
+    # The latched subscription is created again on activate and delivers the old request: after a mere
+    # deactivation applying it would undo the later "add".
+    pipe.handle_request(latched, path="latched", publisher=b"p1", sequence=1)
+    assert pipe.queries == ("the red mug", "the knife")
+    pipe.deactivate()
+    pipe.cleanup()
+    assert pipe.configure(lambda: segmenter, str) is None
+    pipe.activate()
+    pipe.handle_request(latched, path="latched", publisher=b"p1", sequence=1)
+    assert pipe.queries == ("the red mug",)

@@ -60,7 +60,7 @@ class DemoCamera(Node):
         for msg in self._messages:
             msg.header.frame_id = p["frame_id"]
         self._image_pub = self.create_publisher(Image, IMAGE_TOPIC, qos_profile_sensor_data)
-        self._query_pub = self.create_publisher(String, "/converseg/query", QUERY_QOS)
+        self._query_pub = self.create_publisher(String, "/converseg/query", QUERY_QOS["latched"])
         self._tick = 0
         self._last_query: str | None = None
         self.create_timer(1.0 / p["rate_hz"], self._publish)

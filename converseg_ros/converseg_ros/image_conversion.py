@@ -119,6 +119,8 @@ def compressed_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:
             rgb = img.convert("RGB")
     except ImageConversionError:
         raise
+    except PILImage.DecompressionBombError as exc:  # Pillow's own header check, above any max_input_side
+        raise ImageConversionError("image_too_large", f"compressed image header: {exc}") from exc
     except Exception as exc:  # Pillow raises many types for truncated or garbage data
         raise ImageConversionError(
             "corrupt_compressed", f"cannot decode compressed image ({msg.format!r}): {exc}"

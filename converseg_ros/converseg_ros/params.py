@@ -72,6 +72,11 @@ SEGMENT_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("publish_overlay", True, "publish /converseg/overlay (rgb8) when someone subscribes"),
     ParamSpec("overlay_alpha", 0.5, "opacity of the mask colours in the overlay", 0.0, 1.0),
     ParamSpec("diagnostics_period", 1.0, "seconds between /diagnostics messages", 0.1, 60.0),
+    ParamSpec(
+        "autostart",
+        True,
+        "configure and activate at start (a plain node); false: wait for a lifecycle manager's transitions",
+    ),
 )
 
 # Arguments of launch/segment.launch.py and converseg-ros-launch that are not segment-node parameters.
@@ -113,6 +118,7 @@ class SegmentSettings:
     publish_overlay: bool = True
     overlay_alpha: float = 0.5
     diagnostics_period: float = 1.0
+    autostart: bool = True
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> SegmentSettings:

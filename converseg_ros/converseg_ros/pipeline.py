@@ -1,7 +1,9 @@
 """The segment node's work, in pure Python: newest-frame mailbox, query state, inference worker, stats.
 
 The ROS node only moves messages in and out of a SegmentationPipeline; everything here is tested without
-ROS, with a real Segmenter (random weights) injected.
+ROS, with a real Segmenter (random weights) injected. The pipeline also holds the node's lifecycle state
+(LIFECYCLE_STATES): configure loads and warms up the model, activate starts the worker, deactivate stops it,
+cleanup frees the model. Inputs that arrive while it is not active are dropped and counted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from .image_conversion import ImageConversionError, check_image, compressed_to_rgb, image_to_rgb
-from .queries import QueryRejected, parse_query_message
+from .queries import QueryRejected, RequestDeduplicator, decode_string_message, parse_query_message
+
+# The managed-node states this pipeline can be in (the ROS lifecycle's primary states, minus finalized).
+LIFECYCLE_STATES = ("unconfigured", "inactive", "active")
+# This many frames in a row failing inside the model (inference_error) make /diagnostics report ERROR until
+# a frame succeeds: a model that fails on every frame is broken, not unlucky.
+FAILING_MODEL_FRAMES = 3
 
 # Overlay colours per query index (RViz shows rgb8 directly).
 PALETTE = np.array(
@@ -42,7 +50,7 @@ class FrameResult:
     """What one processed frame produced.
 
     header: the camera message's header, passed through untouched.
-    labels: H x W uint8 at camera resolution; 0 = nothing, k = the k-th query (1-based) of ``queries``.
+    labels: H x W uint8 at camera resolution; 0 = nothing, else the label of a query (``label_of``).
       Where masks overlap the query with the higher score wins; absent targets contribute no pixels.
     rgb: H x W x 3 uint8, the frame as the model saw it (often a view of the message buffer).
     results: one converseg_core.SegmentationResult per query, same order.
@@ -56,6 +64,7 @@ class FrameResult:
     results: list[Any]
     timings: dict[str, float]
     sequence: int = 0
+    label_of: tuple[int, ...] = ()  # each query's label (pixel value in ``labels``), same order as queries
 
 
 @dataclass
@@ -65,6 +74,9 @@ class PipelineStats:
     dropped: int = 0  # replaced in the mailbox by a newer frame before the worker took it
     rate_limited: int = 0  # skipped to respect max_rate_hz
     rejected: Counter = field(default_factory=Counter)  # reason -> count, frames and queries
+    duplicate_requests: int = 0  # the same query message through the second subscription (not an error)
+    failing_in_a_row: int = 0  # frames in a row that failed inside the model (inference_error)
+    last_failure: str = ""
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=200))  # callback to result
     model_ms: deque = field(default_factory=lambda: deque(maxlen=200))
     done_times: deque = field(default_factory=lambda: deque(maxlen=200))  # monotonic, for fps
@@ -93,6 +105,7 @@ class SegmentationPipeline:
     ) -> None:
         self.segmenter = segmenter
         self.load_error = load_error
+        self.state = "inactive" if segmenter is not None else "unconfigured"
         self.max_input_side = max_input_side
         self.max_queries = max_queries
         self.max_query_chars = max_query_chars
@@ -101,11 +114,13 @@ class SegmentationPipeline:
         self.stats = PipelineStats()
         self._cond = threading.Condition()
         self._pending: Frame | None = None
-        self._queries: tuple[str, ...] = ()
+        self._labels: dict[str, int] = {}  # active query -> label, in order
+        self._dedup = RequestDeduplicator()
         self._queries_version = 0
         self._applied_version = 0
         # A load failure is reported by whoever loaded the model, at start; frames then only count.
         self._seen_reasons: set[str] = {"model_unavailable"} if load_error else set()
+        self._applied_labels: dict[str, int] = {}  # what the segmenter holds, in its order
         self._last_start = -float("inf")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -114,6 +129,11 @@ class SegmentationPipeline:
     def submit(self, frame: Frame) -> None:
         """Keep only the newest frame: a frame still waiting is dropped and counted. A raw frame whose
         fields are wrong is rejected here (constant time), so it is counted even if it would be dropped."""
+        if self.state != "active":
+            with self._cond:
+                self.stats.received += 1
+            self._reject_inactive("frame")
+            return
         if not frame.compressed:
             try:
                 check_image(frame.msg, max_side=self.max_input_side)
@@ -132,20 +152,54 @@ class SegmentationPipeline:
     def handle_query(self, text: str) -> tuple[str, ...] | None:
         """Apply a /converseg/query message; returns the new active queries, or None if it was rejected.
         The text is encoded by the worker before the next frame, once per distinct query."""
+        if self.state != "active":
+            self._reject_inactive("query")
+            return None
         try:
             command = parse_query_message(text, max_chars=self.max_query_chars)
             with self._cond:
-                self._queries = command.apply(self._queries, max_queries=self.max_queries)
+                self._labels = command.apply_labelled(self._labels, max_queries=self.max_queries)
                 self._queries_version += 1
                 self._cond.notify()
-                return self._queries
+                return tuple(self._labels)
         except QueryRejected as exc:
             self.reject(exc.reason, str(exc))
             return None
 
+    def handle_request(
+        self, raw: bytes, *, path: str, publisher: bytes | None = None, sequence: int | None = None
+    ) -> tuple[str, ...] | None:
+        """A serialized std_msgs/String from one of the query subscriptions (``path`` names it): a copy of a
+        message already applied through the other subscription is skipped, then as handle_query."""
+        if self.state != "active":  # not remembered: a latched request is taken when the node activates
+            self._reject_inactive("query")
+            return None
+        with self._cond:
+            first = self._dedup.first_time(raw, path=path, publisher=publisher, sequence=sequence)
+            self.stats.duplicate_requests += not first
+        if not first:
+            return None
+        try:
+            text = decode_string_message(raw)
+        except QueryRejected as exc:
+            self.reject(exc.reason, str(exc))
+            return None
+        return self.handle_query(text)
+
     @property
     def queries(self) -> tuple[str, ...]:
-        return self._queries
+        return tuple(self._labels)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Active query -> its label (pixel value in the label image)."""
+        return dict(self._labels)
+
+    def _reject_inactive(self, what: str) -> None:
+        if self.load_error:  # the loader already reported why; frames and queries only count
+            self.reject("model_unavailable", f"no model: {self.load_error}")
+        else:
+            self.reject("node_inactive", f"a {what} arrived while the node is {self.state}: dropped")
 
     def reject(self, reason: str, message: str) -> None:
         with self._cond:
@@ -154,6 +208,51 @@ class SegmentationPipeline:
             self._seen_reasons.add(reason)
         if first:
             self.on_problem(reason, message)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def configure(self, load: Callable[[], Any], describe: Callable[[BaseException], str]) -> str | None:
+        """unconfigured -> inactive: ``load()`` builds the segmenter, then one warm-up inference runs so that
+        the first real frame does not pay for lazy initialisation. On failure the state stays unconfigured,
+        ``load_error`` holds ``describe(exc)`` and that text is returned."""
+        try:
+            segmenter = load()
+            warm_up(segmenter)
+        except Exception as exc:
+            self.load_error = describe(exc)
+            self._seen_reasons.add("model_unavailable")
+            return self.load_error
+        with self._cond:
+            self.segmenter, self.load_error, self.state = segmenter, None, "inactive"
+            self._applied_labels, self._applied_version = {}, -1  # hand the queries to this segmenter
+        return None
+
+    def activate(self, on_result: Callable[[FrameResult], None] | None = None) -> None:
+        """inactive -> active; with ``on_result`` a worker thread runs, otherwise call step() yourself."""
+        if self.segmenter is None:
+            raise RuntimeError("activate() needs a configured model")
+        self.state = "active"
+        if on_result is not None:
+            self.start(on_result)
+
+    def deactivate(self) -> None:
+        """active -> inactive: the worker stops (an inference in progress finishes); the waiting frame is
+        dropped; the active queries are kept for the next activation."""
+        self.state = "inactive"
+        self.stop()
+        with self._cond:
+            if self._pending is not None:
+                self._pending = None
+                self.stats.dropped += 1
+
+    def cleanup(self) -> None:
+        """inactive -> unconfigured: the model and the active queries are released, and which requests were
+        applied is forgotten, so a latched request is applied again at the next activation. (After a mere
+        deactivate the queries stay, and re-applying an old latched request would undo later commands.)"""
+        self.deactivate()
+        with self._cond:
+            self.segmenter, self._labels, self.state = None, {}, "unconfigured"
+            self._queries_version += 1
+            self._dedup = RequestDeduplicator()
 
     # -- worker --------------------------------------------------------------------------------------
     def start(self, on_result: Callable[[FrameResult], None]) -> None:
@@ -186,9 +285,9 @@ class SegmentationPipeline:
         stays in the mailbox (newer ones replace it, counted as dropped), so a single or latched image is
         answered when the request comes."""
         with self._cond:
-            if self._pending is None or not self._queries:
+            if self._pending is None or not self._labels:
                 self._cond.wait(timeout)
-            if not self._queries:
+            if not self._labels:
                 return None
             frame, self._pending = self._pending, None
             return frame
@@ -223,10 +322,15 @@ class SegmentationPipeline:
             # InputError for frames the model refuses; anything else is a backend failure (e.g. a TensorRT
             # engine built for another GPU). Either way the node stays up and counts it.
             reason = "model_input_rejected" if _is_input_error(exc) else "inference_error"
+            with self._cond:
+                if reason == "inference_error":
+                    self.stats.failing_in_a_row += 1
+                    self.stats.last_failure = f"{type(exc).__name__}: {exc}"[:300]
             self.reject(reason, f"{type(exc).__name__}: {exc}")
             return None
         t_model = time.monotonic()
-        labels = label_image([r.mask for r in results], [r.score for r in results], rgb.shape[:2])
+        label_of = tuple(self._applied_labels.values())  # results come in the order of the queries set
+        labels = label_image([r.mask for r in results], [r.score for r in results], rgb.shape[:2], label_of)
         end = time.monotonic()
         timings = {
             "queue": (start - frame.received) * 1e3,
@@ -236,6 +340,7 @@ class SegmentationPipeline:
             "pipeline": (end - frame.received) * 1e3,
         }
         with self._cond:
+            self.stats.failing_in_a_row = 0
             self.stats.processed += 1
             self.stats.latencies_ms.append(timings["pipeline"])
             self.stats.model_ms.append(timings["model"])
@@ -249,24 +354,26 @@ class SegmentationPipeline:
             results=results,
             timings=timings,
             sequence=sequence,
+            label_of=label_of,
         )
 
     def _sync_queries(self) -> bool:
         """Hand changed queries to the segmenter (which encodes each new text once)."""
         with self._cond:
-            queries, version = self._queries, self._queries_version
+            labels, version = dict(self._labels), self._queries_version
         if version != self._applied_version:
             self._applied_version = version
-            if queries:
+            if labels:
                 try:
-                    self.segmenter.set_queries(list(queries))
+                    self.segmenter.set_queries(list(labels))
                 except Exception as exc:
                     self.reject("query_rejected_by_model", f"{type(exc).__name__}: {exc}")
-                    with self._cond:  # keep what the segmenter still holds
+                    with self._cond:  # the segmenter still holds the queries applied before
                         if self._queries_version == version:
-                            self._queries = tuple(self.segmenter.queries)
-                    return bool(self.segmenter.queries)
-        return bool(queries)
+                            self._labels = dict(self._applied_labels)
+                    return bool(self._applied_labels)
+            self._applied_labels = labels
+        return bool(labels)
 
     def _convert(self, frame: Frame) -> np.ndarray:
         if frame.compressed:
@@ -287,13 +394,40 @@ class SegmentationPipeline:
                 "frames_dropped": s.dropped,
                 "rejected_total": sum(s.rejected.values()),
                 "rejected": dict(s.rejected),
-                "active_queries": len(self._queries),
+                "active_queries": len(self._labels),
+                "duplicate_requests": s.duplicate_requests,
+                "lifecycle_state": self.state,
             }
         recent = [t for t in done if t > time.monotonic() - 5.0]
         out["fps"] = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
         out["latency_ms_median"] = statistics.median(latencies) if latencies else 0.0
         out["model_ms_median"] = statistics.median(model) if model else 0.0
         return out
+
+    def health(self, rejected_since_last: bool) -> tuple[str, str]:
+        """("OK" | "WARN" | "ERROR", message) for /diagnostics. ERROR lasts as long as its cause: a model that
+        did not load, or one whose last FAILING_MODEL_FRAMES or more frames all failed (until one succeeds)."""
+        if self.load_error:
+            return "ERROR", self.load_error
+        with self._cond:
+            failing, last = self.stats.failing_in_a_row, self.stats.last_failure
+        if failing >= FAILING_MODEL_FRAMES:
+            return "ERROR", f"inference failing: the last {failing} frames failed in the model ({last})"
+        if rejected_since_last:
+            return "WARN", "rejected inputs since the last report"
+        if self.state != "active":
+            return "OK", f"{self.state}: not segmenting (lifecycle)"
+        return "OK", "ok"
+
+
+def warm_up(segmenter: Any) -> None:
+    """One inference on a small grey frame, so lazy set-up (allocations, kernels, graph optimisation) happens
+    during configure rather than on the first camera frame. The segmenter's queries are left as they were."""
+    kept = list(segmenter.queries)
+    segmenter.set_image(np.full((64, 64, 3), 128, dtype=np.uint8))
+    segmenter.predict(["warm-up"])
+    if kept:
+        segmenter.set_queries(kept)
 
 
 def _is_input_error(exc: Exception) -> bool:
@@ -304,13 +438,17 @@ def _is_input_error(exc: Exception) -> bool:
     return isinstance(exc, InputError)
 
 
-def label_image(masks: list[np.ndarray], scores: list[float], shape: tuple[int, int]) -> np.ndarray:
-    """H x W uint8: 0 = background, k = masks[k-1]; overlaps go to the higher score (ties: the earlier)."""
+def label_image(
+    masks: list[np.ndarray], scores: list[float], shape: tuple[int, int], label_of: tuple[int, ...] = ()
+) -> np.ndarray:
+    """H x W uint8: 0 = background, masks[i]'s pixels = label_of[i] (default i + 1); overlaps go to the
+    higher score (ties: the earlier mask)."""
     labels = np.zeros(shape, dtype=np.uint8)
+    label_of = label_of or tuple(range(1, len(masks) + 1))
     # Paint low scores first so higher scores overwrite them; on ties the earlier query is painted last.
     order = sorted(range(len(masks)), key=lambda i: (scores[i], -i))
     for index in order:
-        labels[masks[index]] = index + 1
+        labels[masks[index]] = label_of[index]
     return labels
 
 

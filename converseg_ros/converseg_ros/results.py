@@ -8,7 +8,7 @@ One document per processed frame (docs/ROS.md has an example):
     latency_ms                         queue, convert, model, postprocess, pipeline (callback to result),
                                        camera_to_mask (header stamp to publish; null if the stamp is 0)
     queries[]                          one entry per active query, in label order:
-        label          value of this query's pixels in /converseg/mask (1-based)
+        label          value of this query's pixels in /converseg/mask; kept while the query stays active
         query          the text as the model saw it
         present        false: the model says the target is not in the picture; its mask is then empty
         presence       probability that the target is present (0..1)
@@ -39,7 +39,7 @@ def result_document(result: FrameResult, *, camera_to_mask_ms: float | None) -> 
         "latency_ms": latency,
         "queries": [
             {
-                "label": i + 1,
+                "label": result.label_of[i] if result.label_of else i + 1,
                 "query": r.query,
                 "present": bool(r.present),
                 "presence": round(float(r.presence), 4),
