@@ -25,21 +25,31 @@ from converseg_ros.loopback import fenced, loopback_env, unshare_works
 UNSHARE = unshare_works()
 
 
-def ros_env(domain_id: int, log_dir: str | Path) -> dict[str, str]:
-    """The environment every ROS process started by the tests gets (see converseg_ros.loopback)."""
-    env = loopback_env(domain_id, log_dir)
+def ros_env(domain_id: int, log_dir: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment every ROS process started by the tests gets (see converseg_ros.loopback). With
+    ``base`` (a sourced install space), its PYTHONPATH is kept as it is: no source tree is added."""
+    env = loopback_env(domain_id, log_dir, base)
+    if base is not None:
+        env["PYTHONPATH"] = base["PYTHONPATH"]
     env.setdefault("OMP_NUM_THREADS", "1")  # a 2-core machine shared with other jobs
     return env
 
 
-def run_scenario(name: str, *, domain_id: int, tmp_dir: str | Path, timeout: float = 180, **kwargs) -> dict:
+def run_scenario(
+    name: str,
+    *,
+    domain_id: int,
+    tmp_dir: str | Path,
+    timeout: float = 180,
+    base_env: dict | None = None,
+    **kwargs,
+) -> dict:
     """Run scenario ``name`` fenced; return its RESULT dict, or raise AssertionError with its output."""
     tmp_dir = Path(tmp_dir)
     kwargs["tmp_dir"] = str(tmp_dir)
     cmd = fenced([sys.executable, str(Path(__file__).resolve()), name, json.dumps(kwargs)])
-    proc = subprocess.run(
-        cmd, env=ros_env(domain_id, tmp_dir / "ros_log"), capture_output=True, text=True, timeout=timeout
-    )
+    env = ros_env(domain_id, tmp_dir / "ros_log", base_env)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -539,6 +549,26 @@ def scenario_lifecycle(c: Client, **_) -> dict:
     out["failed_stop"] = c.stop(proc)
     out["failed_log"] = c.log("failing")[-3000:]
     return out
+
+
+def scenario_installed(c: Client, executable: str, **_) -> dict:
+    """The segment_node executable of a colcon install space answers a request."""
+    from converseg_ros.launch_plan import params_file_text
+
+    import converseg_ros
+
+    params = c.tmp / "installed.yaml"
+    params.write_text(params_file_text("/**", TINY_MODEL))
+    log = open(c.tmp / "segment.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [executable, "--ros-args", "--params-file", str(params)], stdout=log, stderr=subprocess.STDOUT
+    )
+    c.procs.append(proc)
+    c.wait_for_node()
+    c.query("the red mug")
+    mask, doc = c.send_until_answered(sec=5, width=160, height=120)
+    return dict(module=converseg_ros.__file__, queries=[q["query"] for q in doc["queries"]],
+                size=[mask.width, mask.height], stop=c.stop(proc), log=c.log()[-3000:])  # fmt: skip
 
 
 def scenario_load_failure(c: Client, **_) -> dict:
