@@ -20,6 +20,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
+from bench.machine import cpu_description  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "machine": f"{cpu_description()}, {platform.platform()}",
         "python": platform.python_version(),
         "mujoco": mujoco.__version__,
         "MUJOCO_GL": os.environ.get("MUJOCO_GL", "(auto: egl, else osmesa)"),

@@ -1,6 +1,6 @@
 """Image encoder and decoder latency of every registered variant on the CPU, PyTorch eager.
 
-    .venv/bin/python bench/bench_models.py --sizes 512 1024 --repeats 5 --out docs/benchmarks/models.md
+    .venv/bin/python bench/bench_models.py --sizes 512 1024 --repeats 5 --out bench/out/models.md
 
 Random weights (latency does not depend on them). The decoder is timed for one query of 12 tokens on a
 cached image embedding, the way the Segmenter runs it. Medians of --repeats runs after one warm-up.
@@ -9,7 +9,6 @@ cached image embedding, the way the Segmenter runs it. Medians of --repeats runs
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from converseg_core import build_model, list_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
+from bench.machine import cpu_description  # noqa: E402
+from converseg_core import build_model, list_models  # noqa: E402
 
 
 @dataclass
@@ -74,7 +75,7 @@ def run(variants: list[str], sizes: list[int], repeats: int, threads: int) -> li
 
 def to_markdown(rows: list[Row], repeats: int, threads: int) -> str:
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}; "
+        f"Machine: {cpu_description()}, {threads} threads, torch {torch.__version__}; "
         f"{date.today().isoformat()}; median of {repeats} runs.",
         "",
         "| model | input | image encoder params (M) | image encoder (ms) | decoder, 1 query (ms) |",

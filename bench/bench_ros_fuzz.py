@@ -41,7 +41,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "converseg_ros"))
 
+sys.path.append(str(REPO))  # bench.machine
 from converseg_ros.loopback import fenced, loopback_env, unshare_works  # noqa: E402
+
+from bench.machine import cpu_description  # noqa: E402
 
 TINY_MODEL = {"random_model": "converseg_edge", "random_model_img_size": 128}
 REFERENCE_QUERY = "the red mug"
@@ -418,16 +421,11 @@ def run_inside(args: argparse.Namespace, tmp: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ outside
 def report(result: dict, args: argparse.Namespace, command: str) -> str:
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
+    cpu = cpu_description()
     lines = [
         "# Fuzz and soak of the segment node (bench/bench_ros_fuzz.py)",
         "",
-        f"- Machine: {cpu}, {os.cpu_count()} cores; {platform.platform()}; Python {platform.python_version()}",
+        f"- Machine: {cpu}; {platform.platform()}; Python {platform.python_version()}",
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}`",
         f"- Loopback only (`unshare -rn`: {unshare_works()}); model converseg_edge, random weights, 128 px.",

@@ -1,6 +1,6 @@
 """Camera-to-mask latency, staleness and memory of the segment node over real ROS 2 (loopback only).
 
-    python bench/bench_ros_latency.py --model converseg_edge --seconds 60 --out docs/benchmarks/ros.md
+    python bench/bench_ros_latency.py --model converseg_edge --seconds 60 --out bench/out/ros.md
 
 Two phases against one segment node process, frames of --width x --height rgb8 stamped at publish time:
 1. latency: one frame at a time, the next sent 50-100 ms after the previous mask arrived, so the node is idle
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import random
 import statistics
@@ -34,7 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "converseg_ros"))  # until pyproject maps converseg_ros (editable install)
 
+sys.path.append(str(REPO))  # bench.machine
 from converseg_ros.loopback import fenced, loopback_env, unshare_works  # noqa: E402
+
+from bench.machine import cpu_description  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,14 +257,7 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
 
 def report(summary: dict, args: argparse.Namespace, command: str) -> str:
     s = summary
-    cpu = platform.processor() or platform.machine()
-    try:
-        model_name = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-        cpu = f"{model_name}, {os.cpu_count()} cores"
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_description()
     model = args.model_path or f"{args.model} (random weights, img_size {args.img_size or 'default'})"
     return f"""# ROS 2 node benchmarks (bench/bench_ros_latency.py)
 

@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a source checkout
 
+from bench.machine import cpu_description  # noqa: E402
+
 # onnxruntime-int8: the ONNX Runtime backend on the export with all four graphs quantized by
 # export/quantize_onnx.py; its accuracy cost is measured there (docs/EXPORT.md), not here.
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
@@ -276,15 +278,9 @@ def ensure_quantized(float_dir: Path, threads: int) -> Path:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    return (
+        f"{cpu_description()}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def aggregate(runs: list[dict]) -> dict[tuple[str, str, int], dict]:
