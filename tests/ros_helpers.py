@@ -329,6 +329,10 @@ def scenario_basic(c: Client, **_) -> dict:
         c.query(text)
         c.spin_for(0.1)
     c.raw_query(b"mug \xff\xfe")
+    c.spin_for(0.1)
+    c.raw_query(b"ok\x00\xff")  # rclpy's typed String would read "ok" and segment it
+    c.spin_for(0.1)
+    c.query("{}")  # used to clear every request
     c.spin_for(0.5)
     out["after_bad"] = c.send_until_answered(sec=104, width=320, height=240)[1]["queries"]
     c.spin_until(lambda: "rejected.query_not_utf8" in c.last_diagnostics(), 5)

@@ -70,6 +70,7 @@ def test_masks_results_queries_bad_input_and_shutdown(tmp_path):
         assert int(diag[f"rejected.{reason}"]) >= 1, reason
     assert int(diag["rejected.empty_query"]) == 2
     assert int(diag["rejected.query_too_long"]) == 1 and int(diag["rejected.query_not_utf8"]) == 1
+    assert int(diag["rejected.query_control_character"]) == 1 and int(diag["rejected.bad_query_json"]) == 1
     for key in ("fps", "latency_ms_median", "frames_dropped", "rejected_total", "frames_processed"):
         assert key in diag
     assert out["log"].count("empty_query:") == 1, "a reason is logged once"
