@@ -1,6 +1,6 @@
 """`colcon build` of the converseg_ros package, then the node run from the install space.
 
-colcon-core and colcon-ros come from PyPI (the dev extra). The build goes to a temporary workspace; the
+colcon-core, colcon-ros and colcon-package-selection come from PyPI (the ros extra). The build goes to a temporary workspace; the
 checks are the places `ros2 launch` and `ros2 run` look (the ament index, share/<pkg>/launch,
 lib/<pkg>/<executable>), and a request answered by the installed executable with the install space, not
 the source tree, on its Python path.
