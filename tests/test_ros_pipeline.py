@@ -588,3 +588,21 @@ def test_a_latched_request_is_applied_again_only_after_cleanup(segmenter):
     pipe.activate()
     pipe.handle_request(latched, path="latched", publisher=b"p1", sequence=1)
     assert pipe.queries == ("the red mug",)
+
+
+def test_cleanup_lets_the_model_be_freed():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    pipe = SegmentationPipeline(segmenter=None)
+    assert pipe.configure(lambda: load_segmenter(TINY), str) is None
+    model = weakref.ref(pipe.segmenter)
+    pipe.activate()
+    pipe.handle_query("the red mug")
+    pipe.submit(frame())
+    assert pipe.step() is not None
+    pipe.deactivate()
+    pipe.cleanup()
+    gc.collect()
+    assert model() is None, "something still holds the segmenter after cleanup"
