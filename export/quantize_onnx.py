@@ -178,12 +178,13 @@ def calibration_feeds(
         max_images=count,
     )
     encoder_input = manifest.graphs["image_encoder"].inputs[0].name
-    context_input = manifest.graphs["image_context"].inputs[0].name
+    context_inputs = [t.name for t in manifest.graphs["image_context"].inputs]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"image_encoder": [], "image_context": []}
     for batch in tqdm(batcher, total=batcher.num_batches, desc="calibration images", unit="img"):
         feeds["image_encoder"].append({encoder_input: batch})
         if "image_context" in graphs:
-            feeds["image_context"].append({context_input: reference.encode_image(batch)})
+            features = reference.encode_image(batch)
+            feeds["image_context"].append(dict(zip(context_inputs, features, strict=True)))
     return {stage: feeds[stage] for stage in graphs if QUANTIZABLE[stage].static}, batcher.num_images
 
 

@@ -123,7 +123,8 @@ def test_onnxruntime_backend_matches_torch(edge, edge_export, queries):
     text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
     logits, iou, presence = backend.decode(frame, text, tokens.attention_mask)
     q, t = tokens.input_ids.shape
-    assert emb.shape == (1, 256, SIZE // 16, SIZE // 16) and text.shape == (q, t, 384)
+    assert emb.embedding.shape == (1, 256, SIZE // 16, SIZE // 16) and text.shape == (q, t, 384)
+    assert emb.hires.shape == (1, 32, SIZE // 4, SIZE // 4) and not emb.hires.any()  # no detail path
     heads = edge.config.fusion_heads
     assert frame.fusion_keys.shape == (1, edge.config.fusion_depth, heads, 256 // heads, (SIZE // 16) ** 2)
     assert logits.shape == (q, 1, SIZE // 4, SIZE // 4) and iou.shape == (q, 1) and presence.shape == (q,)
@@ -133,7 +134,7 @@ def test_onnxruntime_backend_matches_torch(edge, edge_export, queries):
             torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
         )
         ref = edge.decode(ref_emb, ref_text, torch.from_numpy(tokens.attention_mask))
-    assert rel_error(emb, ref_emb.numpy()) < DEFAULT_MAX_REL_ERROR
+    assert rel_error(emb.embedding, ref_emb.embedding.numpy()) < DEFAULT_MAX_REL_ERROR
     with torch.inference_mode():
         ref_frame = edge.image_context(ref_emb)
     for got, want in zip(frame, ref_frame, strict=True):
@@ -151,7 +152,9 @@ def test_decode_refuses_a_bare_embedding(edge_export):
     with pytest.raises(InputError, match="image_context"):
         backend.decode(emb, text, np.ones((1, 3), np.int64))
     with pytest.raises(InputError, match="image embedding must be"):
-        backend.image_context(emb[:, :128])
+        backend.image_context(emb._replace(embedding=emb.embedding[:, :128]))
+    with pytest.raises(InputError, match="ImageFeatures"):
+        backend.image_context(emb.embedding)
 
 
 def test_manifest_of_an_older_export_is_refused(edge_export, tmp_path):
@@ -250,11 +253,13 @@ def test_image_encoder_round_trip_for_every_variant(name, tmp_path):
 
     session = ort.InferenceSession(str(tmp_path / spec.file), providers=["CPUExecutionProvider"])
     image = preprocessed_test_image(model.config, seed=5)  # another frame than the traced one
-    (got,) = session.run(None, {"image": image})
+    got, got_hires = session.run(None, {"image": image})
     with torch.inference_mode():
-        want = model.encode_image(torch.from_numpy(image)).numpy()
+        want, want_hires = (t.numpy() for t in model.encode_image(torch.from_numpy(image)))
     assert got.shape == want.shape == (1, 256, SIZE // 16, SIZE // 16)
+    assert got_hires.shape == want_hires.shape == (1, 32, SIZE // 4, SIZE // 4)
     assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
+    assert rel_error(got_hires, want_hires) < DEFAULT_MAX_REL_ERROR
 
 
 @pytest.mark.parametrize("option", ["fusion_sentence_token", "mask_presence"])
@@ -451,7 +456,8 @@ def test_calibration_feeds_follow_the_runtime_pipeline(edge_export, tmp_path):
         # Pre-processed exactly as at run time (one of the folder's images, chosen by the seeded shuffle) ...
         assert any(np.array_equal(image, e) for e in expected)
         # ... and image_context calibrates on the float32 encoder's embedding of the same image.
-        np.testing.assert_array_equal(next(iter(context_feed.values())), backend.encode_image(image))
+        for fed, want in zip(context_feed.values(), backend.encode_image(image), strict=True):
+            np.testing.assert_array_equal(fed, want)
 
 
 def test_accuracy_drops_beyond_the_limits_are_named():

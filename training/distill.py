@@ -232,9 +232,11 @@ def distill(cfg: DistillConfig) -> dict:
             loss = sum(p.sum() * 0.0 for p in params)
         else:
             with torch.no_grad(), autocast():
-                target = teacher.encode_image(batch["image_1"].to(device, non_blocking=True)).float()
+                target = teacher.encode_image(batch["image_1"].to(device, non_blocking=True)).embedding.float()
             with autocast():
                 pred = encoder(batch["image_0"].to(device, non_blocking=True))
+                if isinstance(pred, tuple):  # encoders with a detail path: the embedding is what is distilled
+                    pred = pred[0]
             loss = distill_loss(pred, match_embedding(target, pred.shape[-1]))
         finite = torch.tensor([float(torch.isfinite(loss.detach()))], device=device)
         if d.world > 1:

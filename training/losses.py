@@ -58,3 +58,27 @@ def converseg_loss(
 def distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Huber loss between embeddings (NanoSAM's choice: robust to the teacher's few large activations)."""
     return F.huber_loss(student.float(), teacher.float())
+
+
+def dense_grounding_loss(
+    pixel_embed: Tensor,
+    text_embed: Tensor,
+    target: Tensor,
+    image_index: Tensor,
+    *,
+    scale: float = 10.0,
+    bias: float = -5.0,
+) -> Tensor:
+    """Dense language grounding (after LSeg, with SigLIP's pairwise sigmoid in place of a softmax over
+    classes, since one pixel can answer several requests: "the red mug" and "something to drink from").
+
+    pixel_embed: B x D x h x w, per-pixel embeddings of the B images in the text's space; text_embed: Q x D,
+    each request's sentence embedding; target: Q x 1 x h x w in [0, 1], the share of each cell the request's
+    answer covers (all zero for a request whose target is absent); image_index: Q, the image each request is
+    about. Every (pixel, request) pair is a binary decision: cosine similarity times `scale` plus `bias` is
+    the logit that the pixel answers the request. The mean BCE over pairs pulls the pixels of an answer
+    towards its request's embedding and every other pixel away from it, absent targets included."""
+    pixels = F.normalize(pixel_embed, dim=1)[image_index]  # Q x D x h x w
+    text = F.normalize(text_embed, dim=1)
+    logits = (pixels * text[:, :, None, None]).sum(1) * scale + bias  # Q x h x w
+    return F.binary_cross_entropy_with_logits(logits, target[:, 0].to(logits.dtype))

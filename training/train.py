@@ -42,6 +42,7 @@ from converseg_core.checkpoint import (
     save_checkpoint,
 )
 from converseg_core.config import MINILM_LAYERS
+from converseg_core.modeling.converseg import ImageFeatures
 from converseg_core.tokenizer import QueryTokenizer
 
 from .augment import AugmentConfig
@@ -58,6 +59,7 @@ from .datasets import (
 from .losses import converseg_loss
 from .metrics import MetricAccumulator, SampleResult
 from .panels import make_panel, save_panels
+from .trunk_cache import TrunkCache
 
 log = logging.getLogger("training.train")
 
@@ -143,6 +145,11 @@ class TrainConfig:
         "mask 0; [CLS], [SEP] and at least one word stay), against over-reliance on exact phrasings",
     )
     no_augment: bool = arg(False, help="disable crop / flip / colour augmentation")
+    trunk_cache: str | None = arg(
+        None,
+        help="folder of cached frozen-trunk features (python -m training.trunk_cache build): the trunk does "
+        "not run per step; augmentation becomes a horizontal mirror only",
+    )
     amp: str = arg(
         "auto",
         help="autocast dtype on a GPU (auto: bf16 if supported)",
@@ -364,19 +371,23 @@ class TrainStep(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | list[torch.Tensor],
         image_index: torch.Tensor,
         text: torch.Tensor,
         attention_mask: torch.Tensor,
     ):
-        """images: B x 3 x S x S; image_index: Q (which image each query asks about); text: Q x T x 384."""
+        """images: B x 3 x S x S, or a frozen trunk's cached features (training.trunk_cache); image_index: Q
+        (which image each query asks about); text: Q x T x 384."""
+        encode = self.model.encode_image
+        if isinstance(images, list):
+            images, encode = images, lambda feats: ImageFeatures(*self.model.image_encoder.heads(feats))
         if self.train_image_encoder:
-            emb = self.model.encode_image(images)
+            emb = encode(images)
         else:
             with torch.no_grad():
-                emb = self.model.encode_image(images)
+                emb = encode(images)
         text = finish_text(self.model, text, attention_mask, self.text_start)
-        out = self.model.decode(emb[image_index], text, attention_mask)
+        out = self.model.decode(emb.select(image_index), text, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
 
@@ -502,7 +513,7 @@ def validate(
         text, am = cache.lookup(batch["prompt"], device)
         text = finish_text(model, text, am, text_start)
         emb = model.encode_image(batch["image"].to(device))
-        out = model.decode(emb[batch["image_index"].to(device)], text, am)
+        out = model.decode(emb.select(batch["image_index"].to(device)), text, am)
         logits = F.interpolate(
             out.low_res_logits.float(), size=cfg.img_size, mode="bilinear", align_corners=False
         )
@@ -601,6 +612,11 @@ def train(cfg: TrainConfig) -> dict:
 
     cache = build_text_cache(model, [train_recs, val_recs], cfg, d, [not cfg.no_augment, False])
     aug = None if cfg.no_augment else AugmentConfig()
+    trunk_cache = TrunkCache.open(cfg.trunk_cache, model.config) if cfg.trunk_cache else None
+    if trunk_cache is not None:
+        uncached = sorted({str(r.image) for r in train_recs if r.image not in trunk_cache})
+        if uncached:
+            raise SystemExit(f"--trunk-cache {cfg.trunk_cache} lacks {len(uncached)} training images, e.g. {uncached[0]}")
     train_ds = ConverSegDataset(
         train_recs,
         model.config,
@@ -608,6 +624,7 @@ def train(cfg: TrainConfig) -> dict:
         on_bad=cfg.on_bad,
         seed=cfg.seed,
         queries_per_image=cfg.queries_per_image,
+        cached_features=trunk_cache is not None,
     )
     val_ds = ConverSegDataset(val_recs, model.config, full_res=True, on_bad=cfg.on_bad) if val_recs else None
     sampler = StepSampler(
@@ -735,7 +752,11 @@ def train(cfg: TrainConfig) -> dict:
             sync = d.world == 1 or micro == cfg.grad_accum - 1
             ctx = nullcontext() if sync else stepper.no_sync()
             with ctx:
-                images = batch["image"].to(device, non_blocking=True)
+                if "feature_key" in batch:
+                    paths, mirrored = zip(*batch["feature_key"], strict=True)
+                    images = trunk_cache.lookup(list(paths), list(mirrored), device)
+                else:
+                    images = batch["image"].to(device, non_blocking=True)
                 target = batch["mask_low"].to(device, non_blocking=True)
                 presence_t = batch["presence"].to(device)
                 text, am = cache.lookup(batch["prompt"], device)

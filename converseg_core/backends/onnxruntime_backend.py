@@ -2,13 +2,14 @@
 
 An export folder (`python export/export_onnx.py`) holds:
 
-    image_encoder.onnx   image (1 x 3 x S x S float32) -> image_embeddings (1 x 256 x S/16 x S/16)
-    image_context.onnx   image_embeddings -> fusion_keys, fusion_values, dense_queries: the decoder's
-                         per-frame part, run once per frame (FrameContext)
+    image_encoder.onnx   image (1 x 3 x S x S float32) -> image_embeddings (1 x 256 x S/16 x S/16),
+                         hires_features (1 x 32 x S/4 x S/4)  (ImageFeatures)
+    image_context.onnx   image_embeddings, hires_features -> image_tokens, fusion_keys, fusion_values,
+                         dense_queries, hires_tokens: the decoder's per-frame part, run once per frame
+                         (FrameContext)
     text_encoder.onnx    input_ids, attention_mask (Q x T int64) -> text_features (Q x T x 384)
-    decoder.onnx         image_embeddings, fusion_keys, fusion_values, dense_queries, text_features,
-                         attention_mask -> low_res_logits (Q x 1 x S/4 x S/4), iou_scores (Q x 1),
-                         presence_logits (Q): the per-request part
+    decoder.onnx         the FrameContext tensors, text_features, attention_mask -> low_res_logits
+                         (Q x 1 x S/4 x S/4), iou_scores (Q x 1), presence_logits (Q): the per-request part
     manifest.json        model config, tensor names and shapes, opset, pre-processing constants, parity
     tokenizer.json       the MiniLM tokenizer, so the runtime needs no Python package for it
 
@@ -138,7 +139,9 @@ class OnnxManifest:
         if missing:
             raise CheckpointError(f"ONNX manifest {path} names no graph for {missing}")
         problem = frame_io_problem(
-            manifest.graphs["image_context"].output_names, manifest.graphs["decoder"].input_names
+            manifest.graphs["image_context"].output_names,
+            manifest.graphs["decoder"].input_names,
+            manifest.graphs["image_encoder"].output_names,
         )
         if problem:
             raise CheckpointError(

@@ -119,7 +119,9 @@ class EngineSideFile:
             ) from exc
         io = side_file.io
         if "image_context" in io and "decoder" in io:
-            problem = frame_io_problem(io["image_context"]["outputs"], io["decoder"]["inputs"])
+            problem = frame_io_problem(
+                io["image_context"]["outputs"], io["decoder"]["inputs"], io.get("image_encoder", {}).get("outputs")
+            )
             if problem:
                 raise CheckpointError(
                     f"{path}: engines built from an export of another version ({problem}); export and "
