@@ -56,7 +56,7 @@ from .datasets import (
     read_records,
     split_records,
 )
-from .losses import converseg_loss
+from .losses import DenseGroundingHead, converseg_loss, dense_grounding_loss, sentence_embedding
 from .metrics import MetricAccumulator, SampleResult
 from .panels import make_panel, save_panels
 from .trunk_cache import TrunkCache
@@ -139,6 +139,12 @@ class TrainConfig:
     dice_weight: float = arg(0.25, help="weight of the Dice term")
     presence_weight: float = arg(1.0, help="weight of the presence BCE")
     iou_weight: float = arg(1.0, help="weight of the IoU-head MSE (makes the Segmenter's score meaningful)")
+    dense_weight: float = arg(
+        0.0,
+        help="weight of the dense language-grounding loss (training.losses.dense_grounding_loss, after LSeg): "
+        "each embedding pixel is pulled towards the MiniLM sentence embedding of the requests it answers; "
+        "0 disables",
+    )
     token_dropout: float = arg(
         0.0,
         help="probability of hiding each word token of a request from the fusion during training (attention "
@@ -363,11 +369,18 @@ class TrainStep(nn.Module):
     """What DDP wraps: image encoding + decoding for one query per image (text features come cached; the
     MiniLM layers a run trains, if any, run here on them)."""
 
-    def __init__(self, model: nn.Module, train_image_encoder: bool, text_start: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_image_encoder: bool,
+        text_start: int | None = None,
+        dense_head: DenseGroundingHead | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.train_image_encoder = train_image_encoder
         self.text_start = text_start
+        self.dense_head = dense_head
 
     def forward(
         self,
@@ -375,9 +388,12 @@ class TrainStep(nn.Module):
         image_index: torch.Tensor,
         text: torch.Tensor,
         attention_mask: torch.Tensor,
+        dense_target: torch.Tensor | None = None,
     ):
         """images: B x 3 x S x S, or a frozen trunk's cached features (training.trunk_cache); image_index: Q
-        (which image each query asks about); text: Q x T x 384."""
+        (which image each query asks about); text: Q x T x 384; dense_target: Q x 1 x h x w answer coverage
+        of each embedding cell (with a dense head). Returns mask logits, IoU predictions, presence logits and
+        the dense grounding loss (None without a dense head)."""
         encode = self.model.encode_image
         if isinstance(images, list):
             images, encode = images, lambda feats: ImageFeatures(*self.model.image_encoder.heads(feats))
@@ -388,7 +404,11 @@ class TrainStep(nn.Module):
                 emb = encode(images)
         text = finish_text(self.model, text, attention_mask, self.text_start)
         out = self.model.decode(emb.select(image_index), text, attention_mask)
-        return out.low_res_logits, out.iou_scores, out.presence_logits
+        dense = None
+        if self.dense_head is not None and dense_target is not None:
+            sentences = sentence_embedding(text, attention_mask).detach()
+            dense = dense_grounding_loss(self.dense_head(emb.embedding), sentences, dense_target, image_index)
+        return out.low_res_logits, out.iou_scores, out.presence_logits, dense
 
 
 def drop_tokens(attention_mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -538,13 +558,20 @@ def validate(
 # ------------------------------------------------------------------------------------------- training
 
 
-def resume_state(last: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def resume_state(
+    last: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dense_head: nn.Module | None = None
+) -> int:
     """Restore weights and optimizer from a training checkpoint (last.pt); return its step. The config
     in the file must equal the model's: resuming another model's run would silently mix them."""
     ckpt = load_checkpoint(last)
     if ckpt.config != model.config:
         raise SystemExit(f"{last}: saved for config {ckpt.config.to_dict()}, not the one asked for now")
     load_state_into(model, ckpt.state_dict, source=str(last))
+    if (dense_head is None) != ("dense_head" not in ckpt.extra):
+        raise SystemExit(f"{last}: saved {'with' if dense_head is None else 'without'} a dense grounding head; "
+                         "resume with the same --dense-weight setting (0 or not)")
+    if dense_head is not None:
+        dense_head.load_state_dict(ckpt.extra["dense_head"])
     optimizer.load_state_dict(ckpt.extra["optimizer"])
     return int(ckpt.extra["step"])
 
@@ -599,12 +626,17 @@ def train(cfg: TrainConfig) -> dict:
         raise SystemExit(
             f"nothing to train: {', '.join(trainable_parts(model, cfg))} hold no trainable weights"
         )
+    dense_head = None
+    if cfg.dense_weight > 0:
+        dense_head = DenseGroundingHead(model.config.prompt_embed_dim, model.config.text_hidden_dim).to(device)
+        param_groups.append({"params": list(dense_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr,
+                             "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
 
     step = 0
     last = out_dir / "last.pt"
     if cfg.resume and last.is_file():
-        step = resume_state(last, model, optimizer)
+        step = resume_state(last, model, optimizer, dense_head)
         if d.main:
             log.info("resumed from %s at step %d", last, step)
     if step >= cfg.steps and d.main:
@@ -656,7 +688,7 @@ def train(cfg: TrainConfig) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
 
     stepper: nn.Module = TrainStep(
-        model, "image_encoder" in trainable_parts(model, cfg), text_start_layer(model, cfg)
+        model, "image_encoder" in trainable_parts(model, cfg), text_start_layer(model, cfg), dense_head
     )
     if d.world > 1:
         stepper = nn.parallel.DistributedDataParallel(
@@ -685,7 +717,10 @@ def train(cfg: TrainConfig) -> dict:
 
     def save(step_now: int, val: dict) -> None:
         meta = plain({"train_config": dataclasses.asdict(cfg), "step": step_now, "val": val})
-        save_checkpoint(model, last, meta=meta, extra={"optimizer": optimizer.state_dict(), "step": step_now})
+        extra = {"optimizer": optimizer.state_dict(), "step": step_now}
+        if dense_head is not None:
+            extra["dense_head"] = dense_head.state_dict()
+        save_checkpoint(model, last, meta=meta, extra=extra)
 
     def run_validation(step_now: int) -> dict:
         if val_ds is None:
@@ -733,7 +768,7 @@ def train(cfg: TrainConfig) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, cfg)
         optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "presence": 0.0, "iou": 0.0}
+        sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "presence": 0.0, "iou": 0.0, "dense": 0.0}
         bad = False
         for micro in range(cfg.grad_accum):
             batch = next(it)
@@ -767,8 +802,10 @@ def train(cfg: TrainConfig) -> dict:
                     )
                     am = drop_tokens(am, cfg.token_dropout, g)
                 image_index = batch["image_index"].to(device)
+                # Each embedding cell's share of each request's answer (the 4 x 4 low-res pixels it holds).
+                dense_target = F.avg_pool2d(target, 4) if dense_head is not None else None
                 with autocast():
-                    logits, iou_pred, presence = stepper(images, image_index, text, am)
+                    logits, iou_pred, presence, dense = stepper(images, image_index, text, am, dense_target)
                 out = converseg_loss(
                     logits,
                     target,
@@ -789,6 +826,9 @@ def train(cfg: TrainConfig) -> dict:
                 else:
                     iou_loss = iou_pred.float().sum() * 0.0
                 loss = loss + cfg.iou_weight * iou_loss
+                if dense is not None:
+                    loss = loss + cfg.dense_weight * dense
+                    sums["dense"] += float(dense.detach()) / cfg.grad_accum
                 if empty:
                     loss = loss * 0.0
                 else:

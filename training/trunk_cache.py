@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import sys
@@ -180,11 +181,15 @@ class TrunkCache:
     def __contains__(self, image: Path | str) -> bool:
         return str(image) in self.index
 
-    def lookup(self, images: list[str], flips: list[bool], device: torch.device) -> list[torch.Tensor]:
-        """B image paths and mirror flags -> [s4, s8, s16, s32] B x C x H x W float32 tensors."""
+    def lookup(
+        self, images: list[str], flips: list[bool], device: torch.device, levels: tuple[str, ...] = LEVELS
+    ) -> list[torch.Tensor]:
+        """B image paths and mirror flags -> the `levels` (default: s4, s8, s16, s32) as B x C x H x W float32
+        tensors."""
         rows = [self.index[str(p)] for p in images]
         out = []
-        for array in self.arrays:
+        for level in levels:
+            array = self.arrays[LEVELS.index(level)]
             batch = np.stack([array[r][..., ::-1] if f else array[r] for r, f in zip(rows, flips, strict=True)])
             out.append(torch.from_numpy(batch.astype(np.float32)).to(device))
         return out
@@ -227,20 +232,29 @@ def distill_neck(
     order = rng.permutation(len(images))
     val, train = [images[i] for i in order[:val_images]], [images[i] for i in order[val_images:]]
 
-    # Teacher embeddings: once per image, from the pictures (the teacher has its own encoder).
-    targets: dict[str, np.ndarray] = {}
-    with torch.inference_mode():
-        for p in tqdm(images, desc="teacher embeddings", unit="img"):
-            x = preprocess(
-                load_rgb(Path(p)), img_size=config.img_size, pixel_mean=teacher.config.pixel_mean,
-                pixel_std=teacher.config.pixel_std,
-            ).tensor
-            targets[p] = teacher.encode_image(torch.from_numpy(x)).embedding[0].numpy().astype(np.float16)
+    # Teacher embeddings: once per image and teacher file, from the pictures (the teacher has its own encoder).
+    digest = hashlib.sha256(Path(teacher_path).read_bytes()).hexdigest()[:16]
+    target_file = cache.folder / f"teacher-{digest}.npy"
+    if target_file.is_file():
+        targets = np.load(target_file, mmap_mode="r")
+    else:
+        e = config.embed_size
+        targets = np.zeros((len(images), config.prompt_embed_dim, e, e), np.float16)
+        with torch.inference_mode():
+            for i, p in enumerate(tqdm(images, desc="teacher embeddings", unit="img")):
+                x = preprocess(
+                    load_rgb(Path(p)), img_size=config.img_size, pixel_mean=teacher.config.pixel_mean,
+                    pixel_std=teacher.config.pixel_std,
+                ).tensor
+                targets[i] = teacher.encode_image(torch.from_numpy(x)).embedding[0].numpy()
+        np.save(target_file, targets)
 
     def batch_of(paths: list[str], flips: list[bool]):
-        feats = cache.lookup(paths, flips, torch.device("cpu"))
-        want = np.stack([targets[p][..., ::-1] if f else targets[p] for p, f in zip(paths, flips, strict=True)])
-        return feats, torch.from_numpy(want.astype(np.float32))
+        # The neck reads strides 16 and 32 only.
+        f16, f32 = cache.lookup(paths, flips, torch.device("cpu"), levels=("s16", "s32"))
+        rows = [cache.index[p] for p in paths]
+        want = np.stack([targets[r][..., ::-1] if f else targets[r] for r, f in zip(rows, flips, strict=True)])
+        return [None, None, f16, f32], torch.from_numpy(want.astype(np.float32))
 
     def r2(paths: list[str]) -> float:
         encoder.eval()
@@ -248,7 +262,7 @@ def distill_neck(
         with torch.no_grad():
             for i in range(0, len(paths), batch_size):
                 feats, want = batch_of(paths[i : i + batch_size], [False] * len(paths[i : i + batch_size]))
-                got = encoder.heads(feats)[0]
+                got = encoder.embed(feats[2], feats[3])
                 err += float(((got - want) ** 2).sum())
                 tot += float(((want - want.mean(dim=(0, 2, 3), keepdim=True)) ** 2).sum())
         encoder.train()
@@ -263,7 +277,7 @@ def distill_neck(
             g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         pick = rng.integers(0, len(train), batch_size)
         feats, want = batch_of([train[i] for i in pick], list(rng.random(batch_size) < 0.5))
-        loss = F.huber_loss(encoder.heads(feats)[0], want, delta=1.0)
+        loss = F.huber_loss(encoder.embed(feats[2], feats[3]), want, delta=1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

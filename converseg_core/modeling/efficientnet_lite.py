@@ -277,11 +277,12 @@ class LiteImageEncoder(nn.Module):
         """The trainable part: trunk features [s4, s8, s16, s32] -> (embedding, hires). Training on a frozen
         trunk caches the features once per image and calls this."""
         f4, f8, f16, f32 = feats
-        x = f16 + F.interpolate(self.lateral32(f32), scale_factor=2.0, mode="nearest")
-        embedding = self.neck(x)
         h8 = F.interpolate(self.lateral8(f8), scale_factor=2.0, mode="nearest")
-        hires = self.hires(torch.cat([f4, h8], dim=1))
-        return embedding, hires
+        return self.embed(f16, f32), self.hires(torch.cat([f4, h8], dim=1))
+
+    def embed(self, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
+        """The neck alone: stride 16 and 32 trunk features -> B x out_chans x S/16 x S/16 embedding."""
+        return self.neck(f16 + F.interpolate(self.lateral32(f32), scale_factor=2.0, mode="nearest"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.trunk.features(x))
