@@ -96,7 +96,7 @@ def _record_from_json(obj: dict, base: Path, where: str) -> Record:
         sample_id=str(obj["sample_id"])
         if obj.get("sample_id") is not None
         else (str(obj["id"]) if "id" in obj else None),
-        extra={k: obj[k] for k in ("answer_kind", "targets", "negative_kind") if k in obj},
+        extra={k: obj[k] for k in ("answer_kind", "targets", "negative_kind", "rendered_kind") if k in obj},
     )
 
 
