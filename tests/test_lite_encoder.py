@@ -156,3 +156,27 @@ def test_checkpoint_stores_no_trunk_and_rebuilds_the_same_model(tmp_path) -> Non
         a, b = model.encode_image(image), again.encode_image(image)
     torch.testing.assert_close(a.embedding, b.embedding)
     torch.testing.assert_close(a.hires, b.hires)
+
+
+def test_lite_model_exports_with_parity_and_the_segmenter_agrees_across_backends(tmp_path) -> None:
+    """The whole export (four graphs, parity check) of the pretrained encoder, with the detail path switched
+    on (trained-like, non-zero), and the Segmenter on ONNX Runtime against PyTorch."""
+    from converseg_core.segmenter import Segmenter
+    from export.export_onnx import export_model
+
+    torch.manual_seed(0)
+    model = build_model("converseg_edge_lite", img_size=128).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.image_encoder.hires[-1].weight, std=0.05)
+    manifest = export_model(model, tmp_path, source={"model": "converseg_edge_lite", "test": True})
+    assert manifest.parity["passed"], manifest.parity
+    assert manifest.parity["hires_features_rel_error"] < 1e-3
+    frame = np.random.default_rng(1).integers(0, 255, size=(96, 128, 3), dtype=np.uint8)
+    answers = []
+    for segmenter in (Segmenter(model), Segmenter.from_checkpoint(tmp_path, backend="onnxruntime")):
+        segmenter.set_image(frame)
+        answers.append(segmenter.predict(["the red mug", "something to cut with"]))
+    for a, b in zip(*answers, strict=True):
+        union = np.logical_or(a.mask, b.mask).sum()
+        assert union == 0 or np.logical_and(a.mask, b.mask).sum() / union >= 0.98
+        assert abs(a.presence - b.presence) < 1e-3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_training_run import TINY, tiny_train
 
 from converseg_core import build_model
 from converseg_core.checkpoint import save_checkpoint
@@ -15,8 +16,6 @@ from training.datasets import load_rgb, read_records, write_toy_dataset
 from training.losses import dense_grounding_loss
 from training.train import train
 from training.trunk_cache import TrunkCache, build_cache, distill_neck
-
-from test_training_run import TINY, tiny_train
 
 SIZE = 64
 
