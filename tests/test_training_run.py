@@ -456,10 +456,15 @@ def test_reproduce_default_plan(tmp_path, capsys):
         "distill",
         "finetune",
         "presence",
+        "lite-cache",
+        "lite-distill",
+        "lite",
         "calibrate-teacher",
         "calibrate-student",
+        "calibrate-lite",
         "eval-teacher",
         "eval-student",
+        "eval-lite",
     ]
     commands = dict(
         zip(stages, [line for line in out.splitlines() if not line.startswith("# ")], strict=True)
@@ -474,6 +479,15 @@ def test_reproduce_default_plan(tmp_path, capsys):
         assert "--val-fraction 0.3" in commands[stage], stage
     assert "presence/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
     assert f"--init {tmp_path / 'student' / 'model.pt'} " in commands["presence"]
+    # the pretrained edge model: its trunk cached once, its neck fitted to the last student, then fine-tuned
+    # on the cache at the student's resolution, with the student's presence head
+    assert f"--out {tmp_path / 'lite_cache'}" in commands["lite-cache"] and "--img-size 256" in commands["lite-cache"]
+    assert f"--teacher {tmp_path / 'presence' / 'model.pt'}" in commands["lite-distill"]
+    lite = commands["lite"]
+    assert "--model converseg_edge_lite" in lite and f"--trunk-cache {tmp_path / 'lite_cache'}" in lite
+    assert f"--init {tmp_path / 'lite_distilled.pt'}" in lite and "mask_presence=true" in lite
+    assert "img_size=256" in lite and "--val-fraction 0.3" in lite
+    assert "lite/calibrated.pt" in commands["eval-lite"]
 
 
 def test_init_official_loads_sam_named_weights(toy, tmp_path):

@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="run the frozen trunk once per training image and store its features")
     b.add_argument("--data", required=True, help="dataset whose images to cache (any reader of training.datasets)")
     b.add_argument("--model", default="converseg_edge_lite", choices=list_models(), help="variant (its trunk)")
+    b.add_argument("--img-size", type=int, default=0, help="network input side (0: the variant's)")
     b.add_argument("--out", required=True, help="cache folder (resumes a partial one)")
     b.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     b.add_argument("--batch-size", type=int, default=4, help="images per trunk run")
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--cache", required=True, help="folder written by build")
     d.add_argument("--teacher", required=True, help="ConverSeg checkpoint whose embeddings and heads to take")
     d.add_argument("--model", default="converseg_edge_lite", choices=list_models(), help="variant to write")
+    d.add_argument("--img-size", type=int, default=0, help="network input side (0: the variant's)")
     d.add_argument("--out", required=True, help="checkpoint to write")
     d.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     d.add_argument("--batch-size", type=int, default=16, help="images per step")
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = get_config(args.model)
+    if args.img_size:
+        config = config.replace(img_size=args.img_size)
     try:
         if args.command == "build":
             records = read_records(args.data)
