@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from converseg_core.processing import read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,6 @@ def find_images(directory: str | Path) -> list[Path]:
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
     return paths
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """H x W x 3 uint8 RGB, whatever the file's mode (grey, palette, RGBA)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 class CalibrationBatcher:
@@ -99,7 +94,7 @@ class CalibrationBatcher:
             start = index * self.batch_size
             batch = np.empty(self.input_shape, dtype=np.float32)
             for row, path in enumerate(self.paths[start : start + self.batch_size]):
-                sample = np.asarray(self.preprocess(load_rgb(path)), dtype=np.float32)
+                sample = np.asarray(self.preprocess(read_rgb(path)), dtype=np.float32)
                 sample = (
                     sample.reshape(sample.shape[-3:]) if sample.ndim == 4 and sample.shape[0] == 1 else sample
                 )

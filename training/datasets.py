@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from converseg_core.config import ConverSegConfig
-from converseg_core.processing import preprocess, resized_shape
+from converseg_core.errors import InputError
+from converseg_core.processing import preprocess, read_rgb, resized_shape
 
 from .augment import AugmentConfig, augment, swap_left_right
 
@@ -343,11 +344,12 @@ def unused_records(
 
 
 def load_rgb(path: Path) -> np.ndarray:
+    """The image as the runtime reads it (converseg_core.processing.read_rgb: upright, deep grey scaled), or
+    SampleError, which the datasets count and skip."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SampleError(f"{path}: cannot read image ({exc})") from exc
+        return read_rgb(path)
+    except InputError as exc:
+        raise SampleError(str(exc)) from exc
 
 
 def image_hw(path: Path) -> tuple[int, int]:
@@ -374,7 +376,7 @@ def load_mask(record: Record, h: int, w: int) -> np.ndarray:
             raise SampleError(f"{record.mask}: cannot read mask ({exc})") from exc
         if arr.ndim != 2:
             raise SampleError(f"{record.mask}: mask must be single-channel, got shape {arr.shape}")
-        mask = arr > (127 if arr.dtype == np.uint8 and arr.max() > 1 else 0)
+        mask = arr != 0  # docs/TRAINING.md: non-zero is target, whatever the maximum
     if mask.shape != (h, w):
         raise SampleError(
             f"{record.mask}: mask size {mask.shape[::-1]} differs from image {record.image} size {(w, h)}"
