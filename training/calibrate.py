@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from converseg_core.checkpoint import load_checkpoint, write_checkpoint
+from converseg_core.errors import ConverSegError
 
 from .compare import scene_resamples
 from .evaluate import EvalConfig, evaluate, presence_sweep
@@ -318,7 +319,11 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(CalibrateConfig, __doc__)
     cfg = CalibrateConfig(**vars(parser.parse_args(argv)))
-    record = calibrate(cfg)
+    try:
+        record = calibrate(cfg)
+    except ConverSegError as exc:  # a refused checkpoint, a model that gives non-finite outputs
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in record.items() if k != "sweep"}, indent=2))
     return 0
 

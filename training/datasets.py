@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from converseg_core.checkpoint import safe_torch_load
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import InputError
+from converseg_core.files import atomic_write
 from converseg_core.processing import preprocess, read_rgb, resized_shape
 
 from .augment import AugmentConfig, augment, swap_left_right
@@ -624,11 +626,12 @@ class TextFeatureCache:
         return out.to(device), am.to(device)
 
     def save(self, path: str | Path) -> None:
-        torch.save({"max_tokens": self.max_tokens, "features": self.features}, path)
+        with atomic_write(path) as f:
+            torch.save({"max_tokens": self.max_tokens, "features": self.features}, f)
 
     @classmethod
     def load(cls, path: str | Path) -> TextFeatureCache:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = safe_torch_load(path, what="text feature cache")
         return cls(data["features"], max_tokens=data["max_tokens"])
 
 

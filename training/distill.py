@@ -32,6 +32,7 @@ from torch import nn
 from converseg_core import list_models
 from converseg_core.build import build_model
 from converseg_core.checkpoint import load_official_weights, save_checkpoint
+from converseg_core.errors import ConverSegError
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DistillConfig(**vars(parser.parse_args(argv)))
     try:
         result = distill(cfg)
-    except FloatingPointError as exc:
+    except (FloatingPointError, ConverSegError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from converseg_core.errors import InputError
+from converseg_core.errors import ConverSegError, InputError
 
 from .datasets import (
+    DatasetError,
     Record,
     SampleError,
     load_mask,
@@ -417,7 +418,11 @@ def evaluate(cfg: EvalConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(EvalConfig, __doc__)
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
-    metrics = evaluate(cfg)
+    try:
+        metrics = evaluate(cfg)
+    except (ConverSegError, DatasetError) as exc:  # a refused checkpoint or export, a bad sample with --strict
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(Path(cfg.out_dir, "metrics.md").read_text())
     return 0 if metrics["overall"]["n"] else 1
 

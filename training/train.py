@@ -42,6 +42,7 @@ from converseg_core.checkpoint import (
     save_checkpoint,
 )
 from converseg_core.config import MINILM_LAYERS
+from converseg_core.errors import ConverSegError
 from converseg_core.modeling.converseg import ImageFeatures
 from converseg_core.tokenizer import QueryTokenizer
 
@@ -934,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**vars(args))
     try:
         result = train(cfg)
-    except (FloatingPointError, DatasetError) as exc:
+    except (FloatingPointError, DatasetError, ConverSegError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
