@@ -714,3 +714,41 @@ def test_trained_minilm_layer_learns_is_stored_and_the_frozen_ones_stay(trained,
         train(tiny_train(toy, tmp_path / "t0", init=[str(tmp_path / "t1" / "model.pt")]))
     with pytest.raises(SystemExit, match="text_trainable_layers=N"):
         train(tiny_train(toy, tmp_path / "t2", train_parts=["text_encoder"]))
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("lr", 0.0),
+        ("image_encoder_lr", float("nan")),
+        ("weight_decay", -1.0),
+    ],
+)
+def test_non_finite_rates_are_refused_before_any_work(toy, tmp_path, flag, value):
+    """--lr nan used to train to NaN weights and exit 0, its validation reporting N-acc 100."""
+    with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be a finite number"):
+        train(tiny_train(toy, tmp_path / "o", **{flag: value}))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_diverges_at_the_end_writes_no_model(toy, tmp_path):
+    """--lr 1e30: one update to weights near 1e30, then every step's loss is non-finite and skipped, fewer than
+    --max-nan-steps in a row; the run used to end with exit 0 and write those weights as model.pt."""
+    out = tmp_path / "o"
+    with pytest.raises(FloatingPointError, match="model.pt was not written"):
+        train(tiny_train(toy, out, steps=6, lr=1e30, max_nan_steps=10))
+    assert not (out / "model.pt").exists()
+
+
+def test_a_short_run_on_unreadable_data_writes_no_model(tmp_path):
+    """Fewer than 64 samples read, all of them bad: the mid-run check never fired and the run wrote model.pt."""
+    from training.datasets import DatasetError
+
+    root = write_toy_dataset(tmp_path / "bad", num_scenes=6, size=(80, 60))
+    for png in (root / "shard-00000" / "images").glob("*.png"):
+        png.write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="8 of the 8 samples read in all were unreadable"):
+        train(tiny_train(root, tmp_path / "o", steps=4, val_fraction=0.0, queries_per_image=0, batch_size=2))
+    assert not (tmp_path / "o" / "model.pt").exists()

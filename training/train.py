@@ -193,6 +193,54 @@ def require_at_least_one(cfg: object, *fields: str) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def require_finite(
+    cfg: object, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
+) -> None:
+    """Exit with the flag's name if a rate or weight is NaN, infinite or out of range: `--lr nan` trained to
+    NaN weights and `--lr inf` to infinite ones, and both runs ended with exit 0. None (a default) passes."""
+    for names, ok, wanted in (
+        (positive, lambda v: v > 0, "above 0"),
+        (non_negative, lambda v: v >= 0, "0 or more"),
+    ):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise SystemExit(f"--{name.replace('_', '-')} must be a finite number {wanted}, got {value}")
+
+
+def check_skipped(skipped: int, seen: int, cfg: TrainConfig, *, final: bool = False) -> None:
+    """DatasetError when more than --max-skip-fraction of the samples read were bad: during the run once 64
+    were read (a few bad ones early say little), at the end whatever the count (a short run on a dataset of
+    unreadable files must not end with a model.pt)."""
+    if (final or seen >= 64) and seen and skipped > cfg.max_skip_fraction * seen:
+        raise DatasetError(
+            f"{skipped} of the {seen} samples read{' in all' if final else ' so far'} were unreadable or "
+            "inconsistent (see the warnings above); fix the dataset or raise --max-skip-fraction"
+            + ("; model.pt was not written" if final else "")
+        )
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters holding NaN or infinite values."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+
+
+def check_run_end(model: nn.Module, nan_run: int, last: Path) -> None:
+    """FloatingPointError when the final weights cannot be trusted: non-finite, or followed only by steps
+    whose loss was non-finite (--lr 1e30: one update to weights near 1e30, then every step skipped)."""
+    bad = non_finite_parameters(model)
+    if bad:
+        raise FloatingPointError(
+            f"{len(bad)} trained tensors hold NaN or infinite values (e.g. {', '.join(bad[:3])}); model.pt "
+            f"was not written; lower --lr (last saved checkpoint: {last})"
+        )
+    if nan_run:
+        raise FloatingPointError(
+            f"the last {nan_run} step(s) had a non-finite loss, so the final weights are not trusted and "
+            f"model.pt was not written; lower --lr or check the data (last saved checkpoint: {last})"
+        )
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -583,6 +631,18 @@ def train(cfg: TrainConfig) -> dict:
     if not 0.0 <= cfg.token_dropout < 1.0:
         raise SystemExit(f"--token-dropout must be in [0, 1), got {cfg.token_dropout}")
     require_at_least_one(cfg, "steps", "log_every", "val_every", "save_every")
+    require_finite(
+        cfg,
+        positive=("lr", "image_encoder_lr", "text_encoder_lr"),
+        non_negative=(
+            "weight_decay",
+            "grad_clip",
+            "dice_weight",
+            "presence_weight",
+            "iou_weight",
+            "min_lr_ratio",
+        ),
+    )
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)
@@ -717,6 +777,10 @@ def train(cfg: TrainConfig) -> dict:
     t_last, step_last = time.perf_counter(), step  # the last TensorBoard log (or the start / resume)
 
     def save(step_now: int, val: dict) -> None:
+        if nan_run or non_finite_parameters(model):
+            # These weights just gave a non-finite loss: keep the last good last.pt for --resume.
+            log.warning("step %d: weights not saved (non-finite loss or weights); %s is kept", step_now, last)
+            return
         meta = plain({"train_config": dataclasses.asdict(cfg), "step": step_now, "val": val})
         extra = {"optimizer": optimizer.state_dict(), "step": step_now}
         if dense_head is not None:
@@ -775,11 +839,7 @@ def train(cfg: TrainConfig) -> dict:
             batch = next(it)
             skipped_total += batch["num_skipped"]
             seen_total += batch["num_skipped"] + (0 if batch["empty"] else len(batch["prompt"]))
-            if seen_total >= 64 and skipped_total > cfg.max_skip_fraction * seen_total:
-                raise DatasetError(
-                    f"{skipped_total} of the {seen_total} samples read so far were unreadable or inconsistent "
-                    f"(see the warnings above); fix the dataset or raise --max-skip-fraction"
-                )
+            check_skipped(skipped_total, seen_total, cfg)
             empty = batch["empty"]
             if empty:
                 # Every sample of this micro-batch was bad. Run the model on a blank stand-in with zero weight,
@@ -889,6 +949,8 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step, last_val)
 
+    check_skipped(skipped_total, seen_total, cfg, final=True)
+    check_run_end(model, nan_run, last)
     seconds = time.perf_counter() - t_start
     result = {
         "step": step,
