@@ -7,6 +7,7 @@ the ROS node can rebuild the model from the file alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,3 +128,23 @@ class ConverSegConfig:
 
     def replace(self, **changes: Any) -> ConverSegConfig:
         return dataclasses.replace(self, **changes)
+
+
+def inference_default_problems(config: ConverSegConfig) -> list[str]:
+    """What is wrong with the inference defaults a model file carries (empty: nothing).
+
+    A stored presence_threshold must lie strictly between 0 and 1: 0 reports every request present, whatever
+    the presence head says (an absent "red mug" found), and 1 none; the thresholds must be finite. A caller
+    who wants such a threshold passes it at run time (Segmenter(presence_threshold=...), --presence-threshold).
+    """
+    problems = []
+    if not (_is_finite(config.presence_threshold) and 0.0 < config.presence_threshold < 1.0):
+        problems.append(f"presence_threshold {config.presence_threshold!r} is not strictly between 0 and 1")
+    for name in ("mask_threshold", "presence_score_weight"):
+        if not _is_finite(getattr(config, name)):
+            problems.append(f"{name} {getattr(config, name)!r} is not a finite number")
+    return problems
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

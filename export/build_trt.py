@@ -43,9 +43,9 @@ from converseg_core.backends.tensorrt_backend import (  # noqa: E402
     cuda_device_info,
     import_cudart,
     import_tensorrt,
-    sha256_file,
 )
 from converseg_core.errors import BackendUnavailableError, CheckpointError  # noqa: E402
+from converseg_core.files import sha256_file  # noqa: E402
 from export.calibration import CalibrationBatcher, find_images, read_cache, write_cache  # noqa: E402
 
 log = logging.getLogger("EngineBuilder")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -426,7 +427,7 @@ def test_quantize_refuses_bad_requests(edge_export, quantized_export, tmp_path):
         quantize_export(src, tmp_path / "enc", calib_images=empty)
     assert not (tmp_path / "enc").exists()  # nothing written
     (empty / "broken.png").write_text("not an image")
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(InputError, match="broken.png: cannot be read as an image"):
         quantize_export(src, tmp_path / "enc", calib_images=empty)
     assert not (tmp_path / "enc").exists()
 
@@ -549,7 +550,7 @@ def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export,
     assert not (tmp_path / "q0").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "missing.png", "prompt": "the mug", "mask_merged": "m.png"}\n')
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(InputError, match="missing.png: no such image file"):
         quantize_export(src, tmp_path / "q1", data=bad, graphs=PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q1" / MANIFEST_NAME).exists()
     assert "error" in json.loads((tmp_path / "q1" / "manifest.failed.json").read_text())["quantization"]
@@ -601,3 +602,75 @@ def test_export_cli_records_which_checkpoint_file_it_exported(tmp_path):
     source = OnnxManifest.load(tmp_path / "onnx" / MANIFEST_NAME).source
     assert source["checkpoint"] == str(ckpt)
     assert source["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_export_seals_every_model_file_and_the_config(edge_export):
+    from converseg_core.files import sha256_file
+
+    out, _ = edge_export
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    names = [g["file"] for g in data["graphs"].values()] + ["tokenizer.json"]
+    assert data["files"] == {name: sha256_file(out / name) for name in names}
+    assert len(data["config_sha256"]) == 64
+
+
+def _tampered(out, tmp_path, name, change):
+    folder = tmp_path / name
+    shutil.copytree(out, folder)
+    change(folder)
+    return folder
+
+
+def _edit_manifest(edit):
+    def change(folder):
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+        edit(data)
+        (folder / MANIFEST_NAME).write_text(json.dumps(data))
+
+    return change
+
+
+def _zero_4k(name):
+    def change(folder):
+        raw = bytearray((folder / name).read_bytes())
+        raw[len(raw) // 2 : len(raw) // 2 + 4096] = bytes(4096)
+        (folder / name).write_bytes(bytes(raw))
+
+    return change
+
+
+def _reseal_with_threshold(value):
+    def change(folder):  # hashes that agree with an unusable threshold: a manifest re-sealed by hand
+        manifest = OnnxManifest.load(folder)
+        manifest.config["presence_threshold"] = value
+        manifest.save(folder / MANIFEST_NAME)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            _edit_manifest(lambda d: d["config"].update(presence_threshold=0.0)),
+            "config_sha256 does not match",
+        ),
+        (_zero_4k("decoder.onnx"), "decoder.onnx does not match the sha256"),
+        (_zero_4k("image_encoder.onnx"), "image_encoder.onnx does not match the sha256"),
+        (lambda f: (f / "tokenizer.json").write_text("{}"), "tokenizer.json does not match the sha256"),
+        (lambda f: (f / "text_encoder.onnx").unlink(), "text_encoder.onnx is missing"),
+        (_edit_manifest(lambda d: d["files"].pop("decoder.onnx")), r"lists no sha256 for \['decoder.onnx'\]"),
+        (_reseal_with_threshold(0.0), "presence_threshold 0.0 is not strictly between 0 and 1"),
+        (_reseal_with_threshold(1.0), "presence_threshold 1.0 is not strictly between 0 and 1"),
+        (_reseal_with_threshold(float("nan")), "presence_threshold nan is not strictly between 0 and 1"),
+    ],
+)
+def test_an_export_that_is_not_what_its_manifest_promises_is_refused(edge_export, tmp_path, change, message):
+    """A threshold edited to 0 (an absent "red mug" reported present), or 4 KiB zeroed in a graph, used to load
+    and change the answers; only export/verify.py noticed."""
+    out, _ = edge_export
+    folder = _tampered(out, tmp_path, "copy", change)
+    with pytest.raises(CheckpointError, match=message):
+        OnnxRuntimeBackend.from_dir(folder, providers=["cpu"])
+    with pytest.raises(CheckpointError, match=message):
+        Segmenter.from_checkpoint(folder, backend="onnxruntime")

@@ -201,8 +201,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.checkpoint).resolve():
         raise SystemExit("--out must differ from --checkpoint: the input checkpoint is never overwritten")
-    if not cfg.thresholds or not all(0.0 <= t <= 1.0 for t in cfg.thresholds):
-        raise SystemExit(f"--thresholds must be values in [0, 1], got {cfg.thresholds}")
+    if not cfg.thresholds or not all(0.0 < t < 1.0 for t in cfg.thresholds):
+        # A stored threshold of 0 or 1 decides nothing; exports refuse it (config.inference_default_problems).
+        raise SystemExit(f"--thresholds must be values strictly between 0 and 1, got {cfg.thresholds}")
     if cfg.bootstrap != 0 and cfg.bootstrap < 100:
         raise SystemExit(f"--bootstrap must be 0 or at least 100 for a 95 % interval, got {cfg.bootstrap}")
     work = out.with_name(out.stem + "_calibration")

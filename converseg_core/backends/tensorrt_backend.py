@@ -19,7 +19,6 @@ when engines are loaded; their absence raises BackendUnavailableError with the i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from converseg_core.backends.base import STAGES, GraphBackend, frame_io_problem
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
+from converseg_core.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,6 @@ class EngineSideFile:
                 + ". Rebuild them on this machine: `python export/build_trt.py --onnx-dir ONNX_DIR --out DIR "
                 + f"--precision {self.precision}`"
             )
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def import_tensorrt() -> Any:
