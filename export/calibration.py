@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converseg_core.files import atomic_write_bytes
 from converseg_core.processing import read_rgb
 
 log = logging.getLogger(__name__)
@@ -119,5 +120,5 @@ def write_cache(path: Path | None, cache: bytes) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(cache))
+    atomic_write_bytes(path, bytes(cache))
     log.info("wrote INT8 calibration cache %s (%d bytes)", path, len(cache))

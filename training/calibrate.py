@@ -42,6 +42,7 @@ import numpy as np
 
 from converseg_core.checkpoint import load_checkpoint, write_checkpoint
 from converseg_core.errors import ConverSegError
+from converseg_core.files import atomic_write_text
 
 from .compare import scene_resamples
 from .evaluate import EvalConfig, evaluate, presence_sweep
@@ -298,7 +299,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     checkpoint.meta = {**checkpoint.meta, "presence_calibration": record}
     checkpoint.extra = {}  # optimizer state etc. belong to training's last.pt, not to a released model
     write_checkpoint(checkpoint, out)
-    Path(str(out) + ".calibration.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(Path(str(out) + ".calibration.json"), json.dumps(record, indent=2) + "\n")
     kept = sweep[chosen]
     log.info(
         "presence threshold %.2f (was %.2f), predicted-IoU weight %g (was %g; fitted %s): N-acc %.1f, T-acc %.1f, "

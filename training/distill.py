@@ -33,6 +33,7 @@ from converseg_core import list_models
 from converseg_core.build import build_model
 from converseg_core.checkpoint import load_official_weights, save_checkpoint
 from converseg_core.errors import ConverSegError
+from converseg_core.files import atomic_write_text
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
@@ -133,7 +134,7 @@ def distill(cfg: DistillConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "distill_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write_text(out_dir / "distill_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
     images = list_images(cfg.images)
     teacher = build_teacher(cfg).to(device)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from converseg_core.errors import ConverSegError, InputError
+from converseg_core.files import atomic_write_text
 
 from .datasets import (
     DatasetError,
@@ -345,7 +346,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         and templates["heldout"].giou is not None
     ):
         metrics["heldout_giou_gap"] = round(templates["seen"].giou - templates["heldout"].giou, 3)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     with open(out_dir / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in per_sample)
 
@@ -380,14 +381,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.presence_sweep:
         sweep = presence_sweep(sweep_pool, cfg.presence_sweep)
         metrics["presence_sweep"] = {str(t): m.to_dict() for t, m in sweep.items()}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         md.append(
             markdown_table(
                 f"Presence threshold sweep (the model's: {threshold:g})",
                 {f"presence >= {t:g}": m for t, m in sweep.items()},
             )
         )
-    (out_dir / "metrics.md").write_text("\n".join(md))
+    atomic_write_text(out_dir / "metrics.md", "\n".join(md))
 
     if cfg.num_panels:
         worst = [
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     try:
         metrics = evaluate(cfg)
-    except (ConverSegError, DatasetError) as exc:  # a refused checkpoint or export, a bad sample with --strict
+    except (ConverSegError, DatasetError) as exc:  # a refused checkpoint or export; a bad sample (--strict)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(Path(cfg.out_dir, "metrics.md").read_text())

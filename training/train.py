@@ -43,6 +43,7 @@ from converseg_core.checkpoint import (
 )
 from converseg_core.config import MINILM_LAYERS
 from converseg_core.errors import ConverSegError
+from converseg_core.files import atomic_write_text
 from converseg_core.modeling.converseg import ImageFeatures
 from converseg_core.tokenizer import QueryTokenizer
 
@@ -648,7 +649,7 @@ def train(cfg: TrainConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write_text(out_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     d.barrier()
 
     # Data
@@ -824,7 +825,7 @@ def train(cfg: TrainConfig) -> dict:
                 step_now,
                 dataformats="HWC",
             )
-        (out_dir / "val_metrics.json").write_text(json.dumps({"step": step_now, **res}, indent=2))
+        atomic_write_text(out_dir / "val_metrics.json", json.dumps({"step": step_now, **res}, indent=2))
         return res
 
     set_train_mode(model, cfg)

@@ -31,7 +31,7 @@ import numpy as np
 from converseg_core.backends.base import STAGES, GraphBackend, frame_io_problem
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
-from converseg_core.files import sha256_file
+from converseg_core.files import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class EngineSideFile:
         return ConverSegConfig.from_dict(self.config)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> EngineSideFile:
