@@ -93,7 +93,7 @@ class OnnxManifest:
     # the agreement and accuracy it measured against the float32 export.
     quantization: dict[str, Any] = field(default_factory=dict)
     # Filled by save(): file name -> sha256 of each graph, its external weights and the tokenizer, and the
-    # sha256 of `config`; load() refuses a folder that no longer matches them (export/EXPORT.md, RELIABILITY.md).
+    # sha256 of `config`; load() refuses a folder that no longer matches them (docs/RELIABILITY.md).
     files: dict[str, str] = field(default_factory=dict)
     config_sha256: str = ""
     format: str = MANIFEST_FORMAT
