@@ -404,3 +404,12 @@ def test_int8_calibrator_feeds_tensorrt(tmp_path):
     assert isinstance(calibrator.get_batch(["image"])[0], int)
     assert calibrator.get_batch(["image"]) is not None
     assert calibrator.get_batch(["image"]) is None
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, float("nan")])
+def test_side_file_with_a_threshold_that_decides_nothing_is_refused(tmp_path, threshold):
+    """engines.json is plain JSON: a presence_threshold edited to 0 would report every request present."""
+    config = get_config("converseg_edge").replace(presence_threshold=threshold).to_dict()
+    side_file(config=config).save(tmp_path / SIDE_FILE_NAME)
+    with pytest.raises(CheckpointError, match="presence_threshold .* is not strictly between 0 and 1"):
+        EngineSideFile.load(tmp_path / SIDE_FILE_NAME)

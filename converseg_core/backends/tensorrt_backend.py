@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from converseg_core.backends.base import STAGES, GraphBackend, frame_io_problem
-from converseg_core.config import ConverSegConfig
+from converseg_core.config import ConverSegConfig, inference_default_problems
 from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
 from converseg_core.files import atomic_write_text, sha256_file
 
@@ -117,6 +117,15 @@ class EngineSideFile:
             raise CheckpointError(
                 f"TensorRT side-file {path} is incomplete or has unknown fields: {exc}"
             ) from exc
+        try:
+            problems = inference_default_problems(side_file.model_config)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"TensorRT side-file {path} holds an invalid model config: {exc}") from exc
+        if problems:  # engines.json is plain JSON: a hand edit must not pass (docs/RELIABILITY.md)
+            raise CheckpointError(
+                f"{path}: {'; '.join(problems)}; pass another threshold at run time, or build the engines "
+                "again from an export of a calibrated checkpoint"
+            )
         io = side_file.io
         if "image_context" in io and "decoder" in io:
             problem = frame_io_problem(
