@@ -69,6 +69,26 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: cannot be read as an image ({exc})") from exc
 
 
+def read_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the array read_rgb(path) returns, from the file's header only (nothing decoded): an
+    EXIF orientation that turns the image by 90 degrees swaps the stored sides, as read_rgb does."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(ORIENTATION_TAG, 1) in QUARTER_TURNS:
+                width, height = height, width
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: cannot be read as an image ({exc})") from exc
+    return height, width
+
+
+# EXIF orientations (tag 0x0112) 5 to 8 transpose the image: ImageOps.exif_transpose swaps its sides.
+ORIENTATION_TAG = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
 def is_deep_grey(img: Image.Image) -> bool:
     """16-bit or float single-channel Pillow image (depth, IR), which convert("RGB") would clip at 255."""
     return img.mode in ("I", "F") or img.mode.startswith("I;16")

@@ -12,8 +12,8 @@ from PIL import Image
 from converseg_core import build_model, save_checkpoint
 from converseg_core.cli import main as cli_main
 from converseg_core.errors import InputError
-from converseg_core.processing import read_rgb, scale_to_u8
-from training.datasets import SampleError, load_rgb
+from converseg_core.processing import read_rgb, read_size, scale_to_u8
+from training.datasets import SampleError, image_hw, load_rgb
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_every_path_reads_an_image_the_same_way(tmp_path):
     for path in (phone_photo(tmp_path / "phone.jpg"), tmp_path / "depth.png"):
         want = read_rgb(path)
         assert np.array_equal(load_rgb(path), want), f"training reads {path.name} differently"
+        assert read_size(path) == image_hw(path) == want.shape[:2], f"the header size of {path.name}"
         assert np.array_equal(compressed_to_rgb(compressed(path), max_side=64), want), path.name
         h, w = want.shape[:2]
         batcher = CalibrationBatcher(

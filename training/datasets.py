@@ -31,7 +31,7 @@ from converseg_core.checkpoint import safe_torch_load
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import InputError
 from converseg_core.files import atomic_write
-from converseg_core.processing import preprocess, read_rgb, resized_shape
+from converseg_core.processing import preprocess, read_rgb, read_size, resized_shape
 
 from .augment import AugmentConfig, augment, swap_left_right
 
@@ -355,13 +355,11 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 def image_hw(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file from its header, without decoding the pixels."""
+    """(height, width) of an image as load_rgb reads it (EXIF orientation applied), from its header only."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (OSError, ValueError) as exc:
-        raise SampleError(f"{path}: cannot read image: {exc}") from exc
-    return h, w
+        return read_size(path)
+    except InputError as exc:
+        raise SampleError(str(exc)) from exc
 
 
 def load_mask(record: Record, h: int, w: int) -> np.ndarray:

@@ -642,6 +642,7 @@ def train(cfg: TrainConfig) -> dict:
             "presence_weight",
             "iou_weight",
             "min_lr_ratio",
+            "dense_weight",
         ),
     )
     d, device = setup_distributed(cfg.device)
