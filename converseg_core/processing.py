@@ -39,7 +39,8 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     convert("RGB") would clip them at 255 and return an almost white frame. Everything else (palette, grey,
     alpha, CMYK) goes through convert("RGB").
     """
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ORIENTATION_TAG, 1) != 1:  # exif_transpose would copy every upright frame too
+        img = ImageOps.exif_transpose(img)
     if is_deep_grey(img):
         return np.repeat(scale_to_u8(np.asarray(img))[:, :, None], 3, axis=2)
     return np.asarray(img.convert("RGB"))

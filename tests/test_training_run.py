@@ -752,3 +752,8 @@ def test_a_short_run_on_unreadable_data_writes_no_model(tmp_path):
     with pytest.raises(DatasetError, match="8 of the 8 samples read in all were unreadable"):
         train(tiny_train(root, tmp_path / "o", steps=4, val_fraction=0.0, queries_per_image=0, batch_size=2))
     assert not (tmp_path / "o" / "model.pt").exists()
+
+
+def test_distill_refuses_a_non_finite_learning_rate(toy, tmp_path):
+    with pytest.raises(SystemExit, match="--lr must be a finite number above 0, got nan"):
+        distill(DistillConfig(images=str(toy), out_dir=str(tmp_path / "d"), lr=float("nan")))

@@ -44,6 +44,7 @@ from .train import (
     parse_overrides,
     plain,
     require_at_least_one,
+    require_finite,
     resume_state,
     setup_distributed,
 )
@@ -129,6 +130,7 @@ def match_embedding(teacher: torch.Tensor, size: int) -> torch.Tensor:
 def distill(cfg: DistillConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     require_at_least_one(cfg, "steps", "log_every", "save_every")
+    require_finite(cfg, positive=("lr",), non_negative=("weight_decay", "grad_clip", "min_lr_ratio"))
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)
