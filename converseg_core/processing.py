@@ -23,6 +23,10 @@ from threadpoolctl import ThreadpoolController
 
 from .errors import InputError
 
+# EXIF orientations (tag 0x0112) 5 to 8 transpose the image: ImageOps.exif_transpose swaps its sides.
+ORIENTATION_TAG = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)
+
 
 def resized_shape(height: int, width: int, target: int) -> tuple[int, int]:
     """Shape after resizing the longest side to `target` (SAM's ResizeLongestSide.get_preprocess_shape).
@@ -83,11 +87,6 @@ def read_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: cannot be read as an image ({exc})") from exc
     return height, width
-
-
-# EXIF orientations (tag 0x0112) 5 to 8 transpose the image: ImageOps.exif_transpose swaps its sides.
-ORIENTATION_TAG = 0x0112
-QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def is_deep_grey(img: Image.Image) -> bool:
