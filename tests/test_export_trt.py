@@ -210,15 +210,22 @@ def test_side_file_from_another_format_or_version_is_refused(tmp_path):
         EngineSideFile.load(path)
     with pytest.raises(CheckpointError, match="not found"):
         EngineSideFile.load(tmp_path / "missing.json")
-    frame = ["image_tokens", "fusion_keys", "fusion_values", "dense_queries"]
+    frame = ["image_tokens", "fusion_keys", "fusion_values", "dense_queries", "hires_tokens"]
+    features = ["image_embeddings", "hires_features"]
     good = {
-        "image_context": {"inputs": ["image_embeddings"], "outputs": frame},
+        "image_encoder": {"inputs": ["image"], "outputs": features},
+        "image_context": {"inputs": features, "outputs": frame},
         "decoder": {"inputs": [*frame, "text_features", "attention_mask"], "outputs": []},
     }
     side_file(io=good).save(path)
     assert EngineSideFile.load(path).io == good
-    stale = {**good, "image_context": {"inputs": ["image_embeddings"], "outputs": frame[1:]}}
+    stale = {**good, "image_context": {"inputs": features, "outputs": frame[1:]}}
     side_file(io=stale).save(path)
+    with pytest.raises(CheckpointError, match="another version"):
+        EngineSideFile.load(path)
+    # engines built before the detail path: an encoder with one output
+    old_encoder = {**good, "image_encoder": {"inputs": ["image"], "outputs": ["image_embeddings"]}}
+    side_file(io=old_encoder).save(path)
     with pytest.raises(CheckpointError, match="another version"):
         EngineSideFile.load(path)
 

@@ -38,6 +38,7 @@ from converseg_core.build import build_model
 from converseg_core.checkpoint import load_checkpoint, save_checkpoint
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import CheckpointError
+from converseg_core.files import atomic_write, atomic_write_text
 from converseg_core.modeling.efficientnet_lite import LiteImageEncoder
 from converseg_core.processing import preprocess
 from converseg_core.registry import get_config, list_models
@@ -128,9 +129,7 @@ def build_cache(
 
     def write_meta(count: int) -> None:
         meta = {"format": FORMAT, "version": VERSION, "key": cache_key(config), "images": names, "done": count}
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(meta_path)
+        atomic_write_text(meta_path, json.dumps(meta))
 
     with tqdm(total=len(images), initial=done, desc="trunk features", unit="img") as progress:
         for start in range(done, len(images), batch_size):
@@ -247,7 +246,8 @@ def distill_neck(
                     pixel_std=teacher.config.pixel_std,
                 ).tensor
                 targets[i] = teacher.encode_image(torch.from_numpy(x)).embedding[0].numpy()
-        np.save(target_file, targets)
+        with atomic_write(target_file) as f:
+            np.save(f, targets)
 
     def batch_of(paths: list[str], flips: list[bool]):
         # The neck reads strides 16 and 32 only.
