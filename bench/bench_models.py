@@ -46,7 +46,7 @@ def median_ms(fn, repeats: int) -> float:
 def bench_variant(name: str, size: int, repeats: int) -> Row:
     model = build_model(name, img_size=size, pretrained_text=False).eval()
     image = torch.randn(1, 3, size, size)
-    embedding = model.encode_image(image)
+    features = model.encode_image(image)
     text = torch.randn(1, 12, model.config.text_hidden_dim)
     mask = torch.ones(1, 12, dtype=torch.long)
     params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("image_encoder.")) / 1e6
@@ -55,7 +55,7 @@ def bench_variant(name: str, size: int, repeats: int) -> Row:
         size=size,
         params_m=params,
         encoder_ms=median_ms(lambda: model.encode_image(image), repeats),
-        decoder_ms=median_ms(lambda: model.decode(embedding, text, mask), repeats),
+        decoder_ms=median_ms(lambda: model.decode(features, text, mask), repeats),
     )
 
 

@@ -134,8 +134,8 @@ def run_child(
         return mask_box(m)
 
     p = pre()
-    embedding = backend.encode_image(p.tensor)
-    context = backend.image_context(embedding)
+    features = backend.encode_image(p.tensor)
+    context = backend.image_context(features)
     text = backend.encode_text(ids, mask)
     low, _, _ = backend.decode(context, text, mask)
 
@@ -157,7 +157,7 @@ def run_child(
     stages = {
         "preprocess": pre,
         "image_encoder": lambda: backend.encode_image(p.tensor),
-        "image_context": lambda: backend.image_context(embedding),
+        "image_context": lambda: backend.image_context(features),
         "text_encoder": lambda: backend.encode_text(ids, mask),
         "decoder": lambda: backend.decode(context, text, mask),
         "postprocess": lambda: post(low, p),

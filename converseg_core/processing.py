@@ -15,12 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from threadpoolctl import ThreadpoolController
 
 from .errors import InputError
+
+# EXIF orientations (tag 0x0112) 5 to 8 transpose the image: ImageOps.exif_transpose swaps its sides.
+ORIENTATION_TAG = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def resized_shape(height: int, width: int, target: int) -> tuple[int, int]:
@@ -38,10 +43,50 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     convert("RGB") would clip them at 255 and return an almost white frame. Everything else (palette, grey,
     alpha, CMYK) goes through convert("RGB").
     """
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ORIENTATION_TAG, 1) != 1:  # exif_transpose would copy every upright frame too
+        img = ImageOps.exif_transpose(img)
     if is_deep_grey(img):
         return np.repeat(scale_to_u8(np.asarray(img))[:, :, None], 3, axis=2)
     return np.asarray(img.convert("RGB"))
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """The one image reader of every path (CLI, training, evaluation, export calibration and verification):
+    the image file as H x W x 3 uint8 RGB, upright as a viewer shows it (pil_to_rgb, which also decodes the
+    ROS node's compressed frames).
+
+    Raises InputError naming the file and the problem: missing, a folder, not an image, truncated, too many
+    pixels for Pillow's decompression-bomb guard, NaN or infinite pixels.
+    """
+    try:
+        with Image.open(path) as img:
+            return pil_to_rgb(img)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: refused, too many pixels ({exc})") from exc
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports a truncated or garbled file with any of these, depending on the format
+        raise InputError(f"{path}: cannot be read as an image ({exc})") from exc
+
+
+def read_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the array read_rgb(path) returns, from the file's header only (nothing decoded): an
+    EXIF orientation that turns the image by 90 degrees swaps the stored sides, as read_rgb does."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(ORIENTATION_TAG, 1) in QUARTER_TURNS:
+                width, height = height, width
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: cannot be read as an image ({exc})") from exc
+    return height, width
 
 
 def is_deep_grey(img: Image.Image) -> bool:
@@ -51,8 +96,20 @@ def is_deep_grey(img: Image.Image) -> bool:
 
 def scale_to_u8(pixels: np.ndarray) -> np.ndarray:
     """A deep grey image (16-bit, 32-bit or float) as uint8, scaled so its maximum is 255; negatives are 0
-    and an all-zero image stays black."""
-    grey = np.clip(pixels.astype(np.float64), 0.0, None)
+    and an all-zero image stays black.
+
+    Raises InputError for NaN or infinite pixels: one of them would set the scale of every other pixel (the
+    whole frame black, or NaN cast to uint8), and a frame whose pixels are not all measured is not one to act
+    on."""
+    grey = pixels.astype(np.float64)
+    finite = np.isfinite(grey)
+    if not finite.all():
+        bad = int(grey.size - np.count_nonzero(finite))
+        raise InputError(
+            f"{bad} of {grey.size} pixels are NaN or infinite (a float image with missing readings?); "
+            "replace them with a finite value (e.g. 0) before segmenting"
+        )
+    grey = np.clip(grey, 0.0, None)
     top = float(grey.max()) if grey.size else 0.0
     if top <= 0:
         return np.zeros(grey.shape, dtype=np.uint8)

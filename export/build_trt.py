@@ -43,9 +43,9 @@ from converseg_core.backends.tensorrt_backend import (  # noqa: E402
     cuda_device_info,
     import_cudart,
     import_tensorrt,
-    sha256_file,
 )
 from converseg_core.errors import BackendUnavailableError, CheckpointError  # noqa: E402
+from converseg_core.files import atomic_write_bytes, sha256_file  # noqa: E402
 from export.calibration import CalibrationBatcher, find_images, read_cache, write_cache  # noqa: E402
 
 log = logging.getLogger("EngineBuilder")
@@ -208,9 +208,9 @@ class EngineBuilder:
         if serialized is None:
             raise RuntimeError(f"TensorRT failed to build {engine_path.name}; see the TensorRT log above")
         engine_path.parent.mkdir(parents=True, exist_ok=True)
-        engine_path.write_bytes(bytes(serialized))
+        atomic_write_bytes(engine_path, bytes(serialized))
         if self.timing_cache_path is not None:
-            self.timing_cache_path.write_bytes(bytes(self.config.get_timing_cache().serialize()))
+            atomic_write_bytes(self.timing_cache_path, bytes(self.config.get_timing_cache().serialize()))
         log.info("wrote %s (%.1f MB)", engine_path, engine_path.stat().st_size / 1e6)
 
 

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from converseg_core.files import atomic_write_bytes
+from converseg_core.processing import read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,6 @@ def find_images(directory: str | Path) -> list[Path]:
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
     return paths
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """H x W x 3 uint8 RGB, whatever the file's mode (grey, palette, RGBA)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 class CalibrationBatcher:
@@ -99,7 +95,7 @@ class CalibrationBatcher:
             start = index * self.batch_size
             batch = np.empty(self.input_shape, dtype=np.float32)
             for row, path in enumerate(self.paths[start : start + self.batch_size]):
-                sample = np.asarray(self.preprocess(load_rgb(path)), dtype=np.float32)
+                sample = np.asarray(self.preprocess(read_rgb(path)), dtype=np.float32)
                 sample = (
                     sample.reshape(sample.shape[-3:]) if sample.ndim == 4 and sample.shape[0] == 1 else sample
                 )
@@ -124,5 +120,5 @@ def write_cache(path: Path | None, cache: bytes) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(cache))
+    atomic_write_bytes(path, bytes(cache))
     log.info("wrote INT8 calibration cache %s (%d bytes)", path, len(cache))

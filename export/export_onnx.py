@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
 
-from converseg_core.backends.base import FrameContext  # noqa: E402
+from converseg_core.backends.base import FrameContext, ImageFeatures  # noqa: E402
 from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
     MANIFEST_NAME,
     QUERIES_AXIS,
@@ -57,6 +57,7 @@ from converseg_core.build import build_model  # noqa: E402
 from converseg_core.errors import ConverSegError  # noqa: E402
 from converseg_core.modeling.converseg import ConverSeg  # noqa: E402
 from converseg_core.modeling.converseg import FrameContext as TorchFrameContext  # noqa: E402
+from converseg_core.modeling.converseg import ImageFeatures as TorchImageFeatures  # noqa: E402
 from converseg_core.processing import preprocess  # noqa: E402
 from converseg_core.registry import list_models  # noqa: E402
 from converseg_core.tokenizer import QueryTokenizer, find_minilm_file  # noqa: E402
@@ -85,8 +86,8 @@ class ImageEncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor) -> Tensor:
-        return self.model.encode_image(image)
+    def forward(self, image: Tensor):
+        return tuple(self.model.encode_image(image))
 
 
 class TextEncoderGraph(nn.Module):
@@ -99,14 +100,14 @@ class TextEncoderGraph(nn.Module):
 
 
 class ImageContextGraph(nn.Module):
-    """The decoder's per-frame part: image embedding -> FrameContext tensors (fusion keys, values, queries)."""
+    """The decoder's per-frame part: ImageFeatures -> FrameContext tensors (fusion keys, values, queries...)."""
 
     def __init__(self, model: ConverSeg) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image_embeddings: Tensor):
-        return tuple(self.model.image_context(image_embeddings))
+    def forward(self, image_embeddings: Tensor, hires_features: Tensor):
+        return tuple(self.model.image_context(TorchImageFeatures(image_embeddings, hires_features)))
 
 
 class DecoderGraph(nn.Module):
@@ -122,10 +123,11 @@ class DecoderGraph(nn.Module):
         fusion_keys: Tensor,
         fusion_values: Tensor,
         dense_queries: Tensor,
+        hires_tokens: Tensor,
         text_features: Tensor,
         attention_mask: Tensor,
     ):
-        context = TorchFrameContext(image_tokens, fusion_keys, fusion_values, dense_queries)
+        context = TorchFrameContext(image_tokens, fusion_keys, fusion_values, dense_queries, hires_tokens)
         out = self.model.decode_context(context, text_features, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
@@ -136,22 +138,28 @@ def graph_specs(config) -> dict[str, GraphSpec]:
     c, d = config.prompt_embed_dim, config.text_hidden_dim
     depth, heads, hw = config.fusion_depth, config.fusion_heads, config.embed_size**2
     q, t = QUERIES_AXIS, TOKENS_AXIS
-    embeddings = TensorSpec("image_embeddings", [1, c, e, e], "float32")
+    features = [
+        TensorSpec("image_embeddings", [1, c, e, e], "float32"),
+        TensorSpec("hires_features", [1, c // 8, low, low], "float32"),
+    ]
     frame = [
         TensorSpec("image_tokens", [1, hw, c], "float32"),
         TensorSpec("fusion_keys", [1, depth, heads, c // heads, hw], "float32"),
         TensorSpec("fusion_values", [1, depth, heads, hw, c // heads], "float32"),
         TensorSpec("dense_queries", [1, heads, hw, c // heads], "float32"),
+        TensorSpec("hires_tokens", [1, low * low, c // 8], "float32"),
     ]
     if [f.name for f in frame] != list(FrameContext._fields):
         raise RuntimeError("graph_specs is out of step with backends.base.FrameContext")
+    if len(features) != len(ImageFeatures._fields):
+        raise RuntimeError("graph_specs is out of step with backends.base.ImageFeatures")
     return {
         "image_encoder": GraphSpec(
             file="image_encoder.onnx",
             inputs=[TensorSpec("image", [1, 3, s, s], "float32")],
-            outputs=[embeddings],
+            outputs=features,
         ),
-        "image_context": GraphSpec(file="image_context.onnx", inputs=[embeddings], outputs=frame),
+        "image_context": GraphSpec(file="image_context.onnx", inputs=features, outputs=frame),
         "text_encoder": GraphSpec(
             file="text_encoder.onnx",
             inputs=[TensorSpec("input_ids", [q, t], "int64"), TensorSpec("attention_mask", [q, t], "int64")],
@@ -325,12 +333,12 @@ def traced_graphs(
     image = torch.from_numpy(preprocessed_test_image(model.config, seed=1))
     # no_grad, not inference_mode: the tracer cannot take inference tensors as inputs.
     with torch.no_grad():
-        embedding = model.encode_image(image)
-        context = model.image_context(embedding)
+        features = model.encode_image(image)
+        context = model.image_context(features)
         text = model.encode_text(ids, mask)
     return {
         "image_encoder": (ImageEncoderGraph(model), (image,)),
-        "image_context": (ImageContextGraph(model), (embedding,)),
+        "image_context": (ImageContextGraph(model), tuple(features)),
         "text_encoder": (TextEncoderGraph(model), (ids, mask)),
         "decoder": (DecoderGraph(model), (*context, text, mask)),
     }
@@ -374,6 +382,7 @@ class ParityReport:
     """ONNX Runtime vs PyTorch on the same inputs; the worst case over every checked query set."""
 
     image_embeddings_rel_error: float
+    hires_features_rel_error: float
     text_features_rel_error: float
     logits_rel_error: float
     iou_scores_max_abs_error: float
@@ -388,11 +397,12 @@ def torch_reference(
     model: ConverSeg, image: np.ndarray, ids: np.ndarray, mask: np.ndarray
 ) -> dict[str, np.ndarray]:
     with torch.inference_mode():
-        emb = model.encode_image(torch.from_numpy(image))
+        features = model.encode_image(torch.from_numpy(image))
         text = model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
-        out = model.decode(emb, text, torch.from_numpy(mask))
+        out = model.decode(features, text, torch.from_numpy(mask))
     return {
-        "image_embeddings": emb.numpy(),
+        "image_embeddings": features.embedding.numpy(),
+        "hires_features": features.hires.numpy(),
         "text_features": text.numpy(),
         "low_res_logits": out.low_res_logits.numpy(),
         "iou_scores": out.iou_scores.numpy(),
@@ -415,11 +425,16 @@ def check_parity(
     for queries in CHECK_QUERIES:
         tokens = tokenizer.encode(list(queries), config.max_query_tokens)
         ref = torch_reference(model, image, tokens.input_ids, tokens.attention_mask)
-        emb = backend.encode_image(image)
+        features = backend.encode_image(image)
         text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
         # End to end through ONNX Runtime: errors of the encoders propagate into the decoder, as at run time.
-        logits, iou, presence = backend.decode(backend.image_context(emb), text, tokens.attention_mask)
-        got = {"image_embeddings": emb, "text_features": text, "low_res_logits": logits}
+        logits, iou, presence = backend.decode(backend.image_context(features), text, tokens.attention_mask)
+        got = {
+            "image_embeddings": features.embedding,
+            "hires_features": features.hires,
+            "text_features": text,
+            "low_res_logits": logits,
+        }
         for key, value in got.items():
             if value.shape != ref[key].shape:
                 raise RuntimeError(f"{key}: ONNX Runtime shape {value.shape}, PyTorch {ref[key].shape}")
@@ -435,9 +450,12 @@ def check_parity(
             _mask_iou(a > threshold, b > threshold)
             for a, b in zip(logits, ref["low_res_logits"], strict=True)
         ]
-    worst = max(errors["image_embeddings"], errors["text_features"], errors["low_res_logits"])
+    worst = max(
+        errors["image_embeddings"], errors["hires_features"], errors["text_features"], errors["low_res_logits"]
+    )
     return ParityReport(
         image_embeddings_rel_error=errors["image_embeddings"],
+        hires_features_rel_error=errors["hires_features"],
         text_features_rel_error=errors["text_features"],
         logits_rel_error=errors["low_res_logits"],
         iou_scores_max_abs_error=errors["iou_scores"],
@@ -520,7 +538,7 @@ def export_model(
         manifest.save(out / "manifest.failed.json")
         (out / MANIFEST_NAME).unlink()
         raise ParityError(
-            f"ONNX Runtime disagrees with PyTorch: max relative error {max(report.image_embeddings_rel_error, report.text_features_rel_error, report.logits_rel_error):.2e} "
+            f"ONNX Runtime disagrees with PyTorch: max relative error {max(report.image_embeddings_rel_error, report.hires_features_rel_error, report.text_features_rel_error, report.logits_rel_error):.2e} "
             f"(limit {max_rel_error:.0e}), min mask IoU {report.mask_iou_min:.4f} (limit {min_mask_iou}); "
             f"details in {out / 'manifest.failed.json'}"
         )

@@ -52,7 +52,7 @@ from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
     OnnxRuntimeBackend,
 )
 from converseg_core.errors import ConverSegError, InputError  # noqa: E402
-from converseg_core.processing import preprocess, presence_probability  # noqa: E402
+from converseg_core.processing import preprocess, presence_probability, read_rgb  # noqa: E402
 from converseg_core.tokenizer import QueryTokenizer  # noqa: E402
 
 log = logging.getLogger("quantize_onnx")
@@ -178,12 +178,13 @@ def calibration_feeds(
         max_images=count,
     )
     encoder_input = manifest.graphs["image_encoder"].inputs[0].name
-    context_input = manifest.graphs["image_context"].inputs[0].name
+    context_inputs = [t.name for t in manifest.graphs["image_context"].inputs]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"image_encoder": [], "image_context": []}
     for batch in tqdm(batcher, total=batcher.num_batches, desc="calibration images", unit="img"):
         feeds["image_encoder"].append({encoder_input: batch})
         if "image_context" in graphs:
-            feeds["image_context"].append({context_input: reference.encode_image(batch)})
+            features = reference.encode_image(batch)
+            feeds["image_context"].append(dict(zip(context_inputs, features, strict=True)))
     return {stage: feeds[stage] for stage in graphs if QUANTIZABLE[stage].static}, batcher.num_images
 
 
@@ -198,7 +199,6 @@ def synthetic_requests(config) -> Iterator[tuple[np.ndarray, list[str]]]:
 def dataset_requests(data: Path, limit: int) -> Iterator[tuple[np.ndarray, list[str]]]:
     """(frame, its requests) from a training dataset (data engine folder, .jsonl, items.json, COCO), frames in
     order, until `limit` requests."""
-    from export.calibration import load_rgb
     from training.datasets import read_records
 
     by_image: dict[Path, list[str]] = {}
@@ -210,7 +210,7 @@ def dataset_requests(data: Path, limit: int) -> Iterator[tuple[np.ndarray, list[
     for path, prompts in by_image.items():
         if left <= 0:
             return
-        yield load_rgb(path), prompts[:left]
+        yield read_rgb(path), prompts[:left]
         left -= len(prompts[:left])
 
 

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from converseg_core.backends.base import Backend  # noqa: E402
 from converseg_core.errors import BackendUnavailableError, ConverSegError  # noqa: E402
-from converseg_core.processing import preprocess, sigmoid, upsample_logits  # noqa: E402
+from converseg_core.processing import preprocess, read_rgb, sigmoid, upsample_logits  # noqa: E402
 from converseg_core.registry import list_models  # noqa: E402
 from converseg_core.tokenizer import QueryTokenizer  # noqa: E402
-from export.calibration import find_images, load_rgb  # noqa: E402
+from export.calibration import find_images  # noqa: E402
 
 log = logging.getLogger("verify")
 
@@ -133,7 +133,7 @@ def compare(run: BackendRun, ref: BackendRun) -> dict[str, float]:
 
 def load_frames(images: Path | None, count: int) -> list[np.ndarray]:
     if images is not None:
-        return [load_rgb(p) for p in find_images(images)[:count]]
+        return [read_rgb(p) for p in find_images(images)[:count]]
     from export.export_onnx import camera_like_image
 
     return [camera_like_image(640, seed=s) for s in range(count)]

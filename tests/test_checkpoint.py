@@ -140,3 +140,51 @@ def test_trained_minilm_layers_are_stored_and_restored_the_rest_comes_from_the_w
 def test_text_trainable_layers_outside_minilm_is_refused():
     with pytest.raises(ValueError, match="text_trainable_layers"):
         build_model("converseg_edge", img_size=SMALL, pretrained_text=False, text_trainable_layers=7)
+
+
+class RunsCode:
+    """Unpickling this creates a file: the stand-in for a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture()
+def pickled(tmp_path):
+    path, marker = tmp_path / "untrusted.pt", tmp_path / "code_ran"
+    torch.save({"format": "converseg-checkpoint", "version": 1, "model": {}, "hook": RunsCode(marker)}, path)
+    return path, marker
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused_without_torchs_advice(pickled):
+    path, marker = pickled
+    with pytest.raises(CheckpointError, match=r"untrusted.pt: refused.*\(io.open\).*arbitrary code") as info:
+        load_checkpoint(path)
+    assert "weights_only" not in str(info.value) and info.value.__cause__ is None
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "calibrate"])
+def test_training_scripts_refuse_such_a_checkpoint_with_a_message_not_a_traceback(
+    script, pickled, tmp_path, capsys
+):
+    import importlib
+
+    from training.datasets import write_toy_dataset
+
+    path, marker = pickled
+    data = str(write_toy_dataset(tmp_path / "toy", num_scenes=2, size=(40, 30)))
+    argv = {
+        "train": ["--data", data, "--init", str(path), "--random-text-encoder", "--num-workers", "0"],
+        "evaluate": ["--data", data, "--checkpoint", str(path), "--num-panels", "0"],
+        "calibrate": ["--data", data, "--checkpoint", str(path), "--split", "all"],
+    }[script] + (
+        ["--out-dir", str(tmp_path / "o")] if script != "calibrate" else ["--out", str(tmp_path / "o.pt")]
+    )
+    assert importlib.import_module(f"training.{script}").main(argv) == 1
+    err = capsys.readouterr().err
+    assert "untrusted.pt: refused" in err and "weights_only" not in err and "Traceback" not in err
+    assert not marker.exists()

@@ -1,6 +1,10 @@
 """The README's main command: `converseg segment --image IMG --query "..." --out mask.png`."""
 
+import builtins
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +151,105 @@ def test_images_are_read_upright_and_deep_grey_is_scaled(tmp_path):
 def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     assert "converseg_edge" in capsys.readouterr().out.split()
+
+
+def segment_argv(image, checkpoint, out, overlay=None):
+    argv = ["segment", "--image", str(image), "--query", "the cup", "--out", str(out)]
+    argv += ["--checkpoint", str(checkpoint), "--presence-threshold", "0"]
+    return argv + (["--overlay", str(overlay)] if overlay is not None else [])
+
+
+class FullDisk:
+    """A file whose writes fail with `error` once `limit` bytes are in it (a full disk), or at once."""
+
+    def __init__(self, f, limit, error):
+        self._f, self._room, self._error = f, limit, error
+
+    def write(self, data):
+        if len(data) > self._room:
+            self._f.write(bytes(data[: self._room]))
+            self._room = 0
+            raise OSError(self._error, os.strerror(self._error))
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def failing_writes(monkeypatch, folder, name, *, limit=100, error=errno.ENOSPC):
+    """Every file written in `folder` whose name contains `name` fails after `limit` bytes (limit None: it
+    cannot be opened for writing), whichever way it is opened (Pillow's open(), the atomic writer's fdopen)."""
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def hit(path, mode):
+        path = Path(path)
+        return any(c in mode for c in "wax+") and path.parent == folder and name in path.name
+
+    def fail_or_wrap(f):
+        if limit is None:
+            f.close()
+            raise OSError(error, os.strerror(error))
+        return FullDisk(f, limit, error)
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return fail_or_wrap(f) if isinstance(file, (str, Path)) and hit(file, mode) else f
+
+    def fake_fdopen(fd, mode="r", *a, **k):
+        f = real_fdopen(fd, mode, *a, **k)
+        return fail_or_wrap(f) if hit(os.readlink(f"/proc/self/fd/{fd}"), mode) else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "fdopen", fake_fdopen)
+
+
+def test_out_hard_linked_to_the_input_is_refused_and_the_input_kept(checkpoint, image, tmp_path, capsys):
+    link = tmp_path / "mask.png"
+    os.link(image, link)
+    before = image.read_bytes()
+    assert main(segment_argv(image, checkpoint, link)) == 2
+    assert "would be overwritten" in capsys.readouterr().err
+    assert image.read_bytes() == before
+
+
+def test_output_that_is_a_folder_is_refused_before_any_work(checkpoint, image, tmp_path, capsys):
+    (tmp_path / "mask.png").mkdir()
+    assert main(segment_argv(image, checkpoint, tmp_path / "mask.png")) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error, limit, message",
+    [(errno.ENOSPC, 100, "No space left on device"), (errno.EROFS, None, "Read-only file system")],
+)
+def test_a_failed_write_keeps_the_previous_mask_and_says_why(
+    error, limit, message, checkpoint, image, tmp_path, capsys, monkeypatch
+):
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    old = np.zeros((40, 60), dtype=np.uint8)
+    Image.fromarray(old).save(outs / "mask.png")
+    before = (outs / "mask.png").read_bytes()
+    failing_writes(monkeypatch, outs, "mask.png", limit=limit, error=error)
+    assert main(segment_argv(image, checkpoint, outs / "mask.png")) == 2
+    assert message in capsys.readouterr().err
+    assert (outs / "mask.png").read_bytes() == before, "the previous mask was replaced by a partial file"
+    assert sorted(p.name for p in outs.iterdir()) == ["mask.png"], "a temporary file was left behind"
+
+
+def test_when_the_overlay_cannot_be_written_the_mask_is_not_written_either(
+    checkpoint, image, tmp_path, capsys, monkeypatch
+):
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    failing_writes(monkeypatch, outs, "overlay.png")
+    assert main(segment_argv(image, checkpoint, outs / "mask.png", outs / "overlay.png")) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(outs.iterdir()) == []

@@ -31,6 +31,10 @@ def test_image_encoder_contract(name):
     encoder = build_image_encoder(cfg).eval()
     with torch.no_grad():
         out = encoder(torch.randn(1, 3, SMALL, SMALL))
+    if isinstance(out, tuple):  # encoders with a detail path: (embedding, B x C/8 x S/4 x S/4 details)
+        out, hires = out
+        assert hires.shape == (1, cfg.prompt_embed_dim // 8, SMALL // 4, SMALL // 4)
+        assert torch.isfinite(hires).all()
     assert out.shape == (1, cfg.prompt_embed_dim, SMALL // 16, SMALL // 16)
     assert torch.isfinite(out).all()
 
@@ -109,7 +113,7 @@ def test_decode_batch_one_embedding_matches_per_query_embeddings():
         emb = model.encode_image(torch.randn(1, 3, SMALL, SMALL))
         feats, mask = torch.randn(3, 4, 384), torch.ones(3, 4, dtype=torch.long)
         shared = model.decode(emb, feats, mask)
-        repeated = model.decode(emb.expand(3, -1, -1, -1).contiguous(), feats, mask)
+        repeated = model.decode(emb.select(torch.zeros(3, dtype=torch.long)), feats, mask)
     assert torch.allclose(shared.low_res_logits, repeated.low_res_logits, atol=1e-5)
 
 

@@ -7,7 +7,9 @@ sweethome3d-furniture is not installed; the verifier, knowledge-base and bad-mes
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -512,3 +514,80 @@ def test_phrase_similarity_flags_a_new_phrase_that_repeats_a_held_out_one_and_re
     edited["functions"][concept].insert(0, "a phrase put first")  # shifts every key of that concept
     with pytest.raises(SystemExit, match="appended"):
         heldout_neighbours(edited, embed, ["functions"], baseline_vocab=base)
+
+
+@needs_furniture
+def test_resume_with_another_shard_size_or_scene_count_is_refused(engine, tmp_path):
+    """10 then 20 scenes a shard used to index 400 scenes with 280 present; 20 then 10 repeated 363 sample ids."""
+    from training.dataengine.__main__ import run
+    from training.dataengine.errors import DataEngineError
+
+    out = tmp_path / "de"
+    run(_args(out, 3), engine=engine)  # one scene a shard
+    before = (out / "dataset.jsonl").read_bytes()
+    wider = _args(out, 3)
+    wider.shard_size = 2
+    with pytest.raises(DataEngineError, match="started with --shard-size 1"):
+        run(wider, engine=engine)
+    # a folder written before config.json recorded the shard size: its finished shards are checked instead
+    config = json.loads((out / "config.json").read_text())
+    del config["shard_size"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataEngineError, match="shard-00000 holds scenes 0-0 .* puts scenes 0-1 there"):
+        run(wider, engine=engine)
+    assert "shard_size" not in json.loads((out / "config.json").read_text())  # still resumable as it was
+    run(_args(out, 3), engine=engine)
+    assert (out / "dataset.jsonl").read_bytes() == before
+    assert json.loads((out / "config.json").read_text())["shard_size"] == 1
+
+    # more scenes than a run whose last shard is partial: that shard would silently lack the new scenes
+    grown = tmp_path / "grown"
+    args = _args(grown, 3)
+    args.shard_size = 2
+    run(args, engine=engine)
+    args.scenes = 4
+    with pytest.raises(
+        DataEngineError, match="shard-00001 holds scenes 2-2 .* puts scenes 2-3 there. Remove"
+    ):
+        run(args, engine=engine)
+    shutil.rmtree(grown / "shard-00001")
+    index = run(args, engine=engine)
+    scenes = {r["scene_id"] for r in read_dataset(grown)}
+    ids = [r["sample_id"] for r in read_dataset(grown)]
+    assert len(scenes) == index["scenes"] == 4 and len(ids) == len(set(ids)) == index["samples"]
+
+
+@needs_furniture
+@pytest.mark.parametrize(
+    "fault, code, message",
+    [
+        (KeyboardInterrupt(), 130, "interrupted; finished shards are kept"),
+        (OSError(errno.ENOSPC, "No space left on device", "masks/x.png"), 1, "No space left on device"),
+    ],
+)
+def test_ctrl_c_and_a_full_disk_end_with_a_message_and_keep_finished_shards(
+    engine, tmp_path, monkeypatch, capsys, fault, code, message
+):
+    import training.dataengine.__main__ as cli
+    import training.dataengine.pipeline as pipeline
+
+    real = pipeline.write_scene
+
+    def fails_on_the_second_scene(res, shard_dir, save_depth):
+        if res.scene_id.endswith("0000001"):
+            raise fault
+        return real(res, shard_dir, save_depth)
+
+    monkeypatch.setattr(cli, "Engine", lambda cfg, asset_cache=None: engine)  # the module's, already built
+    monkeypatch.setattr(pipeline, "write_scene", fails_on_the_second_scene)
+    out = tmp_path / "de"
+    argv = ["--out", str(out), "--scenes", "2", "--seed", "7", "--workers", "0", "--shard-size", "1"]
+    argv += ["--width", str(W), "--height", str(H), "--shadow-size", "512", "--quiet"]
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and "run the same command again to resume" in err and "Traceback" not in err
+    assert (out / "shard-00000" / "DONE").is_file() and not (out / "index.json").exists()
+    assert not list(out.glob(".shard-*")), "the unfinished shard's temporary folder was left behind"
+    monkeypatch.setattr(pipeline, "write_scene", real)
+    assert cli.main(argv) == 0
+    assert json.loads((out / "index.json").read_text())["shards"] == ["shard-00000", "shard-00001"]

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,8 @@ def test_onnxruntime_backend_matches_torch(edge, edge_export, queries):
     text = backend.encode_text(tokens.input_ids, tokens.attention_mask)
     logits, iou, presence = backend.decode(frame, text, tokens.attention_mask)
     q, t = tokens.input_ids.shape
-    assert emb.shape == (1, 256, SIZE // 16, SIZE // 16) and text.shape == (q, t, 384)
+    assert emb.embedding.shape == (1, 256, SIZE // 16, SIZE // 16) and text.shape == (q, t, 384)
+    assert emb.hires.shape == (1, 32, SIZE // 4, SIZE // 4) and not emb.hires.any()  # no detail path
     heads = edge.config.fusion_heads
     assert frame.fusion_keys.shape == (1, edge.config.fusion_depth, heads, 256 // heads, (SIZE // 16) ** 2)
     assert logits.shape == (q, 1, SIZE // 4, SIZE // 4) and iou.shape == (q, 1) and presence.shape == (q,)
@@ -133,7 +135,7 @@ def test_onnxruntime_backend_matches_torch(edge, edge_export, queries):
             torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
         )
         ref = edge.decode(ref_emb, ref_text, torch.from_numpy(tokens.attention_mask))
-    assert rel_error(emb, ref_emb.numpy()) < DEFAULT_MAX_REL_ERROR
+    assert rel_error(emb.embedding, ref_emb.embedding.numpy()) < DEFAULT_MAX_REL_ERROR
     with torch.inference_mode():
         ref_frame = edge.image_context(ref_emb)
     for got, want in zip(frame, ref_frame, strict=True):
@@ -151,7 +153,9 @@ def test_decode_refuses_a_bare_embedding(edge_export):
     with pytest.raises(InputError, match="image_context"):
         backend.decode(emb, text, np.ones((1, 3), np.int64))
     with pytest.raises(InputError, match="image embedding must be"):
-        backend.image_context(emb[:, :128])
+        backend.image_context(emb._replace(embedding=emb.embedding[:, :128]))
+    with pytest.raises(InputError, match="ImageFeatures"):
+        backend.image_context(emb.embedding)
 
 
 def test_manifest_of_an_older_export_is_refused(edge_export, tmp_path):
@@ -250,11 +254,13 @@ def test_image_encoder_round_trip_for_every_variant(name, tmp_path):
 
     session = ort.InferenceSession(str(tmp_path / spec.file), providers=["CPUExecutionProvider"])
     image = preprocessed_test_image(model.config, seed=5)  # another frame than the traced one
-    (got,) = session.run(None, {"image": image})
+    got, got_hires = session.run(None, {"image": image})
     with torch.inference_mode():
-        want = model.encode_image(torch.from_numpy(image)).numpy()
+        want, want_hires = (t.numpy() for t in model.encode_image(torch.from_numpy(image)))
     assert got.shape == want.shape == (1, 256, SIZE // 16, SIZE // 16)
+    assert got_hires.shape == want_hires.shape == (1, 32, SIZE // 4, SIZE // 4)
     assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
+    assert rel_error(got_hires, want_hires) < DEFAULT_MAX_REL_ERROR
 
 
 @pytest.mark.parametrize("option", ["fusion_sentence_token", "mask_presence"])
@@ -421,7 +427,7 @@ def test_quantize_refuses_bad_requests(edge_export, quantized_export, tmp_path):
         quantize_export(src, tmp_path / "enc", calib_images=empty)
     assert not (tmp_path / "enc").exists()  # nothing written
     (empty / "broken.png").write_text("not an image")
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(InputError, match="broken.png: cannot be read as an image"):
         quantize_export(src, tmp_path / "enc", calib_images=empty)
     assert not (tmp_path / "enc").exists()
 
@@ -451,7 +457,8 @@ def test_calibration_feeds_follow_the_runtime_pipeline(edge_export, tmp_path):
         # Pre-processed exactly as at run time (one of the folder's images, chosen by the seeded shuffle) ...
         assert any(np.array_equal(image, e) for e in expected)
         # ... and image_context calibrates on the float32 encoder's embedding of the same image.
-        np.testing.assert_array_equal(next(iter(context_feed.values())), backend.encode_image(image))
+        for fed, want in zip(context_feed.values(), backend.encode_image(image), strict=True):
+            np.testing.assert_array_equal(fed, want)
 
 
 def test_accuracy_drops_beyond_the_limits_are_named():
@@ -543,7 +550,7 @@ def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export,
     assert not (tmp_path / "q0").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "missing.png", "prompt": "the mug", "mask_merged": "m.png"}\n')
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(InputError, match="missing.png: no such image file"):
         quantize_export(src, tmp_path / "q1", data=bad, graphs=PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q1" / MANIFEST_NAME).exists()
     assert "error" in json.loads((tmp_path / "q1" / "manifest.failed.json").read_text())["quantization"]
@@ -595,3 +602,75 @@ def test_export_cli_records_which_checkpoint_file_it_exported(tmp_path):
     source = OnnxManifest.load(tmp_path / "onnx" / MANIFEST_NAME).source
     assert source["checkpoint"] == str(ckpt)
     assert source["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_export_seals_every_model_file_and_the_config(edge_export):
+    from converseg_core.files import sha256_file
+
+    out, _ = edge_export
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    names = [g["file"] for g in data["graphs"].values()] + ["tokenizer.json"]
+    assert data["files"] == {name: sha256_file(out / name) for name in names}
+    assert len(data["config_sha256"]) == 64
+
+
+def _tampered(out, tmp_path, name, change):
+    folder = tmp_path / name
+    shutil.copytree(out, folder)
+    change(folder)
+    return folder
+
+
+def _edit_manifest(edit):
+    def change(folder):
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+        edit(data)
+        (folder / MANIFEST_NAME).write_text(json.dumps(data))
+
+    return change
+
+
+def _zero_4k(name):
+    def change(folder):
+        raw = bytearray((folder / name).read_bytes())
+        raw[len(raw) // 2 : len(raw) // 2 + 4096] = bytes(4096)
+        (folder / name).write_bytes(bytes(raw))
+
+    return change
+
+
+def _reseal_with_threshold(value):
+    def change(folder):  # hashes that agree with an unusable threshold: a manifest re-sealed by hand
+        manifest = OnnxManifest.load(folder)
+        manifest.config["presence_threshold"] = value
+        manifest.save(folder / MANIFEST_NAME)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            _edit_manifest(lambda d: d["config"].update(presence_threshold=0.0)),
+            "config_sha256 does not match",
+        ),
+        (_zero_4k("decoder.onnx"), "decoder.onnx does not match the sha256"),
+        (_zero_4k("image_encoder.onnx"), "image_encoder.onnx does not match the sha256"),
+        (lambda f: (f / "tokenizer.json").write_text("{}"), "tokenizer.json does not match the sha256"),
+        (lambda f: (f / "text_encoder.onnx").unlink(), "text_encoder.onnx is missing"),
+        (_edit_manifest(lambda d: d["files"].pop("decoder.onnx")), r"lists no sha256 for \['decoder.onnx'\]"),
+        (_reseal_with_threshold(0.0), "presence_threshold 0.0 is not strictly between 0 and 1"),
+        (_reseal_with_threshold(1.0), "presence_threshold 1.0 is not strictly between 0 and 1"),
+        (_reseal_with_threshold(float("nan")), "presence_threshold nan is not strictly between 0 and 1"),
+    ],
+)
+def test_an_export_that_is_not_what_its_manifest_promises_is_refused(edge_export, tmp_path, change, message):
+    """A threshold edited to 0 (an absent "red mug" reported present), or 4 KiB zeroed in a graph, used to load
+    and change the answers; only export/verify.py noticed."""
+    out, _ = edge_export
+    folder = _tampered(out, tmp_path, "copy", change)
+    with pytest.raises(CheckpointError, match=message):
+        OnnxRuntimeBackend.from_dir(folder, providers=["cpu"])
+    with pytest.raises(CheckpointError, match=message):
+        Segmenter.from_checkpoint(folder, backend="onnxruntime")

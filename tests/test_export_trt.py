@@ -210,15 +210,22 @@ def test_side_file_from_another_format_or_version_is_refused(tmp_path):
         EngineSideFile.load(path)
     with pytest.raises(CheckpointError, match="not found"):
         EngineSideFile.load(tmp_path / "missing.json")
-    frame = ["image_tokens", "fusion_keys", "fusion_values", "dense_queries"]
+    frame = ["image_tokens", "fusion_keys", "fusion_values", "dense_queries", "hires_tokens"]
+    features = ["image_embeddings", "hires_features"]
     good = {
-        "image_context": {"inputs": ["image_embeddings"], "outputs": frame},
+        "image_encoder": {"inputs": ["image"], "outputs": features},
+        "image_context": {"inputs": features, "outputs": frame},
         "decoder": {"inputs": [*frame, "text_features", "attention_mask"], "outputs": []},
     }
     side_file(io=good).save(path)
     assert EngineSideFile.load(path).io == good
-    stale = {**good, "image_context": {"inputs": ["image_embeddings"], "outputs": frame[1:]}}
+    stale = {**good, "image_context": {"inputs": features, "outputs": frame[1:]}}
     side_file(io=stale).save(path)
+    with pytest.raises(CheckpointError, match="another version"):
+        EngineSideFile.load(path)
+    # engines built before the detail path: an encoder with one output
+    old_encoder = {**good, "image_encoder": {"inputs": ["image"], "outputs": ["image_embeddings"]}}
+    side_file(io=old_encoder).save(path)
     with pytest.raises(CheckpointError, match="another version"):
         EngineSideFile.load(path)
 
@@ -404,3 +411,12 @@ def test_int8_calibrator_feeds_tensorrt(tmp_path):
     assert isinstance(calibrator.get_batch(["image"])[0], int)
     assert calibrator.get_batch(["image"]) is not None
     assert calibrator.get_batch(["image"]) is None
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, float("nan")])
+def test_side_file_with_a_threshold_that_decides_nothing_is_refused(tmp_path, threshold):
+    """engines.json is plain JSON: a presence_threshold edited to 0 would report every request present."""
+    config = get_config("converseg_edge").replace(presence_threshold=threshold).to_dict()
+    side_file(config=config).save(tmp_path / SIDE_FILE_NAME)
+    with pytest.raises(CheckpointError, match="presence_threshold .* is not strictly between 0 and 1"):
+        EngineSideFile.load(tmp_path / SIDE_FILE_NAME)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from converseg_core.modeling.efficientnet_lite import LiteImageEncoder
 from converseg_core.modeling.image_encoder import ImageEncoderViT
 from converseg_core.modeling.student import StudentCNN
 from converseg_core.modeling.tiny_vit import TinyViT
@@ -23,6 +24,7 @@ ENCODERS: dict[str, type[nn.Module]] = {
     "sam_vit": ImageEncoderViT,
     "tiny_vit": TinyViT,
     "student_cnn": StudentCNN,
+    "efficientnet_lite": LiteImageEncoder,
 }
 
 # Small but structurally complete members of each family.
@@ -49,6 +51,9 @@ def test_registry_encoders_build_and_keep_the_shape_contract(name: str) -> None:
     with torch.device("meta"):
         encoder = _build(cfg.image_encoder, cfg.img_size, cfg.image_encoder_args)
         out = encoder(torch.empty(1, 3, cfg.img_size, cfg.img_size))
+    if isinstance(out, tuple):  # (embedding, detail features at stride 4)
+        out, hires = out
+        assert hires.shape == (1, cfg.prompt_embed_dim // 8, cfg.img_size // 4, cfg.img_size // 4)
     assert out.shape == (1, cfg.prompt_embed_dim, cfg.embed_size, cfg.embed_size)
 
 

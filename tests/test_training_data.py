@@ -18,6 +18,7 @@ from training.datasets import (
     SampleError,
     StepSampler,
     collate,
+    load_mask,
     read_records,
     split_records,
     unused_records,
@@ -244,7 +245,7 @@ def test_bad_samples_are_counted_or_raised(tmp_path):
     strict = ConverSegDataset(recs, CFG, on_bad="error")
     with pytest.raises(SampleError, match="differs from image"):
         strict[2]
-    with pytest.raises(SampleError, match="cannot read image"):
+    with pytest.raises(SampleError, match="cannot be read as an image"):
         strict[1]
     assert collate([None, None]) == {"num_skipped": 2, "empty": True}
     with pytest.raises(DatasetError, match="empty"):
@@ -291,3 +292,18 @@ def test_step_sampler_resumes_and_shards():
     r1 = iter(StepSampler(10, batch_size=1, seed=1, rank=1, world=2))
     a, b = {next(r0)[0] for _ in range(5)}, {next(r1)[0] for _ in range(5)}
     assert a.isdisjoint(b) and len(a | b) == 10
+
+
+@pytest.mark.parametrize("value", [1, 100, 127, 128, 255])
+def test_every_non_zero_mask_value_is_target(tmp_path, value):
+    """docs/TRAINING.md: non-zero is target. Values 1-127 used to count as background once a mask's maximum
+    was above 1, which made a 0/100 mask an "empty positive" and skipped it."""
+    want = _write_pair(tmp_path, "a")
+    Image.fromarray(want.astype(np.uint8) * value).save(tmp_path / "a_mask.png")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"image": "a.png", "mask_merged": "a_mask.png", "prompt": "x"})
+    )
+    (record,) = read_records(tmp_path / "d.jsonl")
+    assert np.array_equal(load_mask(record, *want.shape), want)
+    item = ConverSegDataset([record], CFG, on_bad="error")[0]
+    assert item["num_bad"] == 0 and item["presence"].tolist() == [1.0]

@@ -456,10 +456,15 @@ def test_reproduce_default_plan(tmp_path, capsys):
         "distill",
         "finetune",
         "presence",
+        "lite-cache",
+        "lite-distill",
+        "lite",
         "calibrate-teacher",
         "calibrate-student",
+        "calibrate-lite",
         "eval-teacher",
         "eval-student",
+        "eval-lite",
     ]
     commands = dict(
         zip(stages, [line for line in out.splitlines() if not line.startswith("# ")], strict=True)
@@ -474,6 +479,15 @@ def test_reproduce_default_plan(tmp_path, capsys):
         assert "--val-fraction 0.3" in commands[stage], stage
     assert "presence/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
     assert f"--init {tmp_path / 'student' / 'model.pt'} " in commands["presence"]
+    # the pretrained edge model: its trunk cached once, its neck fitted to the last student, then fine-tuned
+    # on the cache at the student's resolution, with the student's presence head
+    assert f"--out {tmp_path / 'lite_cache'}" in commands["lite-cache"] and "--img-size 256" in commands["lite-cache"]
+    assert f"--teacher {tmp_path / 'presence' / 'model.pt'}" in commands["lite-distill"]
+    lite = commands["lite"]
+    assert "--model converseg_edge_lite" in lite and f"--trunk-cache {tmp_path / 'lite_cache'}" in lite
+    assert f"--init {tmp_path / 'lite_distilled.pt'}" in lite and "mask_presence=true" in lite
+    assert "img_size=256" in lite and "--val-fraction 0.3" in lite
+    assert "lite/calibrated.pt" in commands["eval-lite"]
 
 
 def test_init_official_loads_sam_named_weights(toy, tmp_path):
@@ -700,3 +714,46 @@ def test_trained_minilm_layer_learns_is_stored_and_the_frozen_ones_stay(trained,
         train(tiny_train(toy, tmp_path / "t0", init=[str(tmp_path / "t1" / "model.pt")]))
     with pytest.raises(SystemExit, match="text_trainable_layers=N"):
         train(tiny_train(toy, tmp_path / "t2", train_parts=["text_encoder"]))
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("lr", 0.0),
+        ("image_encoder_lr", float("nan")),
+        ("weight_decay", -1.0),
+    ],
+)
+def test_non_finite_rates_are_refused_before_any_work(toy, tmp_path, flag, value):
+    """--lr nan used to train to NaN weights and exit 0, its validation reporting N-acc 100."""
+    with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be a finite number"):
+        train(tiny_train(toy, tmp_path / "o", **{flag: value}))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_diverges_at_the_end_writes_no_model(toy, tmp_path):
+    """--lr 1e30: one update to weights near 1e30, then every step's loss is non-finite and skipped, fewer than
+    --max-nan-steps in a row; the run used to end with exit 0 and write those weights as model.pt."""
+    out = tmp_path / "o"
+    with pytest.raises(FloatingPointError, match="model.pt was not written"):
+        train(tiny_train(toy, out, steps=6, lr=1e30, max_nan_steps=10))
+    assert not (out / "model.pt").exists()
+
+
+def test_a_short_run_on_unreadable_data_writes_no_model(tmp_path):
+    """Fewer than 64 samples read, all of them bad: the mid-run check never fired and the run wrote model.pt."""
+    from training.datasets import DatasetError
+
+    root = write_toy_dataset(tmp_path / "bad", num_scenes=6, size=(80, 60))
+    for png in (root / "shard-00000" / "images").glob("*.png"):
+        png.write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="8 of the 8 samples read in all were unreadable"):
+        train(tiny_train(root, tmp_path / "o", steps=4, val_fraction=0.0, queries_per_image=0, batch_size=2))
+    assert not (tmp_path / "o" / "model.pt").exists()
+
+
+def test_distill_refuses_a_non_finite_learning_rate(toy, tmp_path):
+    with pytest.raises(SystemExit, match="--lr must be a finite number above 0, got nan"):
+        distill(DistillConfig(images=str(toy), out_dir=str(tmp_path / "d"), lr=float("nan")))

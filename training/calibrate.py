@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from converseg_core.checkpoint import load_checkpoint, write_checkpoint
+from converseg_core.errors import ConverSegError
+from converseg_core.files import atomic_write_text
 
 from .compare import scene_resamples
 from .evaluate import EvalConfig, evaluate, presence_sweep
@@ -200,8 +202,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.checkpoint).resolve():
         raise SystemExit("--out must differ from --checkpoint: the input checkpoint is never overwritten")
-    if not cfg.thresholds or not all(0.0 <= t <= 1.0 for t in cfg.thresholds):
-        raise SystemExit(f"--thresholds must be values in [0, 1], got {cfg.thresholds}")
+    if not cfg.thresholds or not all(0.0 < t < 1.0 for t in cfg.thresholds):
+        # A stored threshold of 0 or 1 decides nothing; exports refuse it (config.inference_default_problems).
+        raise SystemExit(f"--thresholds must be values strictly between 0 and 1, got {cfg.thresholds}")
     if cfg.bootstrap != 0 and cfg.bootstrap < 100:
         raise SystemExit(f"--bootstrap must be 0 or at least 100 for a 95 % interval, got {cfg.bootstrap}")
     work = out.with_name(out.stem + "_calibration")
@@ -296,7 +299,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     checkpoint.meta = {**checkpoint.meta, "presence_calibration": record}
     checkpoint.extra = {}  # optimizer state etc. belong to training's last.pt, not to a released model
     write_checkpoint(checkpoint, out)
-    Path(str(out) + ".calibration.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(Path(str(out) + ".calibration.json"), json.dumps(record, indent=2) + "\n")
     kept = sweep[chosen]
     log.info(
         "presence threshold %.2f (was %.2f), predicted-IoU weight %g (was %g; fitted %s): N-acc %.1f, T-acc %.1f, "
@@ -318,7 +321,11 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(CalibrateConfig, __doc__)
     cfg = CalibrateConfig(**vars(parser.parse_args(argv)))
-    record = calibrate(cfg)
+    try:
+        record = calibrate(cfg)
+    except ConverSegError as exc:  # a refused checkpoint, a model that gives non-finite outputs
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in record.items() if k != "sweep"}, indent=2))
     return 0
 

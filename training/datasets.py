@@ -27,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from converseg_core.checkpoint import safe_torch_load
 from converseg_core.config import ConverSegConfig
-from converseg_core.processing import preprocess, resized_shape
+from converseg_core.errors import InputError
+from converseg_core.files import atomic_write
+from converseg_core.processing import preprocess, read_rgb, read_size, resized_shape
 
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, augment, swap_left_right
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -96,7 +99,7 @@ def _record_from_json(obj: dict, base: Path, where: str) -> Record:
         sample_id=str(obj["sample_id"])
         if obj.get("sample_id") is not None
         else (str(obj["id"]) if "id" in obj else None),
-        extra={k: obj[k] for k in ("answer_kind", "targets", "negative_kind") if k in obj},
+        extra={k: obj[k] for k in ("answer_kind", "targets", "negative_kind", "rendered_kind") if k in obj},
     )
 
 
@@ -343,11 +346,20 @@ def unused_records(
 
 
 def load_rgb(path: Path) -> np.ndarray:
+    """The image as the runtime reads it (converseg_core.processing.read_rgb: upright, deep grey scaled), or
+    SampleError, which the datasets count and skip."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SampleError(f"{path}: cannot read image ({exc})") from exc
+        return read_rgb(path)
+    except InputError as exc:
+        raise SampleError(str(exc)) from exc
+
+
+def image_hw(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as load_rgb reads it (EXIF orientation applied), from its header only."""
+    try:
+        return read_size(path)
+    except InputError as exc:
+        raise SampleError(str(exc)) from exc
 
 
 def load_mask(record: Record, h: int, w: int) -> np.ndarray:
@@ -364,7 +376,7 @@ def load_mask(record: Record, h: int, w: int) -> np.ndarray:
             raise SampleError(f"{record.mask}: cannot read mask ({exc})") from exc
         if arr.ndim != 2:
             raise SampleError(f"{record.mask}: mask must be single-channel, got shape {arr.shape}")
-        mask = arr > (127 if arr.dtype == np.uint8 and arr.max() > 1 else 0)
+        mask = arr != 0  # docs/TRAINING.md: non-zero is target, whatever the maximum
     if mask.shape != (h, w):
         raise SampleError(
             f"{record.mask}: mask size {mask.shape[::-1]} differs from image {record.image} size {(w, h)}"
@@ -397,6 +409,8 @@ class ConverSegDataset(torch.utils.data.Dataset):
       mask_full: k x 1 x S x S float32 in {0, 1} (when full_res); presence: k floats (0 for negatives);
       prompt: k requests (left/right swapped if flipped); index: k record indices; num_bad: dropped requests;
       input_ids, attention_mask: k x T int64 (QueryTokenizer, when a tokenizer is given; collate pads T).
+    With cached_features (training.trunk_cache) the image is not decoded: `feature_key` (image path, mirrored)
+    replaces `image`, and augmentation is a horizontal mirror only (landscape images, whose padding is below).
     A bad image raises SampleError, or (on_bad="skip") gives None; a bad mask drops its request (num_bad).
     `collate` counts both.
     """
@@ -413,6 +427,7 @@ class ConverSegDataset(torch.utils.data.Dataset):
         queries_per_image: int = 0,
         tokenizer: Any = None,
         max_tokens: int | None = None,
+        cached_features: bool = False,
     ) -> None:
         if not records:
             raise DatasetError("the dataset is empty (no samples)")
@@ -428,6 +443,7 @@ class ConverSegDataset(torch.utils.data.Dataset):
         self.on_bad = on_bad
         self.seed = seed
         self.queries_per_image = queries_per_image
+        self.cached_features = cached_features
         # Token ids are only needed where the text encoder runs on the batch (not with the feature cache).
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens or config.max_query_tokens
@@ -457,8 +473,9 @@ class ConverSegDataset(torch.utils.data.Dataset):
             return None
 
     def _load(self, members: list[int], rng: np.random.Generator) -> dict | None:
-        image = load_rgb(self.records[members[0]].image)
-        h, w = image.shape[:2]
+        path = self.records[members[0]].image
+        image = None if self.cached_features else load_rgb(path)
+        h, w = image.shape[:2] if image is not None else image_hw(path)
         kept, masks, bad = [], [], 0
         for i in members:
             try:
@@ -474,17 +491,27 @@ class ConverSegDataset(torch.utils.data.Dataset):
                 f"{self.records[members[0]].image}: no readable target among its {bad} request(s)"
             )
         prompts = [self.records[i].prompt for i in kept]
-        if self.augment_cfg is not None:
-            image, masks, prompts = augment(rng, image, masks, prompts, self.augment_cfg)
-        x = preprocess(
-            image, img_size=self.img_size, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std
-        ).tensor
+        if image is None:
+            aug = self.augment_cfg
+            mirrored = aug is not None and w >= h and aug.flip_prob > 0 and rng.random() < aug.flip_prob
+            if mirrored:
+                masks = [np.ascontiguousarray(m[:, ::-1]) for m in masks]
+                prompts = [swap_left_right(p) for p in prompts]
+            pixels: dict[str, Any] = {"feature_key": (str(path), bool(mirrored))}
+        else:
+            if self.augment_cfg is not None:
+                image, masks, prompts = augment(rng, image, masks, prompts, self.augment_cfg)
+                h, w = image.shape[:2]
+            x = preprocess(
+                image, img_size=self.img_size, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std
+            ).tensor
+            pixels = {"image": torch.from_numpy(np.ascontiguousarray(x[0]))}
         full = np.stack([resize_mask_padded(m, self.img_size) for m in masks])
         f = self.img_size // self.low_res
         low = full.reshape(len(kept), self.low_res, f, self.low_res, f).mean(axis=(2, 4))
         item = {
-            "image": torch.from_numpy(np.ascontiguousarray(x[0])),
-            "valid_hw": resized_shape(*image.shape[:2], self.img_size),
+            **pixels,
+            "valid_hw": resized_shape(h, w, self.img_size),
             "mask_low": torch.from_numpy(low)[:, None],
             "presence": torch.tensor([0.0 if self.records[i].negative else 1.0 for i in kept]),
             "prompt": prompts,
@@ -518,7 +545,10 @@ def collate(items: list[dict | None]) -> dict:
     if not kept:
         return {"num_skipped": skipped, "empty": True}
     out: dict[str, Any] = {"num_skipped": skipped, "empty": False}
-    out["image"] = torch.stack([it["image"] for it in kept])
+    if "image" in kept[0]:
+        out["image"] = torch.stack([it["image"] for it in kept])
+    else:
+        out["feature_key"] = [it["feature_key"] for it in kept]
     out["valid_hw"] = [it["valid_hw"] for it in kept]
     out["image_index"] = torch.tensor([b for b, it in enumerate(kept) for _ in it["index"]])
     for key in PER_QUERY_KEYS:
@@ -594,11 +624,12 @@ class TextFeatureCache:
         return out.to(device), am.to(device)
 
     def save(self, path: str | Path) -> None:
-        torch.save({"max_tokens": self.max_tokens, "features": self.features}, path)
+        with atomic_write(path) as f:
+            torch.save({"max_tokens": self.max_tokens, "features": self.features}, f)
 
     @classmethod
     def load(cls, path: str | Path) -> TextFeatureCache:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = safe_torch_load(path, what="text feature cache")
         return cls(data["features"], max_tokens=data["max_tokens"])
 
 

@@ -32,6 +32,8 @@ from torch import nn
 from converseg_core import list_models
 from converseg_core.build import build_model
 from converseg_core.checkpoint import load_official_weights, save_checkpoint
+from converseg_core.errors import ConverSegError
+from converseg_core.files import atomic_write_text
 
 from .augment import AugmentConfig
 from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
@@ -42,6 +44,7 @@ from .train import (
     parse_overrides,
     plain,
     require_at_least_one,
+    require_finite,
     resume_state,
     setup_distributed,
 )
@@ -127,12 +130,13 @@ def match_embedding(teacher: torch.Tensor, size: int) -> torch.Tensor:
 def distill(cfg: DistillConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     require_at_least_one(cfg, "steps", "log_every", "save_every")
+    require_finite(cfg, positive=("lr",), non_negative=("weight_decay", "grad_clip", "min_lr_ratio"))
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "distill_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write_text(out_dir / "distill_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
     images = list_images(cfg.images)
     teacher = build_teacher(cfg).to(device)
@@ -232,9 +236,11 @@ def distill(cfg: DistillConfig) -> dict:
             loss = sum(p.sum() * 0.0 for p in params)
         else:
             with torch.no_grad(), autocast():
-                target = teacher.encode_image(batch["image_1"].to(device, non_blocking=True)).float()
+                target = teacher.encode_image(batch["image_1"].to(device, non_blocking=True)).embedding.float()
             with autocast():
                 pred = encoder(batch["image_0"].to(device, non_blocking=True))
+                if isinstance(pred, tuple):  # encoders with a detail path: the embedding is what is distilled
+                    pred = pred[0]
             loss = distill_loss(pred, match_embedding(target, pred.shape[-1]))
         finite = torch.tensor([float(torch.isfinite(loss.detach()))], device=device)
         if d.world > 1:
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DistillConfig(**vars(parser.parse_args(argv)))
     try:
         result = distill(cfg)
-    except FloatingPointError as exc:
+    except (FloatingPointError, ConverSegError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from converseg_core.errors import InputError
+from converseg_core.errors import ConverSegError, InputError
+from converseg_core.files import atomic_write_text
 
 from .datasets import (
+    DatasetError,
     Record,
     SampleError,
     load_mask,
@@ -114,6 +116,14 @@ def sample_ids(records: list[Record]) -> list[str]:
         )
         ids = [f"{sid}#{i}" for i, sid in enumerate(ids)]
     return ids
+
+
+def rendered_kind_group(r: Record) -> str | None:
+    """The group "rendered" or "not rendered" where the data marks whether a request's objects (a negative's: the kind it
+    asks for) are of a kind the data engine renders (tests/data/real_photos); None where it does not say."""
+    if "rendered_kind" not in r.extra:
+        return None
+    return "rendered" if r.extra["rendered_kind"] else "not rendered"
 
 
 def fmt(v: float | None) -> str:
@@ -266,6 +276,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 # data engine negatives: "absent" (nothing answers) or "attribute" (the category is there,
                 # not in the colour asked for); None for positives and for data that does not say
                 negative_kind=r.extra.get("negative_kind") if r.negative else None,
+                rendered_kind=rendered_kind_group(r),
             )
             per_sample.append(
                 {
@@ -276,6 +287,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "template": r.template_id,
                     "negative": s.negative,
                     **({"negative_kind": r.extra["negative_kind"]} if "negative_kind" in r.extra else {}),
+                    **({"rendered_kind": r.extra["rendered_kind"]} if "rendered_kind" in r.extra else {}),
                     "intersection": s.intersection,
                     "union": s.union,
                     "present": s.predicted_present,
@@ -322,6 +334,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "target size": acc.outcomes_by("target_size"),
         "family": acc.outcomes_by("family"),
     }
+    if acc.groups.get("rendered_kind"):  # only data that marks it (tests/data/real_photos)
+        outcome_groups["kind"] = acc.outcomes_by("rendered_kind")
     metrics["outcomes"] = {
         key: {name: o.to_dict() for name, o in rows.items()} for key, rows in outcome_groups.items()
     }
@@ -332,7 +346,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         and templates["heldout"].giou is not None
     ):
         metrics["heldout_giou_gap"] = round(templates["seen"].giou - templates["heldout"].giou, 3)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     with open(out_dir / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in per_sample)
 
@@ -351,6 +365,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     md.append(markdown_table("By concept family", acc.by("family")))
     md.append(markdown_table("By concept family and template split", acc.by("family_template")))
     md.append(markdown_table("By target size (share of the image; positives only)", acc.by("target_size")))
+    if acc.groups.get("rendered_kind"):
+        md.append(markdown_table("By kind: does the data engine render it?", acc.by("rendered_kind")))
     if acc.groups.get("negative_kind"):
         md.append(markdown_table("Negatives by kind (N-acc: said 'not here')", acc.by("negative_kind")))
     md.append(
@@ -365,14 +381,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.presence_sweep:
         sweep = presence_sweep(sweep_pool, cfg.presence_sweep)
         metrics["presence_sweep"] = {str(t): m.to_dict() for t, m in sweep.items()}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         md.append(
             markdown_table(
                 f"Presence threshold sweep (the model's: {threshold:g})",
                 {f"presence >= {t:g}": m for t, m in sweep.items()},
             )
         )
-    (out_dir / "metrics.md").write_text("\n".join(md))
+    atomic_write_text(out_dir / "metrics.md", "\n".join(md))
 
     if cfg.num_panels:
         worst = [
@@ -386,12 +402,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         if worst:
             save_panels(worst, out_dir / "panels_worst.png", columns=2)
     log.info(
-        "%s: gIoU %s cIoU %s N-acc %s T-acc %s (%d samples, %d skipped)",
+        "%s: gIoU %s cIoU %s N-acc %s T-acc %s, IoU >= %g on %s %% of positives (%d samples, %d skipped)",
         name,
         fmt(overall.giou),
         fmt(overall.ciou),
         fmt(overall.n_acc),
         fmt(overall.t_acc),
+        GOOD_IOU,
+        fmt(positive_outcomes(acc.results).good),
         overall.n,
         len(skipped),
     )
@@ -401,7 +419,11 @@ def evaluate(cfg: EvalConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(EvalConfig, __doc__)
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
-    metrics = evaluate(cfg)
+    try:
+        metrics = evaluate(cfg)
+    except (ConverSegError, DatasetError) as exc:  # a refused checkpoint or export; a bad sample (--strict)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(Path(cfg.out_dir, "metrics.md").read_text())
     return 0 if metrics["overall"]["n"] else 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -58,3 +58,46 @@ def converseg_loss(
 def distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Huber loss between embeddings (NanoSAM's choice: robust to the teacher's few large activations)."""
     return F.huber_loss(student.float(), teacher.float())
+
+
+class DenseGroundingHead(nn.Module):
+    """Training-only probe for dense_grounding_loss: a 1x1 projection of the image embedding (B x C x h x w)
+    into MiniLM's space (B x D x h x w). It is not part of the model: the loss shapes the embedding that the
+    decoder reads, and the probe is kept only in training checkpoints (to resume)."""
+
+    def __init__(self, embed_dim: int = 256, text_dim: int = 384) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(embed_dim, text_dim, kernel_size=1)
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        return self.proj(embedding)
+
+
+def sentence_embedding(text_features: Tensor, attention_mask: Tensor) -> Tensor:
+    """MiniLM token features Q x T x D -> Q x D, the mean over real tokens (all-MiniLM-L6-v2's pooling)."""
+    weights = attention_mask.to(text_features.dtype).unsqueeze(-1)
+    return (text_features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def dense_grounding_loss(
+    pixel_embed: Tensor,
+    text_embed: Tensor,
+    target: Tensor,
+    image_index: Tensor,
+    *,
+    scale: float = 10.0,
+    bias: float = -5.0,
+) -> Tensor:
+    """Dense language grounding (after LSeg, with SigLIP's pairwise sigmoid in place of a softmax over
+    classes, since one pixel can answer several requests: "the red mug" and "something to drink from").
+
+    pixel_embed: B x D x h x w, per-pixel embeddings of the B images in the text's space; text_embed: Q x D,
+    each request's sentence embedding; target: Q x 1 x h x w in [0, 1], the share of each cell the request's
+    answer covers (all zero for a request whose target is absent); image_index: Q, the image each request is
+    about. Every (pixel, request) pair is a binary decision: cosine similarity times `scale` plus `bias` is
+    the logit that the pixel answers the request. The mean BCE over pairs pulls the pixels of an answer
+    towards its request's embedding and every other pixel away from it, absent targets included."""
+    pixels = F.normalize(pixel_embed, dim=1)[image_index]  # Q x D x h x w
+    text = F.normalize(text_embed, dim=1)
+    logits = (pixels * text[:, :, None, None]).sum(1) * scale + bias  # Q x h x w
+    return F.binary_cross_entropy_with_logits(logits, target[:, 0].to(logits.dtype))

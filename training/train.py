@@ -42,6 +42,9 @@ from converseg_core.checkpoint import (
     save_checkpoint,
 )
 from converseg_core.config import MINILM_LAYERS
+from converseg_core.errors import ConverSegError
+from converseg_core.files import atomic_write_text
+from converseg_core.modeling.converseg import ImageFeatures
 from converseg_core.tokenizer import QueryTokenizer
 
 from .augment import AugmentConfig
@@ -55,9 +58,10 @@ from .datasets import (
     read_records,
     split_records,
 )
-from .losses import converseg_loss
+from .losses import DenseGroundingHead, converseg_loss, dense_grounding_loss, sentence_embedding
 from .metrics import MetricAccumulator, SampleResult
 from .panels import make_panel, save_panels
+from .trunk_cache import TrunkCache
 
 log = logging.getLogger("training.train")
 
@@ -137,12 +141,23 @@ class TrainConfig:
     dice_weight: float = arg(0.25, help="weight of the Dice term")
     presence_weight: float = arg(1.0, help="weight of the presence BCE")
     iou_weight: float = arg(1.0, help="weight of the IoU-head MSE (makes the Segmenter's score meaningful)")
+    dense_weight: float = arg(
+        0.0,
+        help="weight of the dense language-grounding loss (training.losses.dense_grounding_loss, after LSeg): "
+        "each embedding pixel is pulled towards the MiniLM sentence embedding of the requests it answers; "
+        "0 disables",
+    )
     token_dropout: float = arg(
         0.0,
         help="probability of hiding each word token of a request from the fusion during training (attention "
         "mask 0; [CLS], [SEP] and at least one word stay), against over-reliance on exact phrasings",
     )
     no_augment: bool = arg(False, help="disable crop / flip / colour augmentation")
+    trunk_cache: str | None = arg(
+        None,
+        help="folder of cached frozen-trunk features (python -m training.trunk_cache build): the trunk does "
+        "not run per step; augmentation becomes a horizontal mirror only",
+    )
     amp: str = arg(
         "auto",
         help="autocast dtype on a GPU (auto: bf16 if supported)",
@@ -177,6 +192,54 @@ def require_at_least_one(cfg: object, *fields: str) -> None:
         value = getattr(cfg, name)
         if value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def require_finite(
+    cfg: object, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
+) -> None:
+    """Exit with the flag's name if a rate or weight is NaN, infinite or out of range: `--lr nan` trained to
+    NaN weights and `--lr inf` to infinite ones, and both runs ended with exit 0. None (a default) passes."""
+    for names, ok, wanted in (
+        (positive, lambda v: v > 0, "above 0"),
+        (non_negative, lambda v: v >= 0, "0 or more"),
+    ):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise SystemExit(f"--{name.replace('_', '-')} must be a finite number {wanted}, got {value}")
+
+
+def check_skipped(skipped: int, seen: int, cfg: TrainConfig, *, final: bool = False) -> None:
+    """DatasetError when more than --max-skip-fraction of the samples read were bad: during the run once 64
+    were read (a few bad ones early say little), at the end whatever the count (a short run on a dataset of
+    unreadable files must not end with a model.pt)."""
+    if (final or seen >= 64) and seen and skipped > cfg.max_skip_fraction * seen:
+        raise DatasetError(
+            f"{skipped} of the {seen} samples read{' in all' if final else ' so far'} were unreadable or "
+            "inconsistent (see the warnings above); fix the dataset or raise --max-skip-fraction"
+            + ("; model.pt was not written" if final else "")
+        )
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters holding NaN or infinite values."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+
+
+def check_run_end(model: nn.Module, nan_run: int, last: Path) -> None:
+    """FloatingPointError when the final weights cannot be trusted: non-finite, or followed only by steps
+    whose loss was non-finite (--lr 1e30: one update to weights near 1e30, then every step skipped)."""
+    bad = non_finite_parameters(model)
+    if bad:
+        raise FloatingPointError(
+            f"{len(bad)} trained tensors hold NaN or infinite values (e.g. {', '.join(bad[:3])}); model.pt "
+            f"was not written; lower --lr (last saved checkpoint: {last})"
+        )
+    if nan_run:
+        raise FloatingPointError(
+            f"the last {nan_run} step(s) had a non-finite loss, so the final weights are not trusted and "
+            f"model.pt was not written; lower --lr or check the data (last saved checkpoint: {last})"
+        )
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -356,28 +419,46 @@ class TrainStep(nn.Module):
     """What DDP wraps: image encoding + decoding for one query per image (text features come cached; the
     MiniLM layers a run trains, if any, run here on them)."""
 
-    def __init__(self, model: nn.Module, train_image_encoder: bool, text_start: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_image_encoder: bool,
+        text_start: int | None = None,
+        dense_head: DenseGroundingHead | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.train_image_encoder = train_image_encoder
         self.text_start = text_start
+        self.dense_head = dense_head
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | list[torch.Tensor],
         image_index: torch.Tensor,
         text: torch.Tensor,
         attention_mask: torch.Tensor,
+        dense_target: torch.Tensor | None = None,
     ):
-        """images: B x 3 x S x S; image_index: Q (which image each query asks about); text: Q x T x 384."""
+        """images: B x 3 x S x S, or a frozen trunk's cached features (training.trunk_cache); image_index: Q
+        (which image each query asks about); text: Q x T x 384; dense_target: Q x 1 x h x w answer coverage
+        of each embedding cell (with a dense head). Returns mask logits, IoU predictions, presence logits and
+        the dense grounding loss (None without a dense head)."""
+        encode = self.model.encode_image
+        if isinstance(images, list):
+            images, encode = images, lambda feats: ImageFeatures(*self.model.image_encoder.heads(feats))
         if self.train_image_encoder:
-            emb = self.model.encode_image(images)
+            emb = encode(images)
         else:
             with torch.no_grad():
-                emb = self.model.encode_image(images)
+                emb = encode(images)
         text = finish_text(self.model, text, attention_mask, self.text_start)
-        out = self.model.decode(emb[image_index], text, attention_mask)
-        return out.low_res_logits, out.iou_scores, out.presence_logits
+        out = self.model.decode(emb.select(image_index), text, attention_mask)
+        dense = None
+        if self.dense_head is not None and dense_target is not None:
+            sentences = sentence_embedding(text, attention_mask).detach()
+            dense = dense_grounding_loss(self.dense_head(emb.embedding), sentences, dense_target, image_index)
+        return out.low_res_logits, out.iou_scores, out.presence_logits, dense
 
 
 def drop_tokens(attention_mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -502,7 +583,7 @@ def validate(
         text, am = cache.lookup(batch["prompt"], device)
         text = finish_text(model, text, am, text_start)
         emb = model.encode_image(batch["image"].to(device))
-        out = model.decode(emb[batch["image_index"].to(device)], text, am)
+        out = model.decode(emb.select(batch["image_index"].to(device)), text, am)
         logits = F.interpolate(
             out.low_res_logits.float(), size=cfg.img_size, mode="bilinear", align_corners=False
         )
@@ -527,13 +608,20 @@ def validate(
 # ------------------------------------------------------------------------------------------- training
 
 
-def resume_state(last: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def resume_state(
+    last: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dense_head: nn.Module | None = None
+) -> int:
     """Restore weights and optimizer from a training checkpoint (last.pt); return its step. The config
     in the file must equal the model's: resuming another model's run would silently mix them."""
     ckpt = load_checkpoint(last)
     if ckpt.config != model.config:
         raise SystemExit(f"{last}: saved for config {ckpt.config.to_dict()}, not the one asked for now")
     load_state_into(model, ckpt.state_dict, source=str(last))
+    if (dense_head is None) != ("dense_head" not in ckpt.extra):
+        raise SystemExit(f"{last}: saved {'with' if dense_head is None else 'without'} a dense grounding head; "
+                         "resume with the same --dense-weight setting (0 or not)")
+    if dense_head is not None:
+        dense_head.load_state_dict(ckpt.extra["dense_head"])
     optimizer.load_state_dict(ckpt.extra["optimizer"])
     return int(ckpt.extra["step"])
 
@@ -544,12 +632,25 @@ def train(cfg: TrainConfig) -> dict:
     if not 0.0 <= cfg.token_dropout < 1.0:
         raise SystemExit(f"--token-dropout must be in [0, 1), got {cfg.token_dropout}")
     require_at_least_one(cfg, "steps", "log_every", "val_every", "save_every")
+    require_finite(
+        cfg,
+        positive=("lr", "image_encoder_lr", "text_encoder_lr"),
+        non_negative=(
+            "weight_decay",
+            "grad_clip",
+            "dice_weight",
+            "presence_weight",
+            "iou_weight",
+            "min_lr_ratio",
+            "dense_weight",
+        ),
+    )
     d, device = setup_distributed(cfg.device)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
     out_dir = Path(cfg.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write_text(out_dir / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     d.barrier()
 
     # Data
@@ -588,12 +689,17 @@ def train(cfg: TrainConfig) -> dict:
         raise SystemExit(
             f"nothing to train: {', '.join(trainable_parts(model, cfg))} hold no trainable weights"
         )
+    dense_head = None
+    if cfg.dense_weight > 0:
+        dense_head = DenseGroundingHead(model.config.prompt_embed_dim, model.config.text_hidden_dim).to(device)
+        param_groups.append({"params": list(dense_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr,
+                             "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
 
     step = 0
     last = out_dir / "last.pt"
     if cfg.resume and last.is_file():
-        step = resume_state(last, model, optimizer)
+        step = resume_state(last, model, optimizer, dense_head)
         if d.main:
             log.info("resumed from %s at step %d", last, step)
     if step >= cfg.steps and d.main:
@@ -601,6 +707,11 @@ def train(cfg: TrainConfig) -> dict:
 
     cache = build_text_cache(model, [train_recs, val_recs], cfg, d, [not cfg.no_augment, False])
     aug = None if cfg.no_augment else AugmentConfig()
+    trunk_cache = TrunkCache.open(cfg.trunk_cache, model.config) if cfg.trunk_cache else None
+    if trunk_cache is not None:
+        uncached = sorted({str(r.image) for r in train_recs if r.image not in trunk_cache})
+        if uncached:
+            raise SystemExit(f"--trunk-cache {cfg.trunk_cache} lacks {len(uncached)} training images, e.g. {uncached[0]}")
     train_ds = ConverSegDataset(
         train_recs,
         model.config,
@@ -608,6 +719,7 @@ def train(cfg: TrainConfig) -> dict:
         on_bad=cfg.on_bad,
         seed=cfg.seed,
         queries_per_image=cfg.queries_per_image,
+        cached_features=trunk_cache is not None,
     )
     val_ds = ConverSegDataset(val_recs, model.config, full_res=True, on_bad=cfg.on_bad) if val_recs else None
     sampler = StepSampler(
@@ -639,7 +751,7 @@ def train(cfg: TrainConfig) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
 
     stepper: nn.Module = TrainStep(
-        model, "image_encoder" in trainable_parts(model, cfg), text_start_layer(model, cfg)
+        model, "image_encoder" in trainable_parts(model, cfg), text_start_layer(model, cfg), dense_head
     )
     if d.world > 1:
         stepper = nn.parallel.DistributedDataParallel(
@@ -667,8 +779,15 @@ def train(cfg: TrainConfig) -> dict:
     t_last, step_last = time.perf_counter(), step  # the last TensorBoard log (or the start / resume)
 
     def save(step_now: int, val: dict) -> None:
+        if nan_run or non_finite_parameters(model):
+            # These weights just gave a non-finite loss: keep the last good last.pt for --resume.
+            log.warning("step %d: weights not saved (non-finite loss or weights); %s is kept", step_now, last)
+            return
         meta = plain({"train_config": dataclasses.asdict(cfg), "step": step_now, "val": val})
-        save_checkpoint(model, last, meta=meta, extra={"optimizer": optimizer.state_dict(), "step": step_now})
+        extra = {"optimizer": optimizer.state_dict(), "step": step_now}
+        if dense_head is not None:
+            extra["dense_head"] = dense_head.state_dict()
+        save_checkpoint(model, last, meta=meta, extra=extra)
 
     def run_validation(step_now: int) -> dict:
         if val_ds is None:
@@ -707,7 +826,7 @@ def train(cfg: TrainConfig) -> dict:
                 step_now,
                 dataformats="HWC",
             )
-        (out_dir / "val_metrics.json").write_text(json.dumps({"step": step_now, **res}, indent=2))
+        atomic_write_text(out_dir / "val_metrics.json", json.dumps({"step": step_now, **res}, indent=2))
         return res
 
     set_train_mode(model, cfg)
@@ -716,17 +835,13 @@ def train(cfg: TrainConfig) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, cfg)
         optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "presence": 0.0, "iou": 0.0}
+        sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "presence": 0.0, "iou": 0.0, "dense": 0.0}
         bad = False
         for micro in range(cfg.grad_accum):
             batch = next(it)
             skipped_total += batch["num_skipped"]
             seen_total += batch["num_skipped"] + (0 if batch["empty"] else len(batch["prompt"]))
-            if seen_total >= 64 and skipped_total > cfg.max_skip_fraction * seen_total:
-                raise DatasetError(
-                    f"{skipped_total} of the {seen_total} samples read so far were unreadable or inconsistent "
-                    f"(see the warnings above); fix the dataset or raise --max-skip-fraction"
-                )
+            check_skipped(skipped_total, seen_total, cfg)
             empty = batch["empty"]
             if empty:
                 # Every sample of this micro-batch was bad. Run the model on a blank stand-in with zero weight,
@@ -735,7 +850,11 @@ def train(cfg: TrainConfig) -> dict:
             sync = d.world == 1 or micro == cfg.grad_accum - 1
             ctx = nullcontext() if sync else stepper.no_sync()
             with ctx:
-                images = batch["image"].to(device, non_blocking=True)
+                if "feature_key" in batch:
+                    paths, mirrored = zip(*batch["feature_key"], strict=True)
+                    images = trunk_cache.lookup(list(paths), list(mirrored), device)
+                else:
+                    images = batch["image"].to(device, non_blocking=True)
                 target = batch["mask_low"].to(device, non_blocking=True)
                 presence_t = batch["presence"].to(device)
                 text, am = cache.lookup(batch["prompt"], device)
@@ -746,8 +865,10 @@ def train(cfg: TrainConfig) -> dict:
                     )
                     am = drop_tokens(am, cfg.token_dropout, g)
                 image_index = batch["image_index"].to(device)
+                # Each embedding cell's share of each request's answer (the 4 x 4 low-res pixels it holds).
+                dense_target = F.avg_pool2d(target, 4) if dense_head is not None else None
                 with autocast():
-                    logits, iou_pred, presence = stepper(images, image_index, text, am)
+                    logits, iou_pred, presence, dense = stepper(images, image_index, text, am, dense_target)
                 out = converseg_loss(
                     logits,
                     target,
@@ -768,6 +889,9 @@ def train(cfg: TrainConfig) -> dict:
                 else:
                     iou_loss = iou_pred.float().sum() * 0.0
                 loss = loss + cfg.iou_weight * iou_loss
+                if dense is not None:
+                    loss = loss + cfg.dense_weight * dense
+                    sums["dense"] += float(dense.detach()) / cfg.grad_accum
                 if empty:
                     loss = loss * 0.0
                 else:
@@ -827,6 +951,8 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step, last_val)
 
+    check_skipped(skipped_total, seen_total, cfg, final=True)
+    check_run_end(model, nan_run, last)
     seconds = time.perf_counter() - t_start
     result = {
         "step": step,
@@ -873,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**vars(args))
     try:
         result = train(cfg)
-    except (FloatingPointError, DatasetError) as exc:
+    except (FloatingPointError, DatasetError, ConverSegError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

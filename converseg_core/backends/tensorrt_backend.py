@@ -19,7 +19,6 @@ when engines are loaded; their absence raises BackendUnavailableError with the i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -30,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from converseg_core.backends.base import STAGES, GraphBackend, frame_io_problem
-from converseg_core.config import ConverSegConfig
+from converseg_core.config import ConverSegConfig, inference_default_problems
 from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
+from converseg_core.files import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class EngineSideFile:
         return ConverSegConfig.from_dict(self.config)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> EngineSideFile:
@@ -117,9 +117,20 @@ class EngineSideFile:
             raise CheckpointError(
                 f"TensorRT side-file {path} is incomplete or has unknown fields: {exc}"
             ) from exc
+        try:
+            problems = inference_default_problems(side_file.model_config)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"TensorRT side-file {path} holds an invalid model config: {exc}") from exc
+        if problems:  # engines.json is plain JSON: a hand edit must not pass (docs/RELIABILITY.md)
+            raise CheckpointError(
+                f"{path}: {'; '.join(problems)}; pass another threshold at run time, or build the engines "
+                "again from an export of a calibrated checkpoint"
+            )
         io = side_file.io
         if "image_context" in io and "decoder" in io:
-            problem = frame_io_problem(io["image_context"]["outputs"], io["decoder"]["inputs"])
+            problem = frame_io_problem(
+                io["image_context"]["outputs"], io["decoder"]["inputs"], io.get("image_encoder", {}).get("outputs")
+            )
             if problem:
                 raise CheckpointError(
                     f"{path}: engines built from an export of another version ({problem}); export and "
@@ -150,14 +161,6 @@ class EngineSideFile:
                 + ". Rebuild them on this machine: `python export/build_trt.py --onnx-dir ONNX_DIR --out DIR "
                 + f"--precision {self.precision}`"
             )
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def import_tensorrt() -> Any:

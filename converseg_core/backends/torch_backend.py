@@ -9,7 +9,8 @@ import torch
 
 from ..modeling.converseg import ConverSeg
 from ..modeling.converseg import FrameContext as TorchFrameContext
-from .base import FrameContext, check_frame, check_text
+from ..modeling.converseg import ImageFeatures as TorchImageFeatures
+from .base import FrameContext, ImageFeatures, check_features, check_frame, check_text
 
 
 class TorchBackend:
@@ -30,8 +31,8 @@ class TorchBackend:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.model.device)
 
     @torch.inference_mode()
-    def encode_image(self, image: np.ndarray) -> np.ndarray:
-        return self.model.encode_image(self._tensor(image)).float().cpu().numpy()
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        return ImageFeatures(*(t.float().cpu().numpy() for t in self.model.encode_image(self._tensor(image))))
 
     @torch.inference_mode()
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -39,8 +40,9 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
-    def image_context(self, embedding: np.ndarray) -> FrameContext:
-        context = self.model.image_context(self._tensor(embedding))
+    def image_context(self, features: ImageFeatures) -> FrameContext:
+        features = check_features(features, self.config)
+        context = self.model.image_context(TorchImageFeatures(*(self._tensor(a) for a in features)))
         return FrameContext(*(t.float().cpu().numpy() for t in context))
 
     def prepare_frame(self, image: np.ndarray) -> FrameContext:

@@ -25,6 +25,23 @@ class DecoderOutput:
     presence_logits: Tensor
 
 
+class ImageFeatures(NamedTuple):
+    """What the image encoder gives for B frames.
+
+    embedding: B x C x h x w, SAM's image embedding (h = img_size / 16);
+    hires: B x C/8 x 4h x 4w, detail features the mask decoder adds to its upscaled features (encoders with a
+        high-resolution path, modeling/efficientnet_lite.py); zeros for encoders without one (SAM, TinyViT,
+        the StudentCNN), which leaves their masks exactly as SAM computes them.
+    """
+
+    embedding: Tensor
+    hires: Tensor
+
+    def select(self, index: Tensor) -> ImageFeatures:
+        """The frames at `index` (Q): one frame per query, for batched training."""
+        return ImageFeatures(self.embedding[index], self.hires[index])
+
+
 class FrameContext(NamedTuple):
     """Everything the decoder needs from one frame, whatever the request: computed once per frame by
     `image_context`, reused by `decode_context` for every request. B = 1 for a frame shared by all queries.
@@ -34,13 +51,31 @@ class FrameContext(NamedTuple):
     image_tokens: B x hw x C, the image embedding as tokens plus SAM's no-mask embedding (the mask decoder's
         input before the request's dense bias is added);
     fusion_keys: B x depth x heads x d x hw; fusion_values: B x depth x heads x hw x d;
-    dense_queries: B x heads x hw x d.
+    dense_queries: B x heads x hw x d;
+    hires_tokens: B x 16hw x C/8, the encoder's detail features in the pixel order of the decoder's upscaled
+        tokens (MaskDecoder.upscale_tokens).
     """
 
     image_tokens: Tensor
     fusion_keys: Tensor
     fusion_values: Tensor
     dense_queries: Tensor
+    hires_tokens: Tensor
+
+
+def without_detail(embedding: Tensor) -> ImageFeatures:
+    """The ImageFeatures of an encoder without a detail path: its embedding and all-zero detail features."""
+    b, c, h, w = embedding.shape
+    return ImageFeatures(embedding, embedding.new_zeros(b, c // 8, 4 * h, 4 * w))
+
+
+def hires_tokens(hires: Tensor) -> Tensor:
+    """B x c x 4h x 4w image-order features -> B x 16hw x c in the decoder's upscaled-token order: pixel
+    (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2) at token ((i w + j) 2 + dy1) 2 + dx1) 2 + dy2) 2 + dx2."""
+    b, c, hh, ww = hires.shape
+    h, w = hh // 4, ww // 4
+    x = hires.reshape(b, c, h, 2, 2, w, 2, 2)  # b, c, i, dy1, dy2, j, dx1, dx2
+    return x.permute(0, 2, 5, 3, 6, 4, 7, 1).reshape(b, 16 * h * w, c)
 
 
 class ConverSeg(nn.Module):
@@ -70,9 +105,11 @@ class ConverSeg(nn.Module):
     def device(self) -> torch.device:
         return self.prompt_encoder.no_mask_embed.weight.device
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """images: B x 3 x S x S, normalized and padded -> B x 256 x S/16 x S/16."""
-        return self.image_encoder(images)
+    def encode_image(self, images: Tensor) -> ImageFeatures:
+        """images: B x 3 x S x S, normalized and padded -> ImageFeatures (B x 256 x S/16 x S/16 embedding,
+        B x 32 x S/4 x S/4 detail features)."""
+        out = self.image_encoder(images)
+        return ImageFeatures(*out) if isinstance(out, tuple) else without_detail(out)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: Q x T int64 -> Q x T x 384 token features."""
@@ -82,24 +119,24 @@ class ConverSeg(nn.Module):
         """SAM's dense positional encoding as 1 x hw x C tokens (a constant of the model)."""
         return self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
 
-    def image_context(self, image_embeddings: Tensor) -> FrameContext:
-        """The per-frame part of decoding (image_embeddings: B x C x h x w from encode_image)."""
-        tokens = image_embeddings.flatten(2).transpose(1, 2)
+    def image_context(self, features: ImageFeatures | Tensor) -> FrameContext:
+        """The per-frame part of decoding (features from encode_image, B frames; a bare B x C x h x w
+        embedding is taken as an encoder's without a detail path)."""
+        embedding, hires = without_detail(features) if isinstance(features, Tensor) else features
+        tokens = embedding.flatten(2).transpose(1, 2)
         fusion = self.fusion.image_context(tokens, self.pe_tokens())
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1)
-        return FrameContext(tokens + no_mask, *fusion)
+        return FrameContext(tokens + no_mask, *fusion, hires_tokens(hires))
 
     def decode(
         self,
-        image_embeddings: Tensor,
+        features: ImageFeatures | Tensor,
         text_features: Tensor,
         attention_mask: Tensor,
         multimask_output: bool = False,
     ) -> DecoderOutput:
-        """image_embeddings: 1 x C x h x w (shared by every query) or Q x C x h x w (one per query)."""
-        return self.decode_context(
-            self.image_context(image_embeddings), text_features, attention_mask, multimask_output
-        )
+        """features: batch 1 (shared by every query) or batch Q (one frame per query); see image_context."""
+        return self.decode_context(self.image_context(features), text_features, attention_mask, multimask_output)
 
     def decode_context(
         self,
@@ -122,6 +159,7 @@ class ConverSeg(nn.Module):
             fused.sparse,
             self.prompt_encoder.image_embedding_size,
             multimask_output=multimask_output,
+            hires_tokens=context.hires_tokens,
         )
         presence_logits = fused.presence_logits
         if self.mask_presence is not None:

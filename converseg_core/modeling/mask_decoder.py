@@ -133,12 +133,14 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         grid: tuple[int, int],
         multimask_output: bool,
+        hires_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderTokens]:
         """forward() with the image side as tokens, the layout the fusion produces (no transposes per request),
         plus the transformer outputs the masks were made from. src_tokens: N x hw x C, image embedding + dense
-        prompt; pe_tokens: 1 x hw x C; grid: (h, w)."""
+        prompt; pe_tokens: 1 x hw x C; grid: (h, w); hires_tokens: (1 or N) x 16hw x C/8 detail features added
+        to the upscaled tokens (in upscale_tokens' pixel order), or None (SAM)."""
         masks, iou_pred, tokens = self.predict_masks_tokens(
-            src_tokens, pe_tokens, sparse_prompt_embeddings, grid
+            src_tokens, pe_tokens, sparse_prompt_embeddings, grid, hires_tokens
         )
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, mask_slice], iou_pred[:, mask_slice], tokens
@@ -149,6 +151,7 @@ class MaskDecoder(nn.Module):
         pe_tokens: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         grid: tuple[int, int],
+        hires_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, DecoderTokens]:
         """All num_mask_tokens masks and IoU predictions, and the transformer outputs; see decode_tokens."""
         n = sparse_prompt_embeddings.shape[0]
@@ -165,7 +168,10 @@ class MaskDecoder(nn.Module):
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
         # hyper_in: B x M x C/8, upscaled: B x 16hw x C/8 (token-major) -> masks B x M x 4h x 4w
-        masks = hyper_in @ self.upscale_tokens(src).transpose(1, 2)
+        upscaled = self.upscale_tokens(src)
+        if hires_tokens is not None:
+            upscaled = upscaled + hires_tokens
+        masks = hyper_in @ upscaled.transpose(1, 2)
         masks = masks.reshape(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks.reshape(b, -1, 4 * h, 4 * w), iou_pred, DecoderTokens(iou_token_out, src)

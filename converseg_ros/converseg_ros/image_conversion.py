@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from converseg_core.processing import is_deep_grey, scale_to_u8
+from converseg_core.errors import InputError
+from converseg_core.processing import pil_to_rgb, scale_to_u8
 
 # encoding -> (channels, numpy dtype of one channel, channel order: "rgb", "bgr" or "grey")
 _ENCODINGS: dict[str, tuple[int, str, str]] = {
@@ -113,19 +114,18 @@ def compressed_to_rgb(msg: Any, *, max_side: int) -> np.ndarray:
     try:
         with PILImage.open(io.BytesIO(memoryview(data))) as img:
             _check_size(img.height, img.width, max_side)
-            img.load()
-            if is_deep_grey(img):  # a compressed depth or IR stream: scaled like mono16
-                return np.repeat(scale_to_u8(np.asarray(img))[:, :, None], 3, axis=2)
-            rgb = img.convert("RGB")
+            rgb = pil_to_rgb(img)  # the one image reader of every path: upright, deep grey scaled
     except ImageConversionError:
         raise
     except PILImage.DecompressionBombError as exc:  # Pillow's own header check, above any max_input_side
         raise ImageConversionError("image_too_large", f"compressed image header: {exc}") from exc
+    except InputError as exc:  # NaN or infinite pixels in a float image
+        raise ImageConversionError("invalid_pixels", f"compressed image ({msg.format!r}): {exc}") from exc
     except Exception as exc:  # Pillow raises many types for truncated or garbage data
         raise ImageConversionError(
             "corrupt_compressed", f"cannot decode compressed image ({msg.format!r}): {exc}"
         ) from exc
-    return np.asarray(rgb)
+    return rgb
 
 
 def _check_size(height: int, width: int, max_side: int) -> None:

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from converseg_core.files import atomic_write, atomic_write_text
+
 from .errors import DataEngineError
 from .pipeline import Engine, EngineConfig, init_worker, run_shard, shard_name, write_shard
 
@@ -93,21 +95,18 @@ def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
     cache = build_asset_cache(args.asset_cache, known_categories=set(kb.categories))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.json"
-    if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
-        if old != asdict(cfg):
-            raise DataEngineError(
-                f"{out} was started with another configuration ({cfg_path}); use a new --out"
-            )
-    else:
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    record_shard_size = check_run_config(out, cfg, args.shard_size)
     shards = [
         (k, list(range(s, min(s + args.shard_size, args.scenes))))
         for k, s in enumerate(range(0, args.scenes, args.shard_size))
     ]
     for stale in out.glob(".shard-*.tmp-*"):  # left by a crashed run; no worker is running yet
         shutil.rmtree(stale, ignore_errors=True)
+    check_done_shards(out, shards)
+    if record_shard_size:
+        atomic_write_text(
+            out / "config.json", json.dumps({**asdict(cfg), "shard_size": args.shard_size}, indent=1)
+        )
     todo = [(k, idx) for k, idx in shards if not (out / shard_name(k) / "DONE").is_file()]
     done_scenes = args.scenes - sum(len(i) for _, i in todo)
     t0 = time.perf_counter()
@@ -144,6 +143,42 @@ def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
     return finalize(out, cfg, args.scenes, shards, cache, wall, manifest_markdown)
 
 
+def check_run_config(out: Path, cfg: EngineConfig, shard_size: int) -> bool:
+    """config.json holds what makes the dataset and the shard size (which scenes each shard holds): resuming
+    with either changed would mix two datasets, or lose or repeat scenes, so it is refused. Returns whether
+    the shard size is still to be recorded (a new folder, or one written before it was)."""
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        return True
+    old = json.loads(cfg_path.read_text())
+    if old.get("shard_size", shard_size) != shard_size:
+        raise DataEngineError(
+            f"{out} was started with --shard-size {old['shard_size']} ({cfg_path}); resume it with "
+            f"--shard-size {old['shard_size']}, or use a new --out"
+        )
+    if {k: v for k, v in old.items() if k != "shard_size"} != asdict(cfg):
+        raise DataEngineError(f"{out} was started with another configuration ({cfg_path}); use a new --out")
+    return "shard_size" not in old
+
+
+def check_done_shards(out: Path, shards: list[tuple[int, list[int]]]) -> None:
+    """Refuse a finished shard whose scenes are not the ones this run puts there (the last shard of a run with
+    other --scenes, or a folder written before config.json recorded the shard size): skipping it would lose
+    or repeat scenes. Nothing is deleted; the message names the shard to remove to have it rendered again."""
+    for k, indices in shards:
+        done = out / shard_name(k) / "DONE"
+        if not done.is_file():
+            continue
+        held = json.loads(done.read_text()).get("indices")
+        if held != [indices[0], indices[-1]]:
+            raise DataEngineError(
+                f"{out / shard_name(k)} holds scenes {held[0] if held else '?'}-{held[-1] if held else '?'} of a "
+                f"run with other --scenes or --shard-size; this run puts scenes {indices[0]}-{indices[-1]} "
+                f"there. Remove that folder to have it rendered again (scene i depends only on the seed and i), "
+                "or use a new --out"
+            )
+
+
 def finalize(
     out: Path, cfg: EngineConfig, n_scenes: int, shards, cache: Path, wall: float, manifest_markdown
 ) -> dict:
@@ -154,7 +189,7 @@ def finalize(
     n_samples = negatives = regions = 0
     shard_seconds = []
     items, heldout = [], []
-    with open(out / "dataset.jsonl.tmp", "w", encoding="utf-8") as ds:
+    with atomic_write(out / "dataset.jsonl", "w", encoding="utf-8") as ds:
         for k, _ in shards:
             sd = out / shard_name(k)
             st = json.loads((sd / "DONE").read_text())
@@ -185,10 +220,9 @@ def finalize(
                         "answer_kind": rec["answer_kind"],
                     }
                     (heldout if rec["template_split"] == "heldout" else items).append(item)
-    os.replace(out / "dataset.jsonl.tmp", out / "dataset.jsonl")
     name = out.name or "dataengine"
     for fname, its in (("items.json", items + heldout), ("items_heldout.json", heldout)):
-        with open(out / (fname + ".tmp"), "w", encoding="utf-8") as f:
+        with atomic_write(out / fname, "w", encoding="utf-8") as f:
             json.dump(
                 {
                     "dataset": f"{name}{'' if fname == 'items.json' else '_heldout'}",
@@ -197,7 +231,6 @@ def finalize(
                 },
                 f,
             )
-        os.replace(out / (fname + ".tmp"), out / fname)
     index = {
         "format": "converseg-dataengine",
         "version": 1,
@@ -215,24 +248,33 @@ def finalize(
         "wall_seconds_this_run": round(wall, 2),
         "shard_seconds": shard_seconds,
     }
-    with open(out / "index.json.tmp", "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1)
-    os.replace(out / "index.json.tmp", out / "index.json")
-    (out / "ASSET_LICENCES.md").write_text(
+    atomic_write_text(
+        out / "ASSET_LICENCES.md",
         "# Models used in these images\n\nFrom the Debian package sweethome3d-furniture.\n\n"
         + manifest_markdown(cache)
-        + "\n"
+        + "\n",
     )
+    atomic_write_text(out / "index.json", json.dumps(index, indent=1))  # last: it marks the run finished
     return index
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    resume = "finished shards are kept: run the same command again to resume"
     try:
         index = run(args)
     except DataEngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {resume}", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a full disk, a read-only or vanished output folder
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"error: cannot write under {args.out}: {exc.strerror or exc}{where}; {resume}", file=sys.stderr
+        )
+        return 1
     print(
         json.dumps(
             {

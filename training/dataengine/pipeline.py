@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,18 @@ def write_shard(engine: Engine, out: Path, shard: int, indices: list[int], progr
         shutil.rmtree(tmp)
     for sub in ("images", "masks", "scenes", "instances", "depth"):
         (tmp / sub).mkdir(parents=True)
+    try:
+        stats = _render_shard(engine, tmp, indices, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back; Ctrl-C leaves no debris
+        raise
+    if final.exists():  # an incomplete leftover without DONE
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return stats
+
+
+def _render_shard(engine: Engine, tmp: Path, indices: list[int], progress) -> dict:
     t0 = time.perf_counter()
     stats = {"scenes": 0, "samples": 0, "families": {}, "rejected": {}, "negatives": 0, "regions": 0}
     scene_times = []
@@ -204,9 +217,6 @@ def write_shard(engine: Engine, out: Path, shard: int, indices: list[int], progr
     stats["median_scene_s"] = round(float(np.median(scene_times)), 4) if scene_times else None
     stats["indices"] = [indices[0], indices[-1]] if indices else []
     (tmp / "DONE").write_text(json.dumps(stats))
-    if final.exists():  # an incomplete leftover without DONE
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     return stats
 
 
@@ -220,6 +230,9 @@ def init_worker(cfg: EngineConfig, asset_cache, progress_queue) -> None:
     # An exception escaping a pool initializer kills the worker and the pool respawns it forever; keep the
     # error and raise it from the first task instead, so the run fails with the message.
     global _ENGINE, _PROGRESS, _INIT_ERROR
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the pool and says how to resume;
+    # the workers stay quiet instead of each printing a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _PROGRESS = progress_queue
     # One llvmpipe render thread per worker: the pool already keeps every core busy, and extra GL threads
     # only add switching (measured ~15 % less CPU per scene). A user's own setting wins.
