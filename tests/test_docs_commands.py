@@ -140,6 +140,10 @@ def test_the_docs_have_commands_to_check():
 @pytest.mark.parametrize(("where", "command"), OURS, ids=[f"{i:03d}" for i in range(len(OURS))])
 def test_documented_command_uses_existing_flags(where, command):
     prefix, arguments = target(command)
+    if arguments and re.fullmatch(r"[a-z][a-z_-]*", arguments[0]):  # a sub-command: its own --help
+        sub = help_flags((*prefix, arguments[0]))
+        if not isinstance(sub, str):
+            prefix, arguments = (*prefix, arguments[0]), arguments[1:]
     flags = help_flags(prefix)
     if flags == "skip":
         pytest.skip(f"{prefix[0]} is not installed")
