@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import struct
 import subprocess
 import sys
@@ -44,7 +43,7 @@ sys.path.insert(0, str(REPO / "converseg_ros"))
 sys.path.append(str(REPO))  # bench.machine
 from converseg_ros.loopback import fenced, loopback_env, unshare_works  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from bench.machine import cpu_description, rss_mb, slope_per_min  # noqa: E402
 
 TINY_MODEL = {"random_model": "converseg_edge", "random_model_img_size": 128}
 REFERENCE_QUERY = "the red mug"
@@ -188,23 +187,6 @@ def query_kinds() -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------------------------------ inside the fence
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def slope_per_min(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, MB) points, in MB per minute."""
-    if len(points) < 2:
-        return 0.0
-    ts, ys = zip(*points, strict=True)
-    mt, my = statistics.fmean(ts), statistics.fmean(ys)
-    var = sum((t - mt) ** 2 for t in ts)
-    return 60.0 * sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var if var else 0.0
-
-
 class Bench:
     """The bench's side of the wire: one rclpy node publishing frames and requests, collecting answers."""
 

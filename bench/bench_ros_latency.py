@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "converseg_ros"))  # until pyproject maps converse
 sys.path.append(str(REPO))  # bench.machine
 from converseg_ros.loopback import fenced, loopback_env, unshare_works  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from bench.machine import cpu_description, rss_mb, slope_per_min  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,20 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------- inside
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def slope_per_min(points: list[tuple[float, float]]) -> float:
-    if len(points) < 2:
-        return 0.0
-    ts, ys = zip(*points, strict=True)
-    mt, my = statistics.fmean(ts), statistics.fmean(ys)
-    var = sum((t - mt) ** 2 for t in ts)
-    return 60.0 * sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var if var else 0.0
 
 
 def run_inside(args: argparse.Namespace, tmp: Path) -> dict:

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from converseg_core import default_checkpoint, load_checkpoint
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_runtime.py"
@@ -46,3 +48,13 @@ def test_targets_judge_the_default_configuration_when_measured():
     del pooled[("torch", default, 512)], pooled[("onnxruntime", default, 512)]
     rows = {t: met for t, _, met in bench_runtime.targets(pooled)}
     assert rows["edge, new query on a cached frame (text encoder + decoder, ORT, 512) <= 25 ms"] is True
+
+
+def test_memory_slope_is_megabytes_per_minute_and_rss_reads_this_process():
+    import os
+
+    from bench.machine import rss_mb, slope_per_min
+
+    assert slope_per_min([(0.0, 100.0), (60.0, 101.0), (120.0, 102.0)]) == pytest.approx(1.0)
+    assert slope_per_min([(0.0, 100.0)]) == 0.0
+    assert 1.0 < rss_mb(os.getpid()) < 24 * 1024
