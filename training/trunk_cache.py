@@ -249,20 +249,20 @@ def distill_neck(
         with atomic_write(target_file) as f:
             np.save(f, targets)
 
-    def batch_of(paths: list[str], flips: list[bool]):
-        # The neck reads strides 16 and 32 only.
+    def batch_of(paths: list[str], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The neck's prediction (it reads strides 16 and 32 only) and the teacher's embedding."""
         f16, f32 = cache.lookup(paths, flips, torch.device("cpu"), levels=("s16", "s32"))
         rows = [cache.index[p] for p in paths]
         want = np.stack([targets[r][..., ::-1] if f else targets[r] for r, f in zip(rows, flips, strict=True)])
-        return [None, None, f16, f32], torch.from_numpy(want.astype(np.float32))
+        return encoder.embed(f16, f32), torch.from_numpy(want.astype(np.float32))
 
     def r2(paths: list[str]) -> float:
         encoder.eval()
         err = tot = 0.0
         with torch.no_grad():
             for i in range(0, len(paths), batch_size):
-                feats, want = batch_of(paths[i : i + batch_size], [False] * len(paths[i : i + batch_size]))
-                got = encoder.embed(feats[2], feats[3])
+                chunk = paths[i : i + batch_size]
+                got, want = batch_of(chunk, [False] * len(chunk))
                 err += float(((got - want) ** 2).sum())
                 tot += float(((want - want.mean(dim=(0, 2, 3), keepdim=True)) ** 2).sum())
         encoder.train()
@@ -276,16 +276,15 @@ def distill_neck(
         for g in optimizer.param_groups:
             g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         pick = rng.integers(0, len(train), batch_size)
-        feats, want = batch_of([train[i] for i in pick], list(rng.random(batch_size) < 0.5))
-        loss = F.huber_loss(encoder.embed(feats[2], feats[3]), want, delta=1.0)
+        got, want = batch_of([train[i] for i in pick], list(rng.random(batch_size) < 0.5))
+        loss = F.huber_loss(got, want, delta=1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     fit = {"train_r2": round(r2(train[:256]), 4), "val_r2": round(r2(val), 4), "steps": steps,
            "seconds": round(time.perf_counter() - t0, 1)}
-    student.config = student.config.replace()  # unchanged: the teacher's inference settings came along
-    save_checkpoint(student, out, meta={"distilled_from": str(teacher_path), "neck_fit": fit,
-                                        "presence_calibration": teacher_ckpt.meta.get("presence_calibration")})
+    # The teacher's presence threshold came along in the config: a starting point, to be calibrated again.
+    save_checkpoint(student, out, meta={"distilled_from": str(teacher_path), "neck_fit": fit})
     return fit
 
 
