@@ -85,8 +85,8 @@ def test_neck_distillation_fits_the_teacher_and_keeps_its_heads(toy, cache_dir, 
     teacher_path = save_checkpoint(teacher, tmp_path / "teacher.pt")
     config = lite_config().replace(fusion_mlp_dim=64, decoder_mlp_dim=64, fusion_depth=1)
     cache = TrunkCache.open(cache_dir, lite_config())
-    fit = distill_neck(cache, teacher_path, config, tmp_path / "student.pt", steps=30, batch_size=4, lr=3e-3,
-                       val_images=2)
+    # The default held-out count (64) is more than this 6-image cache has: a fifth of it is held out instead.
+    fit = distill_neck(cache, teacher_path, config, tmp_path / "student.pt", steps=30, batch_size=4, lr=3e-3)
     assert fit["train_r2"] > 0.0, fit
     student = build_model(checkpoint=tmp_path / "student.pt", pretrained_text=False)
     torch.testing.assert_close(student.mask_decoder.iou_token.weight, teacher.mask_decoder.iou_token.weight)

@@ -207,7 +207,8 @@ def distill_neck(
     seed: int = 0,
 ) -> dict:
     """Fit the new encoder's neck to the teacher's image embeddings; write a checkpoint of `config` whose
-    other parts are the teacher's. Returns the train and held-out fit (R^2 of the embedding)."""
+    other parts are the teacher's. Returns the train and held-out fit (R^2 of the embedding); `val_images`
+    images (at most a fifth of the cache) are held out for the latter."""
     from tqdm import tqdm
 
     teacher_ckpt = load_checkpoint(teacher_path)
@@ -227,9 +228,13 @@ def distill_neck(
         raise SystemExit(f"teacher parts do not fit: missing {wrong[:5]} unexpected {missing.unexpected_keys[:5]}")
     encoder = lite_encoder(student)
     images = sorted(cache.index, key=cache.index.get)
+    if len(images) < 2:
+        raise SystemExit(f"{cache.folder}: {len(images)} cached image(s); the neck needs at least 2 (one held out)")
+    # At most a fifth of the images is held out to measure the fit, and at least one.
+    held_out = max(1, min(val_images, len(images) // 5))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
-    val, train = [images[i] for i in order[:val_images]], [images[i] for i in order[val_images:]]
+    val, train = [images[i] for i in order[:held_out]], [images[i] for i in order[held_out:]]
 
     # Teacher embeddings: once per image and teacher file, from the pictures (the teacher has its own encoder).
     digest = hashlib.sha256(Path(teacher_path).read_bytes()).hexdigest()[:16]
