@@ -71,7 +71,7 @@ def without_detail(embedding: Tensor) -> ImageFeatures:
 
 def hires_tokens(hires: Tensor) -> Tensor:
     """B x c x 4h x 4w image-order features -> B x 16hw x c in the decoder's upscaled-token order: pixel
-    (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2) at token ((i w + j) 2 + dy1) 2 + dx1) 2 + dy2) 2 + dx2."""
+    (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2) at token ((((i w + j) 2 + dy1) 2 + dx1) 2 + dy2) 2 + dx2."""
     b, c, hh, ww = hires.shape
     h, w = hh // 4, ww // 4
     x = hires.reshape(b, c, h, 2, 2, w, 2, 2)  # b, c, i, dy1, dy2, j, dx1, dx2
