@@ -444,9 +444,11 @@ class TrainStep(nn.Module):
         (which image each query asks about); text: Q x T x 384; dense_target: Q x 1 x h x w answer coverage
         of each embedding cell (with a dense head). Returns mask logits, IoU predictions, presence logits and
         the dense grounding loss (None without a dense head)."""
-        encode = self.model.encode_image
-        if isinstance(images, list):
-            images, encode = images, lambda feats: ImageFeatures(*self.model.image_encoder.heads(feats))
+        if isinstance(images, list):  # cached trunk features: only the neck and detail path run
+            def encode(feats: list[torch.Tensor]) -> ImageFeatures:
+                return ImageFeatures(*self.model.image_encoder.heads(feats))
+        else:
+            encode = self.model.encode_image
         if self.train_image_encoder:
             emb = encode(images)
         else:
