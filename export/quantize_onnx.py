@@ -199,7 +199,7 @@ def synthetic_requests(config) -> Iterator[tuple[np.ndarray, list[str]]]:
 def dataset_requests(data: Path, limit: int) -> Iterator[tuple[np.ndarray, list[str]]]:
     """(frame, its requests) from a training dataset (data engine folder, .jsonl, items.json, COCO), frames in
     order, until `limit` requests."""
-    from training.datasets import read_records
+    from training.records import read_records
 
     by_image: dict[Path, list[str]] = {}
     for record in read_records(data):

@@ -173,7 +173,7 @@ def test_training_scripts_refuse_such_a_checkpoint_with_a_message_not_a_tracebac
 ):
     import importlib
 
-    from training.datasets import write_toy_dataset
+    from toy_data import write_toy_dataset
 
     path, marker = pickled
     data = str(write_toy_dataset(tmp_path / "toy", num_scenes=2, size=(40, 30)))

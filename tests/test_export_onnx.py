@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from toy_data import write_toy_dataset
 
 from converseg_core.backends import Backend
 from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest, OnnxRuntimeBackend
@@ -40,7 +41,6 @@ from export.export_onnx import (
     preprocessed_test_image,
     traced_graphs,
 )
-from training.datasets import write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128

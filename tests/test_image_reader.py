@@ -13,7 +13,8 @@ from converseg_core import build_model, save_checkpoint
 from converseg_core.cli import main as cli_main
 from converseg_core.errors import InputError
 from converseg_core.processing import read_rgb, read_size, scale_to_u8
-from training.datasets import SampleError, image_hw, load_rgb
+from training.records import SampleError
+from training.sample_io import image_hw, load_rgb
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from training.dataengine.prompts import FAMILIES
-from training.datasets import load_mask, load_rgb, read_records
 from training.evaluate import EvalConfig, evaluate
+from training.records import read_records
+from training.sample_io import load_mask, load_rgb
 
 SET = Path(__file__).parent / "data" / "real_photos"
 KB = Path(__file__).parents[1] / "training" / "dataengine" / "knowledge_base.json"

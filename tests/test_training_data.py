@@ -7,23 +7,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from toy_data import write_toy_dataset
 
 from converseg_core import get_config
 from converseg_core.processing import preprocess
 from training.augment import AugmentConfig, augment, swap_left_right
-from training.datasets import (
-    ConverSegDataset,
-    DatasetError,
-    Record,
-    SampleError,
-    StepSampler,
-    collate,
-    load_mask,
-    read_records,
-    split_records,
-    unused_records,
-    write_toy_dataset,
-)
+from training.datasets import ConverSegDataset, StepSampler, collate
+from training.records import DatasetError, Record, SampleError, read_records
+from training.sample_io import load_mask
+from training.splits import split_records, unused_records
 
 CFG = get_config("converseg_edge").replace(img_size=64)
 

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toy_data import write_toy_dataset
 
 from converseg_core.checkpoint import load_checkpoint
 from training import losses
-from training.datasets import write_toy_dataset
 from training.distill import DistillConfig, distill
 from training.evaluate import EvalConfig, evaluate
-from training.train import TrainConfig, lr_factor, train
+from training.schedule import lr_factor
+from training.train import train
+from training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["img_size=64", "fusion_mlp_dim=64", "decoder_mlp_dim=64", "fusion_depth=1"]
@@ -103,7 +105,7 @@ def test_nan_loss_stops_with_a_clear_error(toy, tmp_path, monkeypatch):
         out.total = out.total * float("nan")
         return out
 
-    monkeypatch.setattr("training.train.converseg_loss", nan_loss)
+    monkeypatch.setattr("training.losses.converseg_loss", nan_loss)
     with pytest.raises(FloatingPointError, match="non-finite"):
         train(tiny_train(toy, tmp_path / "nan", steps=5, max_nan_steps=2))
 
@@ -224,8 +226,8 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
 
 def test_repeated_request_ids_stay_apart_in_samples_and_compare_refuses_them(tmp_path):
     from training.compare import read_samples
-    from training.datasets import Record
     from training.evaluate import sample_ids
+    from training.records import Record
 
     records = [Record(image=Path("a.png"), prompt="x", mask=None, negative=True, sample_id=s) for s in "aab"]
     with pytest.warns(UserWarning, match="1 request id"):
@@ -518,7 +520,7 @@ def test_init_official_loads_sam_named_weights(toy, tmp_path):
 
 def test_mostly_bad_data_stops_training(tmp_path):
     """Corrupt images are skipped with a count; when most of the data is bad the run stops, naming why."""
-    from training.datasets import DatasetError
+    from training.records import DatasetError
 
     root = write_toy_dataset(tmp_path / "bad", num_scenes=6, size=(80, 60))
     for png in sorted((root / "shard-00000" / "images").glob("*.png"))[1:]:
@@ -605,7 +607,7 @@ def test_reproduce_default_plan_with_a_presence_stage(tmp_path, capsys):
 
 
 def test_token_dropout_hides_only_words_and_keeps_one():
-    from training.train import drop_tokens
+    from training.step import drop_tokens
 
     # two requests: 6 real tokens ([CLS] w w w w [SEP]) and 3 ([CLS] w [SEP]) + padding
     am = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
@@ -689,7 +691,8 @@ def test_trained_minilm_layer_learns_is_stored_and_the_frozen_ones_stay(trained,
     checkpoint stores it, and --init of that file into a model that would not store the layer is refused
     rather than the trained layer silently dropped."""
     from converseg_core.build import build_model
-    from training.train import configure_trainable, parse_overrides
+    from training.cli import parse_overrides
+    from training.parts import configure_trainable
 
     out, _ = trained
     override = [*TINY, "text_trainable_layers=1"]
@@ -744,7 +747,7 @@ def test_a_run_that_diverges_at_the_end_writes_no_model(toy, tmp_path):
 
 def test_a_short_run_on_unreadable_data_writes_no_model(tmp_path):
     """Fewer than 64 samples read, all of them bad: the mid-run check never fired and the run wrote model.pt."""
-    from training.datasets import DatasetError
+    from training.records import DatasetError
 
     root = write_toy_dataset(tmp_path / "bad", num_scenes=6, size=(80, 60))
     for png in (root / "shard-00000" / "images").glob("*.png"):

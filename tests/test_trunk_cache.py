@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 from test_training_run import TINY, tiny_train
+from toy_data import write_toy_dataset
 
 from converseg_core import build_model
 from converseg_core.checkpoint import save_checkpoint
 from converseg_core.processing import preprocess
 from converseg_core.registry import get_config
-from training.datasets import load_rgb, read_records, write_toy_dataset
 from training.losses import dense_grounding_loss
+from training.records import read_records
+from training.sample_io import load_rgb
 from training.train import train
 from training.trunk_cache import TrunkCache, build_cache, distill_neck
 

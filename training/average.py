@@ -31,7 +31,7 @@ from converseg_core.checkpoint import Checkpoint, load_checkpoint, write_checkpo
 from converseg_core.config import ConverSegConfig
 from converseg_core.errors import CheckpointError
 
-from .train import arg, config_parser
+from .cli import arg, config_parser
 
 log = logging.getLogger("training.average")
 

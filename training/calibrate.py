@@ -44,10 +44,10 @@ from converseg_core.checkpoint import load_checkpoint, write_checkpoint
 from converseg_core.errors import ConverSegError
 from converseg_core.files import atomic_write_text
 
+from .cli import arg, config_parser
 from .compare import scene_resamples
 from .evaluate import EvalConfig, evaluate, presence_sweep
 from .metrics import CRITERIA, GroupMetrics, SampleResult, criterion_score
-from .train import arg, config_parser
 
 log = logging.getLogger("training.calibrate")
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import arg, config_parser
 from .metrics import criterion_score
-from .train import arg, config_parser
 
 
 @dataclass

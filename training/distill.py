@@ -20,12 +20,10 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,18 +34,15 @@ from converseg_core.errors import ConverSegError
 from converseg_core.files import atomic_write_text
 
 from .augment import AugmentConfig
-from .datasets import ImageFolderDataset, StepSampler, collate_images, list_images
+from .cli import arg, config_parser, parse_overrides, plain, require_at_least_one, require_finite
+from .datasets import ImageFolderDataset, StepSampler, collate_images
+from .distributed import setup_distributed, wrap_ddp
 from .losses import distill_loss
-from .train import (
-    arg,
-    config_parser,
-    parse_overrides,
-    plain,
-    require_at_least_one,
-    require_finite,
-    resume_state,
-    setup_distributed,
-)
+from .parts import load_parts
+from .precision import mixed_precision
+from .records import list_images
+from .run_state import resume_state
+from .schedule import lr_factor
 
 log = logging.getLogger("training.distill")
 
@@ -131,8 +126,7 @@ def distill(cfg: DistillConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     require_at_least_one(cfg, "steps", "log_every", "save_every")
     require_finite(cfg, positive=("lr",), non_negative=("weight_decay", "grad_clip", "min_lr_ratio"))
-    d, device = setup_distributed(cfg.device)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
+    d, device = setup_distributed(cfg.device, cfg.threads)
     out_dir = Path(cfg.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,8 +137,6 @@ def distill(cfg: DistillConfig) -> dict:
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, pretrained_text=False, **parse_overrides(cfg.student_override))
     if cfg.init_student:
-        from .train import load_parts
-
         load_parts(student, f"{cfg.init_student}:image_encoder")
     if (
         teacher.config.pixel_mean != student.config.pixel_mean
@@ -186,19 +178,8 @@ def distill(cfg: DistillConfig) -> dict:
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )
-    amp_dtype = None
-    if device.type == "cuda" and cfg.amp != "none":
-        amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-        if cfg.amp == "auto" and not torch.cuda.is_bf16_supported():
-            amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
-
-    encoder: nn.Module = student.image_encoder
-    if d.world > 1:
-        encoder = nn.parallel.DistributedDataParallel(
-            encoder, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    autocast, scaler = mixed_precision(device, cfg.amp)
+    encoder = wrap_ddp(student.image_encoder, d, device)
     writer = progress = None
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -208,8 +189,6 @@ def distill(cfg: DistillConfig) -> dict:
             from tqdm import tqdm
 
             progress = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True)
-
-    from .train import lr_factor
 
     def save(step_now: int, loss_now: float) -> None:
         meta = {
@@ -242,10 +221,7 @@ def distill(cfg: DistillConfig) -> dict:
                 if isinstance(pred, tuple):  # encoders with a detail path: the embedding is what is distilled
                     pred = pred[0]
             loss = distill_loss(pred, match_embedding(target, pred.shape[-1]))
-        finite = torch.tensor([float(torch.isfinite(loss.detach()))], device=device)
-        if d.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+        if not d.all_finite(loss, device):
             nan_run += 1
             log.warning("step %d: non-finite distillation loss, update skipped (%d in a row)", step, nan_run)
             if nan_run >= cfg.max_nan_steps:
@@ -295,9 +271,7 @@ def distill(cfg: DistillConfig) -> dict:
         save_checkpoint(student, out_dir / "model.pt", meta=plain(meta))
         result["checkpoint"] = str(out_dir / "model.pt")
         writer.close()
-    if d.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    d.close()
     return result
 
 

@@ -31,16 +31,7 @@ import numpy as np
 from converseg_core.errors import ConverSegError, InputError
 from converseg_core.files import atomic_write_text
 
-from .datasets import (
-    DatasetError,
-    Record,
-    SampleError,
-    load_mask,
-    load_rgb,
-    read_records,
-    split_records,
-    unused_records,
-)
+from .cli import arg, config_parser
 from .metrics import (
     GOOD_IOU,
     WRONG_IOU,
@@ -53,7 +44,9 @@ from .metrics import (
     target_size_group,
 )
 from .panels import make_panel, save_panels
-from .train import arg, config_parser
+from .records import DatasetError, Record, SampleError, read_records
+from .sample_io import load_mask, load_rgb
+from .splits import split_records, unused_records
 
 log = logging.getLogger("training.evaluate")
 

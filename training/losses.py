@@ -1,9 +1,12 @@
-"""Training losses: mask BCE + 0.25 Dice on positives only, presence BCE on every sample; Huber for distillation."""
+"""Every training loss: mask BCE + Dice on positives, presence BCE on every sample, SAM's IoU-head MSE, the dense
+language-grounding loss, and the Huber loss of encoder distillation. `training_loss` is what training.train
+minimizes: their weighted sum."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -53,6 +56,72 @@ def converseg_loss(
     pres = F.binary_cross_entropy_with_logits(presence_logits, presence_target.float())
     total = bce + dice_weight * dice + presence_weight * pres
     return LossOutput(total, bce.detach(), dice.detach(), pres.detach(), n_pos)
+
+
+def iou_head_loss(iou_pred: Tensor, mask_logits: Tensor, mask_target: Tensor, positive: Tensor) -> Tensor:
+    """SAM's IoU-head loss: MSE between the head's predicted IoU (N x 1) and the IoU the mask logits (N x 1 x L
+    x L, thresholded at 0) reach against the target (> 0.5), on the positive requests only (`positive`: N
+    bool). It makes the Segmenter's score meaningful. 0, graph kept, when no request is positive."""
+    if not bool(positive.any()):
+        return iou_pred.float().sum() * 0.0
+    with torch.no_grad():
+        pm = mask_logits[positive].float() > 0
+        tm = mask_target[positive] > 0.5
+        inter = (pm & tm).flatten(1).sum(1).float()
+        union = (pm | tm).flatten(1).sum(1).float().clamp(min=1)
+    return F.mse_loss(iou_pred[positive][:, 0].float(), inter / union)
+
+
+@dataclass
+class TrainingLoss:
+    """The loss to backpropagate and its detached terms (dense is None without a dense grounding head)."""
+
+    total: Tensor
+    mask_bce: Tensor
+    mask_dice: Tensor
+    presence_bce: Tensor
+    iou: Tensor
+    dense: Tensor | None
+
+
+def training_loss(
+    mask_logits: Tensor,
+    iou_pred: Tensor,
+    presence_logits: Tensor,
+    dense: Tensor | None,
+    mask_target: Tensor,
+    presence_target: Tensor,
+    *,
+    dice_weight: float,
+    presence_weight: float,
+    iou_weight: float,
+    dense_weight: float,
+) -> TrainingLoss:
+    """converseg_loss + iou_weight * iou_head_loss + dense_weight * dense (an already computed
+    dense_grounding_loss, or None). The IoU term is skipped (0) when its weight is 0."""
+    out = converseg_loss(
+        mask_logits,
+        mask_target,
+        presence_logits,
+        presence_target,
+        dice_weight=dice_weight,
+        presence_weight=presence_weight,
+    )
+    if iou_weight > 0 and out.num_positive:
+        iou = iou_head_loss(iou_pred, mask_logits, mask_target, presence_target > 0.5)
+    else:
+        iou = iou_pred.float().sum() * 0.0
+    total = out.total + iou_weight * iou
+    if dense is not None:
+        total = total + dense_weight * dense
+    return TrainingLoss(
+        total,
+        out.mask_bce,
+        out.mask_dice,
+        out.presence_bce,
+        iou.detach(),
+        None if dense is None else dense.detach(),
+    )
 
 
 def distill_loss(student: Tensor, teacher: Tensor) -> Tensor:

@@ -43,7 +43,8 @@ from converseg_core.modeling.efficientnet_lite import LiteImageEncoder
 from converseg_core.processing import preprocess
 from converseg_core.registry import get_config, list_models
 
-from .datasets import load_rgb, read_records
+from .records import read_records
+from .sample_io import load_rgb
 
 log = logging.getLogger("trunk_cache")
 
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="run the frozen trunk once per training image and store its features")
-    b.add_argument("--data", required=True, help="dataset whose images to cache (any reader of training.datasets)")
+    b.add_argument("--data", required=True, help="dataset whose images to cache (any reader of training.records)")
     b.add_argument("--model", default="converseg_edge_lite", choices=list_models(), help="variant (its trunk)")
     b.add_argument("--img-size", type=int, default=0, help="network input side (0: the variant's)")
     b.add_argument("--out", required=True, help="cache folder (resumes a partial one)")
