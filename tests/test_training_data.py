@@ -288,8 +288,8 @@ def test_step_sampler_resumes_and_shards():
 
 @pytest.mark.parametrize("value", [1, 100, 127, 128, 255])
 def test_every_non_zero_mask_value_is_target(tmp_path, value):
-    """docs/TRAINING.md: non-zero is target. Values 1-127 used to count as background once a mask's maximum
-    was above 1, which made a 0/100 mask an "empty positive" and skipped it."""
+    """docs/TRAINING.md: non-zero is target, whatever the mask's maximum (a 0/100 mask is not an "empty
+    positive" to skip)."""
     want = _write_pair(tmp_path, "a")
     Image.fromarray(want.astype(np.uint8) * value).save(tmp_path / "a_mask.png")
     (tmp_path / "d.jsonl").write_text(

@@ -566,7 +566,7 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
     )
     assert "--steps 9" in refine and "--lr 5e-05" in refine and "--train-image-encoder" in refine
     assert "--token-dropout 0.15" in refine
-    # MiniLM's last layer trains in the refine stage only (the stage Run Q' added to the default's history)
+    # MiniLM's last layer trains in the refine stage only
     assert "text_trainable_layers=1" in refine and "--text-encoder-lr 5e-05" in refine
     assert "text_trainable_layers" not in commands["finetune"]
     # more requests per training scene; the test set keeps one per family, so test sets stay comparable
@@ -580,7 +580,7 @@ def test_reproduce_default_plan_with_a_refine_stage(tmp_path, capsys):
 
 def test_reproduce_default_plan_with_a_presence_stage(tmp_path, capsys):
     """--presence-steps adds the mask-evidence presence head to the fine-tuned student and trains it alone; a
-    refine stage then trains every part, the head included (the default model's history: Runs J, K-b, L)."""
+    refine stage then trains every part, the head included (the bundled default model's stages)."""
     from training.reproduce_default import main
 
     argv = ["--out", str(tmp_path), "--scale", "smoke", "--refine-steps", "5", "--presence-steps", "6"]
@@ -633,8 +633,8 @@ def test_token_dropout_trains_and_is_validated(toy, tmp_path):
 
 
 def test_images_per_second_counts_the_steps_since_the_last_log(toy, tmp_path):
-    # The last step of a run that is not a multiple of --log-every (and the first log after a resume) used to
-    # count --log-every steps' images, overstating the rate (a 2-step interval read as 10).
+    # The last step of a run that is not a multiple of --log-every (and the first log after a resume) counts
+    # the images of its own interval, not --log-every steps' (a 2-step interval must not read as 10).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "rate"
@@ -650,7 +650,7 @@ def test_images_per_second_counts_the_steps_since_the_last_log(toy, tmp_path):
 
 @pytest.mark.parametrize("flag", ["steps", "log_every", "val_every", "save_every"])
 def test_non_positive_intervals_are_refused_before_any_work(toy, tmp_path, flag):
-    # --val-every 0 used to crash with ZeroDivisionError after the model was built and data read.
+    # --val-every 0 must exit naming the flag, not raise ZeroDivisionError after the model is built.
     with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be at least 1"):
         train(tiny_train(toy, tmp_path / "bad", **{flag: 0}))
     assert not (tmp_path / "bad").exists()
@@ -730,7 +730,7 @@ def test_trained_minilm_layer_learns_is_stored_and_the_frozen_ones_stay(trained,
     ],
 )
 def test_non_finite_rates_are_refused_before_any_work(toy, tmp_path, flag, value):
-    """--lr nan used to train to NaN weights and exit 0, its validation reporting N-acc 100."""
+    """--lr nan would train to NaN weights and exit 0, its validation reporting N-acc 100: refused up front."""
     with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} must be a finite number"):
         train(tiny_train(toy, tmp_path / "o", **{flag: value}))
     assert not (tmp_path / "o").exists()
@@ -738,7 +738,7 @@ def test_non_finite_rates_are_refused_before_any_work(toy, tmp_path, flag, value
 
 def test_a_run_that_diverges_at_the_end_writes_no_model(toy, tmp_path):
     """--lr 1e30: one update to weights near 1e30, then every step's loss is non-finite and skipped, fewer than
-    --max-nan-steps in a row; the run used to end with exit 0 and write those weights as model.pt."""
+    --max-nan-steps in a row; the run must not end with exit 0 and write those weights as model.pt."""
     out = tmp_path / "o"
     with pytest.raises(FloatingPointError, match="model.pt was not written"):
         train(tiny_train(toy, out, steps=6, lr=1e30, max_nan_steps=10))

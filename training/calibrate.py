@@ -12,8 +12,8 @@ pass over the validation requests with every mask kept (`training.evaluate --pre
   errors matter to a robot (acting on an object that is not what was asked for, a missed no-target request;
   saying "not here" when it is), and so does the mask: a positive the rule rejects scores 0 in gIoU, so a
   threshold that buys a point of N-acc with more than a point of gIoU + T-acc is not chosen.
-- `balanced`: (N-acc + T-acc) / 2, the rule before 2026-12-03. It ignores the masks; on honestly phrased
-  negatives it spent gated gIoU on N-acc (Runs S and S2 in docs/TRAINING_RUNS.md).
+- `balanced`: (N-acc + T-acc) / 2. It ignores the masks, so on honestly phrased negatives it buys N-acc
+  with gated gIoU.
 Calibrate on validation scenes only, never on the test set you report.
 
 The decoder's own predicted IoU of a request's mask is evidence too: a mask it rates poorly more often answers
@@ -23,8 +23,8 @@ a request whose target is absent. So, unless `--keep-score-weight`, the same pas
 checkpoint's own only if its criterion is higher beyond the validation set's noise: the lower end of
 a 95 % interval of the gain, from a bootstrap over validation scenes, must be above 0 (`--bootstrap 0`
 keeps any gain). A few thousand requests decide a threshold well, but a 0.2-point "gain" of a second
-parameter is noise, and a change of rule moves gIoU a lot (Run Q in docs/TRAINING_RUNS.md: +0.2 balanced
-points on validation, -3.9 gIoU). No second pass: gating changes which requests answer, not their masks.
+parameter is noise, and a change of rule can move gIoU by several points for a fraction of a point of
+the criterion. No second pass: gating changes which requests answer, not their masks.
 
 The output checkpoint is the input with `config.presence_threshold` and `config.presence_score_weight` replaced
 and the sweeps recorded under `meta["presence_calibration"]`; the weights are untouched.
@@ -81,8 +81,8 @@ class CalibrateConfig:
     criterion: str = arg(
         "targets",
         help="what the threshold maximises on the validation requests: 'targets' = gIoU + N-acc + T-acc (a "
-        "rejected positive scores 0 in gIoU, so masks count); 'balanced' = (N-acc + T-acc) / 2 (the rule "
-        "before 2026-12-03; ignores masks)",
+        "rejected positive scores 0 in gIoU, so masks count); 'balanced' = (N-acc + T-acc) / 2 (ignores "
+        "masks)",
         choices=sorted(CRITERIA),
     )
     device: str = arg("cpu", help="torch device")

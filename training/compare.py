@@ -1,6 +1,6 @@
 """Compare two evaluations of the same requests, with confidence intervals: is model B really better than A?
 
-    python -m training.compare --a runs/eval_a --b runs/eval_b --names "Run I" "Run J"
+    python -m training.compare --a runs/eval_a --b runs/eval_b --names baseline candidate
 
 Reads the samples.jsonl that `training.evaluate` writes into each --out-dir. Both must have scored the same
 requests (same test set, same --limit); the comparison is paired, request by request. For every metric it

@@ -18,8 +18,8 @@ the same command after a crash continues):
 4c. refine:  only with --refine-steps N: a second fine-tune of every part (the head too) from the last
              stage's weights with a fresh warm-up and cosine schedule at --refine-lr (a warm restart, so a
              finished run can train on without starting over); --refine-text-layers N also trains
-             MiniLM's last N layers there at --refine-text-lr. 4, 4b, 4c is the default model's own
-             history (docs/TRAINING_RUNS.md: Run J, Run K-b, Run L, and Run Q' for the text layer);
+             MiniLM's last N layers there at --refine-text-lr. 4, 4b, 4c are the stages the bundled
+             default model went through (docs/TRAINING_RUNS.md);
 4d. lite:   with --lite-steps N > 0 (the cpu and gpu presets): the pretrained edge model, converseg_edge_lite
              (EfficientNet-Lite0 with ImageNet weights, frozen): python -m training.trunk_cache runs its trunk
              once per training image, fits its neck to the last student's embeddings (--lite-distill-steps)
@@ -75,7 +75,7 @@ class Scale:
     refine_lr: float = 1e-4  # its peak learning rate
     refine_token_dropout: float = 0.0  # its --token-dropout (words hidden from the fusion at random)
     refine_text_layers: int = 0  # MiniLM's last layers trained in the refine stage (stored in the checkpoint,
-    # 7.1 MB each: one fits the 40 MB budget; Run Q' in docs/TRAINING_RUNS.md)
+    # 7.1 MB each: one fits the 40 MB model-file budget)
     refine_text_lr: float = 5e-5  # their peak learning rate
     samples_per_family: int = 1  # requests drawn per family and training scene (the test set keeps 1)
     presence_steps: int = 0  # steps of the optional mask-evidence presence stage (0: no such stage)
@@ -115,8 +115,8 @@ SCALES = {
         lite_distill_steps=400, lite_steps=600,
     ),
     # The intended default model (needs a GPU; render the data on a many-core machine first). Its last stages
-    # are the bundled model's own (docs/TRAINING_RUNS.md): the presence head alone (Run K-b), then every part
-    # on with MiniLM's last layer (Runs L and Q). Not run yet: no GPU has been available to this project.
+    # are the bundled model's: the presence head alone, then every part with MiniLM's last layer. This preset
+    # has not been run end to end (docs/TRAINING_RUNS.md).
     "gpu": Scale(
         scenes=20000,
         test_scenes=1000,

@@ -9,10 +9,9 @@ scattered or low-confidence mask. This head reads that evidence and adds a corre
 - how the decoder rates its mask: its IoU token, and three numbers (predicted IoU, the mask's soft area as a
   share of the input, its peak probability).
 
-It does not read the request's words directly (the fusion's logit already does). A variant that also read
-the fusion's presence token (commit d078b2d) separated present from absent as well on validation requests,
-but learned to trust phrasings seen in training: on held-out phrasings its gIoU fell 1.6 points
-(docs/TRAINING_RUNS.md, Run K).
+It does not read the request's words directly (the fusion's logit already does), nor the fusion's presence
+token: a head that reads it separates present from absent as well on validation requests but learns to trust
+the phrasings seen in training, and loses gIoU on held-out phrasings.
 
 The last layer starts at zero, so a model that gains this head answers exactly as it did without it until
 the head is trained (`python -m training.train --train-parts mask_presence`).
