@@ -43,6 +43,7 @@ from .validation import validate
 log = logging.getLogger("training.train")
 
 LOSS_TERMS = ("loss", "bce", "dice", "presence", "iou", "dense")
+VAL_METRICS = ("giou", "ciou", "n_acc", "t_acc")
 
 
 class TrainLoop:
@@ -241,29 +242,16 @@ class TrainLoop:
             return {}
         cfg, step, writer = self.cfg, self.step, self.writer
         acc, panels, skipped = validate(
-            self.model,
-            self.val_ds,
-            self.text_cache,
-            self.device,
-            limit=cfg.val_samples,
-            num_panels=cfg.num_panels,
-            batch_size=cfg.batch_size,
-            text_start=self.text_start,
+            self.model, self.val_ds, self.text_cache, self.device, limit=cfg.val_samples,
+            num_panels=cfg.num_panels, batch_size=cfg.batch_size, text_start=self.text_start,
         )
         set_train_mode(self.model, cfg)
         res = acc.to_dict()
         res["skipped"] = skipped
         o = res["overall"]
-        log.info(
-            "step %d val: gIoU %s cIoU %s N-acc %s T-acc %s (n=%d)",
-            step,
-            o["giou"],
-            o["ciou"],
-            o["n_acc"],
-            o["t_acc"],
-            o["n"],
-        )
-        for k in ("giou", "ciou", "n_acc", "t_acc"):
+        values = [o[k] for k in VAL_METRICS]
+        log.info("step %d val: gIoU %s cIoU %s N-acc %s T-acc %s (n=%d)", step, *values, o["n"])
+        for k in VAL_METRICS:
             if o[k] is not None:
                 writer.add_scalar(f"val/{k}", o[k], step)
         if panels:
