@@ -45,12 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
 
-from converseg_core.backends.base import STAGES  # noqa: E402
-from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
-    MANIFEST_NAME,
-    OnnxManifest,
-    OnnxRuntimeBackend,
-)
+from converseg_core.artifacts import MANIFEST_NAME, STAGES, OnnxManifest  # noqa: E402
+from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from converseg_core.errors import ConverSegError, InputError  # noqa: E402
 from converseg_core.processing import preprocess, presence_probability, read_rgb  # noqa: E402
 from converseg_core.tokenizer import QueryTokenizer  # noqa: E402
@@ -392,9 +388,7 @@ def quantize_export(
     manifest.save(out / MANIFEST_NAME)
 
     def refuse(reason: str) -> QuantizationError:
-        manifest.save(out / "manifest.failed.json")
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        return QuantizationError(f"{reason}; details in {out / 'manifest.failed.json'}")
+        return QuantizationError(f"{reason}; details in {manifest.set_aside(out)}")
 
     try:
         reference = OnnxRuntimeBackend.from_dir(src, providers=["cpu"], num_threads=num_threads)

@@ -24,8 +24,9 @@ import onnx
 import pytest
 import torch
 
+from converseg_core.artifacts import FAILED_MANIFEST_NAME, MANIFEST_NAME, OnnxManifest, graph_specs
 from converseg_core.backends import Backend
-from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest, OnnxRuntimeBackend
+from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
 from converseg_core.build import build_model
 from converseg_core.errors import CheckpointError, InputError
 from converseg_core.registry import get_config, list_models
@@ -36,7 +37,6 @@ from export.export_onnx import (
     DEFAULT_MIN_MASK_IOU,
     export_model,
     export_stage,
-    graph_specs,
     preprocessed_test_image,
     traced_graphs,
 )
@@ -314,7 +314,7 @@ def test_export_cli_fails_loudly_when_parity_is_missed(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "disagrees with PyTorch" in proc.stderr
     assert not (out / MANIFEST_NAME).exists()  # no runtime can load a failed export
-    failed = json.loads((out / "manifest.failed.json").read_text())
+    failed = json.loads((out / FAILED_MANIFEST_NAME).read_text())
     assert failed["parity"]["passed"] is False
 
 
@@ -487,7 +487,7 @@ def test_quantization_that_loses_accuracy_leaves_no_loadable_folder(edge_export,
     with pytest.raises(q.QuantizationError, match="giou drops 10.0"):
         q.quantize_export(src, tmp_path / "q", data=data, limit=2, graphs=q.PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q" / MANIFEST_NAME).exists()
-    assert json.loads((tmp_path / "q" / "manifest.failed.json").read_text())["quantization"]["accuracy"]
+    assert json.loads((tmp_path / "q" / FAILED_MANIFEST_NAME).read_text())["quantization"]["accuracy"]
     with pytest.raises(CheckpointError):
         OnnxRuntimeBackend.from_dir(tmp_path / "q")
 
@@ -553,7 +553,7 @@ def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export,
     with pytest.raises(InputError, match="missing.png: no such image file"):
         quantize_export(src, tmp_path / "q1", data=bad, graphs=PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q1" / MANIFEST_NAME).exists()
-    assert "error" in json.loads((tmp_path / "q1" / "manifest.failed.json").read_text())["quantization"]
+    assert "error" in json.loads((tmp_path / "q1" / FAILED_MANIFEST_NAME).read_text())["quantization"]
 
 
 def test_text_encoder_export_of_a_checkpoint_runs_its_trained_minilm_layer(tmp_path):
