@@ -27,9 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
-
-from converseg_core.artifacts import (  # noqa: E402
+from converseg_core.artifacts import (
     ENGINE_SUFFIX,
     MANIFEST_NAME,
     QUERIES_AXIS,
@@ -39,16 +37,16 @@ from converseg_core.artifacts import (  # noqa: E402
     EngineSideFile,
     OnnxManifest,
 )
-from converseg_core.backends.tensorrt_backend import (  # noqa: E402
+from converseg_core.backends.tensorrt_backend import (
     check_cuda,
     cuda_device_info,
     import_cudart,
     import_tensorrt,
 )
-from converseg_core.errors import BackendUnavailableError, CheckpointError  # noqa: E402
-from converseg_core.files import atomic_write_bytes, sha256_file  # noqa: E402
-from converseg_core.processing import preprocess  # noqa: E402
-from export.calibration import CalibrationBatcher, find_images, read_cache, write_cache  # noqa: E402
+from converseg_core.errors import BackendUnavailableError, CheckpointError
+from converseg_core.files import atomic_write_bytes, sha256_file
+from converseg_core.processing import preprocess
+from converseg_export.calibration import CalibrationBatcher, find_images, read_cache, write_cache
 
 log = logging.getLogger("EngineBuilder")
 

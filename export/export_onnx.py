@@ -32,9 +32,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
-
-from converseg_core.artifacts import (  # noqa: E402
+from converseg_core.artifacts import (
     MANIFEST_NAME,
     TOKENIZER_FILE_NAME,
     GraphSpec,
@@ -42,14 +40,14 @@ from converseg_core.artifacts import (  # noqa: E402
     graph_specs,
     preprocessing_record,
 )
-from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from converseg_core.build import build_model  # noqa: E402
-from converseg_core.errors import ConverSegError  # noqa: E402
-from converseg_core.files import sha256_file  # noqa: E402
-from converseg_core.modeling.converseg import ConverSeg, FrameContext, ImageFeatures  # noqa: E402
-from converseg_core.processing import preprocess  # noqa: E402
-from converseg_core.registry import list_models  # noqa: E402
-from converseg_core.tokenizer import QueryTokenizer, find_minilm_file  # noqa: E402
+from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
+from converseg_core.build import build_model
+from converseg_core.errors import ConverSegError
+from converseg_core.files import sha256_file
+from converseg_core.modeling.converseg import ConverSeg, FrameContext, ImageFeatures
+from converseg_core.processing import preprocess
+from converseg_core.registry import list_models
+from converseg_core.tokenizer import QueryTokenizer, find_minilm_file
 
 log = logging.getLogger("export_onnx")
 

@@ -36,8 +36,8 @@ from converseg_core.backends.tensorrt_backend import TensorRTBackend, query_limi
 from converseg_core.errors import BackendUnavailableError, CheckpointError
 from converseg_core.files import sha256_file
 from converseg_core.registry import get_config, list_models
-from export.build_trt import EXIT_NO_TENSORRT, build_parser, input_profiles, parse_profile
-from export.calibration import CalibrationBatcher, find_images, read_cache, write_cache
+from converseg_export.build_trt import EXIT_NO_TENSORRT, build_parser, input_profiles, parse_profile
+from converseg_export.calibration import CalibrationBatcher, find_images, read_cache, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -87,7 +87,7 @@ def test_build_trt_without_tensorrt_exits_non_zero_and_says_where_it_runs(tmp_pa
 
 
 def test_build_trt_int8_without_calibration_data_is_refused_before_anything_else(tmp_path, capsys):
-    from export.build_trt import main
+    from converseg_export.build_trt import main
 
     code = main(["--onnx-dir", str(tmp_path), "--out", str(tmp_path / "e"), "--precision", "int8"])
     assert code == 2
@@ -392,8 +392,8 @@ def test_build_and_run_engines_match_onnxruntime(tmp_path):
     """On a machine with TensorRT and a GPU: build FP32 engines of a tiny export and compare with ORT."""
     from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
     from converseg_core.build import build_model
-    from export.build_trt import build_engines
-    from export.export_onnx import export_model, preprocessed_test_image
+    from converseg_export.build_trt import build_engines
+    from converseg_export.export_onnx import export_model, preprocessed_test_image
 
     onnx_dir = tmp_path / "onnx"
     export_model(build_model("converseg_edge", img_size=128), onnx_dir)
@@ -425,7 +425,7 @@ def ort_backend_tokens(backend, queries):
 @needs_tensorrt
 def test_int8_calibrator_feeds_tensorrt(tmp_path):
     from converseg_core.backends.tensorrt_backend import import_cudart, import_tensorrt
-    from export.build_trt import make_entropy_calibrator
+    from converseg_export.build_trt import make_entropy_calibrator
 
     trt, cudart = import_tensorrt(), import_cudart()
     paths = find_images(_write_images(tmp_path / "calib", 2)[0].parent)
