@@ -36,10 +36,10 @@ if [ "${CONVERSEG_SKIP_ENGINES:-0}" != "1" ] && ! engines_usable; then
     fi
     echo "converseg: building $PRECISION TensorRT engines for this GPU into $ENGINE_DIR (first start: minutes)"
     if [ "$PRECISION" = "int8" ]; then
-        python3 /opt/converseg/export/build_trt.py --onnx-dir "$ONNX_DIR" --out "$ENGINE_DIR" \
+        converseg-build-trt --onnx-dir "$ONNX_DIR" --out "$ENGINE_DIR" \
             --precision int8 --calib-images "${CONVERSEG_CALIB_IMAGES:?int8 needs CONVERSEG_CALIB_IMAGES}"
     else
-        python3 /opt/converseg/export/build_trt.py --onnx-dir "$ONNX_DIR" --out "$ENGINE_DIR" --precision "$PRECISION"
+        converseg-build-trt --onnx-dir "$ONNX_DIR" --out "$ENGINE_DIR" --precision "$PRECISION"
     fi
 fi
 

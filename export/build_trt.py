@@ -27,26 +27,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
-
-from converseg_core.backends.base import STAGES  # noqa: E402
-from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
+from converseg_core.artifacts import (
+    ENGINE_SUFFIX,
     MANIFEST_NAME,
     QUERIES_AXIS,
+    SIDE_FILE_NAME,
+    STAGES,
     TOKENS_AXIS,
+    EngineSideFile,
     OnnxManifest,
 )
-from converseg_core.backends.tensorrt_backend import (  # noqa: E402
-    SIDE_FILE_NAME,
-    EngineSideFile,
+from converseg_core.backends.tensorrt_backend import (
     check_cuda,
     cuda_device_info,
     import_cudart,
     import_tensorrt,
 )
-from converseg_core.errors import BackendUnavailableError, CheckpointError  # noqa: E402
-from converseg_core.files import atomic_write_bytes, sha256_file  # noqa: E402
-from export.calibration import CalibrationBatcher, find_images, read_cache, write_cache  # noqa: E402
+from converseg_core.errors import BackendUnavailableError, CheckpointError
+from converseg_core.files import atomic_write_bytes, sha256_file
+from converseg_core.processing import preprocess
+from converseg_export.calibration import CalibrationBatcher, find_images, read_cache, write_cache
 
 log = logging.getLogger("EngineBuilder")
 
@@ -245,8 +245,6 @@ def check_float_export(manifest: OnnxManifest, onnx_dir: Path) -> None:
 
 
 def calibration_preprocess(manifest: OnnxManifest):
-    from converseg_core.processing import preprocess
-
     pre = manifest.preprocessing
 
     def run(image):
@@ -313,7 +311,7 @@ def build_engines(
                 raise ValueError("int8 needs --calib-images or an existing --calib-cache")
             calibrator = make_entropy_calibrator(trt, cudart, batcher, calib_cache)
         builder.set_precision(stage_precision, calibrator)
-        engine_path = out / f"{stage}.engine"
+        engine_path = out / f"{stage}{ENGINE_SUFFIX}"
         builder.create_engine(engine_path)
         engines[stage] = {
             "file": engine_path.name,

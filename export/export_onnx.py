@@ -3,17 +3,9 @@
     python export/export_onnx.py --checkpoint runs/edge/best.pt --out out/onnx_edge
     python export/export_onnx.py --model converseg_edge --out out/onnx_rand     # random image-side weights
 
-Writes into OUT:
-    image_encoder.onnx  image [1, 3, S, S] -> image_embeddings [1, 256, S/16, S/16]
-    image_context.onnx  image_embeddings -> image_tokens [1, hw, 256], fusion_keys [1, L, H, d, hw],
-                        fusion_values [1, L, H, hw, d], dense_queries [1, H, hw, d]: the decoder's
-                        per-frame part, run once per frame (L fusion layers, H heads, d = 256 / H)
-    text_encoder.onnx   input_ids, attention_mask [Q, T] -> text_features [Q, T, 384]
-    decoder.onnx        image_tokens, fusion_keys, fusion_values, dense_queries, text_features,
-                        attention_mask -> low_res_logits [Q, 1, S/4, S/4], iou_scores [Q, 1],
-                        presence_logits [Q]: the per-request part
-    manifest.json       config, tensor names and shapes, opset, pre-processing constants, parity numbers
-    tokenizer.json      the MiniLM tokenizer (copied), so the runtime needs nothing else
+Writes into OUT the four graphs (image_encoder, image_context, text_encoder, decoder), manifest.json
+(config, tensor names and shapes, opset, pre-processing constants, parity numbers, sha256 of every file) and
+tokenizer.json: the export folder whose layout and tensor names converseg_core.artifacts defines.
 
 Only Q (num_queries) and T (num_tokens) are dynamic: the image side is fixed by the config, which lets
 TensorRT and ONNX Runtime plan the heavy encoder for one shape. Each graph is simplified with onnxsim when it
@@ -25,7 +17,6 @@ export fails (exit 1, no manifest.json) if logits or masks disagree with PyTorch
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import shutil
 import sys
@@ -41,26 +32,22 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
-
-from converseg_core.backends.base import FrameContext, ImageFeatures  # noqa: E402
-from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
+from converseg_core.artifacts import (
     MANIFEST_NAME,
-    QUERIES_AXIS,
-    TOKENS_AXIS,
+    TOKENIZER_FILE_NAME,
     GraphSpec,
     OnnxManifest,
-    OnnxRuntimeBackend,
-    TensorSpec,
+    graph_specs,
+    preprocessing_record,
 )
-from converseg_core.build import build_model  # noqa: E402
-from converseg_core.errors import ConverSegError  # noqa: E402
-from converseg_core.modeling.converseg import ConverSeg  # noqa: E402
-from converseg_core.modeling.converseg import FrameContext as TorchFrameContext  # noqa: E402
-from converseg_core.modeling.converseg import ImageFeatures as TorchImageFeatures  # noqa: E402
-from converseg_core.processing import preprocess  # noqa: E402
-from converseg_core.registry import list_models  # noqa: E402
-from converseg_core.tokenizer import QueryTokenizer, find_minilm_file  # noqa: E402
+from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
+from converseg_core.build import build_model
+from converseg_core.errors import ConverSegError
+from converseg_core.files import sha256_file
+from converseg_core.modeling.converseg import ConverSeg, FrameContext, ImageFeatures
+from converseg_core.processing import preprocess
+from converseg_core.registry import list_models
+from converseg_core.tokenizer import QueryTokenizer, find_minilm_file
 
 log = logging.getLogger("export_onnx")
 
@@ -107,7 +94,7 @@ class ImageContextGraph(nn.Module):
         self.model = model
 
     def forward(self, image_embeddings: Tensor, hires_features: Tensor):
-        return tuple(self.model.image_context(TorchImageFeatures(image_embeddings, hires_features)))
+        return tuple(self.model.image_context(ImageFeatures(image_embeddings, hires_features)))
 
 
 class DecoderGraph(nn.Module):
@@ -127,67 +114,9 @@ class DecoderGraph(nn.Module):
         text_features: Tensor,
         attention_mask: Tensor,
     ):
-        context = TorchFrameContext(image_tokens, fusion_keys, fusion_values, dense_queries, hires_tokens)
+        context = FrameContext(image_tokens, fusion_keys, fusion_values, dense_queries, hires_tokens)
         out = self.model.decode_context(context, text_features, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
-
-
-def graph_specs(config) -> dict[str, GraphSpec]:
-    """Names and shapes of the graphs (STAGES); strings are the dynamic axes."""
-    s, e, low = config.img_size, config.embed_size, config.low_res_size
-    c, d = config.prompt_embed_dim, config.text_hidden_dim
-    depth, heads, hw = config.fusion_depth, config.fusion_heads, config.embed_size**2
-    q, t = QUERIES_AXIS, TOKENS_AXIS
-    features = [
-        TensorSpec("image_embeddings", [1, c, e, e], "float32"),
-        TensorSpec("hires_features", [1, c // 8, low, low], "float32"),
-    ]
-    frame = [
-        TensorSpec("image_tokens", [1, hw, c], "float32"),
-        TensorSpec("fusion_keys", [1, depth, heads, c // heads, hw], "float32"),
-        TensorSpec("fusion_values", [1, depth, heads, hw, c // heads], "float32"),
-        TensorSpec("dense_queries", [1, heads, hw, c // heads], "float32"),
-        TensorSpec("hires_tokens", [1, low * low, c // 8], "float32"),
-    ]
-    if [f.name for f in frame] != list(FrameContext._fields):
-        raise RuntimeError("graph_specs is out of step with backends.base.FrameContext")
-    if len(features) != len(ImageFeatures._fields):
-        raise RuntimeError("graph_specs is out of step with backends.base.ImageFeatures")
-    return {
-        "image_encoder": GraphSpec(
-            file="image_encoder.onnx",
-            inputs=[TensorSpec("image", [1, 3, s, s], "float32")],
-            outputs=features,
-        ),
-        "image_context": GraphSpec(file="image_context.onnx", inputs=features, outputs=frame),
-        "text_encoder": GraphSpec(
-            file="text_encoder.onnx",
-            inputs=[TensorSpec("input_ids", [q, t], "int64"), TensorSpec("attention_mask", [q, t], "int64")],
-            outputs=[TensorSpec("text_features", [q, t, d], "float32")],
-        ),
-        "decoder": GraphSpec(
-            file="decoder.onnx",
-            inputs=[
-                *frame,
-                TensorSpec("text_features", [q, t, d], "float32"),
-                TensorSpec("attention_mask", [q, t], "int64"),
-            ],
-            outputs=[
-                TensorSpec("low_res_logits", [q, 1, low, low], "float32"),
-                TensorSpec("iou_scores", [q, 1], "float32"),
-                TensorSpec("presence_logits", [q], "float32"),
-            ],
-        ),
-    }
-
-
-def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
-    axes = {}
-    for tensor in spec.inputs + spec.outputs:
-        named = {i: d for i, d in enumerate(tensor.shape) if isinstance(d, str)}
-        if named:
-            axes[tensor.name] = named
-    return axes
 
 
 def camera_like_image(size: int, seed: int = 0) -> np.ndarray:
@@ -218,7 +147,7 @@ def export_graph(
             str(path),
             input_names=spec.input_names,
             output_names=spec.output_names,
-            dynamic_axes=dynamic_axes(spec) or None,
+            dynamic_axes=spec.dynamic_axes() or None,
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
@@ -494,7 +423,7 @@ def export_model(
     model = model.eval().cpu()
     config = model.config
     specs = graph_specs(config)
-    tokenizer_file = Path(tokenizer_file) if tokenizer_file else find_minilm_file("tokenizer.json")
+    tokenizer_file = Path(tokenizer_file) if tokenizer_file else find_minilm_file(TOKENIZER_FILE_NAME)
     tokenizer = QueryTokenizer.from_file(tokenizer_file)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
 
@@ -502,23 +431,14 @@ def export_model(
     notes: dict[str, Any] = {}
     for stage, (module, args) in graphs.items():
         notes[stage] = export_stage(module, args, specs[stage], out, opset=opset, simplify=simplify)
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    shutil.copyfile(tokenizer_file, out / TOKENIZER_FILE_NAME)
 
     manifest = OnnxManifest(
         config=config.to_dict(),
         opset=opset,
         graphs=specs,
-        preprocessing={
-            "img_size": config.img_size,
-            "pixel_mean": list(config.pixel_mean),
-            "pixel_std": list(config.pixel_std),
-            "resize": "longest side to img_size, bilinear",
-            "pad": "bottom-right with zeros after normalization",
-            "layout": "RGB, 1 x 3 x S x S float32",
-            "max_query_tokens": config.max_query_tokens,
-            "low_res_size": config.low_res_size,
-        },
-        tokenizer="tokenizer.json",
+        preprocessing=preprocessing_record(config),
+        tokenizer=TOKENIZER_FILE_NAME,
         source={
             **(source or {}),
             "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -535,12 +455,11 @@ def export_model(
     manifest.parity = asdict(report)
     log.info("parity vs PyTorch: %s", manifest.parity)
     if not report.passed:
-        manifest.save(out / "manifest.failed.json")
-        (out / MANIFEST_NAME).unlink()
+        failed = manifest.set_aside(out)
         raise ParityError(
             f"ONNX Runtime disagrees with PyTorch: max relative error {max(report.image_embeddings_rel_error, report.hires_features_rel_error, report.text_features_rel_error, report.logits_rel_error):.2e} "
             f"(limit {max_rel_error:.0e}), min mask IoU {report.mask_iou_min:.4f} (limit {min_mask_iou}); "
-            f"details in {out / 'manifest.failed.json'}"
+            f"details in {failed}"
         )
     manifest.save(out / MANIFEST_NAME)
     return manifest
@@ -586,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             model = build_model(checkpoint=args.checkpoint)
-            digest = hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()
-            source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest}
+            source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256_file(args.checkpoint)}
         else:
             overrides = {"img_size": args.img_size} if args.img_size else {}
             model = build_model(args.model, **overrides)

@@ -1,10 +1,13 @@
 """Quantize the graphs of an ONNX export to INT8 for the CPU, and measure what it costs against float32.
 
-    python export/quantize_onnx.py --onnx-dir out/onnx_edge --out out/onnx_edge_int8 \\
+    python -m export.quantize_onnx --onnx-dir out/onnx_edge --out out/onnx_edge_int8 \\
         --calib-images runs/default/data/train/shard-00000/images \\
         --data runs/default/data/test          # accuracy checked against float32 on 1,000 test requests
-    python export/quantize_onnx.py --onnx-dir out/onnx_edge --out out/onnx_edge_int8 \\
+    python -m export.quantize_onnx --onnx-dir out/onnx_edge --out out/onnx_edge_int8 \\
         --graphs text_encoder decoder          # per-request graphs only: no calibration images needed
+
+Run from the repository root of a source checkout: the agreement and accuracy checks use training/ (its
+metrics and evaluation), which is not installed.
 
 Two kinds of ONNX Runtime quantization, each where it runs fastest on the CPU:
 - per-frame graphs (image_encoder, image_context): static INT8. Weights become int8 per output channel;
@@ -34,6 +37,7 @@ calibrates its own INT8.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import shutil
 import sys
@@ -43,17 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
-
-from converseg_core.backends.base import STAGES  # noqa: E402
-from converseg_core.backends.onnxruntime_backend import (  # noqa: E402
-    MANIFEST_NAME,
-    OnnxManifest,
-    OnnxRuntimeBackend,
-)
-from converseg_core.errors import ConverSegError, InputError  # noqa: E402
-from converseg_core.processing import preprocess, presence_probability, read_rgb  # noqa: E402
-from converseg_core.tokenizer import QueryTokenizer  # noqa: E402
+from converseg_core.artifacts import MANIFEST_NAME, STAGES, OnnxManifest
+from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
+from converseg_core.errors import ConverSegError, InputError
+from converseg_core.processing import preprocess, presence_probability, read_rgb
+from converseg_core.tokenizer import QueryTokenizer
 
 log = logging.getLogger("quantize_onnx")
 
@@ -164,7 +162,7 @@ def calibration_feeds(
     Returns (graph -> feeds, number of images)."""
     from tqdm import tqdm
 
-    from export.calibration import CalibrationBatcher, find_images
+    from converseg_export.calibration import CalibrationBatcher, find_images
 
     config, manifest = reference.config, reference.manifest
     batcher = CalibrationBatcher(
@@ -190,7 +188,7 @@ def calibration_feeds(
 
 def synthetic_requests(config) -> Iterator[tuple[np.ndarray, list[str]]]:
     """The export's parity frame and queries: a check that the graphs run, meaningless for random weights."""
-    from export.export_onnx import CHECK_QUERIES, TRACE_QUERIES, camera_like_image
+    from converseg_export.export_onnx import CHECK_QUERIES, TRACE_QUERIES, camera_like_image
 
     queries = [q for group in CHECK_QUERIES for q in group] + list(TRACE_QUERIES)
     yield camera_like_image(config.img_size), queries
@@ -392,9 +390,7 @@ def quantize_export(
     manifest.save(out / MANIFEST_NAME)
 
     def refuse(reason: str) -> QuantizationError:
-        manifest.save(out / "manifest.failed.json")
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        return QuantizationError(f"{reason}; details in {out / 'manifest.failed.json'}")
+        return QuantizationError(f"{reason}; details in {manifest.set_aside(out)}")
 
     try:
         reference = OnnxRuntimeBackend.from_dir(src, providers=["cpu"], num_threads=num_threads)
@@ -499,6 +495,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.INFO)
     if args.limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("training") is None:
+        print(
+            "error: quantize_onnx measures the quantized graphs with the training package of a source checkout "
+            "(training.metrics, training.evaluate), which is not on the path: run it from the repository root "
+            "as `python -m export.quantize_onnx ...`",
+            file=sys.stderr,
+        )
         return 2
     try:
         manifest = quantize_export(

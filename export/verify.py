@@ -24,14 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a source checkout
-
-from converseg_core.backends.base import Backend  # noqa: E402
-from converseg_core.errors import BackendUnavailableError, ConverSegError  # noqa: E402
-from converseg_core.processing import preprocess, read_rgb, sigmoid, upsample_logits  # noqa: E402
-from converseg_core.registry import list_models  # noqa: E402
-from converseg_core.tokenizer import QueryTokenizer  # noqa: E402
-from export.calibration import find_images  # noqa: E402
+from converseg_core.backends.base import Backend
+from converseg_core.errors import BackendUnavailableError, ConverSegError
+from converseg_core.processing import preprocess, read_rgb, sigmoid, upsample_logits
+from converseg_core.registry import list_models
+from converseg_core.tokenizer import QueryTokenizer
+from converseg_export.calibration import find_images
 
 log = logging.getLogger("verify")
 
@@ -134,7 +132,7 @@ def compare(run: BackendRun, ref: BackendRun) -> dict[str, float]:
 def load_frames(images: Path | None, count: int) -> list[np.ndarray]:
     if images is not None:
         return [read_rgb(p) for p in find_images(images)[:count]]
-    from export.export_onnx import camera_like_image
+    from converseg_export.export_onnx import camera_like_image
 
     return [camera_like_image(640, seed=s) for s in range(count)]
 
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(checkpoint=args.checkpoint)
             onnx_dir = args.onnx_dir
         else:
-            from export.export_onnx import export_model
+            from converseg_export.export_onnx import export_model
 
             model = build_model(args.model, **({"img_size": args.img_size} if args.img_size else {}))
             onnx_dir = args.onnx_dir or Path(tempfile.mkdtemp(prefix="converseg_verify_"))

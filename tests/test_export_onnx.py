@@ -25,19 +25,19 @@ import pytest
 import torch
 from toy_data import write_toy_dataset
 
+from converseg_core.artifacts import FAILED_MANIFEST_NAME, MANIFEST_NAME, OnnxManifest, graph_specs
 from converseg_core.backends import Backend
-from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest, OnnxRuntimeBackend
+from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
 from converseg_core.build import build_model
 from converseg_core.errors import CheckpointError, InputError
 from converseg_core.registry import get_config, list_models
 from converseg_core.segmenter import Segmenter
 from converseg_core.tokenizer import QueryTokenizer
-from export.export_onnx import (
+from converseg_export.export_onnx import (
     DEFAULT_MAX_REL_ERROR,
     DEFAULT_MIN_MASK_IOU,
     export_model,
     export_stage,
-    graph_specs,
     preprocessed_test_image,
     traced_graphs,
 )
@@ -314,14 +314,14 @@ def test_export_cli_fails_loudly_when_parity_is_missed(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "disagrees with PyTorch" in proc.stderr
     assert not (out / MANIFEST_NAME).exists()  # no runtime can load a failed export
-    failed = json.loads((out / "manifest.failed.json").read_text())
+    failed = json.loads((out / FAILED_MANIFEST_NAME).read_text())
     assert failed["parity"]["passed"] is False
 
 
 def test_loose_external_weights_are_gathered_into_one_file(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.export_onnx import consolidate_external_data
+    from converseg_export.export_onnx import consolidate_external_data
 
     weights = [numpy_helper.from_array(np.full((64, 64), i, dtype=np.float32), f"w{i}") for i in range(3)]
     nodes = [
@@ -361,7 +361,7 @@ def test_loose_external_weights_are_gathered_into_one_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def quantized_export(edge_export, tmp_path_factory):
-    from export.quantize_onnx import quantize_export
+    from converseg_export.quantize_onnx import quantize_export
 
     src, _ = edge_export
     out = tmp_path_factory.mktemp("onnx_edge_int8")
@@ -410,7 +410,7 @@ def test_quantized_export_loads_in_the_runtime_and_records_what_it_did(edge_expo
 
 
 def test_quantize_refuses_bad_requests(edge_export, quantized_export, tmp_path):
-    from export.quantize_onnx import quantize_export
+    from converseg_export.quantize_onnx import quantize_export
 
     src, _ = edge_export
     with pytest.raises(InputError, match="another folder"):
@@ -436,8 +436,8 @@ def test_calibration_feeds_follow_the_runtime_pipeline(edge_export, tmp_path):
     from PIL import Image
 
     from converseg_core.processing import preprocess
-    from export.export_onnx import camera_like_image
-    from export.quantize_onnx import calibration_feeds
+    from converseg_export.export_onnx import camera_like_image
+    from converseg_export.quantize_onnx import calibration_feeds
 
     src, manifest = edge_export
     frames = [camera_like_image(160, seed=i) for i in range(3)]
@@ -462,7 +462,7 @@ def test_calibration_feeds_follow_the_runtime_pipeline(edge_export, tmp_path):
 
 
 def test_accuracy_drops_beyond_the_limits_are_named():
-    from export.quantize_onnx import accuracy_problems
+    from converseg_export.quantize_onnx import accuracy_problems
 
     assert accuracy_problems({"giou": 0.4, "ciou": 9.0, "n_acc": -1.3, "t_acc": 1.2}, 1.0, 2.0) == []
     problems = accuracy_problems({"giou": 1.5, "ciou": 0.0, "n_acc": None, "t_acc": 2.5}, 1.0, 2.0)
@@ -470,7 +470,7 @@ def test_accuracy_drops_beyond_the_limits_are_named():
 
 
 def test_quantization_that_loses_accuracy_leaves_no_loadable_folder(edge_export, tmp_path, monkeypatch):
-    import export.quantize_onnx as q
+    import converseg_export.quantize_onnx as q
 
     def lossy(reference_dir, quantized_dir, data, limit, threads):
         overall = {"n": 4, "giou": 30.0, "ciou": 40.0, "n_acc": 80.0, "t_acc": 90.0}
@@ -487,13 +487,13 @@ def test_quantization_that_loses_accuracy_leaves_no_loadable_folder(edge_export,
     with pytest.raises(q.QuantizationError, match="giou drops 10.0"):
         q.quantize_export(src, tmp_path / "q", data=data, limit=2, graphs=q.PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q" / MANIFEST_NAME).exists()
-    assert json.loads((tmp_path / "q" / "manifest.failed.json").read_text())["quantization"]["accuracy"]
+    assert json.loads((tmp_path / "q" / FAILED_MANIFEST_NAME).read_text())["quantization"]["accuracy"]
     with pytest.raises(CheckpointError):
         OnnxRuntimeBackend.from_dir(tmp_path / "q")
 
 
 def test_build_trt_refuses_quantized_graphs_without_needing_tensorrt(quantized_export, tmp_path, capsys):
-    from export.build_trt import main
+    from converseg_export.build_trt import main
 
     code = main(["--onnx-dir", str(quantized_export[0]), "--out", str(tmp_path / "e")])
     assert code == 1
@@ -505,7 +505,7 @@ def test_build_trt_refuses_quantized_graphs_without_needing_tensorrt(quantized_e
 def test_verify_judges_float32_on_parity_and_reports_int8_without_judging_it(
     edge, edge_export, quantized_export
 ):
-    from export.verify import format_table, load_frames, verify
+    from converseg_export.verify import format_table, load_frames, verify
 
     common = dict(
         model=edge,
@@ -542,7 +542,7 @@ def test_verify_judges_float32_on_parity_and_reports_int8_without_judging_it(
 
 
 def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export, tmp_path):
-    from export.quantize_onnx import PER_REQUEST_GRAPHS, quantize_export
+    from converseg_export.quantize_onnx import PER_REQUEST_GRAPHS, quantize_export
 
     src, _ = edge_export
     with pytest.raises(InputError, match="no such file"):  # refused before any work
@@ -553,7 +553,7 @@ def test_quantization_stopped_by_bad_data_leaves_no_loadable_folder(edge_export,
     with pytest.raises(InputError, match="missing.png: no such image file"):
         quantize_export(src, tmp_path / "q1", data=bad, graphs=PER_REQUEST_GRAPHS)
     assert not (tmp_path / "q1" / MANIFEST_NAME).exists()
-    assert "error" in json.loads((tmp_path / "q1" / "manifest.failed.json").read_text())["quantization"]
+    assert "error" in json.loads((tmp_path / "q1" / FAILED_MANIFEST_NAME).read_text())["quantization"]
 
 
 def test_text_encoder_export_of_a_checkpoint_runs_its_trained_minilm_layer(tmp_path):
@@ -592,7 +592,7 @@ def test_export_cli_records_which_checkpoint_file_it_exported(tmp_path):
     import hashlib
 
     from converseg_core.checkpoint import save_checkpoint
-    from export.export_onnx import main
+    from converseg_export.export_onnx import main
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(

@@ -19,26 +19,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from converseg_core.backends.base import STAGES
-from converseg_core.backends.onnxruntime_backend import (
+from converseg_core.artifacts import (
     QUERIES_AXIS,
+    SIDE_FILE_NAME,
+    STAGES,
     TOKENS_AXIS,
+    EngineMismatchError,
+    EngineSideFile,
     GraphSpec,
     OnnxManifest,
     TensorSpec,
+    frame_io_problem,
+    graph_specs,
 )
-from converseg_core.backends.tensorrt_backend import (
-    SIDE_FILE_NAME,
-    EngineMismatchError,
-    EngineSideFile,
-    TensorRTBackend,
-    query_limits,
-    sha256_file,
-)
+from converseg_core.backends.tensorrt_backend import TensorRTBackend, query_limits
 from converseg_core.errors import BackendUnavailableError, CheckpointError
-from converseg_core.registry import get_config
-from export.build_trt import EXIT_NO_TENSORRT, build_parser, input_profiles, parse_profile
-from export.calibration import CalibrationBatcher, find_images, read_cache, write_cache
+from converseg_core.files import sha256_file
+from converseg_core.registry import get_config, list_models
+from converseg_export.build_trt import EXIT_NO_TENSORRT, build_parser, input_profiles, parse_profile
+from converseg_export.calibration import CalibrationBatcher, find_images, read_cache, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -88,7 +87,7 @@ def test_build_trt_without_tensorrt_exits_non_zero_and_says_where_it_runs(tmp_pa
 
 
 def test_build_trt_int8_without_calibration_data_is_refused_before_anything_else(tmp_path, capsys):
-    from export.build_trt import main
+    from converseg_export.build_trt import main
 
     code = main(["--onnx-dir", str(tmp_path), "--out", str(tmp_path / "e"), "--precision", "int8"])
     assert code == 2
@@ -158,6 +157,31 @@ def test_query_limits_come_from_the_engine_profiles():
     }
     assert query_limits(profiles) == {"text_encoder": 8, "decoder": 4}
     assert query_limits({}) == {}  # a side-file without profiles: no limit known, nothing chunked
+
+
+# --- the graphs' tensor names (converseg_core.artifacts) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_graph_specs_chain_the_stages_as_the_runtime_expects(name):
+    """Each stage's inputs are the previous stage's outputs by name, the frame tensors are FrameContext's
+    fields in order, and only the queries and tokens axes are dynamic."""
+    specs = graph_specs(get_config(name))
+    assert list(specs) == list(STAGES)
+    encoder, context, text, decoder = (specs[s] for s in STAGES)
+    assert frame_io_problem(context.output_names, decoder.input_names, encoder.output_names) is None
+    assert context.input_names == encoder.output_names
+    assert decoder.input_names == context.output_names + text.output_names + text.input_names[1:]
+    axes = {axis for spec in specs.values() for named in spec.dynamic_axes().values() for axis in named.values()}
+    assert axes == {QUERIES_AXIS, TOKENS_AXIS}
+    assert not encoder.dynamic_axes() and not context.dynamic_axes()
+
+
+def test_frame_io_problem_names_what_an_older_export_lacks():
+    specs = graph_specs(get_config("converseg_edge"))
+    old_context = specs["image_context"].output_names[:-1]  # an export from before hires_tokens
+    problem = frame_io_problem(old_context, specs["decoder"].input_names)
+    assert problem is not None and "hires_tokens" in problem
 
 
 # --- side-file ------------------------------------------------------------------------------------------
@@ -368,8 +392,8 @@ def test_build_and_run_engines_match_onnxruntime(tmp_path):
     """On a machine with TensorRT and a GPU: build FP32 engines of a tiny export and compare with ORT."""
     from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
     from converseg_core.build import build_model
-    from export.build_trt import build_engines
-    from export.export_onnx import export_model, preprocessed_test_image
+    from converseg_export.build_trt import build_engines
+    from converseg_export.export_onnx import export_model, preprocessed_test_image
 
     onnx_dir = tmp_path / "onnx"
     export_model(build_model("converseg_edge", img_size=128), onnx_dir)
@@ -401,7 +425,7 @@ def ort_backend_tokens(backend, queries):
 @needs_tensorrt
 def test_int8_calibrator_feeds_tensorrt(tmp_path):
     from converseg_core.backends.tensorrt_backend import import_cudart, import_tensorrt
-    from export.build_trt import make_entropy_calibrator
+    from converseg_export.build_trt import make_entropy_calibrator
 
     trt, cudart = import_tensorrt(), import_cudart()
     paths = find_images(_write_images(tmp_path / "calib", 2)[0].parent)

@@ -1,45 +1,17 @@
-"""The interface every runtime backend implements: numpy in, numpy out, float32 throughout."""
+"""The interface every runtime backend implements: numpy in, numpy out, float32 throughout. The tensors that
+pass between the stages (ImageFeatures, FrameContext) and the stages themselves are defined with the
+exported graphs in converseg_core.artifacts."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..artifacts import FrameContext, ImageFeatures
 from ..config import ConverSegConfig
 from ..errors import InputError
-
-# The exported graphs (and TensorRT engines), in the order a frame and a request flow through them.
-STAGES = ("image_encoder", "image_context", "text_encoder", "decoder")
-
-
-class ImageFeatures(NamedTuple):
-    """The image encoder's outputs for one frame: embedding 1 x 256 x h x w (SAM's image embedding) and
-    hires 1 x 32 x 4h x 4w (detail features; zeros for encoders without a high-resolution path). The numpy
-    twin of converseg_core.modeling's ImageFeatures; the field order is the image_encoder graph's outputs and
-    the image_context graph's inputs."""
-
-    embedding: np.ndarray
-    hires: np.ndarray
-
-
-class FrameContext(NamedTuple):
-    """What the decoder needs from one frame, whatever the request; computed once per frame.
-
-    image_tokens: 1 x hw x C, the image embedding as tokens plus SAM's no-mask embedding;
-    fusion_keys: 1 x depth x heads x d x hw; fusion_values: 1 x depth x heads x hw x d;
-    dense_queries: 1 x heads x hw x d (d = C / heads); hires_tokens: 1 x 16hw x C/8, the encoder's detail
-    features in the decoder's upscaled-token order. The numpy twin of converseg_core.modeling's
-    FrameContext; the field order is the order of the image_context graph's outputs and of the decoder
-    graph's first inputs.
-    """
-
-    image_tokens: np.ndarray
-    fusion_keys: np.ndarray
-    fusion_values: np.ndarray
-    dense_queries: np.ndarray
-    hires_tokens: np.ndarray
 
 
 @runtime_checkable
@@ -71,24 +43,6 @@ class Backend(Protocol):
         """frame: from prepare_frame(); text_features: Q x T x 384; attention_mask: Q x T int64 ->
         (low_res_logits Q x 1 x 4h x 4w, iou_scores Q x 1, presence_logits Q), float32."""
         ...
-
-
-def frame_io_problem(
-    context_outputs: list[str], decoder_inputs: list[str], encoder_outputs: list[str] | None = None
-) -> str | None:
-    """Why graphs with these tensor names cannot serve this FrameContext, or None when they can. Catches an
-    export or engine folder written by another version of the code, before any tensor is fed."""
-    fields = list(FrameContext._fields)
-    if encoder_outputs is not None and len(encoder_outputs) != len(ImageFeatures._fields):
-        return (
-            f"image_encoder outputs {encoder_outputs}, this runtime expects {len(ImageFeatures._fields)} "
-            f"({', '.join(ImageFeatures._fields)}): re-export the model with this version"
-        )
-    if context_outputs != fields:
-        return f"image_context outputs {context_outputs}, this runtime expects {fields}"
-    if decoder_inputs[: len(fields)] != fields:
-        return f"decoder inputs {decoder_inputs}, this runtime expects {fields} first"
-    return None
 
 
 def check_frame(frame: object) -> FrameContext:

@@ -1,45 +1,30 @@
 """TensorRT backend: four serialized engines plus a side-file, numpy in, numpy out, no torch.
 
-`export/build_trt.py` writes, into one folder:
+Opens an engine folder (`python export/build_trt.py`; its layout and engines.json are defined in
+converseg_core.artifacts). A serialized engine is only valid for the TensorRT version and the GPU it was
+built with; TensorRT itself says so late and cryptically (or not at all across GPUs of one family), so
+`TensorRTBackend.from_dir` compares the side-file with the running TensorRT and GPU first and refuses with a
+message that names both and the command that rebuilds the engines.
 
-    image_encoder.engine  image_context.engine  text_encoder.engine  decoder.engine
-    engines.json          the side-file: model config, TensorRT version, GPU and compute capability,
-                          precision, build date, optimization profiles, engine checksums
-    tokenizer.json        copied from the ONNX export folder
-
-A serialized engine is only valid for the TensorRT version and the GPU it was built with; TensorRT itself
-says so late and cryptically (or not at all across GPUs of one family), so `TensorRTBackend.from_dir`
-compares the side-file with the running TensorRT and GPU first and refuses with a message that names both
-and the command that rebuilds the engines.
-
-Everything here that does not touch the GPU (the side-file, the compatibility check) imports neither
-TensorRT nor CUDA, so it is tested on machines that have neither. TensorRT and cuda-python are imported only
-when engines are loaded; their absence raises BackendUnavailableError with the install step.
+TensorRT and cuda-python are imported only when engines are loaded; their absence raises
+BackendUnavailableError with the install step. Everything that does not touch the GPU (the side-file, the
+compatibility check) lives in converseg_core.artifacts and is tested on machines that have neither.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from converseg_core.backends.base import STAGES, GraphBackend, frame_io_problem
-from converseg_core.config import ConverSegConfig, inference_default_problems
-from converseg_core.errors import BackendUnavailableError, CheckpointError, InputError
-from converseg_core.files import atomic_write_text, sha256_file
+from converseg_core.artifacts import SIDE_FILE_NAME, STAGES, EngineMismatchError, EngineSideFile
+from converseg_core.backends.base import GraphBackend
+from converseg_core.errors import BackendUnavailableError, InputError
 
 log = logging.getLogger(__name__)
-
-SIDE_FILE_NAME = "engines.json"
-SIDE_FILE_FORMAT = "converseg-tensorrt-engines"
-# 2: engines for the four graphs of ONNX manifest version 2 (image_context split from the decoder).
-SIDE_FILE_VERSION = 2
-TOKENIZER_FILE_NAME = "tokenizer.json"
 
 TENSORRT_HINT = (
     "TensorRT runs on the target: a Jetson with JetPack 6 (TensorRT 8.6 in JetPack 6.0, 10.3 in 6.1/6.2; "
@@ -50,117 +35,6 @@ CUDA_PYTHON_HINT = (
     "the TensorRT backend moves tensors with cuda-python: `pip install 'cuda-python>=12,<13'` matching the "
     "CUDA 12 of JetPack 6 / the NGC container"
 )
-
-
-class EngineMismatchError(CheckpointError):
-    """Engines built for another TensorRT version or GPU than the one running now."""
-
-
-@dataclass
-class EngineSideFile:
-    """What `engines.json` holds; written by export/build_trt.py, checked before any engine is loaded.
-
-    config: ConverSegConfig.to_dict() of the exported model.
-    tensorrt_version: trt.__version__ at build time, e.g. "10.3.0.30".
-    gpu_name / compute_capability: the build GPU, e.g. "Orin" / "8.7".
-    precision: "fp32", "fp16" or "int8" (int8: image encoder INT8 with FP16 fallback, the rest FP16).
-    build_date: ISO 8601, UTC.
-    engines: stage -> {"file": name, "sha256": hex, "precision": str}.
-    profiles: stage -> input name -> [min, opt, max] shapes.
-    io: stage -> {"inputs": [...], "outputs": [...]} tensor names, as in the ONNX manifest.
-    """
-
-    config: dict[str, Any]
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-    precision: str
-    build_date: str
-    engines: dict[str, dict[str, str]]
-    profiles: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
-    io: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    tokenizer: str = TOKENIZER_FILE_NAME
-    format: str = SIDE_FILE_FORMAT
-    version: int = SIDE_FILE_VERSION
-
-    @property
-    def model_config(self) -> ConverSegConfig:
-        return ConverSegConfig.from_dict(self.config)
-
-    def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> EngineSideFile:
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(
-                f"TensorRT side-file {path} not found; build the engines with "
-                "`python export/build_trt.py --onnx-dir ONNX_DIR --out DIR`"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"TensorRT side-file {path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != SIDE_FILE_FORMAT:
-            raise CheckpointError(
-                f"{path} is not a ConverSeg TensorRT side-file (format != {SIDE_FILE_FORMAT!r})"
-            )
-        if data.get("version") != SIDE_FILE_VERSION:
-            raise CheckpointError(
-                f"{path} has side-file version {data.get('version')}, this code reads {SIDE_FILE_VERSION}; "
-                "rebuild the engines with this version of export/build_trt.py"
-            )
-        try:
-            side_file = cls(**data)
-        except TypeError as exc:
-            raise CheckpointError(
-                f"TensorRT side-file {path} is incomplete or has unknown fields: {exc}"
-            ) from exc
-        try:
-            problems = inference_default_problems(side_file.model_config)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"TensorRT side-file {path} holds an invalid model config: {exc}") from exc
-        if problems:  # engines.json is plain JSON: a hand edit must not pass (docs/RELIABILITY.md)
-            raise CheckpointError(
-                f"{path}: {'; '.join(problems)}; pass another threshold at run time, or build the engines "
-                "again from an export of a calibrated checkpoint"
-            )
-        io = side_file.io
-        if "image_context" in io and "decoder" in io:
-            problem = frame_io_problem(
-                io["image_context"]["outputs"], io["decoder"]["inputs"], io.get("image_encoder", {}).get("outputs")
-            )
-            if problem:
-                raise CheckpointError(
-                    f"{path}: engines built from an export of another version ({problem}); export and "
-                    "build again with this version of export/export_onnx.py and export/build_trt.py"
-                )
-        return side_file
-
-    def check_compatible(self, *, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:
-        """Raise EngineMismatchError unless these engines were built with this TensorRT on this GPU model.
-
-        TensorRT engines are not portable across TensorRT versions (any part of the version: serialized
-        plans embed the exact library build) nor across GPU models (kernels are chosen and tuned per SM
-        and per device); both are compared exactly.
-        """
-        problems = []
-        if tensorrt_version != self.tensorrt_version:
-            problems.append(f"TensorRT {self.tensorrt_version} at build time, {tensorrt_version} here")
-        if compute_capability != self.compute_capability:
-            problems.append(
-                f"GPU compute capability {self.compute_capability} at build time, {compute_capability} here"
-            )
-        if gpu_name != self.gpu_name:
-            problems.append(f"GPU {self.gpu_name!r} at build time, {gpu_name!r} here")
-        if problems:
-            raise EngineMismatchError(
-                "refusing to load TensorRT engines built for another setup: "
-                + "; ".join(problems)
-                + ". Rebuild them on this machine: `python export/build_trt.py --onnx-dir ONNX_DIR --out DIR "
-                + f"--precision {self.precision}`"
-            )
 
 
 def import_tensorrt() -> Any:
@@ -335,18 +209,7 @@ class TensorRTBackend(GraphBackend):
         """
         directory = Path(path)
         side_file = EngineSideFile.load(directory / SIDE_FILE_NAME)
-        for stage in STAGES:
-            entry = side_file.engines.get(stage)
-            if entry is None:
-                raise CheckpointError(f"{directory / SIDE_FILE_NAME} names no {stage} engine")
-            engine_path = directory / entry["file"]
-            if not engine_path.is_file():
-                raise CheckpointError(f"TensorRT engine {engine_path} is missing")
-            if verify_checksums and sha256_file(engine_path) != entry["sha256"]:
-                raise CheckpointError(
-                    f"{engine_path} does not match its side-file checksum: the engine was rebuilt or replaced "
-                    "without its engines.json; rebuild the whole folder with export/build_trt.py"
-                )
+        side_file.check_engine_files(directory, verify_checksums=verify_checksums)
         trt = import_tensorrt()
         cudart = import_cudart()
         check_cuda(cudart.cudaSetDevice(device))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ..artifacts import FrameContext, ImageFeatures
 from ..config import ConverSegConfig
 from .fusion import FusionImageContext, TextImageFusion
 from .mask_decoder import MaskDecoder
@@ -23,44 +23,6 @@ class DecoderOutput:
     low_res_logits: Tensor
     iou_scores: Tensor
     presence_logits: Tensor
-
-
-class ImageFeatures(NamedTuple):
-    """What the image encoder gives for B frames.
-
-    embedding: B x C x h x w, SAM's image embedding (h = img_size / 16);
-    hires: B x C/8 x 4h x 4w, detail features the mask decoder adds to its upscaled features (encoders with a
-        high-resolution path, modeling/efficientnet_lite.py); zeros for encoders without one (SAM, TinyViT,
-        the StudentCNN), which leaves their masks exactly as SAM computes them.
-    """
-
-    embedding: Tensor
-    hires: Tensor
-
-    def select(self, index: Tensor) -> ImageFeatures:
-        """The frames at `index` (Q): one frame per query, for batched training."""
-        return ImageFeatures(self.embedding[index], self.hires[index])
-
-
-class FrameContext(NamedTuple):
-    """Everything the decoder needs from one frame, whatever the request: computed once per frame by
-    `image_context`, reused by `decode_context` for every request. B = 1 for a frame shared by all queries.
-    Laid out as the per-request matmuls read it (d = C / heads), so no request transposes an image-sized
-    tensor.
-
-    image_tokens: B x hw x C, the image embedding as tokens plus SAM's no-mask embedding (the mask decoder's
-        input before the request's dense bias is added);
-    fusion_keys: B x depth x heads x d x hw; fusion_values: B x depth x heads x hw x d;
-    dense_queries: B x heads x hw x d;
-    hires_tokens: B x 16hw x C/8, the encoder's detail features in the pixel order of the decoder's upscaled
-        tokens (MaskDecoder.upscale_tokens).
-    """
-
-    image_tokens: Tensor
-    fusion_keys: Tensor
-    fusion_values: Tensor
-    dense_queries: Tensor
-    hires_tokens: Tensor
 
 
 def without_detail(embedding: Tensor) -> ImageFeatures:
