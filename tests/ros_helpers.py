@@ -599,11 +599,50 @@ def scenario_load_failure(c: Client, **_) -> dict:
     return out
 
 
+def _declared_parameters(c: Client, node: str) -> dict:
+    """name -> {value, description, read_only} of every parameter ``node`` declares, asked over its
+    parameter services as `ros2 param describe` does."""
+    from rcl_interfaces.srv import DescribeParameters, GetParameters, ListParameters
+    from rclpy.parameter import parameter_value_to_python
+
+    def call(srv_type, service, request):
+        client = c.node.create_client(srv_type, f"/{node}/{service}")
+        assert client.wait_for_service(timeout_sec=60), f"/{node}/{service} never appeared"
+        future = client.call_async(request)
+        assert c.spin_until(future.done, 30), f"/{node}/{service} did not answer"
+        c.node.destroy_client(client)
+        return future.result()
+
+    names = list(call(ListParameters, "list_parameters", ListParameters.Request()).result.names)
+    values = call(GetParameters, "get_parameters", GetParameters.Request(names=names)).values
+    described = call(DescribeParameters, "describe_parameters", DescribeParameters.Request(names=names))
+    return {
+        name: {
+            "value": parameter_value_to_python(value),
+            "description": d.description,
+            "read_only": d.read_only,
+        }
+        for name, value, d in zip(names, values, described.descriptors, strict=True)
+    }
+
+
+def scenario_declared_parameters(c: Client, **_) -> dict:
+    """Each node started with no parameters at all (one after the other, so that no frame reaches the
+    model): what it declares, as a ROS client sees it."""
+    out: dict = {"stop": []}
+    for node, module in (("converseg_segment", "segment_node"), ("converseg_demo_camera", "demo_camera")):
+        proc = c.start(["-m", f"converseg_ros.{module}"], module)
+        out[node] = _declared_parameters(c, node)
+        out["stop"].append(c.stop(proc)["rc"])
+        out[f"{node}_log"] = c.log(module)[-3000:]
+    return out
+
+
 def scenario_bad_parameters(c: Client, **_) -> dict:
     """Invalid parameters stop the node at once with exit status 2 and a message naming the parameter."""
     out = {}
     for name, params in {"choice": {"backend": "caffe"}, "range": {"presence_threshold": 1.5},
-                         "type": {"max_queries": "eight"}}.items():  # fmt: skip
+                         "type": {"max_queries": "eight"}, "unknown": {"max_rate": 5.0}}.items():  # fmt: skip
         proc = c.start_segment_node(params, name=name)
         try:
             rc = proc.wait(60)

@@ -27,10 +27,9 @@ from .params import LAUNCH_ARGUMENTS
 
 
 def usage() -> str:
-    lines = [__doc__.strip(), "", "arguments (name:=value):"]
+    lines = [__doc__.strip(), "", "arguments (name:=default), as launch/segment.launch.py declares them:"]
     for spec in LAUNCH_ARGUMENTS:
-        choices = f" [{'|'.join(spec.choices)}]" if spec.choices else ""
-        lines.append(f"  {spec.name}:={spec.default!r}{choices}\n      {spec.description}")
+        lines.append(f"  {spec.name}:={spec.text()}\n      {spec.help}")
     return "\n".join(lines)
 
 
