@@ -110,7 +110,7 @@ def test_demo_launch_arguments_are_the_demo_cameras_parameters():
 
 
 def test_node_declares_its_parameters_from_the_table_only():
-    # The nodes declare through declare.declare_settings; nothing else may declare behind the table's back.
+    # The nodes declare through node_support.declare_settings; nothing else may declare behind the table's back.
     for module in ("segment_node", "demo_camera"):
         source = (PACKAGE / "converseg_ros" / f"{module}.py").read_text()
         assert "declare_parameter(" not in source and "declare_settings(self, " in source, module

@@ -6,22 +6,16 @@ each scene's prompt with it; otherwise it loops a synthetic kitchen table and pu
 
 from __future__ import annotations
 
-import sys
-
-import rclpy
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from .declare import declare_settings
 from .demo_scene import DemoSample, dataset_samples, synthetic_frames
 from .image_conversion import rgb_to_image_fields
+from .node_support import declare_settings, run_node
 from .params import DemoCameraSettings
 from .segment_node import QUERY_QOS
-from .shutdown import install_shutdown_signals
 from .topics import IMAGE_TOPIC, QUERY_TOPIC
 
 
@@ -68,31 +62,7 @@ class DemoCamera(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    signals = install_shutdown_signals()
-    rclpy.init(args=args)
-    node = None
-    try:
-        if signals.received:  # a signal between installing the handler and rclpy.init
-            return 0
-        node = DemoCamera()
-        rclpy.spin(node)
-    except ExternalShutdownException:
-        pass
-    except ValueError as exc:  # declare_settings names every bad or unknown parameter
-        print(f"{DemoCameraSettings.node_name}: {exc}", file=sys.stderr)
-        return 2
-    except ParameterException as exc:  # rclpy's own range and type checks
-        print(f"{DemoCameraSettings.node_name}: invalid parameters: {exc}", file=sys.stderr)
-        return 2
-    except Exception:
-        if signals.received:  # stopped while rendering the scenes: the node's context is gone, as asked
-            return 0
-        raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(DemoCamera, DemoCameraSettings.node_name, args)
 
 
 if __name__ == "__main__":

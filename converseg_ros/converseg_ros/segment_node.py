@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 import time
 from typing import Any
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -34,13 +30,12 @@ try:
 except ImportError:  # Humble names the module qos_event
     from rclpy.qos_event import SubscriptionEventCallbacks
 
-from .declare import declare_settings
 from .image_conversion import mono8_fields, rgb8_fields
 from .model_loading import describe_load_failure, load_segmenter
+from .node_support import declare_settings, run_node
 from .params import SegmentSettings
 from .pipeline import Frame, FrameResult, SegmentationPipeline, overlay_image
 from .results import result_document
-from .shutdown import install_shutdown_signals
 from .topics import IMAGE_TOPIC, MASK_TOPIC, OVERLAY_TOPIC, QUERY_TOPIC, RESULT_TOPIC
 
 # /converseg/query is subscribed twice, because no single durability matches every publisher and also gets
@@ -223,31 +218,7 @@ class SegmentNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> int:
-    signals = install_shutdown_signals()
-    rclpy.init(args=args)
-    node = None
-    try:
-        if signals.received:  # a signal between installing the handler and rclpy.init
-            return 0
-        node = SegmentNode()
-        rclpy.spin(node)
-    except ExternalShutdownException:
-        pass
-    except ValueError as exc:  # declare_settings names every bad or unknown parameter
-        print(f"{SegmentSettings.node_name}: {exc}", file=sys.stderr)
-        return 2
-    except ParameterException as exc:  # rclpy's own range and type checks
-        print(f"{SegmentSettings.node_name}: invalid parameters: {exc}", file=sys.stderr)
-        return 2
-    except Exception:
-        if signals.received:  # stopped while the model loaded: the node's context is gone, as asked
-            return 0
-        raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(SegmentNode, SegmentSettings.node_name, args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
-"""Declare a node's parameters from its table in converseg_ros.params and read them, once (needs rclpy)."""
+"""What both nodes share (needs rclpy): parameters declared from their table in converseg_ros.params and
+read once, and a main that runs a node until shutdown."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import TypeVar
 
+import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
 from .params import ParameterTable, ParamSpec
+from .shutdown import install_shutdown_signals
 
 T = TypeVar("T", bound=ParameterTable)
 
@@ -42,3 +49,33 @@ def declare_settings(node: Node, table: type[T]) -> T:
         if not node.has_parameter(name) and not name.startswith("qos_overrides.")
     }
     return table.from_values(values | unknown)
+
+
+def run_node(make_node: Callable[[], Node], name: str, args: list[str] | None = None) -> int:
+    """Create the node and spin it until Ctrl-C or SIGTERM (see converseg_ros.shutdown). Returns the exit
+    status: 0, or 2 with a message naming the parameter when the node's parameters are invalid."""
+    signals = install_shutdown_signals()
+    rclpy.init(args=args)
+    node = None
+    try:
+        if signals.received:  # a signal between installing the handler and rclpy.init
+            return 0
+        node = make_node()
+        rclpy.spin(node)
+    except ExternalShutdownException:
+        pass
+    except ValueError as exc:  # declare_settings names every bad or unknown parameter
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except ParameterException as exc:  # rclpy's own range and type checks
+        print(f"{name}: invalid parameters: {exc}", file=sys.stderr)
+        return 2
+    except Exception:
+        if signals.received:  # stopped while starting (loading a model, rendering scenes), as asked
+            return 0
+        raise
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
