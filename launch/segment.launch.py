@@ -3,7 +3,7 @@
 Starts the ConverSeg segment node and, with demo:=true (the default when no camera is named), a demo camera
 with a sample query. Without `ros2 launch` (PyPI wheels), `converseg-ros-launch` takes the same arguments.
 The arguments are generated from the parameter table in converseg_ros/params.py, which
-`converseg-ros-launch --help` and `ros2 launch converseg_ros segment.launch.py --show-args` list.
+`converseg-ros-launch --help` and `ros2 launch --show-args converseg_ros segment.launch.py` list.
 """
 
 import os
