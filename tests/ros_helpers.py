@@ -11,6 +11,7 @@ prints one line `RESULT <json>`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 from converseg_ros.loopback import fenced, loopback_env, unshare_works
@@ -118,6 +120,37 @@ def _fence_main(seconds: float) -> dict:
         "localhost_udp_packets": counts["cs0"],
         "veth_non_udp": other,
     }
+
+
+class Recorded:
+    """Stands in for a launch action, substitution or description: keeps its arguments."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    @property
+    def name(self) -> str:  # DeclareLaunchArgument(name, ...)
+        return self.args[0]
+
+
+def launch_stand_ins() -> dict[str, types.SimpleNamespace]:
+    """Modules standing in for `launch` and `launch_ros` (not on PyPI), so that a launch file can be imported
+    and what it builds inspected: each action records its arguments."""
+    actions = ("DeclareLaunchArgument", "OpaqueFunction", "SetEnvironmentVariable")
+    return {
+        "launch": types.SimpleNamespace(LaunchDescription=Recorded),
+        "launch.actions": types.SimpleNamespace(**{n: type(n, (Recorded,), {}) for n in actions}),
+        "launch.substitutions": types.SimpleNamespace(EnvironmentVariable=Recorded),
+        "launch_ros.actions": types.SimpleNamespace(Node=type("Node", (Recorded,), {})),
+        "launch_ros.parameter_descriptions": types.SimpleNamespace(ParameterValue=Recorded),
+    }
+
+
+def import_launch_file(path: str | Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("segment_launch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------

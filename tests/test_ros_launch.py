@@ -7,7 +7,6 @@ the description (ParamSpec.help) the node declares too, and the nodes of launch_
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import ros_helpers
 from converseg_ros.launch_plan import IMAGE_TOPIC, default_arguments, make_plan, params_file_text
 from converseg_ros.params import (
     LAUNCH_ARGUMENTS,
@@ -37,34 +37,16 @@ PACKAGE = REPO / "converseg_ros"
 DOCKERFILES = sorted(p for p in (REPO / "docker").glob("Dockerfile*") if p.suffix != ".dockerignore")
 
 
-class Recorded:
-    """Stands in for a launch action or substitution: keeps its arguments."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    @property
-    def name(self) -> str:  # DeclareLaunchArgument(name, ...)
-        return self.args[0]
-
-
 @pytest.fixture
 def launch_file(monkeypatch):
     """launch/segment.launch.py imported with `launch`, `launch_ros` and the ament index stood in for."""
-    fakes = {
-        "launch": {"LaunchDescription": Recorded},
-        "launch.actions": {n: type(n, (Recorded,), {}) for n in ("DeclareLaunchArgument", "OpaqueFunction", "SetEnvironmentVariable")},
-        "launch.substitutions": {"EnvironmentVariable": Recorded},
-        "launch_ros.actions": {"Node": type("Node", (Recorded,), {})},
-        "launch_ros.parameter_descriptions": {"ParameterValue": Recorded},
-        "ament_index_python.packages": {"get_package_share_directory": lambda name: f"/opt/share/{name}"},
-    }  # fmt: skip
-    for name, attributes in fakes.items():
-        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attributes))
-    spec = importlib.util.spec_from_file_location("segment_launch", LAUNCH_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    stand_ins = ros_helpers.launch_stand_ins()
+    stand_ins["ament_index_python.packages"] = types.SimpleNamespace(
+        get_package_share_directory=lambda name: f"/opt/share/{name}"
+    )
+    for name, module in stand_ins.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return ros_helpers.import_launch_file(LAUNCH_FILE)
 
 
 def test_launch_file_declares_one_argument_per_table_entry(launch_file):
