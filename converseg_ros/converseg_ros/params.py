@@ -138,7 +138,9 @@ class SegmentSettings(ParameterTable):
     node_name: ClassVar[str] = "converseg_segment"
 
     model_path: str = parameter(
-        "", "checkpoint (.pt), ONNX model folder or TensorRT engine folder; empty = the default checkpoint"
+        "",
+        "checkpoint (.pt), ONNX export folder (float32, or INT8 from export/quantize_onnx.py for a CPU robot) "
+        "or TensorRT engine folder; empty = the default checkpoint",
     )
     backend: str = parameter("torch", "inference backend", choices=BACKENDS)
     random_model: str = parameter(
