@@ -11,6 +11,7 @@ prints one line `RESULT <json>`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 from converseg_ros.loopback import fenced, loopback_env, unshare_works
@@ -118,6 +120,37 @@ def _fence_main(seconds: float) -> dict:
         "localhost_udp_packets": counts["cs0"],
         "veth_non_udp": other,
     }
+
+
+class Recorded:
+    """Stands in for a launch action, substitution or description: keeps its arguments."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    @property
+    def name(self) -> str:  # DeclareLaunchArgument(name, ...)
+        return self.args[0]
+
+
+def launch_stand_ins() -> dict[str, types.SimpleNamespace]:
+    """Modules standing in for `launch` and `launch_ros` (not on PyPI), so that a launch file can be imported
+    and what it builds inspected: each action records its arguments."""
+    actions = ("DeclareLaunchArgument", "OpaqueFunction", "SetEnvironmentVariable")
+    return {
+        "launch": types.SimpleNamespace(LaunchDescription=Recorded),
+        "launch.actions": types.SimpleNamespace(**{n: type(n, (Recorded,), {}) for n in actions}),
+        "launch.substitutions": types.SimpleNamespace(EnvironmentVariable=Recorded),
+        "launch_ros.actions": types.SimpleNamespace(Node=type("Node", (Recorded,), {})),
+        "launch_ros.parameter_descriptions": types.SimpleNamespace(ParameterValue=Recorded),
+    }
+
+
+def import_launch_file(path: str | Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("segment_launch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -599,11 +632,50 @@ def scenario_load_failure(c: Client, **_) -> dict:
     return out
 
 
+def _declared_parameters(c: Client, node: str) -> dict:
+    """name -> {value, description, read_only} of every parameter ``node`` declares, asked over its
+    parameter services as `ros2 param describe` does."""
+    from rcl_interfaces.srv import DescribeParameters, GetParameters, ListParameters
+    from rclpy.parameter import parameter_value_to_python
+
+    def call(srv_type, service, request):
+        client = c.node.create_client(srv_type, f"/{node}/{service}")
+        assert client.wait_for_service(timeout_sec=60), f"/{node}/{service} never appeared"
+        future = client.call_async(request)
+        assert c.spin_until(future.done, 30), f"/{node}/{service} did not answer"
+        c.node.destroy_client(client)
+        return future.result()
+
+    names = list(call(ListParameters, "list_parameters", ListParameters.Request()).result.names)
+    values = call(GetParameters, "get_parameters", GetParameters.Request(names=names)).values
+    described = call(DescribeParameters, "describe_parameters", DescribeParameters.Request(names=names))
+    return {
+        name: {
+            "value": parameter_value_to_python(value),
+            "description": d.description,
+            "read_only": d.read_only,
+        }
+        for name, value, d in zip(names, values, described.descriptors, strict=True)
+    }
+
+
+def scenario_declared_parameters(c: Client, **_) -> dict:
+    """Each node started with no parameters at all (one after the other, so that no frame reaches the
+    model): what it declares, as a ROS client sees it."""
+    out: dict = {"stop": []}
+    for node, module in (("converseg_segment", "segment_node"), ("converseg_demo_camera", "demo_camera")):
+        proc = c.start(["-m", f"converseg_ros.{module}"], module)
+        out[node] = _declared_parameters(c, node)
+        out["stop"].append(c.stop(proc)["rc"])
+        out[f"{node}_log"] = c.log(module)[-3000:]
+    return out
+
+
 def scenario_bad_parameters(c: Client, **_) -> dict:
     """Invalid parameters stop the node at once with exit status 2 and a message naming the parameter."""
     out = {}
     for name, params in {"choice": {"backend": "caffe"}, "range": {"presence_threshold": 1.5},
-                         "type": {"max_queries": "eight"}}.items():  # fmt: skip
+                         "type": {"max_queries": "eight"}, "unknown": {"max_rate": 5.0}}.items():  # fmt: skip
         proc = c.start_segment_node(params, name=name)
         try:
             rc = proc.wait(60)

@@ -1,8 +1,8 @@
 """What `pip install` puts into site-packages, and what the robot images hold.
 
-The wheel installs three top-level packages named after the project (converseg_core, converseg_export from the
-export/ folder, converseg_ros), never a generic `training` or `export`; training/ runs from a source checkout
-(`python -m training.<tool>` from the repository root). The robot images hold the runtime: core, backends,
+The wheel installs two top-level packages named after the project (converseg_core, and converseg_export from
+the export/ folder; colcon installs converseg_ros), never a generic `training` or `export`; training/ runs from
+a source checkout (`python -m training.<tool>` from the repository root). The robot images hold the runtime: core, backends,
 the engine builder, the ROS node and its launch file, not the training tree.
 """
 
@@ -39,7 +39,7 @@ def package_folder(package: str) -> Path:
 
 def test_site_packages_gets_only_names_of_this_project():
     tops = {p.split(".")[0] for p in PACKAGES}
-    assert tops == {"converseg_core", "converseg_export", "converseg_ros"}
+    assert tops == {"converseg_core", "converseg_export"}
     assert package_folder("converseg_export") == REPO / "export"
 
 

@@ -78,6 +78,38 @@ def test_ament_index_finds_the_package_where_ros2_launch_looks(install):
     assert Path(prefix) == install / "converseg_ros"
 
 
+INSPECT_INSTALLED_LAUNCH_FILE = """
+import sys
+sys.path.insert(0, sys.argv[2])  # tests/, for ros_helpers' stand-ins of launch and launch_ros
+import ros_helpers
+sys.modules.update(ros_helpers.launch_stand_ins())
+launch = ros_helpers.import_launch_file(sys.argv[1])
+declared = [a for a in launch.generate_launch_description().args[0] if type(a).__name__ == "DeclareLaunchArgument"]
+import converseg_ros.params
+print(converseg_ros.params.__file__)
+print(launch.FASTDDS_PROFILE)
+print(" ".join(a.name for a in declared))
+"""
+
+
+def test_the_installed_launch_file_finds_its_package_in_the_install_space(install):
+    """What `ros2 launch converseg_ros segment.launch.py` imports, with only `launch` and `launch_ros` stood
+    in for: the parameter table from the install space, the Fast DDS profile through the ament index."""
+    pytest.importorskip("ament_index_python", reason="ament_index_python (ROS 2 wheels) not installed")
+    from converseg_ros.params import LAUNCH_ARGUMENTS
+
+    launch_file = install / "converseg_ros" / "share" / "converseg_ros" / "launch" / "segment.launch.py"
+    done = subprocess.run(
+        [sys.executable, "-c", INSPECT_INSTALLED_LAUNCH_FILE, str(launch_file), str(REPO / "tests")],
+        env=sourced_environment(install), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    params, profile, names = done.stdout.splitlines()
+    assert Path(params).is_relative_to(install / "converseg_ros"), params
+    assert Path(profile).is_file() and Path(profile).is_relative_to(install / "converseg_ros"), profile
+    assert names.split() == [spec.name for spec in LAUNCH_ARGUMENTS]
+
+
 @pytest.mark.ros
 @pytest.mark.skipif(importlib.util.find_spec("rclpy") is None, reason="rclpy (ROS 2 wheels) not installed")
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the random-weight model needs PyTorch")

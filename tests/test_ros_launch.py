@@ -1,25 +1,33 @@
 """Launch file, entry point, ament package and Docker files, checked without ROS.
 
-`launch` and `launch_ros` are not on PyPI, so the launch file is read with ast: it must declare every
-segment-node parameter plus the launch-only arguments, with the same defaults as the node and
-converseg-ros-launch, and each with a description.
+`launch` and `launch_ros` are not on PyPI, so the launch file is imported against small stand-ins that
+record what it builds: one DeclareLaunchArgument per entry of params.LAUNCH_ARGUMENTS, with the default and
+the description (ParamSpec.help) the node declares too, and the nodes of launch_plan.make_plan.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from converseg_ros.launch_plan import IMAGE_TOPIC, format_value, make_plan, params_file_text
-from converseg_ros.params import LAUNCH_ARGUMENTS, LAUNCH_ONLY_ARGUMENTS, SEGMENT_PARAMETERS
+import ros_helpers
+from converseg_ros.launch_plan import IMAGE_TOPIC, default_arguments, make_plan, params_file_text
+from converseg_ros.params import (
+    LAUNCH_ARGUMENTS,
+    LAUNCH_ONLY_ARGUMENTS,
+    SEGMENT_PARAMETERS,
+    DemoCameraSettings,
+    ParamSpec,
+    SegmentSettings,
+)
 
 from converseg_ros import launch_main
 
@@ -29,32 +37,65 @@ PACKAGE = REPO / "converseg_ros"
 DOCKERFILES = sorted(p for p in (REPO / "docker").glob("Dockerfile*") if p.suffix != ".dockerignore")
 
 
-def declared_arguments(path: Path) -> dict[str, tuple[str, str]]:
-    """name -> (default_value, description) of every DeclareLaunchArgument call with literal values."""
-    found = {}
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DeclareLaunchArgument":
-            name = ast.literal_eval(node.args[0])
-            keywords = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-            assert name not in found, f"{name} declared twice"
-            found[name] = (keywords.get("default_value"), keywords.get("description"))
-    return found
+@pytest.fixture
+def launch_file(monkeypatch):
+    """launch/segment.launch.py imported with `launch`, `launch_ros` and the ament index stood in for."""
+    stand_ins = ros_helpers.launch_stand_ins()
+    stand_ins["ament_index_python.packages"] = types.SimpleNamespace(
+        get_package_share_directory=lambda name: f"/opt/share/{name}"
+    )
+    for name, module in stand_ins.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return ros_helpers.import_launch_file(LAUNCH_FILE)
 
 
-def test_launch_file_declares_the_node_parameters_and_launch_arguments():
-    declared = declared_arguments(LAUNCH_FILE)
-    assert set(declared) == {p.name for p in LAUNCH_ARGUMENTS}
-    assert {p.name for p in SEGMENT_PARAMETERS} <= set(declared)
+def test_launch_file_declares_one_argument_per_table_entry(launch_file):
+    description = launch_file.generate_launch_description()
+    declared = [a for a in description.args[0] if type(a).__name__ == "DeclareLaunchArgument"]
+    assert [a.name for a in declared] == [spec.name for spec in LAUNCH_ARGUMENTS]
+    for argument, spec in zip(declared, LAUNCH_ARGUMENTS, strict=True):
+        assert argument.kwargs == {"default_value": spec.text(), "description": spec.help}, spec.name
+    assert {p.name for p in SEGMENT_PARAMETERS} <= {a.name for a in declared}
+
+
+def test_launch_file_starts_the_nodes_of_the_plan(launch_file):
+    context = types.SimpleNamespace(
+        launch_configurations=default_arguments() | {"camera": "/cam", "demo": "true", "model_path": "123"}
+    )
+    segment, demo = launch_file._nodes(context)
+    assert (
+        segment.kwargs["name"] == SegmentSettings.node_name and segment.kwargs["executable"] == "segment_node"
+    )
+    assert demo.kwargs["name"] == DemoCameraSettings.node_name and demo.kwargs["executable"] == "demo_camera"
+    (parameters,) = segment.kwargs["parameters"]
+    assert set(parameters) == {p.name for p in SEGMENT_PARAMETERS}
+    assert parameters["model_path"].args == ("123",) and parameters["model_path"].kwargs == {
+        "value_type": str
+    }
+    assert (IMAGE_TOPIC, "/cam") in segment.kwargs["remappings"]
+    (demo_parameters,) = demo.kwargs["parameters"]
+    assert {name: v.args[0] for name, v in demo_parameters.items()} == make_plan({}).demo_parameters
+
+
+def test_every_launch_argument_has_a_description_and_a_default_it_accepts():
+    assert len({spec.name for spec in LAUNCH_ARGUMENTS}) == len(LAUNCH_ARGUMENTS)
     for spec in LAUNCH_ARGUMENTS:
-        default, description = declared[spec.name]
-        assert default == format_value(spec.default), spec.name
-        assert description and len(description) > 10, spec.name
+        assert len(spec.description) > 10, spec.name
+        assert spec.problem(spec.default) is None and spec.parse(spec.text()) == spec.default, spec.name
 
 
-def test_node_declares_every_parameter_from_the_table():
-    # The node loops over SEGMENT_PARAMETERS; make sure nothing else declares parameters behind its back.
-    source = (PACKAGE / "converseg_ros" / "segment_node.py").read_text()
-    assert source.count("declare_parameter(") == 1 and "SEGMENT_PARAMETERS" in source
+def test_demo_launch_arguments_are_the_demo_cameras_parameters():
+    demo = {spec.name: spec for spec in DemoCameraSettings.specs()}
+    for spec in LAUNCH_ARGUMENTS:
+        if spec.name.startswith("demo_"):
+            assert spec == ParamSpec(**{**demo[spec.name[5:]].__dict__, "name": spec.name})
+
+
+def test_node_declares_its_parameters_from_the_table_only():
+    # The nodes declare through node_support.declare_settings; nothing else may declare behind the table's back.
+    for module in ("segment_node", "demo_camera"):
+        source = (PACKAGE / "converseg_ros" / f"{module}.py").read_text()
+        assert "declare_parameter(" not in source and "declare_settings(self, " in source, module
 
 
 def test_launch_defaults_run_the_demo():
@@ -74,26 +115,31 @@ def test_naming_a_camera_turns_the_demo_off_and_remaps():
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    ("arguments", "message"),
     [
-        {"nope": "1"},
-        {"backend": "caffe"},
-        {"publish_overlay": "maybe"},
-        {"max_queries": "x"},
-        {"demo": "yes"},
+        ({"nope": "1"}, "unknown launch arguments ['nope']"),
+        ({"backend": "caffe"}, "backend:='caffe': must be one of torch, onnxruntime, tensorrt"),
+        ({"publish_overlay": "maybe"}, "publish_overlay:='maybe': expected true or false"),
+        ({"max_queries": "x"}, "max_queries:='x'"),
+        ({"demo": "yes"}, "demo:='yes': must be one of true, false, auto"),
+        ({"demo_rate_hz": "0"}, "demo_rate_hz:='0': must be in [0.1, 240]"),
+        ({"mask_probability": "1.0"}, "mask_probability=1.0 would mark every pixel or none"),
     ],
 )
-def test_bad_launch_arguments_are_refused(arguments):
-    with pytest.raises(ValueError):
+def test_bad_launch_arguments_are_refused_naming_the_argument(arguments, message):
+    with pytest.raises(ValueError) as info:
         make_plan(arguments)
+    assert message in str(info.value)
 
 
 def test_entry_point_help_and_argument_errors(capsys):
     assert launch_main.main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert all(f"{spec.name}:=" in text for spec in LAUNCH_ARGUMENTS)
+    assert all(f"{spec.name}:={spec.text()}\n      {spec.help}\n" in text + "\n" for spec in LAUNCH_ARGUMENTS)
     assert launch_main.main(["backend=torch"]) == 2
     assert launch_main.main(["backend:=caffe"]) == 2
+    assert launch_main.main(["max_rate:=5"]) == 2
+    assert "unknown launch arguments ['max_rate']" in capsys.readouterr().err
 
 
 def test_entry_point_commands_keep_parameter_types(tmp_path):

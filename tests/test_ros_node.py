@@ -28,7 +28,7 @@ pytestmark = [
 # Distinct domains per test, away from 0 (the default on real robots).
 DOMAINS = {
     "basic": 61, "stream": 62, "compressed": 63, "load_failure": 64, "launch": 65, "fence": 66, "bad_parameters": 67,
-    "signals": 68, "qos": 69, "lifecycle": 70,
+    "signals": 68, "qos": 69, "lifecycle": 70, "declared_parameters": 72,
 }  # fmt: skip
 
 
@@ -160,9 +160,30 @@ def test_lifecycle_transitions_driven_by_a_manager(tmp_path):
 
 def test_invalid_parameters_exit_2_naming_the_parameter(tmp_path):
     out = run("bad_parameters", tmp_path)
-    for name, parameter in (("choice", "backend"), ("range", "presence_threshold"), ("type", "max_queries")):
+    for name, parameter in (("choice", "backend"), ("range", "presence_threshold"), ("type", "max_queries"),
+                            ("unknown", "unknown parameters ['max_rate']")):  # fmt: skip
         assert out[name]["rc"] == 2, out[name]["log"]
         assert parameter in out[name]["log"] and "Traceback" not in out[name]["log"], out[name]["log"]
+
+
+def test_each_node_declares_its_table_with_defaults_and_the_launch_descriptions(tmp_path):
+    """What a ROS client sees (`ros2 param describe`) is the table: every entry declared, read-only, with
+    its default and ParamSpec.help, the text the launch file and converseg-ros-launch --help give too."""
+    from converseg_ros.params import DemoCameraSettings, SegmentSettings
+
+    out = run("declared_parameters", tmp_path)
+    for table in (SegmentSettings, DemoCameraSettings):
+        declared = out[table.node_name]
+        ours = {name: d for name, d in declared.items() if name not in ROS_OWN_PARAMETERS}
+        assert set(ours) == {spec.name for spec in table.specs()}, out[f"{table.node_name}_log"]
+        for spec in table.specs():
+            assert ours[spec.name] == {"value": spec.default, "description": spec.help, "read_only": True}
+            assert type(ours[spec.name]["value"]) is spec.type, spec.name
+    assert out["stop"] == [0, 0]
+
+
+# Parameters rclpy declares on every node by itself.
+ROS_OWN_PARAMETERS = {"use_sim_time", "start_type_description_service"}
 
 
 def test_launch_entry_point_runs_demo_camera_and_segment_node(tmp_path):

@@ -5,6 +5,8 @@ A real Segmenter with random weights (converseg_edge at 128 px) is injected; not
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 import threading
@@ -14,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from converseg_ros.image_conversion import rgb_to_image_fields
-from converseg_ros.model_loading import describe_load_failure, load_segmenter
+from converseg_ros.model_loading import describe_load_failure, load_failure_hint, load_segmenter
 from converseg_ros.params import SEGMENT_PARAMETERS, SegmentSettings
 from converseg_ros.pipeline import (
     FAILING_MODEL_FRAMES,
@@ -31,6 +33,9 @@ from converseg_ros.queries import (
     parse_query_message,
 )
 from converseg_ros.results import result_document
+
+from converseg_core.backends.tensorrt_backend import EngineMismatchError
+from converseg_core.errors import BackendUnavailableError, CheckpointError
 
 torch = pytest.importorskip("torch", reason="the random-weight test model needs PyTorch")
 TINY = SegmentSettings(random_model="converseg_edge", random_model_img_size=128)
@@ -327,10 +332,20 @@ def test_overlay_tints_only_masked_pixels():
 
 
 # -- settings and model loading -------------------------------------------------------------------------
-def test_settings_match_the_parameter_table():
-    assert list(SegmentSettings.__dataclass_fields__) == [p.name for p in SEGMENT_PARAMETERS]
+def test_settings_and_the_pipeline_take_their_defaults_from_the_parameter_table():
     defaults = SegmentSettings()
+    assert [p.name for p in SEGMENT_PARAMETERS] == [f.name for f in dataclasses.fields(SegmentSettings)]
     assert all(getattr(defaults, p.name) == p.default for p in SEGMENT_PARAMETERS)
+    signature = inspect.signature(SegmentationPipeline)
+    for name in ("max_input_side", "max_queries", "max_query_chars", "min_interval_s"):
+        assert signature.parameters[name].default == getattr(defaults, name), name
+    pipe = SegmentationPipeline.from_settings(SegmentSettings(max_queries=3, max_rate_hz=4.0))
+    assert (pipe.max_queries, pipe.min_interval_s, pipe.state) == (3, 0.25, "unconfigured")
+
+
+def test_unknown_settings_are_named():
+    with pytest.raises(ValueError, match=r"unknown parameters \['max_rate'\] for converseg_segment"):
+        SegmentSettings.from_values({"max_rate": 5.0, "backend": "torch"})
 
 
 @pytest.mark.parametrize(
@@ -384,6 +399,34 @@ def test_missing_checkpoint_fails_with_an_actionable_message(tmp_path):
         load_segmenter(settings)
     message = describe_load_failure(info.value, settings)
     assert "missing.pt" in message and "model_path" in message
+
+
+@pytest.mark.parametrize(
+    ("error", "backend", "hint"),
+    [
+        (EngineMismatchError("built for Orin"), "tensorrt", "rebuild them on this device"),
+        (CheckpointError("engines.json not found"), "tensorrt", "model_path:= to a folder of engines built"),
+        (CheckpointError("manifest.json not found"), "onnxruntime", "export/export_onnx.py"),
+        (CheckpointError("not a ConverSeg checkpoint"), "torch", "model_path:= to a checkpoint (.pt)"),
+        (BackendUnavailableError("no onnxruntime"), "onnxruntime", "install the runtime for backend:=onnxruntime"),
+        (FileNotFoundError("model.pt"), "torch", "check model_path and that this user can read it"),
+        # The type decides, not the words: a RuntimeError that mentions engines and GPUs is no EngineMismatchError.
+        (RuntimeError("TensorRT engine for this GPU: out of memory"), "tensorrt", "check model_path and backend"),
+    ],
+)  # fmt: skip
+def test_load_failures_are_explained_by_exception_type(error, backend, hint):
+    settings = SegmentSettings(backend=backend)
+    assert hint in load_failure_hint(error, settings)
+    assert describe_load_failure(error, settings) == (
+        f"model failed to load ({type(error).__name__}: {error}); {load_failure_hint(error, settings)}"
+    )
+
+
+def test_an_unknown_random_model_is_explained():
+    settings = SegmentSettings(random_model="converseg_nope")
+    with pytest.raises(KeyError) as info:
+        load_segmenter(settings)
+    assert "random_model:= to a registered variant" in describe_load_failure(info.value, settings)
 
 
 def test_engine_for_another_gpu_is_explained():

@@ -6,9 +6,6 @@ each scene's prompt with it; otherwise it loops a synthetic kitchen table and pu
 
 from __future__ import annotations
 
-import rclpy
-from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -16,55 +13,41 @@ from std_msgs.msg import String
 
 from .demo_scene import DemoSample, dataset_samples, synthetic_frames
 from .image_conversion import rgb_to_image_fields
-from .segment_node import IMAGE_TOPIC, QUERY_QOS
-from .shutdown import install_shutdown_signals
-
-PARAMETERS = {
-    "rate_hz": (30.0, "frames per second"),
-    "width": (640, "synthetic frame width"),
-    "height": (480, "synthetic frame height"),
-    "query": ("the red mug", "query published once at start (synthetic scene); empty = none"),
-    "dataset": ("", "data engine output folder; empty or without samples = synthetic scene"),
-    "seconds_per_scene": (3.0, "how long each data engine scene is shown"),
-    "encoding": ("rgb8", "rgb8, bgr8, rgba8, bgra8 or mono8"),
-    "frame_id": ("demo_camera", "header.frame_id of the frames"),
-}
+from .node_support import declare_settings, run_node
+from .params import DemoCameraSettings
+from .segment_node import QUERY_QOS
+from .topics import IMAGE_TOPIC, QUERY_TOPIC
 
 
 class DemoCamera(Node):
     def __init__(self, **kwargs) -> None:
-        super().__init__("converseg_demo_camera", **kwargs)
-        p = {
-            name: self.declare_parameter(
-                name, default, ParameterDescriptor(description=text, read_only=True)
-            ).value
-            for name, (default, text) in PARAMETERS.items()
-        }
-        samples = dataset_samples(p["dataset"]) if p["dataset"] else []
-        if p["dataset"] and not samples:
+        super().__init__(DemoCameraSettings.node_name, **kwargs)
+        p = declare_settings(self, DemoCameraSettings)
+        samples = dataset_samples(p.dataset) if p.dataset else []
+        if p.dataset and not samples:
             self.get_logger().warning(
-                f"no data engine samples under {p['dataset']!r}: showing the synthetic scene"
+                f"no data engine samples under {p.dataset!r}: showing the synthetic scene"
             )
         if not samples:
-            query = p["query"] or None
+            query = p.query or None
             samples = [
                 DemoSample(f, query if i == 0 else None)
-                for i, f in enumerate(synthetic_frames(p["width"], p["height"]))
+                for i, f in enumerate(synthetic_frames(p.width, p.height))
             ]
             self._frames_per_sample = 1
         else:
-            self._frames_per_sample = max(1, round(p["seconds_per_scene"] * p["rate_hz"]))
+            self._frames_per_sample = max(1, round(p.seconds_per_scene * p.rate_hz))
         # Encoded once: publishing then only stamps a header and hands over bytes.
-        self._messages = [Image(**rgb_to_image_fields(s.rgb, p["encoding"])) for s in samples]
+        self._messages = [Image(**rgb_to_image_fields(s.rgb, p.encoding)) for s in samples]
         self._queries = [s.query for s in samples]
         for msg in self._messages:
-            msg.header.frame_id = p["frame_id"]
+            msg.header.frame_id = p.frame_id
         self._image_pub = self.create_publisher(Image, IMAGE_TOPIC, qos_profile_sensor_data)
-        self._query_pub = self.create_publisher(String, "/converseg/query", QUERY_QOS["latched"])
+        self._query_pub = self.create_publisher(String, QUERY_TOPIC, QUERY_QOS["latched"])
         self._tick = 0
         self._last_query: str | None = None
-        self.create_timer(1.0 / p["rate_hz"], self._publish)
-        self.get_logger().info(f"publishing {len(samples)} scene(s) at {p['rate_hz']} Hz on {IMAGE_TOPIC}")
+        self.create_timer(1.0 / p.rate_hz, self._publish)
+        self.get_logger().info(f"publishing {len(samples)} scene(s) at {p.rate_hz} Hz on {IMAGE_TOPIC}")
 
     def _publish(self) -> None:
         index = (self._tick // self._frames_per_sample) % len(self._messages)
@@ -79,25 +62,7 @@ class DemoCamera(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    signals = install_shutdown_signals()
-    rclpy.init(args=args)
-    node = None
-    try:
-        if signals.received:  # a signal between installing the handler and rclpy.init
-            return 0
-        node = DemoCamera()
-        rclpy.spin(node)
-    except ExternalShutdownException:
-        pass
-    except Exception:
-        if signals.received:  # stopped while rendering the scenes: the node's context is gone, as asked
-            return 0
-        raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(DemoCamera, DemoCameraSettings.node_name, args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """converseg-ros-launch: what `ros2 launch converseg_ros segment.launch.py ARG:=VALUE...` does, without
-the `launch` packages (which are not on PyPI).
+the `launch` packages (which are not on PyPI). colcon installs it as lib/converseg_ros/converseg-ros-launch;
+after `. install/setup.sh` it also runs as `python -m converseg_ros.launch_main`.
 
-    converseg-ros-launch                              # demo camera + segment node
-    converseg-ros-launch camera:=/realsense/color/image_raw model_path:=/engines backend:=tensorrt
-    converseg-ros-launch --help                       # every argument with default and description
+    python -m converseg_ros.launch_main               # demo camera + segment node
+    python -m converseg_ros.launch_main camera:=/realsense/color/image_raw model_path:=/engines backend:=tensorrt
+    python -m converseg_ros.launch_main --help        # every argument with default and description
 
 Each node runs in its own process (as under `ros2 launch`); Ctrl-C or SIGTERM stops them all, and when
 one exits the others are stopped. A node still running 10 s after SIGINT gets SIGTERM, 5 s later SIGKILL
@@ -27,10 +28,9 @@ from .params import LAUNCH_ARGUMENTS
 
 
 def usage() -> str:
-    lines = [__doc__.strip(), "", "arguments (name:=value):"]
+    lines = [__doc__.strip(), "", "arguments (name:=default), as launch/segment.launch.py declares them:"]
     for spec in LAUNCH_ARGUMENTS:
-        choices = f" [{'|'.join(spec.choices)}]" if spec.choices else ""
-        lines.append(f"  {spec.name}:={spec.default!r}{choices}\n      {spec.description}")
+        lines.append(f"  {spec.name}:={spec.text()}\n      {spec.help}")
     return "\n".join(lines)
 
 

@@ -12,17 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .params import LAUNCH_ARGUMENTS, SEGMENT_PARAMETERS, ParamSpec
+from .params import (
+    DEMO_LAUNCH_PARAMETERS,
+    LAUNCH_ARGUMENTS,
+    SEGMENT_PARAMETERS,
+    DemoCameraSettings,
+    SegmentSettings,
+)
+from .topics import IMAGE_TOPIC
 
-IMAGE_TOPIC = "/camera/image_raw"  # the segment node's (remappable) camera topic
 _SPECS = {spec.name: spec for spec in LAUNCH_ARGUMENTS}
-_DEMO_PARAMETERS = {  # launch argument -> demo camera parameter
-    "demo_query": "query",
-    "demo_rate_hz": "rate_hz",
-    "demo_width": "width",
-    "demo_height": "height",
-    "demo_dataset": "dataset",
-}
 
 
 @dataclass
@@ -35,38 +34,7 @@ class LaunchPlan:
 
 
 def default_arguments() -> dict[str, str]:
-    return {spec.name: format_value(spec.default) for spec in LAUNCH_ARGUMENTS}
-
-
-def format_value(value: Any) -> str:
-    """How a default is written in the launch file (``true``/``false`` for booleans)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def parse_value(spec: ParamSpec, text: str) -> Any:
-    """A launch argument string as the parameter's type; ValueError names the argument."""
-    kind = type(spec.default)
-    try:
-        if kind is bool:
-            lowered = text.strip().lower()
-            if lowered not in ("true", "false"):
-                raise ValueError("expected true or false")
-            value: Any = lowered == "true"
-        elif kind is int:
-            value = int(text)
-        elif kind is float:
-            value = float(text)
-        else:
-            value = text
-    except ValueError as exc:
-        raise ValueError(f"{spec.name}:={text!r}: {exc}") from exc
-    if spec.choices and value not in spec.choices:
-        raise ValueError(f"{spec.name}:={text!r}: choose one of {', '.join(spec.choices)}")
-    if spec.low is not None and not (spec.low <= value <= spec.high):
-        raise ValueError(f"{spec.name}:={text!r}: must be in [{spec.low}, {spec.high}]")
-    return value
+    return {spec.name: spec.text() for spec in LAUNCH_ARGUMENTS}
 
 
 def make_plan(arguments: dict[str, str]) -> LaunchPlan:
@@ -75,17 +43,17 @@ def make_plan(arguments: dict[str, str]) -> LaunchPlan:
     if unknown:
         raise ValueError(f"unknown launch arguments {unknown}; known: {', '.join(sorted(_SPECS))}")
     merged = default_arguments() | arguments
-    values = {name: parse_value(_SPECS[name], text) for name, text in merged.items() if name != "demo"}
-    demo_text = merged["demo"].strip().lower()
-    if demo_text not in ("true", "false", "auto"):
-        raise ValueError(f"demo:={merged['demo']!r}: choose true, false or auto")
+    values = {name: _SPECS[name].parse(text) for name, text in merged.items()}
     camera = values["camera"].strip()
     plan = LaunchPlan(
         segment_parameters={p.name: values[p.name] for p in SEGMENT_PARAMETERS},
-        demo=demo_text == "true" or (demo_text == "auto" and not camera),
-        demo_parameters={param: values[arg] for arg, param in _DEMO_PARAMETERS.items()},
+        demo=values["demo"] == "true" or (values["demo"] == "auto" and not camera),
+        demo_parameters={name: values["demo_" + name] for name in DEMO_LAUNCH_PARAMETERS},
         log_level=values["log_level"],
     )
+    # Both nodes check their settings at start; checking here too fails before any process starts.
+    SegmentSettings.from_values(plan.segment_parameters)
+    DemoCameraSettings.from_values(plan.demo_parameters)
     if camera and camera != IMAGE_TOPIC:
         plan.remappings = [(IMAGE_TOPIC, camera), (IMAGE_TOPIC + "/compressed", camera + "/compressed")]
     return plan

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+
+from converseg_core import Segmenter, default_checkpoint
+from converseg_core.backends.tensorrt_backend import EngineMismatchError
+from converseg_core.errors import BackendUnavailableError, CheckpointError
 
 from .params import SegmentSettings
 
+# What model_path must name for each backend, and where such a thing comes from.
+MODEL_PATH_HINTS = {
+    "torch": "a checkpoint (.pt); empty = the default model (train it: docs/TRAINING.md)",
+    "onnxruntime": "a folder written by `python export/export_onnx.py`",
+    "tensorrt": "a folder of engines built on this device by `python export/build_trt.py` (the Docker "
+    "entrypoint builds them on first start)",
+}
 
-def load_segmenter(settings: SegmentSettings) -> Any:
-    """Build the converseg_core.Segmenter the settings describe; raises whatever the core raises."""
-    from converseg_core import Segmenter, default_checkpoint
 
+def load_segmenter(settings: SegmentSettings) -> Segmenter:
+    """Build the Segmenter the settings describe; raises whatever the core raises."""
     p = settings.mask_probability
     kwargs = dict(
         # negative: the checkpoint's own mask logit threshold; else the logit of the probability
@@ -29,26 +38,24 @@ def load_segmenter(settings: SegmentSettings) -> Any:
     return Segmenter.from_checkpoint(path, backend=settings.backend, **kwargs)
 
 
-def describe_load_failure(exc: BaseException, settings: SegmentSettings) -> str:
-    """One line: what failed and what to do about it."""
-    name = type(exc).__name__
-    text = f"{name}: {exc}"
-    lowered = text.lower()
-    if name == "EngineMismatchError" or (
-        settings.backend == "tensorrt" and any(w in lowered for w in ("engine", "deserializ", "gpu"))
-    ):
-        hint = (
+def load_failure_hint(exc: BaseException, settings: SegmentSettings) -> str:
+    """What to do about ``exc``, chosen by its type (the core's errors name the problem itself)."""
+    if isinstance(exc, EngineMismatchError):  # a CheckpointError: checked first
+        return (
             "TensorRT engines only run on the GPU and TensorRT version they were built with: rebuild them on "
             "this device with `python export/build_trt.py` (the Docker entrypoint does it on first start)"
         )
-    elif name == "CheckpointError":
-        hint = (
-            "set model_path:=<checkpoint or exported folder>, or train the default model (docs/TRAINING.md)"
-        )
-    elif name == "BackendUnavailableError":
-        hint = f"install the runtime for backend:={settings.backend}, or pick another backend"
-    elif isinstance(exc, FileNotFoundError):
-        hint = "check model_path"
-    else:
-        hint = "check model_path and backend (docs/ROS.md)"
-    return f"model failed to load ({text}); {hint}"
+    if isinstance(exc, BackendUnavailableError):
+        return f"install the runtime for backend:={settings.backend}, or pick another backend"
+    if isinstance(exc, CheckpointError):
+        return f"set model_path:= to {MODEL_PATH_HINTS[settings.backend]}"
+    if isinstance(exc, KeyError) and settings.random_model:  # converseg_core.registry: unknown variant
+        return "set random_model:= to a registered variant (`converseg models` lists them)"
+    if isinstance(exc, OSError):
+        return "check model_path and that this user can read it"
+    return "check model_path and backend (docs/ROS.md)"
+
+
+def describe_load_failure(exc: BaseException, settings: SegmentSettings) -> str:
+    """One line: what failed and what to do about it."""
+    return f"model failed to load ({type(exc).__name__}: {exc}); {load_failure_hint(exc, settings)}"

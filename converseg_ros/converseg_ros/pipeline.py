@@ -1,7 +1,7 @@
 """The segment node's work, in pure Python: newest-frame mailbox, query state, inference worker, stats.
 
 The ROS node only moves messages in and out of a SegmentationPipeline; everything here is tested without
-ROS, with a real Segmenter (random weights) injected. The pipeline also holds the node's lifecycle state
+ROS, with a real converseg_core.Segmenter (random weights) injected. The pipeline also holds the node's lifecycle state
 (LIFECYCLE_STATES): configure loads and warms up the model, activate starts the worker, deactivate stops it,
 cleanup frees the model. Inputs that arrive while it is not active are dropped and counted.
 """
@@ -18,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from converseg_core import SegmentationResult, Segmenter
+from converseg_core.errors import InputError
+
 from .image_conversion import ImageConversionError, check_image, compressed_to_rgb, image_to_rgb
+from .params import SegmentSettings
 from .queries import QueryRejected, RequestDeduplicator, decode_string_message, parse_query_message
 
 # The managed-node states this pipeline can be in (the ROS lifecycle's primary states, minus finalized).
@@ -53,7 +57,7 @@ class FrameResult:
     labels: H x W uint8 at camera resolution; 0 = nothing, else the label of a query (``label_of``).
       Where masks overlap the query with the higher score wins; absent targets contribute no pixels.
     rgb: H x W x 3 uint8, the frame as the model saw it (often a view of the message buffer).
-    results: one converseg_core.SegmentationResult per query, same order.
+    results: one SegmentationResult per query, same order.
     timings: ms: queue (callback to worker start), convert, model (segmenter), postprocess, pipeline (all).
     """
 
@@ -61,7 +65,7 @@ class FrameResult:
     labels: np.ndarray
     rgb: np.ndarray
     queries: tuple[str, ...]
-    results: list[Any]
+    results: list[SegmentationResult]
     timings: dict[str, float]
     sequence: int = 0
     label_of: tuple[int, ...] = ()  # each query's label (pixel value in ``labels``), same order as queries
@@ -82,24 +86,28 @@ class PipelineStats:
     done_times: deque = field(default_factory=lambda: deque(maxlen=200))  # monotonic, for fps
 
 
+_DEFAULTS = SegmentSettings()
+
+
 class SegmentationPipeline:
     """Newest-frame-wins segmentation on a worker thread.
 
-    segmenter: a converseg_core.Segmenter, or None when the model failed to load (``load_error`` says why):
-      frames are then counted as rejected ("model_unavailable") and nothing is published.
+    segmenter: the model, or None until configure() loads it, or when it failed to load (``load_error``
+      says why): frames are then counted as rejected ("model_unavailable") and nothing is published.
     on_problem(reason, message): called the first time each reason occurs (the node logs it once);
       every occurrence is counted in ``stats.rejected``.
-    min_interval_s: 1 / max_rate_hz, or 0 for as fast as the model runs.
+    max_input_side, max_queries, max_query_chars: as the segment node's parameters (params.SegmentSettings,
+      whose defaults these are). min_interval_s: SegmentSettings.min_interval_s.
     """
 
     def __init__(
         self,
         *,
-        segmenter: Any | None,
-        max_input_side: int = 4096,
-        max_queries: int = 8,
-        max_query_chars: int = 256,
-        min_interval_s: float = 0.0,
+        segmenter: Segmenter | None,
+        max_input_side: int = _DEFAULTS.max_input_side,
+        max_queries: int = _DEFAULTS.max_queries,
+        max_query_chars: int = _DEFAULTS.max_query_chars,
+        min_interval_s: float = _DEFAULTS.min_interval_s,
         load_error: str | None = None,
         on_problem: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -124,6 +132,20 @@ class SegmentationPipeline:
         self._last_start = -float("inf")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    @classmethod
+    def from_settings(
+        cls, settings: SegmentSettings, *, on_problem: Callable[[str, str], None] | None = None
+    ) -> SegmentationPipeline:
+        """An unconfigured pipeline (no model yet) with the node's settings."""
+        return cls(
+            segmenter=None,
+            max_input_side=settings.max_input_side,
+            max_queries=settings.max_queries,
+            max_query_chars=settings.max_query_chars,
+            min_interval_s=settings.min_interval_s,
+            on_problem=on_problem,
+        )
 
     # -- inputs (called from ROS callbacks: constant time, no inference) -------------------------------
     def submit(self, frame: Frame) -> None:
@@ -210,7 +232,9 @@ class SegmentationPipeline:
             self.on_problem(reason, message)
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def configure(self, load: Callable[[], Any], describe: Callable[[BaseException], str]) -> str | None:
+    def configure(
+        self, load: Callable[[], Segmenter], describe: Callable[[BaseException], str]
+    ) -> str | None:
         """unconfigured -> inactive: ``load()`` builds the segmenter, then one warm-up inference runs so that
         the first real frame does not pay for lazy initialisation. On failure the state stays unconfigured,
         ``load_error`` holds ``describe(exc)`` and that text is returned."""
@@ -321,7 +345,7 @@ class SegmentationPipeline:
         except Exception as exc:
             # InputError for frames the model refuses; anything else is a backend failure (e.g. a TensorRT
             # engine built for another GPU). Either way the node stays up and counts it.
-            reason = "model_input_rejected" if _is_input_error(exc) else "inference_error"
+            reason = "model_input_rejected" if isinstance(exc, InputError) else "inference_error"
             with self._cond:
                 if reason == "inference_error":
                     self.stats.failing_in_a_row += 1
@@ -420,7 +444,7 @@ class SegmentationPipeline:
         return "OK", "ok"
 
 
-def warm_up(segmenter: Any) -> None:
+def warm_up(segmenter: Segmenter) -> None:
     """One inference on a small grey frame, so lazy set-up (allocations, kernels, graph optimisation) happens
     during configure rather than on the first camera frame. The segmenter's queries are left as they were."""
     kept = list(segmenter.queries)
@@ -428,14 +452,6 @@ def warm_up(segmenter: Any) -> None:
     segmenter.predict(["warm-up"])
     if kept:
         segmenter.set_queries(kept)
-
-
-def _is_input_error(exc: Exception) -> bool:
-    try:
-        from converseg_core.errors import InputError
-    except ImportError:
-        return isinstance(exc, ValueError)
-    return isinstance(exc, InputError)
 
 
 def label_image(

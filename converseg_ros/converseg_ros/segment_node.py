@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 import time
 from typing import Any
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -37,13 +32,12 @@ except ImportError:  # Humble names the module qos_event
 
 from .image_conversion import mono8_fields, rgb8_fields
 from .model_loading import describe_load_failure, load_segmenter
-from .params import SEGMENT_PARAMETERS, ParamSpec, SegmentSettings
+from .node_support import declare_settings, run_node
+from .params import SegmentSettings
 from .pipeline import Frame, FrameResult, SegmentationPipeline, overlay_image
 from .results import result_document
-from .shutdown import install_shutdown_signals
+from .topics import IMAGE_TOPIC, MASK_TOPIC, OVERLAY_TOPIC, QUERY_TOPIC, RESULT_TOPIC
 
-IMAGE_TOPIC = "/camera/image_raw"
-QUERY_TOPIC = "/converseg/query"
 # /converseg/query is subscribed twice, because no single durability matches every publisher and also gets
 # what a latched publisher sent before the node started: "volatile" matches volatile (default QoS,
 # `ros2 topic pub` on Jazzy and Kilted) and transient-local publishers; "latched" (transient local) matches
@@ -67,40 +61,19 @@ CAMERA_QOS = QoSProfile(
 OUTPUT_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
 
 
-def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
-    extra = f" (one of: {', '.join(spec.choices)})" if spec.choices else ""
-    descriptor = ParameterDescriptor(description=spec.description + extra, read_only=True)
-    if spec.low is not None and isinstance(spec.default, float):
-        descriptor.floating_point_range = [FloatingPointRange(from_value=spec.low, to_value=spec.high)]
-    elif spec.low is not None:
-        descriptor.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=1)]
-    return descriptor
-
-
 class SegmentNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__("converseg_segment", **kwargs)
+        super().__init__(SegmentSettings.node_name, **kwargs)
         # Parameters are read once, here; they are read-only, so changing them means restarting the node.
-        values = {
-            p.name: self.declare_parameter(p.name, p.default, _descriptor(p)).value
-            for p in SEGMENT_PARAMETERS
-        }
-        self.settings = settings = SegmentSettings.from_values(values)
-        self.pipeline = SegmentationPipeline(
-            segmenter=None,
-            max_input_side=settings.max_input_side,
-            max_queries=settings.max_queries,
-            max_query_chars=settings.max_query_chars,
-            min_interval_s=1.0 / settings.max_rate_hz if settings.max_rate_hz > 0 else 0.0,
-            on_problem=self._log_problem_once,
-        )
-        self._mask_pub = self.create_lifecycle_publisher(Image, "/converseg/mask", OUTPUT_QOS)
+        self.settings = settings = declare_settings(self, SegmentSettings)
+        self.pipeline = SegmentationPipeline.from_settings(settings, on_problem=self._log_problem_once)
+        self._mask_pub = self.create_lifecycle_publisher(Image, MASK_TOPIC, OUTPUT_QOS)
         self._overlay_pub = (
-            self.create_lifecycle_publisher(Image, "/converseg/overlay", OUTPUT_QOS)
+            self.create_lifecycle_publisher(Image, OVERLAY_TOPIC, OUTPUT_QOS)
             if settings.publish_overlay
             else None
         )
-        self._result_pub = self.create_lifecycle_publisher(String, "/converseg/result", OUTPUT_QOS)
+        self._result_pub = self.create_lifecycle_publisher(String, RESULT_TOPIC, OUTPUT_QOS)
         # Diagnostics stay on in every state: they say why the node is not segmenting.
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         compressed = settings.image_transport == "compressed"
@@ -245,31 +218,7 @@ class SegmentNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> int:
-    signals = install_shutdown_signals()
-    rclpy.init(args=args)
-    node = None
-    try:
-        if signals.received:  # a signal between installing the handler and rclpy.init
-            return 0
-        node = SegmentNode()
-        rclpy.spin(node)
-    except ExternalShutdownException:
-        pass
-    except ValueError as exc:  # SegmentSettings names every bad parameter
-        print(f"converseg_segment: {exc}", file=sys.stderr)
-        return 2
-    except ParameterException as exc:  # rclpy's own range and type checks
-        print(f"converseg_segment: invalid parameters: {exc}", file=sys.stderr)
-        return 2
-    except Exception:
-        if signals.received:  # stopped while the model loaded: the node's context is gone, as asked
-            return 0
-        raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(SegmentNode, SegmentSettings.node_name, args)
 
 
 if __name__ == "__main__":
