@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,3 +269,33 @@ def test_ray_executor_writes_what_the_process_pool_writes(tmp_path):
         assert proc.returncode == 0, err
     assert json.loads((ray / "index.json").read_text())["scenes"] == 4
     assert_same_dataset(pool, ray)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install strace)")
+def test_local_ray_connects_to_nothing_but_loopback(tmp_path):
+    """Ray's API server asks cloud metadata addresses which cloud it is on, even with usage statistics off
+    and no dashboard; the local Ray of executors.py must send that nowhere but loopback."""
+    log = tmp_path / "strace.txt"
+    code = (
+        "from training.dataengine.executors import import_ray, start_local_ray\n"
+        "ray = import_ray(); start_local_ray(ray, 1)\n"
+        "import time; time.sleep(5); ray.shutdown()\n"
+    )
+    strace = [
+        "strace",
+        "-f",
+        "-e",
+        "trace=connect,sendto,sendmsg",
+        "-o",
+        str(log),
+        sys.executable,
+        "-c",
+        code,
+    ]
+    subprocess.run(strace, cwd=REPO, check=True, timeout=180, capture_output=True)
+    calls = [line for line in log.read_text().splitlines() if "sin_addr" in line or "sin6_addr" in line]
+    assert calls, "strace saw no network call at all: the test would prove nothing"
+    off = [line for line in calls if '"127.0.0.1"' not in line and '"::ffff:127.0.0.1"' not in line]
+    assert not off, off[:3]
