@@ -22,13 +22,12 @@ from pathlib import Path
 from converseg_core.files import atomic_write, atomic_write_text
 
 from .errors import DataEngineError
-from .executors import EXECUTORS, ShardFailure, remove_partial_shards, render_shards
+from .executors import EXECUTORS, Shard, ShardFailure, remove_partial_shards, render_shards
 from .pipeline import Engine, EngineConfig, config_digest, shard_name
 
 PROG = "python -m training.dataengine"
 # Environment variables that hold the task's index in an array job, read by --shard-index env.
 INDEX_VARIABLES = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")  # Slurm array job, Kubernetes Indexed Job
-Shard = tuple[int, list[int]]  # (shard number, scene indices)
 
 
 class ShardsFailed(DataEngineError):
