@@ -6,12 +6,15 @@ depends only on (seed, scene index), so a dataset is the same whatever the numbe
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,13 @@ class EngineConfig:
     negative_rate: float = 0.2
     samples_per_family: int = 1  # requests drawn per family and scene, before the verifier
     save_depth: bool = True
+
+
+def config_digest(config: EngineConfig) -> str:
+    """A short hash of everything that makes a dataset. Each shard's DONE marker carries it, so shards
+    rendered by separate jobs are merged only when they were made with one configuration."""
+    text = json.dumps(asdict(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -172,12 +182,18 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
+def shard_tmp_glob(k: int) -> str:
+    """Temporary folders of shard k, whichever process or machine writes them (see write_shard)."""
+    return f".{shard_name(k)}.tmp-*"
+
+
 def write_shard(engine: Engine, out: Path, shard: int, indices: list[int], progress=None) -> dict:
     """Render a shard into a temporary folder and rename it when complete (a crash leaves no DONE shard)."""
     final = out / shard_name(shard)
     if (final / "DONE").is_file():
         return json.loads((final / "DONE").read_text())
-    tmp = out / f".{shard_name(shard)}.tmp-{os.getpid()}"
+    # host and pid: array jobs on several machines share OUT, and pids repeat across machines
+    tmp = out / f".{shard_name(shard)}.tmp-{socket.gethostname()}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     for sub in ("images", "masks", "scenes", "instances", "depth"):
@@ -216,11 +232,13 @@ def _render_shard(engine: Engine, tmp: Path, indices: list[int], progress) -> di
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     stats["median_scene_s"] = round(float(np.median(scene_times)), 4) if scene_times else None
     stats["indices"] = [indices[0], indices[-1]] if indices else []
+    stats["config_sha256"] = config_digest(engine.config)
     (tmp / "DONE").write_text(json.dumps(stats))
     return stats
 
 
-# Process-pool workers live here, not in __main__: spawned children re-import this module by name.
+# Pool workers (a process pool or a Ray pool, executors.py) live here, not in __main__: spawned children
+# and Ray actors import this module by name.
 _ENGINE: Engine | None = None
 _PROGRESS = None
 _INIT_ERROR: str | None = None
@@ -232,7 +250,10 @@ def init_worker(cfg: EngineConfig, asset_cache, progress_queue) -> None:
     global _ENGINE, _PROGRESS, _INIT_ERROR
     # Ctrl-C reaches every process of the terminal's group: the parent stops the pool and says how to resume;
     # the workers stay quiet instead of each printing a KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (A Ray pool actor may run this outside the main thread, where signals cannot be set: Ray's workers
+    # are not in the terminal's process group anyway.)
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _PROGRESS = progress_queue
     # One llvmpipe render thread per worker: the pool already keeps every core busy, and extra GL threads
     # only add switching (measured ~15 % less CPU per scene). A user's own setting wins.
