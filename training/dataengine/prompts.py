@@ -765,9 +765,9 @@ class PromptGenerator:
     @staticmethod
     def _fillable(templates, fields: dict, rng, among=None) -> int:
         """Index of a template (of `among`, default all) whose every placeholder has a value in `fields`."""
-        ok = [i for i in (among if among is not None else range(len(templates)))]
-        ok = [i for i in ok if all(fields.get(f) is not None for f in _fields_of(templates[i]))]
-        return ok[int(rng.integers(len(ok)))] if ok else -1
+        among = range(len(templates)) if among is None else among
+        ok = [i for i in among if all(fields.get(f) is not None for f in _fields_of(templates[i]))]
+        return ok[int(rng.integers(len(ok)))]  # never empty: "the {name}", "the {colour} {name}" always fill
 
     def _entity_absent_negative(self, g, rng):
         """Something that is not on the table, asked for in any entity phrasing: a negative must sound like
@@ -802,9 +802,7 @@ class PromptGenerator:
         free = [k for k in COLOURS if k not in near]
         if not free:
             return None
-        fields = self._entity_fields(
-            c, rng, self._present_words({"objects": [o for o in g["objects"] if o not in named]})
-        )
+        fields = self._entity_fields(c, rng, self._present_words(g))
         fields["colour"] = free[int(rng.integers(len(free)))]
         i = self._fillable(ENTITY_SINGLE, fields, rng, among=COLOUR_TEMPLATES)
         key, phrase = f"entities.single.t{i}", ENTITY_SINGLE[i].format(**fields)
@@ -950,49 +948,35 @@ class PromptGenerator:
             "material": sorted(set(MATERIAL_WORDS.values())),
             "shape": sorted(SHAPES),
         }
+        answer = None  # (fields, targets, concept)
         if neg:
             for _ in range(8):
                 fields = {f: words[f][int(rng.integers(len(words[f])))] for f in need}
                 if all(self._describes(o, fields) == "no" for o in g["objects"]):
-                    phrase = ENTITY_DESCRIBE[i].format(**fields)
-                    return self._make(
-                        rng,
-                        "entities",
-                        f"entities.describe.t{i}",
-                        phrase,
-                        NP_WRAPPERS,
-                        "n",
-                        [],
-                        True,
-                        "description",
-                    )
+                    answer = fields, [], "description"
+                    break
+        else:
+            for k in rng.permutation(len(objs)):
+                o = objs[int(k)]
+                said = [s for s in sorted(SHAPES) if _shape_state(o["size_m"], s) == "yes"]
+                have = {
+                    "colour": o["colour"],
+                    "material": MATERIAL_WORDS.get(o["material"]),
+                    "shape": said[int(rng.integers(len(said)))] if said else None,
+                }
+                fields = {f: have[f] for f in need}
+                if None in fields.values():
+                    continue
+                fits = [self._describes(x, fields) for x in objs]
+                if fits.count("yes") == 1 and "borderline" not in fits:
+                    answer = fields, [o["id"]], o["category"]
+                    break
+        if answer is None:
             return None
-        for k in rng.permutation(len(objs)):
-            o = objs[int(k)]
-            said = [s for s in sorted(SHAPES) if _shape_state(o["size_m"], s) == "yes"]
-            have = {
-                "colour": o["colour"],
-                "material": MATERIAL_WORDS.get(o["material"]),
-                "shape": said[int(rng.integers(len(said)))] if said else None,
-            }
-            fields = {f: have[f] for f in need}
-            if None in fields.values():
-                continue
-            fits = [self._describes(x, fields) for x in objs]
-            if fits.count("yes") == 1 and "borderline" not in fits:
-                phrase = ENTITY_DESCRIBE[i].format(**fields)
-                return self._make(
-                    rng,
-                    "entities",
-                    f"entities.describe.t{i}",
-                    phrase,
-                    NP_WRAPPERS,
-                    "n",
-                    [o["id"]],
-                    False,
-                    o["category"],
-                )
-        return None
+        fields, targets, concept = answer
+        phrase = ENTITY_DESCRIBE[i].format(**fields)
+        key = f"entities.describe.t{i}"
+        return self._make(rng, "entities", key, phrase, NP_WRAPPERS, "n", targets, neg, concept)
 
     def _spatial(self, g, rng, neg):
         objs = self._visible(g)
