@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative-rate", type=float, default=0.2, help="share of requests whose answer is absent"
     )
     p.add_argument(
+        "--prompt-noise",
+        type=float,
+        default=EngineConfig.prompt_noise,
+        help="share of requests given one human error: a typo, a dropped small word, a wrong plural "
+        "(never another object's name; 0 disables)",
+    )
+    p.add_argument(
         "--no-shadows",
         action="store_true",
         help="render without shadows (the render pass costs about a third less CPU)",
@@ -129,6 +136,8 @@ def run(args: argparse.Namespace, *, engine: Engine | None = None) -> dict:
 
     if args.scenes <= 0 or args.shard_size <= 0:
         raise DataEngineError("--scenes and --shard-size must be positive")
+    if not 0.0 <= args.prompt_noise <= 1.0:
+        raise DataEngineError(f"--prompt-noise must be in [0, 1], got {args.prompt_noise}")
     if not 1 <= args.min_objects <= args.max_objects:
         raise DataEngineError("need 1 <= --min-objects <= --max-objects")
     if args.executor == "ray" and args.workers == 0:
@@ -217,6 +226,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         shadow_size=args.shadow_size,
         negative_rate=args.negative_rate,
         samples_per_family=args.samples_per_family,
+        prompt_noise=args.prompt_noise,
         save_depth=not args.no_depth,
     )
 

@@ -10,7 +10,10 @@ nearly repeats a held-out one), and names the phrase responsible:
     python -m training.dataengine.phrase_similarity --baseline-kb /tmp/kb_old.json --families functions intent
 
 The comparison needs append-only edits (a phrase's key is its index): a baseline phrase whose key now holds
-other text is an error.
+other text is an error. `--counts` prints how many distinct phrasings (template and vocab phrase keys) each
+family has in each split, without loading MiniLM:
+
+    python -m training.dataengine.phrase_similarity --counts
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .prompts import VOCAB_FAMILIES, template_split
+from .knowledge import load_knowledge_base
+from .prompts import FAMILIES, VOCAB_FAMILIES, phrase_groups, template_split
 
 Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> N x D unit vectors
 
@@ -118,6 +122,22 @@ def report(rows: list[Neighbour], raised_above: float) -> str:
     return "\n".join(lines)
 
 
+def phrasing_counts(kb_path: Path) -> dict[str, dict[str, int]]:
+    """family -> {"train": n, "heldout": n}: distinct phrase keys (prompts.py templates and vocab phrases)."""
+    out = {f: {"train": 0, "heldout": 0} for f in FAMILIES}
+    for group, keys in phrase_groups(load_knowledge_base(kb_path)).items():
+        for k in keys:
+            out[group.split(".")[0]][template_split(k)] += 1
+    return out
+
+
+def counts_report(counts: dict[str, dict[str, int]]) -> str:
+    lines = ["| family | seen | held-out |", "|---|---:|---:|"]
+    lines += [f"| {f} | {c['train']} | {c['heldout']} |" for f, c in counts.items()]
+    tr, ho = (sum(c[s] for c in counts.values()) for s in ("train", "heldout"))
+    return "\n".join([*lines, f"| all | {tr} | {ho} |"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_kb = Path(__file__).with_name("knowledge_base.json")
@@ -139,11 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="list held-out phrases the change brought above this cosine to a training phrase",
     )
     ap.add_argument("--json", type=Path, help="also write every row here")
+    ap.add_argument(
+        "--counts",
+        action="store_true",
+        help="only print distinct phrasings per family and split (templates and vocab of --kb; no MiniLM)",
+    )
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.counts:
+        print(counts_report(phrasing_counts(args.kb)))
+        return
     vocab = json.loads(args.kb.read_text())["vocab"]
     base = json.loads(args.baseline_kb.read_text())["vocab"] if args.baseline_kb else None
     rows = heldout_neighbours(vocab, minilm_embedder(), args.families, base)

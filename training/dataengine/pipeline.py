@@ -38,6 +38,7 @@ class EngineConfig:
     shadow_size: int = 1024
     negative_rate: float = 0.2
     samples_per_family: int = 1  # requests drawn per family and scene, before the verifier
+    prompt_noise: float = 0.08  # share of requests with one human error (typo, dropped word, wrong plural)
     save_depth: bool = True
 
 
@@ -86,7 +87,12 @@ class Engine:
         sizes = {}
         for a in self.assets:
             sizes.setdefault(a.category, (float(a.size_m[0]), float(a.size_m[1])))
-        self.prompts = PromptGenerator(kb=self.kb, category_sizes=sizes, negative_rate=config.negative_rate)
+        self.prompts = PromptGenerator(
+            kb=self.kb,
+            category_sizes=sizes,
+            negative_rate=config.negative_rate,
+            noise_rate=config.prompt_noise,
+        )
 
     def render_scene(self, index: int) -> SceneResult:
         from .scene import sample_layout

@@ -2,13 +2,19 @@
 
 A sample is a *request* plus its answer as a set of object ids (or a region of free table). Masks are made
 later from the frame. Every prompt comes from a phrase (knowledge-base vocab or a template below) put in a
-wrapper (bare, polite request, question, robot command); `template_id` names both, and a deterministic
-20 % of phrases are held out (`template_split`), so evaluation can test unseen phrasings.
+wrapper (bare, polite or hedged request, hand-over, existence question, robot command); `template_id` names
+both, and a deterministic 20 % of phrases are held out (`template_split`), so evaluation can test unseen
+phrasings. Entity requests also come as two things at once ("the mug and the spoon": both), as a contrast
+("the other mug, not the red one": the one not described) and as a description without a name ("the red
+plastic thing"). A share of requests (`noise_rate`) carries one human error: a typo, a dropped small word, a
+wrong plural or no final punctuation.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import string
 import zlib
 from dataclasses import dataclass, field
 
@@ -29,7 +35,34 @@ NP_WRAPPERS = (
     "Can you highlight {p} for me, please?",
     "Hey robot, find {p}.",
     "I'm looking for {p}.",
+    "Could you show me {p}?",
+    "Would you mind pointing out {p}?",
+    "Where's {p}?",
+    "Um, {p}, please.",
+    "Please find {p} for me.",
+    "Can you see {p}?",
 )
+# How people ask for a thing to be handed over; only for answers that are objects (no one passes a free spot).
+HANDOVER_WRAPPERS = (
+    "Could you pass me {p}?",
+    "Would you mind grabbing {p}?",
+    "Can you hand me {p}, please?",
+    "Please bring me {p}.",
+    "Could I have {p}?",
+    "Pick up {p}.",
+    "Would you get me {p}?",
+    "Grab {p} for me, will you?",
+    "I'd like {p}, please.",
+)
+# Existence questions for a phrase that starts with an indefinite ("something I can cut with", "a mug").
+EXIST_WRAPPERS = (
+    "Is there {p} here?",
+    "Is there {p} on the table?",
+    "Do you see {p}?",
+    "Have we got {p}?",
+    "Do we have {p} around?",
+)
+INDEFINITE_WORDS = ("something", "anything", "a", "an", "some")
 Q_WRAPPERS = (
     "{P}?",
     "Show me {p}.",
@@ -37,6 +70,10 @@ Q_WRAPPERS = (
     "Please highlight {p}.",
     "Robot, mark {p}.",
     "Tell me {p}.",
+    "Could you show me {p}?",
+    "Would you mind pointing out {p}?",
+    "Can you find {p} for me?",
+    "I'd like to see {p}, please.",
 )
 # A phrase that is itself a question ("what could burn me", "which things could roll away") keeps its
 # word order: it only gets a greeting or a follow-up, never "Show me what could I ...".
@@ -46,14 +83,24 @@ DIRECT_Q_WRAPPERS = (
     "Hey robot, {p}?",
     "Quick question: {p}?",
     "{P}? Show me, please.",
+    "Could you tell me {p}?",
+    "Sorry to bother you, but {p}?",
+    "{P}? Just point to it.",
+    "Um, {p}?",
 )
-QUESTION_WORDS = ("what", "which", "where", "how", "who")
+QUESTION_WORDS = ("what", "which", "where", "how", "who", "is", "are", "do")
 INTENT_WRAPPERS = (
     "{P}.",
     "{P}. What can I use?",
     "{P}, can you help me?",
     "Hey robot, {p}.",
     "{P}. Show me what I need.",
+    "{P}. Could you bring me something?",
+    "{P}. Is there anything here for that?",
+    "Sorry, {p}.",
+    "{P}. Any ideas?",
+    "Robot, {p}. Help?",
+    "{P}, what have we got?",
 )
 
 ENTITY_SINGLE = (
@@ -66,7 +113,41 @@ ENTITY_SINGLE = (
     "the {name} in {colour}",
     "the {name} coloured {colour}",
     "the {name} on the table",
+    "the {name} made of {material}",
+    "the {material} {name}",
+    "{a_name}",
+    "my {name}",
+    "the {shape} {name}",
+    "the {name}, the {colour} one",
+    "that {colour} {name} there",
+    "the {size} {colour} {name}",
+    "is there {a_name} on the table",
+    "do you see {a_name} anywhere",
+    "that {syn}",
+    "the {name} over there",
 )
+# The words people use for a category's material (knowledge base `material`); "organic" (food) has none.
+MATERIAL_WORDS = {
+    "steel": "metal",
+    "aluminium": "metal",
+    "glass": "glass",
+    "ceramic": "ceramic",
+    "plastic": "plastic",
+    "wood": "wooden",
+    "paper": "paper",
+    "cardboard": "cardboard",
+    "cotton": "cloth",
+    "foam": "foam",
+    "wax": "wax",
+}
+# Shape words from a model's size (x, y footprint and z height in metres): (ratio, says, clearly not). A shape is
+# said of an object whose ratio passes `says`; an object that neither passes it nor is clearly not of that
+# shape is borderline, and a description that would have to include or exclude it is not drawn.
+SHAPES = {
+    "tall": (lambda s: s[2] / max(s[0], s[1]), 1.6, 1.1),
+    "flat": (lambda s: max(s[0], s[1]) / max(s[2], 1e-3), 5.0, 3.0),
+    "long": (lambda s: max(s[0], s[1]) / max(min(s[0], s[1]), 1e-3), 3.0, 2.0),
+}
 # Colour words of the scene graph (scene_graph.colour_name), and the ones an albedo near the border between
 # two words may get instead: an attribute negative never asks for a neighbour of a colour that is there.
 COLOURS = ("black", "white", "grey", "brown", "red", "orange", "yellow", "green", "blue", "purple", "pink")
@@ -98,8 +179,82 @@ SPATIAL_NEGATIVE_KINDS = {
 }
 # Share of safety negatives asked as "the hot {name}" of an absent category (about as rare as its positives).
 HOT_NEGATIVE_RATE = 0.1
-ENTITY_ALL = ("all the {plural}", "every {name}", "each {name} on the table", "the {plural}")
-SPATIAL_SIDE = ("the {name} on the {side}", "the {side}most {name}", "the {name} furthest to the {side}")
+ENTITY_ALL = (
+    "all the {plural}",
+    "every {name}",
+    "each {name} on the table",
+    "the {plural}",
+    "all of the {plural}",
+    "the {plural} on the table",
+    "are there any {plural} here",
+    "every single {name}",
+    "all {plural}",
+)
+# Several objects at once: the union of two categories, each one instance in the scene.
+ENTITY_PAIR = (
+    "the {a} together with the {b}",
+    "both the {a} and the {b}",
+    "the {a} and {b}",
+    "the {a} as well as the {b}",
+    "the {a} plus the {b}",
+    "{a_a} and {a_b}",
+    "the {a} and the {b}",
+    "the {a}, and the {b} too",
+    "the {a} and also the {b}",
+)
+# Contrast between the two instances of a category: {ex} names the one that is *not* meant ("the red one",
+# "the one on the left"); the answer is the other.
+ENTITY_CONTRAST = (
+    "not {ex}, the other {name}",
+    "the other {name}, not {ex}",
+    "the {name} that isn't {ex}",
+    "the {name} that is not {ex}",
+    "any {name} except {ex}",
+    "the {name}, but not {ex}",
+    "I mean the other {name}, not {ex}",
+    "the second {name}, not {ex}",
+    "the {name} other than {ex}",
+    "the {name} that's not {ex}",
+    "not {ex} but the other {name}",
+    "that other {name}, not {ex}",
+    "the {name} which isn't {ex}",
+    "the {name} besides {ex}",
+)
+# A thing described without its name: by colour, material and shape, as people do with things they cannot name.
+ENTITY_DESCRIBE = (
+    "the {colour} thing",
+    "the {colour} object",
+    "the {material} thing",
+    "the thing made of {material}",
+    "the {colour} {material} thing",
+    "something {colour}",
+    "the {shape} {colour} thing",
+    "the {colour} {material} object",
+    "that {colour} thing",
+    "the {shape} {material} thing",
+)
+# Excluded-instance descriptions for contrast requests, by what tells the two apart.
+CONTRAST_COLOUR = "the {colour} one"
+CONTRAST_SIZE = {
+    "big": ("the big one", "the bigger one", "the large one"),
+    "small": ("the small one", "the smaller one", "the little one"),
+}
+CONTRAST_SIDE = ("the one on the {side}", "the {side} one")
+CONTRAST_NEAR = {
+    "near": ("the one closest to me", "the nearer one"),
+    "far": ("the one further away", "the one at the back"),
+}
+# Shares of entity requests in each form (the rest name a category: ENTITY_SINGLE / ENTITY_ALL); a form the scene
+# cannot support falls back to naming.
+ENTITY_FORMS = {"pair": 0.15, "contrast": 0.1, "describe": 0.12}
+SPATIAL_SIDE = (
+    "the {name} on the {side}",
+    "the {side}most {name}",
+    "the {name} furthest to the {side}",
+    "the {name} over on the {side}",
+    "the {name} on the {side} side",
+    "the {name} that's more to the {side}",
+)
 SPATIAL_NEAR_CAM = (
     "the {name} closest to me",
     "the nearest {name}",
@@ -107,6 +262,10 @@ SPATIAL_NEAR_CAM = (
     "the {name} nearest to me",
     "the {name} right in front of me",
     "the {name} nearest the camera",
+    "the {name} in front",
+    "the {name} right by me",
+    "the nearer {name}",
+    "the {name} that's closest",
 )
 SPATIAL_NEAREST_OBJ = (
     "the object nearest to the camera",
@@ -116,6 +275,9 @@ SPATIAL_NEAREST_OBJ = (
     "the object closest to the camera",
     "whatever is nearest",
     "the item closest to me",
+    "the thing right in front of me",
+    "whatever is nearest to me",
+    "the closest object to me",
 )
 SPATIAL_REL = (
     "the {name} nearest the {ref}",
@@ -124,8 +286,19 @@ SPATIAL_REL = (
     "the {name} next to the {ref}",
     "the {name} near the {ref}",
     "the {name} by the {ref}",
+    "the {name} sitting next to the {ref}",
+    "the {name} right by the {ref}",
+    "the {name} close to the {ref}",
+    "the {name} that's beside the {ref}",
 )
-SPATIAL_ON = ("the thing on the {ref}", "what is lying on the {ref}", "the object on top of the {ref}")
+SPATIAL_ON = (
+    "the thing on the {ref}",
+    "what is lying on the {ref}",
+    "the object on top of the {ref}",
+    "whatever is sitting on the {ref}",
+    "the thing resting on the {ref}",
+    "the thing that's on top of the {ref}",
+)
 SPATIAL_LEFT_OF = (
     "everything to the left of the {ref}",
     "the things left of the {ref}",
@@ -145,11 +318,19 @@ REGION_FITS = (
     "somewhere I could put down the {name}",
     "an empty place on the table big enough for the {name}",
     "free table space for the {name}",
+    "a spot where I can set the {name} down",
+    "room on the table for the {name}",
+    "where would the {name} fit",
 )
 REGION_EMPTY = (
     "the free space on the table",
     "the empty part of the table",
     "where is there room on the table",
+    "an empty spot on the table",
+    "the part of the table with nothing on it",
+    "some clear space on the table",
+    "a clear area of the table",
+    "the bare part of the table",
 )
 SAFE_KNIFE = (
     "where can I safely put the {name}",
@@ -159,6 +340,9 @@ SAFE_KNIFE = (
     "a safe spot for the {name}",
     "where can the {name} go safely",
     "where should I store the {name}",
+    "somewhere safe for the {name}",
+    "where can I leave the {name} so nobody gets cut",
+    "a safe place for the {name}",
 )
 HOT_STATE = (
     "the {name} that is still hot",
@@ -168,12 +352,18 @@ HOT_STATE = (
     "the {name} that could burn me",
     "the {name} that is too hot to touch",
     "the warm {name}",
+    "the {name} that's still warm",
+    "the {name} I shouldn't touch because it's hot",
+    "the {name} that just came off the heat",
 )
 
 # Every fixed template list by the key prefix its requests carry ("{prefix}.t{i}").
 TEMPLATES = {
     "entities.single": ENTITY_SINGLE,
     "entities.all": ENTITY_ALL,
+    "entities.pair": ENTITY_PAIR,
+    "entities.contrast": ENTITY_CONTRAST,
+    "entities.describe": ENTITY_DESCRIBE,
     "spatial.side": SPATIAL_SIDE,
     "spatial.near_cam": SPATIAL_NEAR_CAM,
     "spatial.nearest_obj": SPATIAL_NEAREST_OBJ,
@@ -246,14 +436,68 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _wrap(rng, wrappers, phrase: str, wkind: str) -> tuple[str, str]:
-    i = int(rng.integers(len(wrappers)))
-    text = wrappers[i].replace("{P}", _cap(phrase)).replace("{p}", phrase)
-    return _cap(text), f"{wkind}{i}"
+def _wrap(rng, kinds: list[tuple[tuple[str, ...], str]], phrase: str) -> tuple[str, str]:
+    """Put a phrase in one wrapper drawn from all of `kinds` ((wrappers, id prefix) pairs); returns the text
+    and the wrapper id ("h3": HANDOVER_WRAPPERS[3])."""
+    flat = [(w, k, i) for ws, k in kinds for i, w in enumerate(ws)]
+    w, k, i = flat[int(rng.integers(len(flat)))]
+    return _cap(w.replace("{P}", _cap(phrase)).replace("{p}", phrase)), f"{k}{i}"
+
+
+def _indefinite(name: str, plural: str) -> str:
+    """ "a mug", "an oil and vinegar set"; "some bread" for a mass or plural noun (its plural is "loaves of
+    bread", or the name itself ends in s: "apples", "keys")."""
+    if plural.endswith(" of " + name) or (name.endswith("s") and not name.endswith("ss")):
+        return f"some {name}"
+    return ("an " if name[:1] in "aeiou" else "a ") + name
+
+
+def _fields_of(template: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(template) if f}
+
+
+def _shape_state(size_m, shape: str) -> str:
+    """ "yes", "no" or "borderline": whether an object of this size is said to be of the shape (SHAPES)."""
+    ratio, says, clearly_not = SHAPES[shape]
+    r = ratio(size_m)
+    return "yes" if r >= says else ("no" if r < clearly_not else "borderline")
+
+
+# Human errors (PromptGenerator noise_rate): a typo, a dropped small word, a wrong plural, no final punctuation.
+NOISE_KINDS = ("typo", "drop_word", "plural", "no_punctuation")
+DROPPABLE_WORDS = ("the", "a", "an", "please", "that", "is", "of", "me", "just", "for", "to")
+# Words a typo never touches: the ones that turn a request around (negation, contrast, image side).
+PROTECTED_WORDS = ("not", "except", "other", "besides", "but", "left", "right", "leftmost", "rightmost")
+KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+
+
+def _keyboard_neighbours(ch: str) -> str:
+    for row in KEYBOARD_ROWS:
+        k = row.find(ch)
+        if k >= 0:
+            return row[max(k - 1, 0) : k] + row[k + 1 : k + 2]
+    return ""
+
+
+def _typo(word: str, rng) -> str:
+    """One slip of the fingers inside a word: two letters swapped, one dropped, doubled or hit next to."""
+    k = 1 + int(rng.integers(len(word) - 1))  # never the first letter: people rarely miss it
+    op = int(rng.integers(4))
+    if op == 0 and k < len(word) - 1:
+        return word[:k] + word[k + 1] + word[k] + word[k + 2 :]
+    if op == 1:
+        return word[:k] + word[k + 1 :]
+    if op == 2:
+        return word[: k + 1] + word[k:]
+    near = _keyboard_neighbours(word[k].lower())
+    return word[:k] + near[int(rng.integers(len(near)))] + word[k + 1 :] if near else word[:k] + word[k + 1 :]
 
 
 class PromptGenerator:
-    """Draws requests for a scene graph: one per family and a share of negatives, deterministically per rng."""
+    """Draws requests for a scene graph: one per family and a share of negatives, deterministically per rng.
+
+    noise_rate: share of requests that get one human error (NOISE_KINDS). A typo or a dropped word never
+    makes a word the generator uses elsewhere nor a name of another category (`_noise`)."""
 
     def __init__(
         self,
@@ -261,10 +505,36 @@ class PromptGenerator:
         kb: KnowledgeBase,
         category_sizes: dict[str, tuple[float, float]] | None = None,
         negative_rate: float = 0.2,
+        noise_rate: float = 0.0,
     ):
+        if not 0.0 <= noise_rate <= 1.0:
+            raise ValueError(f"noise_rate must be in [0, 1], got {noise_rate}")
         self.kb = kb
         self.category_sizes = category_sizes or {}
         self.negative_rate = negative_rate
+        self.noise_rate = noise_rate
+        # every category name, plural and synonym -> the categories it names, matched longest first
+        self._names: dict[str, set[str]] = {}
+        for k, c in kb.categories.items():
+            for w in (c.name, c.plural, *c.synonyms):
+                self._names.setdefault(w.lower(), set()).add(k)
+        alts = sorted(self._names, key=len, reverse=True)
+        self._name_re = re.compile(r"\b(?:" + "|".join(re.escape(a) for a in alts) + r")\b")
+        # every word the generator can say: a typo must never make one of them
+        texts = [w for ws in self._names for w in (ws, _head(ws))]
+        texts += [t for ts in TEMPLATES.values() for t in ts]
+        texts += [*NP_WRAPPERS, *HANDOVER_WRAPPERS, *EXIST_WRAPPERS, *Q_WRAPPERS, *DIRECT_Q_WRAPPERS]
+        texts += [
+            *INTENT_WRAPPERS,
+            *COLOURS,
+            *MATERIAL_WORDS.values(),
+            *SHAPES,
+            CONTRAST_COLOUR,
+            *CONTRAST_SIDE,
+        ]
+        texts += [w for ws in (*CONTRAST_SIZE.values(), *CONTRAST_NEAR.values()) for w in ws]
+        texts += [p for concepts in kb.vocab.values() for ps in concepts.values() for p in ps]
+        self._known_words = {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
 
     def generate(self, graph: dict, rng: np.random.Generator, per_family: int = 1) -> list[Request]:
         out: list[Request] = []
@@ -281,22 +551,76 @@ class PromptGenerator:
             "safety": self._safety,
             "physical": self._physical,
         }
+        # the noise has its own stream, drawn once: the requests are the same whatever the noise rate
+        noise_rng = np.random.default_rng(int(rng.integers(2**63)))
         for fam in FAMILIES:
             for _ in range(per_family):
                 neg = bool(rng.random() < self.negative_rate)
                 req = makers[fam](graph, rng, neg)
                 if req is not None:
+                    if noise_rng.random() < self.noise_rate:
+                        self._noise(req, noise_rng)
                     out.append(req)
         return out
+
+    # ------------------------------------------------------------------ human errors
+    def mentions(self, text: str) -> set[str]:
+        """The categories a text names (longest name first: "wine glass" is not also "glass")."""
+        return {k for m in self._name_re.finditer(text.lower()) for k in self._names[m.group(0)]}
+
+    def _noise(self, req: Request, rng) -> None:
+        """Put one human error into req.prompt (recorded in req.extra["noise"]); a draw that would name another
+        category, or make a word the generator uses, leaves the prompt as it was."""
+        text, kind = req.prompt, NOISE_KINDS[int(rng.integers(len(NOISE_KINDS)))]
+        words = list(re.finditer(r"[A-Za-z]+", text))
+        new = None
+        if kind == "typo":
+            cands = [m for m in words if len(m.group(0)) >= 4 and m.group(0).lower() not in PROTECTED_WORDS]
+            if cands:
+                m = cands[int(rng.integers(len(cands)))]
+                w = _typo(m.group(0), rng)
+                if w.lower() not in self._known_words:
+                    new = text[: m.start()] + w + text[m.end() :]
+        elif kind == "drop_word":
+            cands = [m for m in words if m.group(0).lower() in DROPPABLE_WORDS]
+            if cands:
+                m = cands[int(rng.integers(len(cands)))]
+                end = m.end() + 1 if text[m.end() : m.end() + 1] == " " else m.end()
+                new = text[: m.start()] + text[end:]
+        elif kind == "plural":
+            swaps = []
+            for m in self._name_re.finditer(text.lower()):
+                cats = self._names[m.group(0)]
+                c = self.kb.categories[next(iter(cats))]
+                if len(cats) == 1 and m.group(0) in (c.name, c.plural) and c.name != c.plural:
+                    swaps.append((m, c.plural if m.group(0) == c.name else c.name))
+            if swaps:
+                m, w = swaps[int(rng.integers(len(swaps)))]
+                new = text[: m.start()] + w + text[m.end() :]
+        else:
+            new = text.rstrip(".?!")
+        if not new or not new.strip() or new == text or not self.mentions(new) <= self.mentions(text):
+            return
+        req.prompt = _cap(new.strip())
+        req.extra["noise"] = kind
 
     # ------------------------------------------------------------------ helpers
     def _visible(self, g):
         return [o for o in g["objects"] if o["pixel_area"] > 0]
 
     def _make(self, rng, fam, key, phrase, wrappers, wkind, targets, neg, concept, **kw) -> Request:
-        if wrappers is not INTENT_WRAPPERS and phrase.split()[0].lower() in QUESTION_WORDS:
-            wrappers, wkind = DIRECT_Q_WRAPPERS, "d"
-        text, wid = _wrap(rng, wrappers, phrase, wkind)
+        answer_kind = kw.pop("answer_kind", "object")
+        first = phrase.split()[0].lower()
+        if wrappers is not INTENT_WRAPPERS and first in QUESTION_WORDS:
+            kinds = [(DIRECT_Q_WRAPPERS, "d")]
+        else:
+            # a thing can be asked for, handed over, or asked about ("is there something ...")
+            kinds = [(wrappers, wkind)]
+            if wrappers is not INTENT_WRAPPERS and answer_kind == "object":
+                kinds.append((HANDOVER_WRAPPERS, "h"))
+            if wrappers is not INTENT_WRAPPERS and first in INDEFINITE_WORDS:
+                kinds.append((EXIST_WRAPPERS, "e"))
+        text, wid = _wrap(rng, kinds, phrase)
         return Request(
             prompt=text,
             family=fam,
@@ -304,7 +628,7 @@ class PromptGenerator:
             template_split=template_split(key),
             targets=sorted(targets),
             negative=neg,
-            answer_kind=kw.pop("answer_kind", "object"),
+            answer_kind=answer_kind,
             concept=concept,
             negative_kind=kw.pop("negative_kind", "absent" if neg else None),
             **kw,
@@ -332,7 +656,7 @@ class PromptGenerator:
                 return True
         return False
 
-    def _absent_category(self, g, rng) -> str | None:
+    def _absent_category(self, g, rng, exclude: set[str] = frozenset()) -> str | None:
         """A category that is not in the scene and that nothing in the scene also answers to: its name's
         head noun is not shared ("the glass" is no negative next to a wine glass, "the coffee cup" none next
         to a mug, which is also called a cup)."""
@@ -341,13 +665,30 @@ class PromptGenerator:
         absent = sorted(
             k
             for k, c in self.kb.categories.items()
-            if k not in present and not ({c.name, c.plural, _head(c.name), _head(c.plural)} & words)
+            if k not in present
+            and k not in exclude
+            and not ({c.name, c.plural, _head(c.name), _head(c.plural)} & words)
         )
         return absent[int(rng.integers(len(absent)))] if absent else None
 
     # ------------------------------------------------------------------ families
     def _entities(self, g, rng, neg):
         objs = self._visible(g)
+        u, form = rng.random(), None
+        for name, share in ENTITY_FORMS.items():
+            if u < share:
+                form = name
+                break
+            u -= share
+        if form is not None and objs:
+            maker = {
+                "pair": self._entity_pair,
+                "contrast": self._entity_contrast,
+                "describe": self._entity_describe,
+            }
+            req = maker[form](g, rng, objs, neg)
+            if req is not None:
+                return req
         if neg or not objs:
             if objs and rng.random() < ATTRIBUTE_NEGATIVE_RATE:
                 req = self._entity_attribute_negative(g, rng, objs)
@@ -374,14 +715,9 @@ class PromptGenerator:
                 o["category"],
                 ambiguous=c.name in others,
             )
-        i = int(rng.integers(len(ENTITY_SINGLE)))
-        syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
-        # a synonym shared with a category in the scene ("cup" for mug and coffee cup) would be ambiguous
-        if i == 4 and o["size"] == "medium":  # "the medium stapler" is not how people talk
-            i = 0
-        if i == 1 and (syn in others or _head(syn) in others):
-            i = 0
-        phrase = ENTITY_SINGLE[i].format(name=c.name, syn=syn, colour=o["colour"], size=o["size"])
+        fields = self._entity_fields(c, rng, others, o)
+        i = self._fillable(ENTITY_SINGLE, fields, rng)
+        phrase = ENTITY_SINGLE[i].format(**fields)
         ambiguous = c.name in others  # even the category's own name is another object's head noun
         return self._make(
             rng,
@@ -396,6 +732,43 @@ class PromptGenerator:
             ambiguous=ambiguous,
         )
 
+    def _entity_fields(self, c, rng, avoid: set[str], o: dict | None = None) -> dict:
+        """What ENTITY_SINGLE's placeholders say of category c: of object o, or made up for a negative (o None).
+        None where there is nothing to say: a synonym or a material word that `avoid` (words other objects
+        answer to) holds, a "medium" size, a shape the object does not clearly have."""
+        syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
+        material = MATERIAL_WORDS.get(c.material)
+        if material is not None and (material in c.name.split() or {material, _head(material)} & avoid):
+            material = None
+        shapes = sorted(SHAPES)
+        if o is None:
+            size = ("small", "large")[int(rng.integers(2))]
+            colour = COLOURS[int(rng.integers(len(COLOURS)))]
+            shape = shapes[int(rng.integers(len(shapes)))]
+        else:
+            size = None if o["size"] == "medium" else o["size"]  # "the medium stapler" is not how people talk
+            colour = o["colour"]
+            said = [k for k in shapes if _shape_state(o["size_m"], k) == "yes"]
+            shape = said[int(rng.integers(len(said)))] if said else None
+        return {
+            "name": c.name,
+            "plural": c.plural,
+            "a_name": _indefinite(c.name, c.plural),
+            # a synonym shared with a category in the scene ("cup" for mug and coffee cup) would be ambiguous
+            "syn": None if {syn, _head(syn)} & avoid else syn,
+            "colour": colour,
+            "size": size,
+            "material": material,
+            "shape": shape,
+        }
+
+    @staticmethod
+    def _fillable(templates, fields: dict, rng, among=None) -> int:
+        """Index of a template (of `among`, default all) whose every placeholder has a value in `fields`."""
+        among = range(len(templates)) if among is None else among
+        ok = [i for i in among if all(fields.get(f) is not None for f in _fields_of(templates[i]))]
+        return ok[int(rng.integers(len(ok)))]  # never empty: "the {name}", "the {colour} {name}" always fill
+
     def _entity_absent_negative(self, g, rng):
         """Something that is not on the table, asked for in any entity phrasing: a negative must sound like
         a positive, or the phrasing alone tells the model the answer (before 2026-12-03 only "the {name}"
@@ -408,14 +781,10 @@ class PromptGenerator:
             i = int(rng.integers(len(ENTITY_ALL)))
             key, phrase = f"entities.all.t{i}", ENTITY_ALL[i].format(name=c.name, plural=c.plural)
         else:
-            i = int(rng.integers(len(ENTITY_SINGLE)))
-            syn = c.synonyms[int(rng.integers(len(c.synonyms)))] if c.synonyms else c.name
-            size = ("small", "large")[int(rng.integers(2))]
-            if i == 1 and {syn, _head(syn)} & self._present_words(g):
-                i = 0  # a mug is a cup: "the cup" next to a mug is no negative
-            colour = COLOURS[int(rng.integers(len(COLOURS)))]
-            key = f"entities.single.t{i}"
-            phrase = ENTITY_SINGLE[i].format(name=c.name, syn=syn, colour=colour, size=size)
+            # a mug is a cup: "the cup" next to a mug is no negative (_entity_fields leaves such a synonym out)
+            fields = self._entity_fields(c, rng, self._present_words(g))
+            i = self._fillable(ENTITY_SINGLE, fields, rng)
+            key, phrase = f"entities.single.t{i}", ENTITY_SINGLE[i].format(**fields)
         return self._make(rng, "entities", key, phrase, NP_WRAPPERS, "n", [], True, cat)
 
     def _entity_attribute_negative(self, g, rng, objs):
@@ -433,12 +802,181 @@ class PromptGenerator:
         free = [k for k in COLOURS if k not in near]
         if not free:
             return None
-        colour = free[int(rng.integers(len(free)))]
-        i = COLOUR_TEMPLATES[int(rng.integers(len(COLOUR_TEMPLATES)))]
-        key, phrase = f"entities.single.t{i}", ENTITY_SINGLE[i].format(name=c.name, colour=colour)
+        fields = self._entity_fields(c, rng, self._present_words(g))
+        fields["colour"] = free[int(rng.integers(len(free)))]
+        i = self._fillable(ENTITY_SINGLE, fields, rng, among=COLOUR_TEMPLATES)
+        key, phrase = f"entities.single.t{i}", ENTITY_SINGLE[i].format(**fields)
         return self._make(
             rng, "entities", key, phrase, NP_WRAPPERS, "n", [], True, cat, negative_kind="attribute"
         )
+
+    def _single_instances(self, g, objs) -> list[dict]:
+        """Visible objects that are the only one of their category and whose name no other object answers to."""
+        count: dict[str, int] = {}
+        for o in g["objects"]:
+            count[o["category"]] = count.get(o["category"], 0) + 1
+        return [o for o in objs if count[o["category"]] == 1 and not self._name_clash(g, o["category"])]
+
+    def _entity_pair(self, g, rng, objs, neg):
+        """Two things at once ("the mug and the spoon"): the union of both. A negative names two absent
+        categories (with one of them present the request would be half right)."""
+        if neg:
+            a = self._absent_category(g, rng)
+            b = self._absent_category(g, rng, exclude={a}) if a is not None else None
+            if b is None:
+                return None
+            cats, targets = [a, b], []
+        else:
+            singles = self._single_instances(g, objs)
+            if len(singles) < 2:
+                return None
+            pick = rng.choice(len(singles), size=2, replace=False)
+            cats = [singles[int(k)]["category"] for k in pick]
+            targets = [singles[int(k)]["id"] for k in pick]
+        ca, cb = (self.kb.categories[k] for k in cats)
+        i = int(rng.integers(len(ENTITY_PAIR)))
+        phrase = ENTITY_PAIR[i].format(
+            a=ca.name, b=cb.name, a_a=_indefinite(ca.name, ca.plural), a_b=_indefinite(cb.name, cb.plural)
+        )
+        return self._make(
+            rng,
+            "entities",
+            f"entities.pair.t{i}",
+            phrase,
+            NP_WRAPPERS,
+            "n",
+            targets,
+            neg,
+            "+".join(cats),
+            extra={"named": cats},
+        )
+
+    def _contrast_descriptions(self, e: dict, t: dict) -> list[str]:
+        """Ways to name e, the instance that is not meant, that t (the other one) does not fit."""
+        out = []
+        if e["colour"] != t["colour"] and t["colour"] not in NEAR_COLOURS[e["colour"]]:
+            out.append(CONTRAST_COLOUR.format(colour=e["colour"]))
+        ve, vt = (float(np.prod(x["size_m"])) for x in (e, t))
+        if ve >= 1.6 * vt or vt >= 1.6 * ve:
+            out += CONTRAST_SIZE["big" if ve > vt else "small"]
+        dx = e["camera_xyz"][0] - t["camera_xyz"][0]  # image left = smaller camera x, as in spatial "side"
+        if abs(dx) >= 0.05:
+            out += [d.format(side="left" if dx < 0 else "right") for d in CONTRAST_SIDE]
+        dd = e["distance_to_camera"] - t["distance_to_camera"]
+        if abs(dd) >= 0.06:
+            out += CONTRAST_NEAR["near" if dd < 0 else "far"]
+        return out
+
+    def _entity_contrast(self, g, rng, objs, neg):
+        """ "the other mug, not the red one": of the two instances of a category, the one not described. Drawn
+        in scenes that hold two of a kind, positive or negative (an absent category), so the phrasing says
+        nothing about presence."""
+        by_cat: dict[str, list[dict]] = {}
+        for o in g["objects"]:
+            by_cat.setdefault(o["category"], []).append(o)
+        pairs = [
+            v
+            for k, v in sorted(by_cat.items())
+            if len(v) == 2 and all(o["pixel_area"] > 0 for o in v) and not self._name_clash(g, k)
+        ]
+        if not pairs:
+            return None
+        i = int(rng.integers(len(ENTITY_CONTRAST)))
+        if neg:
+            cat = self._absent_category(g, rng)
+            if cat is None:
+                return None
+            fake = [
+                CONTRAST_COLOUR.format(colour=COLOURS[int(rng.integers(len(COLOURS)))]),
+                *CONTRAST_SIZE["big"],
+                *CONTRAST_SIZE["small"],
+                *(d.format(side=side) for d in CONTRAST_SIDE for side in ("left", "right")),
+                *CONTRAST_NEAR["near"],
+                *CONTRAST_NEAR["far"],
+            ]
+            ex = fake[int(rng.integers(len(fake)))]
+            phrase = ENTITY_CONTRAST[i].format(name=self.kb.categories[cat].name, ex=ex)
+            return self._make(
+                rng, "entities", f"entities.contrast.t{i}", phrase, NP_WRAPPERS, "n", [], True, cat
+            )
+        pair = pairs[int(rng.integers(len(pairs)))]
+        k = int(rng.integers(2))
+        e, t = pair[k], pair[1 - k]
+        ways = self._contrast_descriptions(e, t)
+        if not ways:
+            return None
+        phrase = ENTITY_CONTRAST[i].format(name=e["name"], ex=ways[int(rng.integers(len(ways)))])
+        return self._make(
+            rng,
+            "entities",
+            f"entities.contrast.t{i}",
+            phrase,
+            NP_WRAPPERS,
+            "n",
+            [t["id"]],
+            False,
+            e["category"],
+            extra={"excluded": [e["id"]]},
+        )
+
+    @staticmethod
+    def _describes(o: dict, fields: dict) -> str:
+        """ "yes" if object o fits a description ({colour, material, shape}), "no" if it clearly does not,
+        "borderline" if a person might say either (a neighbouring colour word, a shape near its threshold)."""
+        state = "yes"
+        if "colour" in fields and o["colour"] != fields["colour"]:
+            if o["colour"] not in NEAR_COLOURS[fields["colour"]]:
+                return "no"
+            state = "borderline"
+        if "material" in fields and MATERIAL_WORDS.get(o["material"]) != fields["material"]:
+            return "no"
+        if "shape" in fields:
+            s = _shape_state(o["size_m"], fields["shape"])
+            if s == "no":
+                return "no"
+            if s == "borderline":
+                state = "borderline"
+        return state
+
+    def _entity_describe(self, g, rng, objs, neg):
+        """A thing described without its name ("the red plastic thing"). A positive's description fits one
+        visible object and no other even borderline; a negative's fits no object in the scene, hidden or not."""
+        i = int(rng.integers(len(ENTITY_DESCRIBE)))
+        need = _fields_of(ENTITY_DESCRIBE[i])
+        words = {
+            "colour": list(COLOURS),
+            "material": sorted(set(MATERIAL_WORDS.values())),
+            "shape": sorted(SHAPES),
+        }
+        answer = None  # (fields, targets, concept)
+        if neg:
+            for _ in range(8):
+                fields = {f: words[f][int(rng.integers(len(words[f])))] for f in need}
+                if all(self._describes(o, fields) == "no" for o in g["objects"]):
+                    answer = fields, [], "description"
+                    break
+        else:
+            for k in rng.permutation(len(objs)):
+                o = objs[int(k)]
+                said = [s for s in sorted(SHAPES) if _shape_state(o["size_m"], s) == "yes"]
+                have = {
+                    "colour": o["colour"],
+                    "material": MATERIAL_WORDS.get(o["material"]),
+                    "shape": said[int(rng.integers(len(said)))] if said else None,
+                }
+                fields = {f: have[f] for f in need}
+                if None in fields.values():
+                    continue
+                fits = [self._describes(x, fields) for x in objs]
+                if fits.count("yes") == 1 and "borderline" not in fits:
+                    answer = fields, [o["id"]], o["category"]
+                    break
+        if answer is None:
+            return None
+        fields, targets, concept = answer
+        phrase = ENTITY_DESCRIBE[i].format(**fields)
+        key = f"entities.describe.t{i}"
+        return self._make(rng, "entities", key, phrase, NP_WRAPPERS, "n", targets, neg, concept)
 
     def _spatial(self, g, rng, neg):
         objs = self._visible(g)
