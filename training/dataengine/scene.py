@@ -659,8 +659,9 @@ def _sample_placements(
     each tried inside a container, then on a support, then on the free table."""
     kb = world.kb
     clutter = composition == "clutter"
-    lo, hi = (max(min_objects, 6), max_objects + 4) if clutter else (min_objects, max_objects)
-    n_target = int(rng.integers(lo, hi + 1))
+    # clutter draws from the upper half of the allowed count: many things in a small patch
+    lo = max(min_objects, (min_objects + max_objects + 1) // 2) if clutter else min_objects
+    n_target = int(rng.integers(lo, max_objects + 1))
     cats = sorted(world.by_category)
     wanted: list[str] = []
     open_kinds = [c for c in cats if any(world.cavity(mi) is not None for mi in world.by_category[c])]
