@@ -62,6 +62,8 @@ def clip_to_frame(poly: np.ndarray, width: int, height: int) -> np.ndarray:
     """A convex polygon (N x 2, pixels) clipped to the image rectangle [0, width] x [0, height]
     (Sutherland-Hodgman); empty (0 x 2) when it lies outside."""
     out = np.asarray(poly, dtype=np.float64)
+    if len(out) and (out >= 0).all() and (out[:, 0] <= width).all() and (out[:, 1] <= height).all():
+        return out  # the common case: nothing to clip
     for axis, bound, keep_below in (
         (0, 0.0, False),
         (0, float(width), True),
