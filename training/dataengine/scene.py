@@ -691,7 +691,7 @@ def _sample_placements(
     wanted = [c for c in wanted if c in hosts] + [c for c in wanted if c not in hosts]
     w, dpt = table
     if clutter:  # a patch of the table where everything gathers
-        hx, hy = float(rng.uniform(0.22, 0.35)) * w, float(rng.uniform(0.28, 0.42)) * dpt
+        hx, hy = float(rng.uniform(0.15, 0.3)) * w, float(rng.uniform(0.2, 0.38)) * dpt
         cx = float(rng.uniform(-w / 2 + hx, w / 2 - hx))
         cy = float(rng.uniform(-dpt / 2 + hy, dpt / 2 - hy))
         region = (cx - hx, cx + hx, cy - hy, cy + hy)
