@@ -744,6 +744,13 @@ class _Sampler:
         self.placements.append(p)
         return p
 
+    def _clear_of(self, corners: np.ndarray, neighbours: list[Placement], margin: float) -> bool:
+        """A footprint (in the neighbours' frame) keeps `margin` metres from every neighbour's footprint."""
+        return not any(
+            _obb_overlap(corners, _obb_corners(q.x, q.y, q.yaw, *self._size(q.model_index)[:2]), margin)
+            for q in neighbours
+        )
+
     def _children(self, k: int) -> list[Placement]:
         return [p for p in self.placements if p.parent == k]
 
@@ -775,11 +782,7 @@ class _Sampler:
                 yaw = float(self.rng.uniform(-math.pi, math.pi))
                 if cav.rest_height(x, y, yaw, fw, fd) is None:
                     continue
-                mine = _obb_corners(x, y, yaw, fw, fd)
-                if any(
-                    _obb_overlap(mine, _obb_corners(q.x, q.y, q.yaw, *self._size(q.model_index)[:2]), 0.003)
-                    for q in inner
-                ):
+                if not self._clear_of(_obb_corners(x, y, yaw, fw, fd), inner, 0.003):
                     continue
                 return self._add(Placement(mi, self.used.get(mi, 0), x, y, yaw, inside=ci))
         return None
@@ -793,7 +796,7 @@ class _Sampler:
             sc = self._cat(sp.model_index)
             if not sc.is_support or sp.inside is not None or self._depth(si) >= 1 + int(self.clutter):
                 continue
-            others = [q for q in self._children(si)]
+            others = self._children(si)
             if len(others) >= 1 + int(self.clutter) or self.rng.random() > SUPPORT_RATE[self.mode]:
                 continue
             if self._cat(mi).is_support and not (self.clutter and self._cat(mi).physical["stackable"]):
@@ -819,12 +822,7 @@ class _Sampler:
                     and (np.abs(local[:, 1]) < sd / 2 - 0.005).all()
                 ):
                     continue
-                if any(
-                    _obb_overlap(
-                        corners, _obb_corners(q.x, q.y, q.yaw, *self._size(q.model_index)[:2]), 0.005
-                    )
-                    for q in others
-                ):
+                if not self._clear_of(corners, others, 0.005):
                     continue
                 return self._add(Placement(mi, self.used.get(mi, 0), x, y, yaw, on=si))
         return None
