@@ -2,7 +2,8 @@
 
 Reasons for rejection (counted per reason in index.json):
 - target_too_small: a target shows fewer than `min_target_pixels` pixels
-- target_occluded: a target shows less than `min_visible_fraction` of its silhouette
+- target_occluded: a target shows less than `min_visible_fraction` of its whole silhouette (hidden behind
+  others, inside a container, or cut off by the frame edge)
 - ambiguous: a single-answer request with two near-equal candidates (flagged by the generator)
 - empty_mask: a positive request whose merged mask is empty
 - negative_not_empty: a negative request with a non-empty mask
@@ -33,7 +34,7 @@ REASONS = (
 @dataclass(frozen=True)
 class VerifierConfig:
     min_target_pixels: int = 120  # ~11 x 11 px at 512 x 384: below that a request is a guess
-    min_visible_fraction: float = 0.3  # an object mostly hidden cannot be named reliably
+    min_visible_fraction: float = 0.3  # an object mostly hidden or cut off cannot be named reliably
     min_region_pixels: int = 400
 
 
