@@ -22,6 +22,11 @@ _REQUIRED = (
     "physical",
 )
 _PHYSICAL = ("rigid", "rolls", "stackable", "holds_liquid", "fits_in_hand", "support_surface")
+# What makes a category hold other objects, read from its facts here and nowhere else: a support surface
+# (physical flag) carries things on its top; a category that affords putting or pouring into it has an open
+# inside (whether a model's inside is wide enough is measured from its mesh: scene.measure_cavity).
+SUPPORT_FLAG = "support_surface"
+CONTAINER_AFFORDANCES = ("put_in", "pour_into")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,16 @@ class Category:
     safety: tuple[str, ...]
     physical: dict
     states: tuple[str, ...]
+
+    @property
+    def is_support(self) -> bool:
+        """Other objects may rest on top of it."""
+        return bool(self.physical.get(SUPPORT_FLAG, False))
+
+    @property
+    def is_container(self) -> bool:
+        """Objects may go inside it (an open top)."""
+        return any(a in self.affordances for a in CONTAINER_AFFORDANCES)
 
     def has(self, concept: str) -> bool:
         """True if the category carries this affordance, function, safety fact or physical flag."""

@@ -170,10 +170,11 @@ ATTRIBUTE_NEGATIVE_RATE = 0.3
 # Spatial kinds whose phrasing names an object, so that it can name an absent one, drawn about as often as
 # their positives are (rel, side and near_cam requests are the common ones).
 SPATIAL_NEGATIVE_KINDS = {
-    "rel": 0.35,
-    "side": 0.2,
+    "rel": 0.3,
+    "side": 0.15,
     "near_cam": 0.15,
     "on": 0.1,
+    "in": 0.1,
     "left_of": 0.1,
     "right_of": 0.1,
 }
@@ -299,6 +300,19 @@ SPATIAL_ON = (
     "the thing resting on the {ref}",
     "the thing that's on top of the {ref}",
 )
+# Containment (scene-graph relation "in"): a named thing in a named container, or whatever a container holds.
+SPATIAL_IN = (
+    "the {name} in the {ref}",
+    "the {name} inside the {ref}",
+    "the {name} that is in the {ref}",
+    "the {name} sitting in the {ref}",
+)
+SPATIAL_IN_ANY = (
+    "whatever is in the {ref}",
+    "what is inside the {ref}",
+    "the things in the {ref}",
+    "everything inside the {ref}",
+)
 SPATIAL_LEFT_OF = (
     "everything to the left of the {ref}",
     "the things left of the {ref}",
@@ -369,6 +383,8 @@ TEMPLATES = {
     "spatial.nearest_obj": SPATIAL_NEAREST_OBJ,
     "spatial.rel": SPATIAL_REL,
     "spatial.on": SPATIAL_ON,
+    "spatial.in": SPATIAL_IN,
+    "spatial.in_any": SPATIAL_IN_ANY,
     "spatial.left_of": SPATIAL_LEFT_OF,
     "spatial.right_of": SPATIAL_RIGHT_OF,
     "spatial.region_fits": REGION_FITS,
@@ -980,7 +996,7 @@ class PromptGenerator:
 
     def _spatial(self, g, rng, neg):
         objs = self._visible(g)
-        kinds = ["region", "region_empty", "nearest_obj", "rel", "side", "near_cam", "on", "left_right"]
+        kinds = ["region", "region_empty", "nearest_obj", "rel", "side", "near_cam", "on", "in", "left_right"]
         by_cat: dict[str, list[dict]] = {}
         for o in objs:
             by_cat.setdefault(o["category"], []).append(o)
@@ -1018,11 +1034,61 @@ class PromptGenerator:
         elif kind == "on":
             i = int(rng.integers(len(SPATIAL_ON)))
             phrase, concept = SPATIAL_ON[i].format(ref=name), "on"
+        elif kind == "in":
+            return self._in_negative(g, rng, name)
         else:  # left_of / right_of an absent reference
             tpl = SPATIAL_LEFT_OF if kind == "left_of" else SPATIAL_RIGHT_OF
             i = int(rng.integers(len(tpl)))
             phrase, concept = tpl[i].format(ref=name), kind
         return self._make(rng, "spatial", f"spatial.{kind}.t{i}", phrase, NP_WRAPPERS, "n", [], True, concept)
+
+    def _answering(self, g, name: str) -> list[dict]:
+        """Every object that answers to a name (its own, a synonym, or their head noun)."""
+        return [o for o in g["objects"] if name in self._present_words({"objects": [o]})]
+
+    def _inside_of(self, g, name: str, ref: str) -> list[int]:
+        """Ids of the objects answering to `name` that the scene graph puts in an object answering to `ref`."""
+        things = {o["id"] for o in self._answering(g, name)}
+        holders = {o["id"] for o in self._answering(g, ref)}
+        return sorted({a for a, r, b in g["relations"] if r == "in" and a in things and b in holders})
+
+    def _in_negative(self, g, rng, absent_name: str):
+        """ "The {name} in the {ref}" with nothing of the kind in it. Hard when the thing and the container
+        are both on the table (the mug beside the bowl, not in it): a negative only if the graph puts no such
+        thing in any such container. Otherwise the thing is absent. The thing named is always smaller than
+        the container (never "the bowl in the mug": an absurd request would tell the answer by itself)."""
+        holders = [o for o in g["objects"] if self.kb.categories[o["category"]].is_container]
+        i = int(rng.integers(len(SPATIAL_IN)))
+        if holders and rng.random() < 0.6:
+            h = holders[int(rng.integers(len(holders)))]
+            ref = h["name"]
+            small = sorted(
+                {
+                    o["name"]
+                    for o in g["objects"]
+                    if max(o["size_m"][:2]) < min(h["size_m"][:2]) and o["name"] != ref
+                }
+            )
+            name = small[int(rng.integers(len(small)))] if small else None
+            if name is not None and not self._inside_of(g, name, ref):
+                phrase = SPATIAL_IN[i].format(name=name, ref=ref)
+                return self._make(
+                    rng,
+                    "spatial",
+                    f"spatial.in.t{i}",
+                    phrase,
+                    NP_WRAPPERS,
+                    "n",
+                    [],
+                    True,
+                    "in",
+                    negative_kind="relation",
+                )
+        if not holders:
+            return None
+        ref = holders[int(rng.integers(len(holders)))]["name"]
+        phrase = SPATIAL_IN[i].format(name=absent_name, ref=ref)
+        return self._make(rng, "spatial", f"spatial.in.t{i}", phrase, NP_WRAPPERS, "n", [], True, "in")
 
     def _spatial_kind(self, kind, g, rng, objs, by_cat):
         """One kind of spatial request, or None if this scene cannot support it."""
@@ -1158,6 +1224,34 @@ class PromptGenerator:
                         [a],
                         False,
                         "on",
+                    )
+        if kind == "in":
+            ins = [r for r in g["relations"] if r[1] == "in"]
+            if ins:
+                a, _, b = ins[int(rng.integers(len(ins)))]
+                thing, holder = g["objects"][a], g["objects"][b]
+                if len(self._answering(g, holder["name"])) == 1:  # "the bowl" names one container
+                    if rng.random() < 0.5:
+                        i = int(rng.integers(len(SPATIAL_IN_ANY)))
+                        key, phrase = f"spatial.in_any.t{i}", SPATIAL_IN_ANY[i].format(ref=holder["name"])
+                        tg = [x for x, r, y in g["relations"] if r == "in" and y == b]
+                    else:
+                        i = int(rng.integers(len(SPATIAL_IN)))
+                        key = f"spatial.in.t{i}"
+                        phrase = SPATIAL_IN[i].format(name=thing["name"], ref=holder["name"])
+                        tg = self._inside_of(g, thing["name"], holder["name"])
+                    return self._make(
+                        rng,
+                        "spatial",
+                        key,
+                        phrase,
+                        NP_WRAPPERS,
+                        "n",
+                        tg,
+                        False,
+                        "in",
+                        # "the mug in the bowl" with two mugs in it names one of two: ambiguous
+                        ambiguous=key.startswith("spatial.in.") and len(tg) > 1,
                     )
         if kind == "left_right" and len(by_cat) >= 3:
             refs = [c for c, v in by_cat.items() if len(v) == 1]

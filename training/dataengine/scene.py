@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from .assets import AssetModel
-from .knowledge import KnowledgeBase
+from .knowledge import Category, KnowledgeBase
 from .render import configure_gl
 
 # MuJoCo fixes its GL backend when it is imported: choose EGL or OSMesa first.
@@ -27,7 +28,6 @@ import mujoco  # noqa: E402
 TABLE_HEIGHT = 0.75  # table top at z = 0, floor at -TABLE_HEIGHT
 VISIBLE_GROUP, HULL_GROUP, HIDDEN_GROUP = 0, 3, 4
 MAX_PENETRATION = 0.005  # metres; deeper contacts after settling drop an object and settle again
-SUPPORTS = ("tray", "chopping_board", "plate", "book", "kitchen_scale")
 TABLE_FINISHES = (
     "light wood",
     "dark wood",
@@ -40,7 +40,8 @@ TABLE_FINISHES = (
 
 @dataclass
 class Placement:
-    """One object of a layout. pos: x, y in table frame (m); yaw in radians; on: index of its support."""
+    """One object of a layout. x, y (m) and yaw (radians): in the table frame, or in the container's body
+    frame for an object inside one. on: index of its support; inside: index of its container."""
 
     model_index: int
     copy: int
@@ -49,6 +50,12 @@ class Placement:
     yaw: float
     on: int | None = None
     states: dict = field(default_factory=dict)
+    inside: int | None = None
+
+    @property
+    def parent(self) -> int | None:
+        """The placement this one rests on or in (None: the table)."""
+        return self.on if self.on is not None else self.inside
 
 
 @dataclass
@@ -65,15 +72,17 @@ class Layout:
     light_pos: np.ndarray
     light_diffuse: float
     ambient: float
+    composition: str = "spread"  # one of COMPOSITIONS: how the objects were arranged
 
     def without(self, drop: set[int]) -> Layout:
-        """The same scene less some placements (and whatever rested on them), `on` indices remapped."""
+        """The same scene less some placements (and whatever rested on or in them), `on` and `inside`
+        indices remapped."""
         drop = set(drop)
         changed = True
-        while changed:  # what stood on a dropped support goes too
+        while changed:  # what stood on a dropped support, or lay in a dropped container, goes too
             changed = False
             for k, p in enumerate(self.placements):
-                if k not in drop and p.on is not None and p.on in drop:
+                if k not in drop and p.parent is not None and p.parent in drop:
                     drop.add(k)
                     changed = True
         keep = [k for k in range(len(self.placements)) if k not in drop]
@@ -90,6 +99,7 @@ class Layout:
                     p.yaw,
                     None if p.on is None else new_index[p.on],
                     dict(p.states),
+                    None if p.inside is None else new_index[p.inside],
                 )
             )
         return dataclasses.replace(self, placements=placements)
@@ -103,15 +113,140 @@ def _obb_corners(x, y, yaw, w, d):
 
 
 def _obb_overlap(a: np.ndarray, b: np.ndarray, margin: float) -> bool:
-    """Separating-axis test of two rectangles given by their corners, grown by margin."""
-    for poly in (a, b):
+    """Separating-axis test of two rectangles given by their corners, grown by margin. Plain Python on
+    the 4 + 4 corners: layout sampling calls it thousands of times per scene, where numpy's per-call
+    overhead dominated."""
+    pa_, pb_ = a.tolist(), b.tolist()
+    for poly in (pa_, pb_):
         for i in range(2):
-            edge = poly[i + 1] - poly[i]
-            axis = np.array([-edge[1], edge[0]]) / (np.linalg.norm(edge) + 1e-12)
-            pa, pb = a @ axis, b @ axis
-            if pa.max() + margin < pb.min() or pb.max() + margin < pa.min():
+            ex, ey = poly[i + 1][0] - poly[i][0], poly[i + 1][1] - poly[i][1]
+            n = math.hypot(ex, ey) + 1e-12
+            ax, ay = -ey / n, ex / n
+            da = [x * ax + y * ay for x, y in pa_]
+            db = [x * ax + y * ay for x, y in pb_]
+            if max(da) + margin < min(db) or max(db) + margin < min(da):
                 return False
     return True
+
+
+# -------------------------------------------------------------------- composition
+COMPOSITIONS = ("spread", "clutter")  # spread: objects apart; clutter: close together, touching, piled
+CLUTTER_RATE = 0.35  # share of scenes drawn as clutter
+CLUTTER_MARGIN = 0.004  # metres between footprints in clutter (spread keeps 0.02)
+FILL_RATE = {"spread": 0.6, "clutter": 0.8}  # chance that a container gets something inside it
+CONTAINER_SCENE_RATE = 0.4  # share of scenes that surely hold an open container (a bowl, a basket...)
+SUPPORT_RATE = {"spread": 0.4, "clutter": 0.7}  # chance that an object tries a support first
+MULTI_INSTANCE_RATE = 0.08  # chance that a drawn kind comes as several instances (2-3, "all the mugs")
+EDGE_CUT_RATE = 0.15  # share of scenes with an object moved to straddle the frame edge
+CAVITY_CELLS = 48  # height-map resolution across a container's larger side
+CAVITY_MIN_DEPTH = 0.02  # metres below the rim before a column counts as inside the container
+CAVITY_MAX_REST = 0.5  # an object inside rests in the lower half of its container, not on what stands in it
+
+
+def _may_go_inside(cat: Category, size_m: np.ndarray, container_size_m: np.ndarray) -> bool:
+    """Light enough to be put in by hand and no taller than the container."""
+    return cat.mass_kg <= 1.0 and float(size_m[2]) <= float(container_size_m[2])
+
+
+def _surface_points(verts: np.ndarray, faces: np.ndarray, step: float) -> np.ndarray:
+    """Points on every triangle no further than `step` apart (so that a height map with cells of 2 x step
+    sees every surface, large flat triangles included)."""
+    tri = verts[faces]
+    span = np.max(np.linalg.norm(tri[:, [1, 2, 0], :2] - tri[:, :, :2], axis=2), axis=1)
+    n = np.clip(np.ceil(span / step), 1, 256).astype(np.int64)
+    out = [verts]
+    for k in np.unique(n):
+        t = tri[n == k]
+        i, j = np.meshgrid(np.arange(k + 1), np.arange(k + 1), indexing="ij")
+        keep = i + j <= k
+        u, v = (i[keep] / k)[None, :, None], (j[keep] / k)[None, :, None]
+        out.append(
+            (
+                t[:, None, 0] + u * (t[:, None, 1] - t[:, None, 0]) + v * (t[:, None, 2] - t[:, None, 0])
+            ).reshape(-1, 3)
+        )
+    return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class Cavity:
+    """The open inside of a container model in its body frame (z up, base at 0).
+
+    top: rows (y) x cols (x) metres, the highest surface of the model over each cell (-inf: no surface);
+    inside: cells whose highest surface lies at least CAVITY_MIN_DEPTH below the rim, connected to the
+    model's centre and away from its outline: an object whose footprint covers only these cells rests at
+    the highest `top` under it without touching the container (nothing of the model is above `top`).
+    """
+
+    origin: np.ndarray  # x0, y0 of cell (0, 0)'s corner
+    cell: float  # metres
+    top: np.ndarray
+    inside: np.ndarray
+    bounds: tuple[float, float, float, float]  # x0, y0, x1, y1 (m) around the inside cells
+
+    def cells(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Row and column of body-frame points (N x 2), or None if any falls off the map."""
+        ij = np.floor((pts - self.origin) / self.cell).astype(np.int64)
+        if (ij < 0).any() or (ij[:, 0] >= self.top.shape[1]).any() or (ij[:, 1] >= self.top.shape[0]).any():
+            return None
+        return ij[:, 1], ij[:, 0]
+
+    def rest_height(self, x: float, y: float, yaw: float, w: float, d: float) -> float | None:
+        """Height (m, body frame) at which a w x d footprint at (x, y, yaw) rests inside, or None if it
+        does not fit in the opening."""
+        n = max(2, int(math.ceil(max(w, d) / (0.5 * self.cell))) + 1)
+        g = np.linspace(-0.5, 0.5, n)
+        local = np.stack(np.meshgrid(g * w, g * d), -1).reshape(-1, 2)
+        c, s = math.cos(yaw), math.sin(yaw)
+        pts = local @ np.array([[c, s], [-s, c]]) + [x, y]
+        rc = self.cells(pts)
+        if rc is None or not self.inside[rc].all():
+            return None
+        return float(self.top[rc].max())
+
+
+def measure_cavity(asset: AssetModel) -> Cavity | None:
+    """Height map of a model seen from above and the part of it that is a usable inside; None if the model
+    has no opening (a closed box, a knife block's narrow slots still count only if an object fits)."""
+    verts = np.concatenate([p.verts for p in asset.parts]).astype(np.float64)
+    faces, n = [], 0
+    for p in asset.parts:
+        faces.append(p.faces.astype(np.int64) + n)
+        n += len(p.verts)
+    lo, hi = verts[:, :2].min(0), verts[:, :2].max(0)
+    cell = float(max(hi - lo)) / CAVITY_CELLS
+    pts = _surface_points(verts, np.concatenate(faces), 0.5 * cell)
+    shape = (int(math.ceil((hi[1] - lo[1]) / cell)) + 1, int(math.ceil((hi[0] - lo[0]) / cell)) + 1)
+    top = np.full(shape, -np.inf)
+    ij = np.minimum(np.floor((pts[:, :2] - lo) / cell).astype(np.int64), [shape[1] - 1, shape[0] - 1])
+    np.maximum.at(top, (ij[:, 1], ij[:, 0]), pts[:, 2])
+    # a cell's surface may rise towards its neighbour before the next sample: judge each by its 3 x 3 block
+    top = ndimage.maximum_filter(top, size=3, mode="nearest")
+    rim = float(top.max())
+    low = np.isfinite(top) & (top < rim - CAVITY_MIN_DEPTH)
+    labels, _ = ndimage.label(low)
+    centre = labels[shape[0] // 2, shape[1] // 2]
+    if centre == 0:
+        return None
+    comp = labels == centre
+    # walls all round: the low part must not run out to the model's outline (a block's sloping top does)
+    ring = ndimage.binary_dilation(comp) & ~comp
+    if (
+        (~np.isfinite(top[ring])).any()
+        or comp[0].any()
+        or comp[-1].any()
+        or comp[:, 0].any()
+        or comp[:, -1].any()
+    ):
+        return None
+    inside = ndimage.binary_erosion(comp) & (top <= CAVITY_MAX_REST * rim)
+    if not inside.any():
+        return None
+    ys, xs = np.nonzero(inside)
+    x0, y0 = lo + np.array([xs.min(), ys.min()]) * cell
+    x1, y1 = lo + np.array([xs.max() + 1, ys.max() + 1]) * cell
+    bounds = (float(x0), float(y0), float(x1), float(y1))
+    return Cavity(origin=lo, cell=cell, top=top, inside=inside, bounds=bounds)
 
 
 def _table_texture(kind: int, rng: np.random.Generator, size: int = 256) -> np.ndarray:
@@ -187,6 +322,7 @@ class TabletopWorld:
         for (i, c), gs in self.pool_geoms.items():
             self.geom_owner[gs] = i * copies + c
         self.active: list[Placement] = []
+        self._cavities: dict[int, Cavity | None] = {}  # model index -> its measured inside, on first use
 
     # ---------------------------------------------------------------- build
     def _build(self, shadow_size: int) -> mujoco.MjModel:
@@ -358,7 +494,8 @@ class TabletopWorld:
             sx, sy = (-1 if k % 2 else 1), (-1 if k // 2 else 1)
             m.geom_pos[lg][:2] = [sx * (w / 2 - 0.06), sy * (dpt / 2 - 0.06)]
         for p in layout.placements:
-            self._place(p, layout)
+            if p.inside is None:  # contents go in after settling (place_contents)
+                self._place(p, layout)
         # camera: look-at to a quaternion (MuJoCo cameras look along -z with +y up)
         fwd = layout.cam_target - layout.cam_pos
         fwd /= np.linalg.norm(fwd)
@@ -382,8 +519,9 @@ class TabletopWorld:
     def _place(self, p: Placement, layout: Layout) -> None:
         m, d = self.model, self.data
         z = 0.003
-        if p.on is not None:
-            sup = layout.placements[p.on]
+        sup = p
+        while sup.on is not None:  # dropped just above the top of its support (of its support's support...)
+            sup = layout.placements[sup.on]
             z += float(self.assets[sup.model_index].size_m[2]) + 0.002
         q = self.pool_qadr[p.model_index, p.copy]
         d.qpos[q : q + 7] = [p.x, p.y, z, math.cos(p.yaw / 2), 0, 0, math.sin(p.yaw / 2)]
@@ -399,12 +537,15 @@ class TabletopWorld:
         for _ in range(steps):
             mujoco.mj_step(m, d)
         d.qvel[:] = 0
+        self.place_contents()
         mujoco.mj_forward(m, d)
         hull_to_placement = {int(self.pool_hull[p.model_index, p.copy]): k for k, p in enumerate(self.active)}
         worst, bad = 0.0, set()
         for k in range(d.ncon):
             con = d.contact[k]
             a, b = hull_to_placement.get(int(con.geom1)), hull_to_placement.get(int(con.geom2))
+            if a is not None and b is not None and self._touch_expected(a, b):
+                continue
             if a is not None and b is not None:
                 worst = max(worst, -float(con.dist))
                 if -con.dist > MAX_PENETRATION:
@@ -413,6 +554,59 @@ class TabletopWorld:
             if self.body_pose(p)[0][2] < -0.02:  # fell off (or through) the table
                 bad.add(k)
         return worst, bad
+
+    def cavity(self, model_index: int) -> Cavity | None:
+        """The measured inside of a container model (None: not a container, or no opening that any model
+        of the library could go into)."""
+        if model_index not in self._cavities:
+            a = self.assets[model_index]
+            cav = measure_cavity(a) if self.kb.categories[a.category].is_container else None
+            if cav is not None:
+                ys, xs = np.nonzero(cav.inside)
+                cx, cy = cav.origin + (np.array([xs.mean(), ys.mean()]) + 0.5) * cav.cell
+                fits = [
+                    b
+                    for b in self.assets
+                    if _may_go_inside(self.kb.categories[b.category], b.size_m, a.size_m)
+                    and cav.rest_height(float(cx), float(cy), 0.0, *(float(v) for v in b.size_m[:2]))
+                    is not None
+                ]
+                cav = cav if fits else None
+            self._cavities[model_index] = cav
+        return self._cavities[model_index]
+
+    def place_contents(self) -> None:
+        """Put every object that goes inside a container into it, posed rigidly in the settled container's
+        body frame at the height its cavity gives (resting on the inner surface, touching nothing else of
+        the container: the convex collision hull of a bowl is solid, so contents are placed, not dropped)."""
+        m, d = self.model, self.data
+        mujoco.mj_kinematics(m, d)
+        for p in self.active:
+            if p.inside is None:
+                continue
+            c = self.active[p.inside]
+            cav = self.cavity(c.model_index)
+            fw, fd = (float(v) for v in self.assets[p.model_index].size_m[:2])
+            z = cav.rest_height(p.x, p.y, p.yaw, fw, fd) if cav is not None else None
+            if z is None:
+                raise ValueError(f"placement inside model {c.model_index} does not fit its cavity")
+            pos, rot = self.body_pose(c)
+            local = np.array(
+                [[math.cos(p.yaw), -math.sin(p.yaw), 0], [math.sin(p.yaw), math.cos(p.yaw), 0], [0, 0, 1]]
+            )
+            quat = np.zeros(4)
+            mujoco.mju_mat2Quat(quat, (rot @ local).ravel())
+            q = self.pool_qadr[p.model_index, p.copy]
+            d.qpos[q : q + 7] = [*(pos + rot @ np.array([p.x, p.y, z + 0.001])), *quat]
+            m.geom_group[self.pool_geoms[(p.model_index, p.copy)]] = VISIBLE_GROUP
+            h = self.pool_hull[p.model_index, p.copy]
+            m.geom_contype[h] = 1
+            m.geom_conaffinity[h] = 1
+
+    def _touch_expected(self, a: int, b: int) -> bool:
+        """A content and its container: their convex hulls overlap by design (see place_contents)."""
+        pa, pb = self.active[a], self.active[b]
+        return pa.inside == b or pb.inside == a
 
     def body_pose(self, p: Placement) -> tuple[np.ndarray, np.ndarray]:
         """World position (3,) and rotation matrix (3, 3) of a placed object's body."""
@@ -424,77 +618,13 @@ class TabletopWorld:
 def sample_layout(
     rng: np.random.Generator, world: TabletopWorld, *, min_objects: int = 3, max_objects: int = 12
 ) -> Layout:
-    """Draw a table, 3-12 objects placed without footprint overlap (some resting on supports), camera, light."""
-    kb = world.kb
+    """Draw a table, objects (spread apart, or cluttered: close, touching, piled; some on supports, some
+    inside containers), camera, light; a share of scenes has an object cut by the frame edge."""
     w = float(rng.uniform(0.8, 1.3))
     dpt = float(rng.uniform(0.55, 0.8))
     finish = int(rng.integers(len(TABLE_FINISHES)))
-    n_target = int(rng.integers(min_objects, max_objects + 1))
-    cats = sorted(world.by_category)
-    order = rng.permutation(len(cats))
-    wanted: list[str] = []
-    for k in order:
-        if len(wanted) >= n_target:
-            break
-        wanted.append(cats[k])
-        if rng.random() < 0.15 and len(wanted) < n_target:  # a second one of the same kind ("the left cup")
-            wanted.append(cats[k])
-    placements: list[Placement] = []
-    footprints: list[np.ndarray] = []
-    used: dict[int, int] = {}
-    supported: set[int] = set()
-    margin = 0.02
-    for cat in wanted:
-        variants = world.by_category[cat]
-        mi = int(variants[rng.integers(len(variants))])
-        if used.get(mi, 0) >= world.copies:
-            continue
-        a = world.assets[mi]
-        fw, fd = float(a.size_m[0]), float(a.size_m[1])
-        placed = False
-        # try resting on a support first (one item per support), then on the free table
-        for si, sp in enumerate(placements):
-            sup_cat = world.assets[sp.model_index].category
-            if sup_cat not in SUPPORTS or si in supported or sp.on is not None or rng.random() > 0.4:
-                continue
-            if kb.categories[cat].mass_kg > 1.0 or cat in SUPPORTS:
-                continue
-            sw, sd = (float(s) for s in world.assets[sp.model_index].size_m[:2])
-            yaw = sp.yaw + float(rng.choice([0.0, math.pi / 2, math.pi])) + float(rng.uniform(-0.2, 0.2))
-            corners = _obb_corners(sp.x, sp.y, yaw, fw, fd)
-            local = (corners - [sp.x, sp.y]) @ np.array(
-                [[math.cos(sp.yaw), -math.sin(sp.yaw)], [math.sin(sp.yaw), math.cos(sp.yaw)]]
-            )
-            if (np.abs(local[:, 0]) < sw / 2 - 0.005).all() and (np.abs(local[:, 1]) < sd / 2 - 0.005).all():
-                placements.append(Placement(mi, used.get(mi, 0), sp.x, sp.y, yaw, on=si))
-                supported.add(si)
-                placed = True
-                break
-        if not placed:
-            for _ in range(30):
-                yaw = float(rng.uniform(-math.pi, math.pi))
-                r = 0.5 * math.hypot(fw, fd)
-                if r * 2 > min(w, dpt) - 0.04:
-                    break
-                x = float(rng.uniform(-w / 2 + r, w / 2 - r))
-                y = float(rng.uniform(-dpt / 2 + r, dpt / 2 - r))
-                corners = _obb_corners(x, y, yaw, fw, fd)
-                if all(not _obb_overlap(corners, f, margin) for f in footprints):
-                    placements.append(Placement(mi, used.get(mi, 0), x, y, yaw))
-                    footprints.append(corners)
-                    placed = True
-                    break
-        if placed:
-            used[mi] = used.get(mi, 0) + 1
-            cat_kb = kb.categories[cat]
-            st = {}
-            if "can_be_hot" in cat_kb.safety:
-                st["hot"] = bool(rng.random() < 0.4)
-            if cat_kb.physical["holds_liquid"] and "full" in cat_kb.states:
-                st["full"] = bool(rng.random() < 0.5)
-            if "lit" in cat_kb.states:
-                st["lit"] = bool(rng.random() < 0.5)
-            placements[-1].states = st
+    composition = "clutter" if rng.random() < CLUTTER_RATE else "spread"
+    placements = _sample_placements(rng, world, (w, dpt), composition, min_objects, max_objects)
     # camera: a head camera behind the near edge looking down, or a wrist camera close above the table
     kind = "head" if rng.random() < 0.7 else "wrist"
     if kind == "head":
@@ -511,7 +641,7 @@ def sample_layout(
         [math.sin(azim) * math.cos(elev), -math.cos(azim) * math.cos(elev), math.sin(elev)]
     )
     light = np.array([float(rng.uniform(-1, 1)), float(rng.uniform(-1, 0.5)), float(rng.uniform(1.2, 2.2))])
-    return Layout(
+    layout = Layout(
         table_size=(w, dpt),
         table_finish=finish,
         placements=placements,
@@ -522,4 +652,264 @@ def sample_layout(
         light_pos=light,
         light_diffuse=float(rng.uniform(0.45, 0.85)),
         ambient=float(rng.uniform(0.2, 0.45)),
+        composition=composition,
     )
+    return _cut_by_frame_edge(rng, world, layout)
+
+
+def _sample_placements(
+    rng: np.random.Generator,
+    world: TabletopWorld,
+    table: tuple[float, float],
+    composition: str,
+    min_objects: int,
+    max_objects: int,
+) -> list[Placement]:
+    """The objects of a scene: kinds drawn without repeats except deliberate multiples (2-3 of a kind),
+    each tried inside a container, then on a support, then on the free table."""
+    kb = world.kb
+    clutter = composition == "clutter"
+    # clutter draws from the upper half of the allowed count: many things in a small patch
+    lo = max(min_objects, (min_objects + max_objects + 1) // 2) if clutter else min_objects
+    n_target = int(rng.integers(lo, max_objects + 1))
+    cats = sorted(world.by_category)
+    wanted: list[str] = []
+    open_kinds = [c for c in cats if any(world.cavity(mi) is not None for mi in world.by_category[c])]
+    if open_kinds and rng.random() < CONTAINER_SCENE_RATE:
+        wanted.append(open_kinds[int(rng.integers(len(open_kinds)))])
+    for k in rng.permutation(len(cats)):
+        if len(wanted) >= n_target:
+            break
+        if cats[k] in wanted:
+            continue
+        wanted.append(cats[k])
+        if rng.random() < MULTI_INSTANCE_RATE:  # several of a kind: "all the mugs", "the left mug"
+            wanted += [cats[k]] * int(rng.integers(1, 3))
+    wanted = wanted[:n_target]
+    # holders first, so that what comes later can go on or in them
+    hosts = {c for c in wanted if kb.categories[c].is_support or kb.categories[c].is_container}
+    wanted = [c for c in wanted if c in hosts] + [c for c in wanted if c not in hosts]
+    w, dpt = table
+    if clutter:  # a patch of the table where everything gathers
+        hx, hy = float(rng.uniform(0.15, 0.3)) * w, float(rng.uniform(0.2, 0.38)) * dpt
+        cx = float(rng.uniform(-w / 2 + hx, w / 2 - hx))
+        cy = float(rng.uniform(-dpt / 2 + hy, dpt / 2 - hy))
+        region = (cx - hx, cx + hx, cy - hy, cy + hy)
+    else:
+        region = (-w / 2, w / 2, -dpt / 2, dpt / 2)
+    s = _Sampler(rng, world, table, region, clutter)
+    for cat in wanted:
+        free = [mi for mi in world.by_category[cat] if s.used.get(mi, 0) < world.copies]
+        if not free:
+            continue
+        mi = int(free[int(rng.integers(len(free)))])
+        p = s.inside(mi) or s.on_support(mi) or s.on_table(mi)
+        if p is None:
+            continue
+        s.used[mi] = s.used.get(mi, 0) + 1
+        cat_kb = kb.categories[cat]
+        st = {}
+        if "can_be_hot" in cat_kb.safety:
+            st["hot"] = bool(rng.random() < 0.4)
+        if cat_kb.physical["holds_liquid"] and "full" in cat_kb.states:
+            st["full"] = bool(rng.random() < 0.5) and p.inside is None and not s.holds(len(s.placements) - 1)
+        if "lit" in cat_kb.states:
+            st["lit"] = bool(rng.random() < 0.5)
+        p.states = st
+    return s.placements
+
+
+class _Sampler:
+    """Placement state of one layout being drawn: what is placed, where footprints lie, what holds what."""
+
+    def __init__(self, rng, world, table, region, clutter):
+        self.rng, self.world, self.kb = rng, world, world.kb
+        self.table, self.region, self.clutter = table, region, clutter
+        self.margin = CLUTTER_MARGIN if clutter else 0.02
+        self.mode = "clutter" if clutter else "spread"
+        self.placements: list[Placement] = []
+        self.floor: list[tuple[int, np.ndarray]] = []  # (placement, corners) of what stands on the table
+        self.used: dict[int, int] = {}
+
+    def _size(self, mi: int) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.world.assets[mi].size_m)
+
+    def _cat(self, mi: int) -> Category:
+        return self.kb.categories[self.world.assets[mi].category]
+
+    def holds(self, k: int) -> bool:
+        return any(p.parent == k for p in self.placements)
+
+    def _add(self, p: Placement) -> Placement:
+        self.placements.append(p)
+        return p
+
+    def _clear_of(self, corners: np.ndarray, neighbours: list[Placement], margin: float) -> bool:
+        """A footprint (in the neighbours' frame) keeps `margin` metres from every neighbour's footprint."""
+        return not any(
+            _obb_overlap(corners, _obb_corners(q.x, q.y, q.yaw, *self._size(q.model_index)[:2]), margin)
+            for q in neighbours
+        )
+
+    def _children(self, k: int) -> list[Placement]:
+        return [p for p in self.placements if p.parent == k]
+
+    def _depth(self, k: int) -> int:
+        n = 0
+        while self.placements[k].on is not None:
+            k, n = self.placements[k].on, n + 1
+        return n
+
+    def inside(self, mi: int) -> Placement | None:
+        """Into an open container already on the table: the footprint inside its opening, at most 3 things."""
+        fw, fd, _ = self._size(mi)
+        size = self.world.assets[mi].size_m
+        for ci, cp in enumerate(self.placements):
+            if cp.inside is not None or not self._cat(cp.model_index).is_container:
+                continue
+            cav = self.world.cavity(cp.model_index)
+            inner = self._children(ci)
+            if (
+                cav is None
+                or len(inner) >= 3
+                or not _may_go_inside(self._cat(mi), size, self.world.assets[cp.model_index].size_m)
+                or self.rng.random() > FILL_RATE[self.mode]
+            ):
+                continue
+            x0, y0, x1, y1 = cav.bounds
+            for _ in range(8):
+                x, y = float(self.rng.uniform(x0, x1)), float(self.rng.uniform(y0, y1))
+                yaw = float(self.rng.uniform(-math.pi, math.pi))
+                if cav.rest_height(x, y, yaw, fw, fd) is None:
+                    continue
+                if not self._clear_of(_obb_corners(x, y, yaw, fw, fd), inner, 0.003):
+                    continue
+                return self._add(Placement(mi, self.used.get(mi, 0), x, y, yaw, inside=ci))
+        return None
+
+    def on_support(self, mi: int) -> Placement | None:
+        """On top of a support (a tray, a board, a book; one thing each, two in clutter, piles two high)."""
+        fw, fd, _ = self._size(mi)
+        if self._cat(mi).mass_kg > 1.0:
+            return None
+        for si, sp in enumerate(self.placements):
+            sc = self._cat(sp.model_index)
+            if not sc.is_support or sp.inside is not None or self._depth(si) >= 1 + int(self.clutter):
+                continue
+            others = self._children(si)
+            if len(others) >= 1 + int(self.clutter) or self.rng.random() > SUPPORT_RATE[self.mode]:
+                continue
+            if self._cat(mi).is_support and not (self.clutter and self._cat(mi).physical["stackable"]):
+                continue  # supports pile only in clutter, and only the stackable ones (books, plates, boards)
+            sw, sd, _ = self._size(sp.model_index)
+            cs, sn = math.cos(sp.yaw), math.sin(sp.yaw)
+            for _ in range(4 if others or self.clutter else 1):
+                yaw = (
+                    sp.yaw
+                    + float(self.rng.choice([0.0, math.pi / 2, math.pi]))
+                    + float(self.rng.uniform(-0.2, 0.2))
+                )
+                ox, oy = (
+                    (0.0, 0.0)
+                    if not (others or self.clutter)
+                    else (float(self.rng.uniform(-0.3, 0.3)) * sw, float(self.rng.uniform(-0.3, 0.3)) * sd)
+                )
+                x, y = sp.x + cs * ox - sn * oy, sp.y + sn * ox + cs * oy
+                corners = _obb_corners(x, y, yaw, fw, fd)
+                local = (corners - [sp.x, sp.y]) @ np.array([[cs, -sn], [sn, cs]])
+                if not (
+                    (np.abs(local[:, 0]) < sw / 2 - 0.005).all()
+                    and (np.abs(local[:, 1]) < sd / 2 - 0.005).all()
+                ):
+                    continue
+                if not self._clear_of(corners, others, 0.005):
+                    continue
+                return self._add(Placement(mi, self.used.get(mi, 0), x, y, yaw, on=si))
+        return None
+
+    def on_table(self, mi: int) -> Placement | None:
+        """On the free table: anywhere (spread), or in the clutter patch, pushed against a neighbour."""
+        fw, fd, _ = self._size(mi)
+        w, dpt = self.table
+        r = 0.5 * math.hypot(fw, fd)
+        if r * 2 > min(w, dpt) - 0.04:
+            return None
+        x0, x1, y0, y1 = self.region
+        x0, x1 = max(x0, -w / 2 + r), min(x1, w / 2 - r)
+        y0, y1 = max(y0, -dpt / 2 + r), min(y1, dpt / 2 - r)
+        if x0 > x1 or y0 > y1:
+            x0, x1, y0, y1 = -w / 2 + r, w / 2 - r, -dpt / 2 + r, dpt / 2 - r
+        for _ in range(30):
+            yaw = float(self.rng.uniform(-math.pi, math.pi))
+            if self.clutter and self.floor and self.rng.random() < 0.7:
+                x, y = self._against(mi, yaw)
+                if abs(x) > w / 2 - r or abs(y) > dpt / 2 - r:
+                    continue
+            else:
+                x, y = float(self.rng.uniform(x0, x1)), float(self.rng.uniform(y0, y1))
+            corners = _obb_corners(x, y, yaw, fw, fd)
+            if all(not _obb_overlap(corners, f, self.margin) for _, f in self.floor):
+                self.floor.append((len(self.placements), corners))
+                return self._add(Placement(mi, self.used.get(mi, 0), x, y, yaw))
+        return None
+
+    def _against(self, mi: int, yaw: float) -> tuple[float, float]:
+        """A position next to a random table-standing object, as close as its footprint allows."""
+        k, fa = self.floor[int(self.rng.integers(len(self.floor)))]
+        ax, ay = fa.mean(0)
+        fw, fd, _ = self._size(mi)
+        theta = float(self.rng.uniform(-math.pi, math.pi))
+        u = np.array([math.cos(theta), math.sin(theta)])
+        inner, outer = (
+            0.0,
+            float(np.linalg.norm(fa - [ax, ay], axis=1).max()) + 0.5 * math.hypot(fw, fd) + self.margin,
+        )
+        for _ in range(8):  # bisect to the nearest distance where the two footprints just clear
+            mid = 0.5 * (inner + outer)
+            if _obb_overlap(_obb_corners(ax + u[0] * mid, ay + u[1] * mid, yaw, fw, fd), fa, self.margin):
+                inner = mid
+            else:
+                outer = mid
+        return float(ax + u[0] * outer), float(ay + u[1] * outer)
+
+
+def _cut_by_frame_edge(rng: np.random.Generator, world: TabletopWorld, layout: Layout) -> Layout:
+    """In EDGE_CUT_RATE of scenes, move one free-standing object (nothing on or in it) so that the left,
+    right or bottom edge of the frame runs through its middle, where the table and its neighbours allow."""
+    if rng.random() >= EDGE_CUT_RATE:
+        return layout
+    pl = layout.placements
+    loose = [k for k, p in enumerate(pl) if p.parent is None and not any(q.parent == k for q in pl)]
+    if not loose:
+        return layout
+    k = loose[int(rng.integers(len(loose)))]
+    p = pl[k]
+    fw, fd, fh = (float(v) for v in world.assets[p.model_index].size_m)
+    fwd = layout.cam_target - layout.cam_pos
+    fwd = fwd / np.linalg.norm(fwd)
+    right = np.cross(fwd, [0, 0, 1.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, fwd)
+    ty = math.tan(math.radians(layout.fovy) / 2)
+    tx = ty * world.width / world.height
+    side = int(rng.integers(3))  # 0 left, 1 right, 2 bottom
+    s = float(rng.uniform(-0.6, 0.6))
+    ray = (
+        fwd + {0: -tx * right + s * ty * up, 1: tx * right + s * ty * up, 2: -ty * up + s * tx * right}[side]
+    )
+    if ray[2] >= -1e-6:
+        return layout
+    t = (0.5 * fh - layout.cam_pos[2]) / ray[2]  # where the edge ray meets the object's mid-height
+    x, y = (float(c) for c in (layout.cam_pos + t * ray)[:2])
+    w, dpt = layout.table_size
+    corners = _obb_corners(x, y, p.yaw, fw, fd)
+    if (np.abs(corners[:, 0]) > w / 2 - 0.01).any() or (np.abs(corners[:, 1]) > dpt / 2 - 0.01).any():
+        return layout
+    for j, q in enumerate(pl):
+        if j != k and q.parent is None:
+            qw, qd = (float(v) for v in world.assets[q.model_index].size_m[:2])
+            if _obb_overlap(corners, _obb_corners(q.x, q.y, q.yaw, qw, qd), 0.01):
+                return layout
+    moved = list(pl)
+    moved[k] = dataclasses.replace(p, x=x, y=y, states=dict(p.states))
+    return dataclasses.replace(layout, placements=moved)

@@ -17,6 +17,7 @@ EDGE_MARGIN = 0.03  # keep region answers this far from the table edge
 LEFT_RIGHT_GAP = 0.03  # metres in camera x before "left of" holds
 FRONT_BEHIND_GAP = 0.05
 NEXT_TO_GAP = 0.08  # footprint gap under which two objects are "next to" each other
+TRUNCATED_BELOW = 0.98  # an object with less of its silhouette inside the frame is "truncated"
 
 
 def colour_name(rgb: np.ndarray) -> str:
@@ -49,14 +50,80 @@ def size_word(size_m: np.ndarray) -> str:
     return "small" if m < 0.1 else ("medium" if m < 0.25 else "large")
 
 
+def polygon_area(poly: np.ndarray) -> float:
+    """Area of a simple polygon (N x 2 vertices in order), shoelace formula."""
+    if len(poly) < 3:
+        return 0.0
+    x, y = poly[:, 0], poly[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def clip_to_frame(poly: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A convex polygon (N x 2, pixels) clipped to the image rectangle [0, width] x [0, height]
+    (Sutherland-Hodgman); empty (0 x 2) when it lies outside."""
+    out = np.asarray(poly, dtype=np.float64)
+    if len(out) and (out >= 0).all() and (out[:, 0] <= width).all() and (out[:, 1] <= height).all():
+        return out  # the common case: nothing to clip
+    for axis, bound, keep_below in (
+        (0, 0.0, False),
+        (0, float(width), True),
+        (1, 0.0, False),
+        (1, float(height), True),
+    ):
+        if len(out) == 0:
+            break
+        pts, res = out, []
+        for i in range(len(pts)):
+            a, b = pts[i - 1], pts[i]
+            ina = a[axis] <= bound if keep_below else a[axis] >= bound
+            inb = b[axis] <= bound if keep_below else b[axis] >= bound
+            if ina != inb:
+                t = (bound - a[axis]) / (b[axis] - a[axis])
+                res.append(a + t * (b - a))
+            if inb:
+                res.append(b)
+        out = np.array(res).reshape(-1, 2)
+    return out
+
+
+def visibility(
+    hull_uv: np.ndarray | None, visible_pixels: int, width: int, height: int
+) -> tuple[float, float]:
+    """(visible_fraction, in_frame_fraction) of an object from its unoccluded, unclipped image silhouette
+    (convex polygon, pixels) and the pixels of it the renderer shows. visible_fraction: shown / whole
+    silhouette (hidden behind others and cut by the frame both lower it); in_frame_fraction: share of the
+    silhouette inside the image."""
+    full = polygon_area(hull_uv) if hull_uv is not None else 0.0
+    if full <= 0:
+        return 0.0, 0.0
+    inside = polygon_area(clip_to_frame(hull_uv, width, height))
+    return min(1.0, visible_pixels / full), min(1.0, inside / full)
+
+
+_HULLS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _hull_vertices(asset) -> np.ndarray:
+    """Vertices of a model's 3D convex hull (cached per model): they project to the same 2D hull as the
+    whole mesh, at a fraction of the points."""
+    key = (asset.key, id(asset))
+    if key not in _HULLS:
+        from scipy.spatial import ConvexHull, QhullError
+
+        verts = np.concatenate([p.verts for p in asset.parts]).astype(np.float64)
+        try:
+            _HULLS[key] = verts[ConvexHull(verts).vertices]
+        except QhullError:  # flat or degenerate: every vertex
+            _HULLS[key] = verts
+    return _HULLS[key]
+
+
 def _silhouette(world: TabletopWorld, placement, frame: Frame) -> np.ndarray | None:
-    """Unoccluded silhouette estimate: the 2D convex hull of the projected model vertices."""
+    """Unoccluded, unclipped silhouette estimate: the 2D convex hull (vertices in order, pixels) of the
+    projected model vertices."""
     a = world.assets[placement.model_index]
     pos, rot = world.body_pose(placement)
-    verts = np.concatenate([p.verts for p in a.parts])
-    if len(verts) > 600:
-        verts = verts[:: len(verts) // 600 + 1]
-    pw = verts @ rot.T + pos
+    pw = _hull_vertices(a) @ rot.T + pos
     pc = (pw - frame.cam_pos) @ frame.cam_rot  # camera frame: x right, y down, z forward
     pc = pc[pc[:, 2] > 1e-3]
     if len(pc) < 3:
@@ -68,10 +135,7 @@ def _silhouette(world: TabletopWorld, placement, frame: Frame) -> np.ndarray | N
         hull = ConvexHull(uv)
     except QhullError:
         return None
-    h, w = frame.instance.shape
-    img = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(img).polygon([tuple(p) for p in uv[hull.vertices]], fill=1)
-    return np.asarray(img, dtype=bool)
+    return uv[hull.vertices]
 
 
 def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, scene_id: str) -> dict:
@@ -84,9 +148,9 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
         pos, rot = world.body_pose(p)
         mask = frame.instance == k
         area = int(mask.sum())
-        sil = _silhouette(world, p, frame)
-        sil_area = int(sil.sum()) if sil is not None else 0
-        visible_fraction = float(min(1.0, area / sil_area)) if sil_area > 0 else 0.0
+        visible_fraction, in_frame = visibility(
+            _silhouette(world, p, frame), area, frame.instance.shape[1], frame.instance.shape[0]
+        )
         if area:
             ys, xs = np.nonzero(mask)
             bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
@@ -122,7 +186,10 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
                 "centroid_2d": centroid,
                 "pixel_area": area,
                 "visible_fraction": round(visible_fraction, 3),
+                "in_frame_fraction": round(in_frame, 3),
+                "truncated": in_frame < TRUNCATED_BELOW,
                 "on": p.on,
+                "inside": p.inside,
             }
         )
     relations = _relations(objects, layout, world)
@@ -151,6 +218,7 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
         "objects": objects,
         "relations": relations,
         "nearest_to_camera": nearest,
+        "composition": layout.composition,
     }
 
 
@@ -171,6 +239,8 @@ def _relations(objects: list[dict], layout: Layout, world: TabletopWorld) -> lis
             if (
                 a["on"] is None
                 and b["on"] is None
+                and a["inside"] is None
+                and b["inside"] is None
                 and np.linalg.norm(pa - pb) - ra - rb < NEXT_TO_GAP
                 and a["id"] < b["id"]
             ):
@@ -182,7 +252,21 @@ def _relations(objects: list[dict], layout: Layout, world: TabletopWorld) -> lis
             dz = a["position_3d"][2] - sup["position_3d"][2]
             if 0 < dz < sup["size_m"][2] + 0.03:
                 rel.append([a["id"], "on", sup["id"]])
+        if a["inside"] is not None and is_inside(a, objects[a["inside"]]):
+            rel.append([a["id"], "in", a["inside"]])
     return rel
+
+
+def is_inside(obj: dict, container: dict) -> bool:
+    """Checked on the settled poses: the object's centre lies within the container's footprint and its
+    base above the container's base, below its rim."""
+    c = np.asarray(container["position_3d"])
+    yaw = math.radians(container["yaw_deg"])
+    d = np.asarray(obj["position_3d"]) - c
+    lx = math.cos(yaw) * d[0] + math.sin(yaw) * d[1]
+    ly = -math.sin(yaw) * d[0] + math.cos(yaw) * d[1]
+    w, dp, h = container["size_m"]
+    return abs(lx) < w / 2 and abs(ly) < dp / 2 and 0 < d[2] < h
 
 
 def free_space_grid(world: TabletopWorld, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
