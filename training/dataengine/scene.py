@@ -42,7 +42,14 @@ TABLE_FINISHES = (
     "green linoleum",
 )
 FLOOR_FINISHES = ("oak parquet", "grey tiles", "beige carpet", "dark slate", "terracotta tiles")
-WALL_FINISHES = ("white paint", "warm beige paint", "pale blue paint", "sage green paint", "white brick", "wood panels")
+WALL_FINISHES = (
+    "white paint",
+    "warm beige paint",
+    "pale blue paint",
+    "sage green paint",
+    "white brick",
+    "wood panels",
+)
 N_LIGHTS = 3  # built once; a scene switches 1-3 of them on
 ROOM_HEIGHT = 2.6  # metres, floor to ceiling
 ROOM_GAP = 0.12  # metres kept between room furniture and the table's footprint, and between furniture
@@ -86,13 +93,17 @@ class CameraRig:
 
 CAMERA_RIGS = {
     # head camera of a mobile manipulator (PrimeSense / Xtion class, 58 x 45 degrees, 4:3)
-    "head": CameraRig(0.4, (44.0, 46.0), (0.35, 0.8), (0.6, 1.1), (-25, 25), (-3, 3), (58.0, 45.0), (640, 480)),
+    "head": CameraRig(
+        0.4, (44.0, 46.0), (0.35, 0.8), (0.6, 1.1), (-25, 25), (-3, 3), (58.0, 45.0), (640, 480)
+    ),
     # RealSense D435 colour camera on a head or chest mount: 69 x 42 degrees at 16:9
     "realsense": CameraRig(
         0.35, (42.0, 42.0), (0.3, 0.75), (0.55, 1.0), (-25, 25), (-3, 3), (69.0, 42.0), (1280, 720)
     ),
     # wrist camera (RealSense D405 class, 87 x 58 degrees at 16:9) close above the table, rolled with the hand
-    "wrist": CameraRig(0.25, (58.0, 58.0), (0.25, 0.55), (0.05, 0.35), (-40, 40), (-35, 35), (87.0, 58.0), (1280, 720)),
+    "wrist": CameraRig(
+        0.25, (58.0, 58.0), (0.25, 0.55), (0.05, 0.35), (-40, 40), (-35, 35), (87.0, 58.0), (1280, 720)
+    ),
 }
 
 
@@ -150,7 +161,9 @@ class Layout:
     room: Room
     cam_roll: float = 0.0  # degrees about the optical axis
     room_objects: list[Placement] = field(default_factory=list)  # furniture on the floor; x, y world
-    tints: dict[tuple[int, int], tuple[float, float, float]] = field(default_factory=dict)  # (model, copy) -> albedo
+    tints: dict[tuple[int, int], tuple[float, float, float]] = field(
+        default_factory=dict
+    )  # (model, copy) -> albedo
     sensor: SensorParams | None = None  # sensor effects drawn for this scene (applied if the engine asks)
 
     def without(self, drop: set[int]) -> Layout:
@@ -246,7 +259,9 @@ def _planks(rng: np.random.Generator, size: int, rows: int, base, spread: float)
     return img
 
 
-def _tiles(rng: np.random.Generator, size: int, n: int, base, spread: float, grout, stagger=False) -> np.ndarray:
+def _tiles(
+    rng: np.random.Generator, size: int, n: int, base, spread: float, grout, stagger=False
+) -> np.ndarray:
     """n x n tiles (or staggered bricks when stagger) with a tone each and grout lines."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     row = (yy * n).astype(int)
@@ -641,7 +656,9 @@ class TabletopWorld:
             m.geom_group[self.window_geom] = HIDDEN_GROUP
         else:
             x, zc_w, ww, wh = room.window
-            self._set_plane(self.window_geom, [x, room.back_y - 0.005, -TABLE_HEIGHT + zc_w], [ww / 2, wh / 2])
+            self._set_plane(
+                self.window_geom, [x, room.back_y - 0.005, -TABLE_HEIGHT + zc_w], [ww / 2, wh / 2]
+            )
             m.geom_group[self.window_geom] = VISIBLE_GROUP
 
     def _set_plane(self, geom: int, pos, half_size) -> None:
@@ -961,12 +978,14 @@ def sample_room_objects(rng: np.random.Generator, world: TabletopWorld, layout: 
             # face the camera, more or less (models face -y at yaw 0)
             yaw = math.atan2(layout.cam_pos[0] - x, -(layout.cam_pos[1] - y)) + _u(rng, (-0.4, 0.4))
             corners = _obb_corners(x, y, yaw, fw, fd)
-            inside = (
-                (np.abs(corners[:, 0]) < room.half_width - 0.01).all() and (corners[:, 1] < room.back_y - 0.01).all()
-            )
+            inside = (np.abs(corners[:, 0]) < room.half_width - 0.01).all() and (
+                corners[:, 1] < room.back_y - 0.01
+            ).all()
             if not inside or r > room.half_width:
                 continue
-            if _obb_overlap(corners, table, ROOM_GAP) or any(_obb_overlap(corners, f, ROOM_GAP) for f in footprints):
+            if _obb_overlap(corners, table, ROOM_GAP) or any(
+                _obb_overlap(corners, f, ROOM_GAP) for f in footprints
+            ):
                 continue
             if not _in_view(layout, x, y, yaw, size, world):
                 continue

@@ -21,9 +21,9 @@ import numpy as np
 GAMMA = 2.2
 _TO_LINEAR = ((np.arange(256, dtype=np.float32) / 255.0) ** GAMMA).astype(np.float32)
 _LIN_LEVELS = 4096  # linear -> 8-bit goes through a table of this many entries (faster than a power)
-_TO_SRGB = np.round(255.0 * (np.arange(_LIN_LEVELS, dtype=np.float32) / (_LIN_LEVELS - 1)) ** (1 / GAMMA)).astype(
-    np.uint8
-)
+_TO_SRGB = np.round(
+    255.0 * (np.arange(_LIN_LEVELS, dtype=np.float32) / (_LIN_LEVELS - 1)) ** (1 / GAMMA)
+).astype(np.uint8)
 
 
 @dataclass(frozen=True)
