@@ -39,6 +39,11 @@ def _marked(cat, **facts):
 
 @pytest.fixture(scope="module")
 def engine():
+    return engine_with_facts(W, H)
+
+
+def engine_with_facts(width: int, height: int):
+    """An engine over KEEP's models, RECOLOURABLE recolourable and ROOM_CATEGORY as furniture."""
     from training.dataengine import assets as assets_mod
     from training.dataengine import knowledge
     from training.dataengine.pipeline import Engine, EngineConfig
@@ -67,7 +72,7 @@ def engine():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(knowledge, "load_knowledge_base", kb_with_facts)
         mp.setattr(assets_mod, "load_assets", some_assets)
-        return Engine(EngineConfig(seed=3, width=W, height=H, shadow_size=512))
+        return Engine(EngineConfig(seed=3, width=width, height=height, shadow_size=512))
 
 
 @pytest.fixture(scope="module")
