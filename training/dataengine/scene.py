@@ -161,9 +161,8 @@ class Layout:
     room: Room
     cam_roll: float = 0.0  # degrees about the optical axis
     room_objects: list[Placement] = field(default_factory=list)  # furniture on the floor; x, y world
-    tints: dict[tuple[int, int], tuple[float, float, float]] = field(
-        default_factory=dict
-    )  # (model, copy) -> albedo
+    # new material albedo of (model, copy); pool bodies not listed keep their model's own colours
+    tints: dict[tuple[int, int], tuple[float, float, float]] = field(default_factory=dict)
     sensor: SensorParams | None = None  # sensor effects drawn for this scene (applied if the engine asks)
 
     def without(self, drop: set[int]) -> Layout:
