@@ -172,6 +172,17 @@ def test_room_objects_get_masks_stand_on_the_floor_and_never_overlap_the_table(e
     assert n_room > 0 and n_seen > 0
 
 
+def test_an_unknown_placement_is_named():
+    from training.dataengine.errors import KnowledgeBaseError
+    from training.dataengine.knowledge import load_knowledge_base
+    from training.dataengine.scene import placement_of
+
+    cat = load_knowledge_base().categories["mug"]
+    assert placement_of(cat) in ("table", "room")
+    with pytest.raises(KnowledgeBaseError, match="'mug'.*'shelf'"):
+        placement_of(_marked(cat, placement="shelf"))
+
+
 @needs_furniture
 def test_table_categories_exclude_room_furniture(engine):
     world = engine.world

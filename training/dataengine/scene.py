@@ -334,9 +334,19 @@ def light_colour(kelvin: float) -> np.ndarray:
     return 1 - LIGHT_CAST * (1 - kelvin_rgb(kelvin))
 
 
+PLACEMENTS = ("table", "room")
+
+
 def placement_of(cat: Category) -> str:
     """'room' (furniture on the floor) or 'table'; knowledge bases without the field mean 'table'."""
-    return getattr(cat, "placement", "table") or "table"
+    where = getattr(cat, "placement", None) or "table"
+    if where not in PLACEMENTS:
+        from .errors import KnowledgeBaseError
+
+        raise KnowledgeBaseError(
+            f"knowledge base category {cat.key!r} has placement {where!r}; use one of {list(PLACEMENTS)}"
+        )
+    return where
 
 
 def recolourable(cat: Category) -> bool:
