@@ -39,7 +39,9 @@ def load_samples(data: Path) -> list[dict]:
     return out
 
 
-def pick(samples: list[dict], n: int, seed: int) -> list[dict]:
+def pick(samples: list[dict], n: int, seed: int, *, one_per_scene: bool = False) -> list[dict]:
+    """n samples, round-robin over family kinds; with one_per_scene, no two from one scene (so a sheet
+    shows n scenes: their rooms, lights, cameras and sensor effects)."""
     rng = random.Random(seed)
     by_fam: dict[str, list[dict]] = {}
     for s in samples:
@@ -53,10 +55,16 @@ def pick(samples: list[dict], n: int, seed: int) -> list[dict]:
         rng.shuffle(v)
     keys = sorted(by_fam)
     chosen: list[dict] = []
+    scenes: set[str] = set()
     while len(chosen) < n and any(by_fam.values()):
         for k in keys:
-            if by_fam[k] and len(chosen) < n:
-                chosen.append(by_fam[k].pop())
+            while by_fam[k] and len(chosen) < n:
+                s = by_fam[k].pop()
+                if one_per_scene and s["scene_id"] in scenes:
+                    continue
+                chosen.append(s)
+                scenes.add(s["scene_id"])
+                break
     return chosen
 
 
@@ -90,11 +98,19 @@ def tile(rec: dict, size: tuple[int, int], font) -> Image.Image:
     return t
 
 
-def make_sheet(data: Path, *, n: int = 16, cols: int = 4, tile_size=(256, 192), seed: int = 0) -> Image.Image:
+def make_sheet(
+    data: Path,
+    *,
+    n: int = 16,
+    cols: int = 4,
+    tile_size=(256, 192),
+    seed: int = 0,
+    one_per_scene: bool = False,
+) -> Image.Image:
     samples = load_samples(data)
     if not samples:
         raise FileNotFoundError(f"no shard-*/samples.jsonl under {data}")
-    chosen = pick(samples, n, seed)
+    chosen = pick(samples, n, seed, one_per_scene=one_per_scene)
     try:
         font = ImageFont.load_default(size=11)
     except TypeError:  # Pillow < 10.1
@@ -119,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile-width", type=int, default=256, help="tile width in pixels (height keeps 4:3)")
     p.add_argument("--seed", type=int, default=0, help="which samples are picked")
     p.add_argument("--quality", type=int, default=80, help="JPEG quality")
+    p.add_argument(
+        "--one-per-scene",
+        action="store_true",
+        help="at most one sample per scene, so the sheet shows the range of rooms, lights and cameras",
+    )
     args = p.parse_args(argv)
     try:
         sheet = make_sheet(
@@ -127,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             cols=args.cols,
             tile_size=(args.tile_width, args.tile_width * 3 // 4),
             seed=args.seed,
+            one_per_scene=args.one_per_scene,
         )
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)

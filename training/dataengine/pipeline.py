@@ -40,6 +40,7 @@ class EngineConfig:
     samples_per_family: int = 1  # requests drawn per family and scene, before the verifier
     prompt_noise: float = 0.08  # share of requests with one human error (typo, dropped word, wrong plural)
     save_depth: bool = True
+    sensor_effects: bool = True  # noise, blur, exposure, white balance, vignetting, JPEG on the RGB (sensor.py)
 
 
 def config_digest(config: EngineConfig) -> str:
@@ -110,6 +111,10 @@ class Engine:
                 break
             layout = layout.without(bad)
         frame = self.renderer.render()
+        if cfg.sensor_effects:
+            from .sensor import apply_sensor_effects
+
+            frame = apply_sensor_effects(frame, layout.sensor)
         graph = build_scene_graph(self.world, layout, frame, scene_id=scene_id)
         graph["max_penetration_m"] = round(penetration, 5)
         requests = self.prompts.generate(graph, rng, per_family=cfg.samples_per_family)

@@ -63,10 +63,12 @@ def _gl_context_class():
 class Frame:
     """One rendered view.
 
-    rgb: H x W x 3 uint8; instance: H x W int32 (-1 background/table, else index into the layout's
-    placements); table: H x W bool (table top visible); depth: H x W float32 metres along the optical
-    axis; K: 3 x 3 intrinsics (pixels); cam_pos: 3 (world, m); cam_rot: 3 x 3 world-from-camera with
-    columns right, down, forward (OpenCV convention).
+    rgb: H x W x 3 uint8; instance: H x W int32 (-1 background/table/room, else an object id: index k
+    into the layout's placements, or len(placements) + j for its room object j); table: H x W bool (table
+    top visible); depth: H x W float32 metres along the optical axis; K: 3 x 3 intrinsics (pixels);
+    cam_pos: 3 (world, m); cam_rot: 3 x 3 world-from-camera with columns right, down, forward (OpenCV
+    convention); sensor: the sensor effects applied to rgb (sensor.SensorParams as a dict), None for the
+    clean render.
     """
 
     rgb: np.ndarray
@@ -76,6 +78,7 @@ class Frame:
     K: np.ndarray
     cam_pos: np.ndarray
     cam_rot: np.ndarray
+    sensor: dict | None = None
 
 
 class SceneRenderer:
@@ -135,7 +138,7 @@ class SceneRenderer:
         geom = lut_geom[np.clip(segid, 0, sc.ngeom + 1)]
         owner = np.where(geom >= 0, w.geom_owner[np.maximum(geom, 0)], -1)
         pool_to_placement = np.full(len(w.assets) * w.copies, -1, dtype=np.int32)
-        for k, p in enumerate(w.active):
+        for k, p in enumerate(w.active + w.active_room):
             pool_to_placement[p.model_index * w.copies + p.copy] = k
         instance = np.where(owner >= 0, pool_to_placement[np.maximum(owner, 0)], -1).astype(np.int32)
         table = geom == w.table_geom

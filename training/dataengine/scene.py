@@ -1,10 +1,14 @@
 """Tabletop world and scene sampler.
 
-One MuJoCo model per process holds the table, floor, wall, lights, the robot camera and a pool of
-`copies` bodies per asset model. A scene is a *layout* applied to that model at run time: hidden pool
-bodies move to a parking lot (no collision, hidden geom group), the table, lights and camera change
-through mjModel fields. Compiling and uploading textures once per process is what makes 1,000 scenes
-in minutes possible on two CPU cores.
+One MuJoCo model per process holds the table, a room (floor, three walls, a window), three lights, the
+robot camera and a pool of `copies` bodies per asset model. A scene is a *layout* applied to that model at
+run time: hidden pool bodies move to a parking lot (no collision, hidden geom group); the table, room
+size and surfaces, lights, camera and material colours change through mjModel fields. Compiling and
+uploading textures once per process is what makes 1,000 scenes in minutes possible on two CPU cores.
+
+Categories whose knowledge-base entry says `"placement": "room"` (furniture) stand on the floor behind or
+beside the table; all others go on the table. Categories with `"recolourable": true` get a random
+material colour in some scenes.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .assets import AssetModel
+from .assets import AssetModel, _albedo
 from .knowledge import Category, KnowledgeBase
 from .render import configure_gl
+from .sensor import SensorParams, sample_sensor_params
 
 # MuJoCo fixes its GL backend when it is imported: choose EGL or OSMesa first.
 configure_gl(strict=False)
@@ -36,6 +41,95 @@ TABLE_FINISHES = (
     "checked tablecloth",
     "green linoleum",
 )
+FLOOR_FINISHES = ("oak parquet", "grey tiles", "beige carpet", "dark slate", "terracotta tiles")
+WALL_FINISHES = (
+    "white paint",
+    "warm beige paint",
+    "pale blue paint",
+    "sage green paint",
+    "white brick",
+    "wood panels",
+)
+N_LIGHTS = 3  # built once; a scene switches 1-3 of them on
+ROOM_HEIGHT = 2.6  # metres, floor to ceiling
+ROOM_GAP = 0.12  # metres kept between room furniture and the table's footprint, and between furniture
+RECOLOUR_RATE = 0.6  # share of recolourable objects that get a new colour in a scene
+RECOLOUR_MIN_SHARE = 0.3  # parts at least this fraction of a model's largest part take the new colour
+# Albedos well inside the bins of scene_graph.colour_name, so the word the graph derives is the one meant.
+RECOLOUR_PALETTE = (
+    (0.72, 0.08, 0.08),  # red
+    (0.92, 0.45, 0.08),  # orange
+    (0.90, 0.80, 0.12),  # yellow
+    (0.15, 0.55, 0.20),  # green
+    (0.12, 0.30, 0.75),  # blue
+    (0.45, 0.18, 0.60),  # purple
+    (0.90, 0.40, 0.80),  # pink
+    (0.88, 0.88, 0.86),  # white
+    (0.07, 0.07, 0.08),  # black
+    (0.50, 0.50, 0.52),  # grey
+    (0.42, 0.24, 0.11),  # brown
+)
+
+
+@dataclass(frozen=True)
+class CameraRig:
+    """A camera as robots carry it: where it sits relative to the table point it looks at, and its lens.
+
+    Ranges are sampled uniformly. fovy_deg is the vertical field of view of the 512 x 384 (4:3) image;
+    native_fov_deg and native_size describe the sensor it stands for: a 16:9 sensor is centre-cropped to
+    4:3 (full height kept) and scaled, so the image keeps the native vertical field of view and square
+    pixels, and the horizontal one shrinks to 2 atan(4/3 tan(fovy / 2)).
+    """
+
+    weight: float  # share of scenes
+    fovy_deg: tuple[float, float]
+    height_m: tuple[float, float]  # above the table top
+    back_m: tuple[float, float]  # horizontal distance from the point looked at
+    azimuth_deg: tuple[float, float]  # 0: straight across the table's near edge
+    roll_deg: tuple[float, float]
+    native_fov_deg: tuple[float, float]  # horizontal, vertical
+    native_size: tuple[int, int]  # width, height in pixels
+
+
+CAMERA_RIGS = {
+    # head camera of a mobile manipulator (PrimeSense / Xtion class, 58 x 45 degrees, 4:3)
+    "head": CameraRig(
+        0.4, (44.0, 46.0), (0.35, 0.8), (0.6, 1.1), (-25, 25), (-3, 3), (58.0, 45.0), (640, 480)
+    ),
+    # RealSense D435 colour camera on a head or chest mount: 69 x 42 degrees at 16:9
+    "realsense": CameraRig(
+        0.35, (42.0, 42.0), (0.3, 0.75), (0.55, 1.0), (-25, 25), (-3, 3), (69.0, 42.0), (1280, 720)
+    ),
+    # wrist camera (RealSense D405 class, 87 x 58 degrees at 16:9) close above the table, rolled with the hand
+    "wrist": CameraRig(
+        0.25, (58.0, 58.0), (0.25, 0.55), (0.05, 0.35), (-40, 40), (-35, 35), (87.0, 58.0), (1280, 720)
+    ),
+}
+
+
+@dataclass
+class Light:
+    """A spot light: position and the point it aims at (world, m), diffuse intensity (0-1), white of a
+    colour temperature (kelvin), and whether it casts shadows."""
+
+    pos: np.ndarray
+    target: np.ndarray
+    intensity: float
+    kelvin: float
+    shadow: bool
+
+
+@dataclass
+class Room:
+    """The room around the table: surfaces (indices into FLOOR_FINISHES, WALL_FINISHES), the back wall's
+    inner face at y = back_y, side walls' inner faces at x = +-half_width (m), and a window on the back
+    wall as (centre x, centre height above the floor, width, height) in metres, or None."""
+
+    floor_finish: int
+    wall_finish: int
+    back_y: float
+    half_width: float
+    window: tuple[float, float, float, float] | None
 
 
 @dataclass
@@ -65,14 +159,19 @@ class Layout:
     table_size: tuple[float, float]  # full width (x), depth (y)
     table_finish: int
     placements: list[Placement]
-    camera_kind: str  # "head" | "wrist"
+    camera_kind: str  # a key of CAMERA_RIGS
     cam_pos: np.ndarray  # world, metres
     cam_target: np.ndarray
     fovy: float  # degrees
-    light_pos: np.ndarray
-    light_diffuse: float
-    ambient: float
+    lights: list[Light]  # 1-3
+    ambient: float  # headlight ambient, 0-1
+    room: Room
     composition: str = "spread"  # one of COMPOSITIONS: how the objects were arranged
+    cam_roll: float = 0.0  # degrees about the optical axis
+    room_objects: list[Placement] = field(default_factory=list)  # furniture on the floor; x, y world
+    # new material albedo of (model, copy); pool bodies not listed keep their model's own colours
+    tints: dict[tuple[int, int], tuple[float, float, float]] = field(default_factory=dict)
+    sensor: SensorParams | None = None  # sensor effects drawn for this scene (applied if the engine asks)
 
     def without(self, drop: set[int]) -> Layout:
         """The same scene less some placements (and whatever rested on or in them), `on` and `inside`
@@ -103,6 +202,11 @@ class Layout:
                 )
             )
         return dataclasses.replace(self, placements=placements)
+
+
+def _area(part) -> float:
+    tri = part.verts[part.faces]
+    return float(0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
 
 
 def _obb_corners(x, y, yaw, w, d):
@@ -275,6 +379,131 @@ def _table_texture(kind: int, rng: np.random.Generator, size: int = 256) -> np.n
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def _planks(rng: np.random.Generator, size: int, rows: int, base, spread: float) -> np.ndarray:
+    """Rows of planks with staggered joints, a tone per plank and a fine grain (rows run along x)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    row = (yy * rows).astype(int)
+    shift = rng.random(rows)[row]
+    col = ((xx + shift) * 2).astype(int)
+    tone = 1 + spread * (rng.random((rows, 4))[row, col] - 0.5)
+    grain = 0.94 + 0.06 * np.sin(90 * yy + 8 * np.sin(5 * xx + 3 * shift))
+    seam = (((yy * rows) % 1.0) < 0.04) | ((((xx + shift) * 2) % 1.0) < 0.01)
+    img = np.asarray(base)[None, None] * (tone * grain)[..., None]
+    img[seam] *= 0.6
+    return img
+
+
+def _tiles(
+    rng: np.random.Generator, size: int, n: int, base, spread: float, grout, stagger=False
+) -> np.ndarray:
+    """n x n tiles (or staggered bricks when stagger) with a tone each and grout lines."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    row = (yy * n).astype(int)
+    xs = xx * (n / 2 if stagger else n) + (0.5 * (row % 2) if stagger else 0)
+    col = xs.astype(int)
+    tone = 1 + spread * (rng.random((n, n + 1))[row, col % (n + 1)] - 0.5)
+    img = np.asarray(base)[None, None] * tone[..., None]
+    grout_px = ((yy * n) % 1.0 < 0.05) | (xs % 1.0 < (0.025 if stagger else 0.05))
+    img[grout_px] = grout
+    return img
+
+
+def _room_texture(name: str, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Procedural floor and wall surfaces, one texture per metre (no image files to license)."""
+    noise = rng.random((size, size)).astype(np.float32)[..., None]
+    if name == "oak parquet":
+        img = _planks(rng, size, 8, (0.62, 0.45, 0.28), 0.25)
+    elif name == "grey tiles":
+        img = _tiles(rng, size, 3, (0.62, 0.62, 0.6), 0.08, (0.4, 0.4, 0.4))
+    elif name == "beige carpet":
+        from scipy import ndimage
+
+        fluff = ndimage.uniform_filter(noise[..., 0], 3)[..., None]
+        img = np.array([0.66, 0.58, 0.46])[None, None] * (0.85 + 0.3 * fluff)
+    elif name == "dark slate":
+        img = _tiles(rng, size, 2, (0.25, 0.26, 0.28), 0.2, (0.15, 0.15, 0.15))
+    elif name == "terracotta tiles":
+        img = _tiles(rng, size, 4, (0.68, 0.36, 0.22), 0.18, (0.55, 0.5, 0.45))
+    elif name == "white brick":
+        img = _tiles(rng, size, 12, (0.86, 0.85, 0.82), 0.08, (0.7, 0.7, 0.68), stagger=True)
+    elif name == "wood panels":
+        img = _planks(rng, size, 6, (0.7, 0.56, 0.4), 0.15).transpose(1, 0, 2)
+    else:  # paint
+        base = {
+            "white paint": (0.86, 0.86, 0.84),
+            "warm beige paint": (0.84, 0.76, 0.62),
+            "pale blue paint": (0.66, 0.76, 0.84),
+            "sage green paint": (0.64, 0.72, 0.6),
+        }[name]
+        img = np.array(base)[None, None] * (0.97 + 0.03 * noise)
+    img = img * (0.97 + 0.06 * noise)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _window_texture(size: int = 256) -> np.ndarray:
+    """A bright window pane: sky fading to a pale horizon, divided by a white frame and cross bars."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    sky = np.array([0.55, 0.72, 0.95]) * (1 - yy[..., None]) + np.array([0.93, 0.95, 0.98]) * yy[..., None]
+    bars = (np.abs(xx - 0.5) < 0.015) | (np.abs(yy - 0.45) < 0.015)
+    frame = (xx < 0.04) | (xx > 0.96) | (yy < 0.04) | (yy > 0.96)
+    sky[bars | frame] = (0.97, 0.97, 0.95)
+    return (np.clip(sky, 0, 1) * 255).astype(np.uint8)
+
+
+def kelvin_rgb(kelvin: float) -> np.ndarray:
+    """RGB (max 1) of a black body at this temperature (Tanner Helland's fit, 1000-40000 K)."""
+    t = kelvin / 100.0
+    r = 1.0 if t <= 66 else 1.2929 * (t - 60) ** -0.1332
+    g = 0.3901 * math.log(t) - 0.6318 if t <= 66 else 1.1298 * (t - 60) ** -0.0755
+    b = 1.0 if t >= 66 else (0.0 if t <= 19 else 0.5432 * math.log(t - 10) - 1.1962)
+    rgb = np.clip([r, g, b], 0, 1)
+    return rgb / rgb.max()
+
+
+LIGHT_CAST = 0.45  # fraction of a lamp's colour cast left after the camera's auto white balance
+
+
+def light_colour(kelvin: float) -> np.ndarray:
+    """The colour a lamp of this temperature gives in the image: warm or cool white, but a white mug stays
+    white (cameras white-balance most of the cast away)."""
+    return 1 - LIGHT_CAST * (1 - kelvin_rgb(kelvin))
+
+
+PLACEMENTS = ("table", "room")
+
+
+def placement_of(cat: Category) -> str:
+    """'room' (furniture on the floor) or 'table'; knowledge bases without the field mean 'table'."""
+    where = getattr(cat, "placement", None) or "table"
+    if where not in PLACEMENTS:
+        from .errors import KnowledgeBaseError
+
+        raise KnowledgeBaseError(
+            f"knowledge base category {cat.key!r} has placement {where!r}; use one of {list(PLACEMENTS)}"
+        )
+    return where
+
+
+def recolourable(cat: Category) -> bool:
+    """Whether a category may take any material colour (a mug may, a banana may not); default False."""
+    return bool(getattr(cat, "recolourable", False))
+
+
+def look_at_quat(pos: np.ndarray, target: np.ndarray, roll_deg: float = 0.0) -> np.ndarray:
+    """MuJoCo camera quaternion (the camera looks along its -z with +y up) looking from pos at target,
+    turned by roll_deg about the optical axis."""
+    fwd = np.asarray(target, float) - pos
+    fwd /= np.linalg.norm(fwd)
+    right = np.cross(fwd, [0, 0, 1.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, fwd)
+    r = math.radians(roll_deg)
+    right, up = math.cos(r) * right + math.sin(r) * up, -math.sin(r) * right + math.cos(r) * up
+    quat = np.zeros(4)
+    mujoco.mju_mat2Quat(quat, np.stack([right, up, -fwd], axis=1).ravel())
+    return quat
+
+
 class TabletopWorld:
     """The per-process MuJoCo model: build once, apply many layouts, settle, read poses."""
 
@@ -292,37 +521,61 @@ class TabletopWorld:
         self.kb = kb
         self.copies = copies
         self.width, self.height = width, height
+        # table categories (sample_layout draws from these) and room furniture, model indices per category
         self.by_category: dict[str, list[int]] = {}
+        self.room_by_category: dict[str, list[int]] = {}
+        self.is_room = np.zeros(len(assets), dtype=bool)
         for i, a in enumerate(assets):
-            self.by_category.setdefault(a.category, []).append(i)
+            room = placement_of(kb.categories[a.category]) == "room"
+            self.is_room[i] = room
+            (self.room_by_category if room else self.by_category).setdefault(a.category, []).append(i)
         self.model = self._build(shadow_size)
         self.data = mujoco.MjData(self.model)
         m = self.model
-        self.table_geom = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, "table_top")
-        self.leg_geoms = [mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, f"leg{i}") for i in range(4)]
-        self.table_mats = [
-            mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_MATERIAL, f"table{i}")
-            for i in range(len(TABLE_FINISHES))
-        ]
+        gid = lambda name: mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, name)  # noqa: E731
+        mid = lambda name: mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_MATERIAL, name)  # noqa: E731
+        self.table_geom = gid("table_top")
+        self.leg_geoms = [gid(f"leg{i}") for i in range(4)]
+        self.table_mats = [mid(f"table{i}") for i in range(len(TABLE_FINISHES))]
+        self.floor_geom = gid("floor")
+        self.floor_mats = [mid(f"floor{i}") for i in range(len(FLOOR_FINISHES))]
+        self.wall_geoms = [gid("wall_back"), gid("wall_left"), gid("wall_right")]
+        self.wall_mats = [mid(f"wall{i}") for i in range(len(WALL_FINISHES))]
+        self.window_geom = gid("window")
+        self.lights = [mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_LIGHT, f"light{k}") for k in range(N_LIGHTS)]
         self.camera = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_CAMERA, "robot")
-        # pool bookkeeping: body id, qpos address, visual geoms and hull geom of (model, copy)
+        # pool bookkeeping: body id, qpos address (-1 for room furniture, which has no joint), visual geoms,
+        # hull geom (-1 for furniture) and materials of (model, copy)
         self.pool_body = np.zeros((len(assets), copies), dtype=np.int64)
-        self.pool_qadr = np.zeros((len(assets), copies), dtype=np.int64)
+        self.pool_qadr = np.full((len(assets), copies), -1, dtype=np.int64)
         self.pool_geoms: dict[tuple[int, int], list[int]] = {}
-        self.pool_hull = np.zeros((len(assets), copies), dtype=np.int64)
+        self.pool_hull = np.full((len(assets), copies), -1, dtype=np.int64)
+        self.pool_mats: dict[tuple[int, int], list[int]] = {}
         for i, a in enumerate(assets):
             for c in range(copies):
                 b = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, f"{a.key}#{c}")
                 self.pool_body[i, c] = b
-                self.pool_qadr[i, c] = m.jnt_qposadr[m.body_jntadr[b]]
                 geoms = [g for g in range(m.body_geomadr[b], m.body_geomadr[b] + m.body_geomnum[b])]
-                self.pool_hull[i, c] = next(g for g in geoms if m.geom_group[g] == HULL_GROUP)
+                if not self.is_room[i]:
+                    self.pool_qadr[i, c] = m.jnt_qposadr[m.body_jntadr[b]]
+                    self.pool_hull[i, c] = next(g for g in geoms if m.geom_group[g] == HULL_GROUP)
                 self.pool_geoms[(i, c)] = [g for g in geoms if m.geom_group[g] != HULL_GROUP]
+                self.pool_mats[(i, c)] = [mid(f"{a.key}_m{j}#{c}") for j in range(len(a.parts))]
         self.geom_owner = np.full(m.ngeom, -1, dtype=np.int64)  # geom id -> flat pool index i * copies + c
         for (i, c), gs in self.pool_geoms.items():
             self.geom_owner[gs] = i * copies + c
+        # the parts that take a new colour: the model's large surfaces, not its small details
+        self.tint_parts: list[list[int]] = []
+        for a in assets:
+            areas = [_area(p) for p in a.parts]
+            top = max(areas) if areas else 0.0
+            self.tint_parts.append([j for j, ar in enumerate(areas) if ar >= RECOLOUR_MIN_SHARE * top])
+        self._mat_rgba0 = m.mat_rgba.copy()
+        self._mat_texid0 = m.mat_texid.copy()
         self.active: list[Placement] = []
         self._cavities: dict[int, Cavity | None] = {}  # model index -> its measured inside, on first use
+        self.active_room: list[Placement] = []
+        self.tints: dict[tuple[int, int], tuple[float, float, float]] = {}
 
     # ---------------------------------------------------------------- build
     def _build(self, shadow_size: int) -> mujoco.MjModel:
@@ -349,18 +602,18 @@ class TabletopWorld:
             add_texture(f"table{k}", _table_texture(k, rng))
             mat = spec.add_material(name=f"table{k}", texrepeat=[2, 2], texuniform=True, specular=0.2)
             mat.textures[rgb_role] = f"table{k}"
-        spec.add_texture(
-            name="floor",
-            type=mujoco.mjtTexture.mjTEXTURE_2D,
-            builtin=mujoco.mjtBuiltin.mjBUILTIN_CHECKER,
-            rgb1=[0.55, 0.5, 0.45],
-            rgb2=[0.45, 0.4, 0.36],
-            width=128,
-            height=128,
-        )
-        fm = spec.add_material(name="floor", texrepeat=[8, 8])
-        fm.textures[rgb_role] = "floor"
-        spec.add_material(name="wall", rgba=[0.85, 0.84, 0.8, 1])
+        for k, name in enumerate(FLOOR_FINISHES):
+            add_texture(f"floor{k}", _room_texture(name, rng))
+            mat = spec.add_material(name=f"floor{k}", texrepeat=[1, 1], texuniform=True, specular=0.1)
+            mat.textures[rgb_role] = f"floor{k}"
+        for k, name in enumerate(WALL_FINISHES):
+            add_texture(f"wall{k}", _room_texture(name, rng))
+            mat = spec.add_material(name=f"wall{k}", texrepeat=[1, 1], texuniform=True, specular=0.05)
+            mat.textures[rgb_role] = f"wall{k}"
+        add_texture("window", _window_texture())
+        # emission: the pane shows daylight whatever the scene's lamps do
+        mat = spec.add_material(name="window", emission=1.0, specular=0.0)
+        mat.textures[rgb_role] = "window"
         spec.add_material(name="leg", rgba=[0.25, 0.25, 0.27, 1])
 
         wb = spec.worldbody
@@ -369,17 +622,27 @@ class TabletopWorld:
             type=mujoco.mjtGeom.mjGEOM_PLANE,
             size=[6, 6, 0.1],
             pos=[0, 0, -TABLE_HEIGHT],
-            material="floor",
+            material="floor0",
         )
-        wb.add_geom(
-            name="wall",
-            type=mujoco.mjtGeom.mjGEOM_BOX,
-            size=[6, 0.05, 2],
-            pos=[0, 2.5, 1],
-            material="wall",
-            contype=0,
-            conaffinity=0,
-        )
+        # walls and window: planes facing into the room (MuJoCo maps a 2D texture onto a plane's own xy,
+        # not onto a box's upright faces), placed and sized per scene by apply(); they never collide
+        s2 = math.sqrt(0.5)
+        facing = {
+            "wall_back": [s2, s2, 0, 0],  # normal -y
+            "wall_left": [s2, 0, s2, 0],  # normal +x
+            "wall_right": [s2, 0, -s2, 0],  # normal -x
+            "window": [s2, s2, 0, 0],
+        }
+        for name, quat in facing.items():
+            wb.add_geom(
+                name=name,
+                type=mujoco.mjtGeom.mjGEOM_PLANE,
+                size=[1, 1, 0.1],
+                quat=quat,
+                material="window" if name == "window" else "wall0",
+                contype=0,
+                conaffinity=0,
+            )
         wb.add_geom(
             name="table_top",
             type=mujoco.mjtGeom.mjGEOM_BOX,
@@ -397,18 +660,16 @@ class TabletopWorld:
                 contype=0,
                 conaffinity=0,
             )
-        wb.add_light(
-            name="key",
-            pos=[0.5, -0.5, 1.5],
-            dir=[-0.3, 0.3, -1],
-            castshadow=True,
-            diffuse=[0.7, 0.7, 0.7],
-            specular=[0.2, 0.2, 0.2],
-            cutoff=60,
-        )
-        wb.add_light(
-            name="fill", pos=[-1, -1, 2], dir=[0.4, 0.4, -1], castshadow=False, diffuse=[0.2, 0.2, 0.2]
-        )
+        for k in range(N_LIGHTS):
+            wb.add_light(
+                name=f"light{k}",
+                pos=[0, 0, 2],
+                dir=[0, 0, -1],
+                castshadow=k == 0,
+                diffuse=[0.5, 0.5, 0.5],
+                specular=[0.15, 0.15, 0.15],
+                cutoff=70,
+            )
         wb.add_camera(name="robot", pos=[0, -0.8, 0.5], fovy=60)
 
         for i, a in enumerate(self.assets):
@@ -421,38 +682,44 @@ class TabletopWorld:
                 if p.uv is not None and p.texture is not None:
                     mesh.usertexcoord = p.uv.ravel().tolist()
                     add_texture(f"{a.key}_t{j}", p.texture)
-                    mat = spec.add_material(name=f"{a.key}_m{j}", rgba=p.rgba.tolist(), specular=0.3)
-                    mat.textures[rgb_role] = f"{a.key}_t{j}"
-                else:
-                    spec.add_material(name=f"{a.key}_m{j}", rgba=p.rgba.tolist(), specular=0.3)
+                # a material per copy: two mugs of one model may have two colours
+                for c in range(self.copies):
+                    mat = spec.add_material(name=f"{a.key}_m{j}#{c}", rgba=p.rgba.tolist(), specular=0.3)
+                    if p.uv is not None and p.texture is not None:
+                        mat.textures[rgb_role] = f"{a.key}_t{j}"
                 hull_v.append(p.verts)
                 hull_f.append(p.faces + n)
                 n += len(p.verts)
-            hull = spec.add_mesh(name=f"{a.key}_hull")
-            hull.uservert = np.concatenate(hull_v).ravel().tolist()
-            hull.userface = np.concatenate(hull_f).ravel().tolist()
-            hull.inertia = mujoco.mjtMeshInertia.mjMESH_INERTIA_CONVEX
-            hull.maxhullvert = 64
+            room = bool(self.is_room[i])
+            if not room:
+                hull = spec.add_mesh(name=f"{a.key}_hull")
+                hull.uservert = np.concatenate(hull_v).ravel().tolist()
+                hull.userface = np.concatenate(hull_f).ravel().tolist()
+                hull.inertia = mujoco.mjtMeshInertia.mjMESH_INERTIA_CONVEX
+                hull.maxhullvert = 64
             mass = self.kb.categories[a.category].mass_kg
             w, d, h = (float(s) for s in a.size_m)
             inertia = [mass / 12 * (d * d + h * h), mass / 12 * (w * w + h * h), mass / 12 * (w * w + d * d)]
             for c in range(self.copies):
                 body = wb.add_body(name=f"{a.key}#{c}", pos=[3 + i * 0.5, 3 + c * 0.5, -5])
-                body.add_freejoint()
-                body.explicitinertial = True
-                body.mass = mass
-                body.ipos = [0, 0, h / 2]
-                body.inertia = [max(x, 1e-7) for x in inertia]
+                if not room:  # furniture stands still: no joint, moved through body_pos
+                    body.add_freejoint()
+                    body.explicitinertial = True
+                    body.mass = mass
+                    body.ipos = [0, 0, h / 2]
+                    body.inertia = [max(x, 1e-7) for x in inertia]
                 for j in range(len(a.parts)):
                     body.add_geom(
                         type=mujoco.mjtGeom.mjGEOM_MESH,
                         meshname=f"{a.key}_p{j}",
-                        material=f"{a.key}_m{j}",
+                        material=f"{a.key}_m{j}#{c}",
                         contype=0,
                         conaffinity=0,
                         group=HIDDEN_GROUP,
                         density=0,
                     )
+                if room:
+                    continue
                 # contype 1 at compile time so MuJoCo builds the convex hull; apply() switches parked ones off
                 body.add_geom(
                     type=mujoco.mjtGeom.mjGEOM_MESH,
@@ -478,12 +745,16 @@ class TabletopWorld:
         # park every pool body, hide its geoms, switch its collisions off
         for i in range(len(self.assets)):
             for c in range(self.copies):
+                park = [3 + i * 0.5, 3 + c * 0.5, -5]
                 q = self.pool_qadr[i, c]
-                d.qpos[q : q + 7] = [3 + i * 0.5, 3 + c * 0.5, -5, 1, 0, 0, 0]
+                if q >= 0:
+                    d.qpos[q : q + 7] = [*park, 1, 0, 0, 0]
+                    h = self.pool_hull[i, c]
+                    m.geom_contype[h] = 0
+                    m.geom_conaffinity[h] = 0
+                else:
+                    m.body_pos[self.pool_body[i, c]] = park
                 m.geom_group[self.pool_geoms[(i, c)]] = HIDDEN_GROUP
-                h = self.pool_hull[i, c]
-                m.geom_contype[h] = 0
-                m.geom_conaffinity[h] = 0
         w, dpt = layout.table_size
         g = self.table_geom
         m.geom_size[g] = [w / 2, dpt / 2, 0.02]
@@ -493,28 +764,98 @@ class TabletopWorld:
         for k, lg in enumerate(self.leg_geoms):
             sx, sy = (-1 if k % 2 else 1), (-1 if k // 2 else 1)
             m.geom_pos[lg][:2] = [sx * (w / 2 - 0.06), sy * (dpt / 2 - 0.06)]
+        self._apply_room(layout.room)
+        self._apply_tints(layout.tints)
         for p in layout.placements:
             if p.inside is None:  # contents go in after settling (place_contents)
                 self._place(p, layout)
-        # camera: look-at to a quaternion (MuJoCo cameras look along -z with +y up)
-        fwd = layout.cam_target - layout.cam_pos
-        fwd /= np.linalg.norm(fwd)
-        right = np.cross(fwd, [0, 0, 1.0])
-        right /= np.linalg.norm(right)
-        up = np.cross(right, fwd)
-        rot = np.stack([right, up, -fwd], axis=1)
-        quat = np.zeros(4)
-        mujoco.mju_mat2Quat(quat, rot.ravel())
+        for p in layout.room_objects:
+            b = self.pool_body[p.model_index, p.copy]
+            m.body_pos[b] = [p.x, p.y, -TABLE_HEIGHT]
+            m.body_quat[b] = [math.cos(p.yaw / 2), 0, 0, math.sin(p.yaw / 2)]
+            m.geom_group[self.pool_geoms[(p.model_index, p.copy)]] = VISIBLE_GROUP
         m.cam_pos[self.camera] = layout.cam_pos
-        m.cam_quat[self.camera] = quat
+        m.cam_quat[self.camera] = look_at_quat(layout.cam_pos, layout.cam_target, layout.cam_roll)
         m.cam_fovy[self.camera] = layout.fovy
-        m.light_pos[0] = layout.light_pos
-        ld = -layout.light_pos / np.linalg.norm(layout.light_pos)
-        m.light_dir[0] = ld
-        m.light_diffuse[0] = [layout.light_diffuse] * 3
-        m.vis.headlight.ambient[:] = [layout.ambient] * 3
+        self._apply_lights(layout.lights, layout.ambient)
         self.active = list(layout.placements)
+        self.active_room = list(layout.room_objects)
         mujoco.mj_forward(m, d)
+
+    def _apply_room(self, room: Room) -> None:
+        m = self.model
+        m.geom_matid[self.floor_geom] = self.floor_mats[room.floor_finish]
+        back, left, right = self.wall_geoms
+        front = -4.0  # side walls run from behind the camera to the back wall
+        zc = -TABLE_HEIGHT + ROOM_HEIGHT / 2
+        depth = room.back_y - front
+        # plane half sizes in the plane's own x, y (see the quaternions in _build)
+        planes = {
+            back: ([0, room.back_y, zc], [room.half_width, ROOM_HEIGHT / 2]),
+            left: ([-room.half_width, (room.back_y + front) / 2, zc], [ROOM_HEIGHT / 2, depth / 2]),
+            right: ([room.half_width, (room.back_y + front) / 2, zc], [ROOM_HEIGHT / 2, depth / 2]),
+        }
+        for geom, (pos, size) in planes.items():
+            self._set_plane(geom, pos, size)
+            m.geom_matid[geom] = self.wall_mats[room.wall_finish]
+        if room.window is None:
+            m.geom_group[self.window_geom] = HIDDEN_GROUP
+        else:
+            x, zc_w, ww, wh = room.window
+            self._set_plane(
+                self.window_geom, [x, room.back_y - 0.005, -TABLE_HEIGHT + zc_w], [ww / 2, wh / 2]
+            )
+            m.geom_group[self.window_geom] = VISIBLE_GROUP
+
+    def _set_plane(self, geom: int, pos, half_size) -> None:
+        m = self.model
+        m.geom_pos[geom] = pos
+        m.geom_size[geom] = [*half_size, 0.1]
+        m.geom_rbound[geom] = 0.0  # planes: infinite for collision (none here)
+
+    def _apply_tints(self, tints: dict[tuple[int, int], tuple[float, float, float]]) -> None:
+        """Material colours back to the models' own, then the scene's new colours (texture off, so the
+        colour is the albedo the scene graph names)."""
+        m = self.model
+        m.mat_rgba[:] = self._mat_rgba0
+        m.mat_texid[:] = self._mat_texid0
+        for (i, c), rgb in tints.items():
+            for j in self.tint_parts[i]:
+                mat = self.pool_mats[(i, c)][j]
+                m.mat_rgba[mat, :3] = rgb
+                m.mat_texid[mat, :] = -1
+        self.tints = dict(tints)
+
+    def _apply_lights(self, lights: list[Light], ambient: float) -> None:
+        m = self.model
+        for k, lid in enumerate(self.lights):
+            on = k < len(lights)
+            m.light_active[lid] = on
+            if not on:
+                m.light_castshadow[lid] = False
+                continue
+            li = lights[k]
+            m.light_pos[lid] = li.pos
+            direction = li.target - li.pos
+            m.light_dir[lid] = direction / np.linalg.norm(direction)
+            m.light_diffuse[lid] = li.intensity * light_colour(li.kelvin)
+            m.light_castshadow[lid] = li.shadow
+        m.vis.headlight.ambient[:] = [ambient] * 3
+
+    def albedo(self, model_index: int, copy: int) -> np.ndarray:
+        """Area-weighted mean albedo (0..1) of a pool body as the applied layout colours it."""
+        a = self.assets[model_index]
+        tint = self.tints.get((model_index, copy))
+        if tint is None:
+            return a.colour_rgb
+        chosen = set(self.tint_parts[model_index])
+        parts = [
+            dataclasses.replace(p, rgba=np.array([*tint, p.rgba[3]], np.float32), texture=None)
+            if j in chosen
+            else p
+            for j, p in enumerate(a.parts)
+        ]
+        return _albedo(parts)
 
     def _place(self, p: Placement, layout: Layout) -> None:
         m, d = self.model, self.data
@@ -625,36 +966,41 @@ def sample_layout(
     finish = int(rng.integers(len(TABLE_FINISHES)))
     composition = "clutter" if rng.random() < CLUTTER_RATE else "spread"
     placements = _sample_placements(rng, world, (w, dpt), composition, min_objects, max_objects)
-    # camera: a head camera behind the near edge looking down, or a wrist camera close above the table
-    kind = "head" if rng.random() < 0.7 else "wrist"
-    if kind == "head":
-        dist = float(rng.uniform(0.75, 1.15))
-        elev = math.radians(float(rng.uniform(35, 60)))
-        fovy = float(rng.uniform(50, 62))
-    else:
-        dist = float(rng.uniform(0.45, 0.7))
-        elev = math.radians(float(rng.uniform(55, 80)))
-        fovy = float(rng.uniform(62, 75))
-    azim = math.radians(float(rng.uniform(-25, 25)))
-    target = np.array([float(rng.uniform(-0.1, 0.1) * w), float(rng.uniform(-0.1, 0.1) * dpt), 0.0])
-    cam = target + dist * np.array(
-        [math.sin(azim) * math.cos(elev), -math.cos(azim) * math.cos(elev), math.sin(elev)]
-    )
-    light = np.array([float(rng.uniform(-1, 1)), float(rng.uniform(-1, 0.5)), float(rng.uniform(1.2, 2.2))])
+    layout = sample_surroundings(rng, world, (w, dpt), finish, placements, composition)
+    return _cut_by_frame_edge(rng, world, layout)
+
+
+def sample_surroundings(
+    rng: np.random.Generator,
+    world: TabletopWorld,
+    table_size: tuple[float, float],
+    table_finish: int,
+    placements: list[Placement],
+    composition: str = "spread",
+) -> Layout:
+    """Complete a table's placements into a scene: camera, lights, room and its furniture, material
+    colours and sensor effects, in this order from the same RNG."""
+    kind, cam_pos, target, fovy, roll = sample_camera(rng, table_size)
+    lights, ambient = sample_lights(rng, table_size)
+    room = sample_room(rng, table_size)
     layout = Layout(
-        table_size=(w, dpt),
-        table_finish=finish,
+        table_size=table_size,
+        table_finish=table_finish,
         placements=placements,
         camera_kind=kind,
-        cam_pos=cam,
+        cam_pos=cam_pos,
         cam_target=target,
         fovy=fovy,
-        light_pos=light,
-        light_diffuse=float(rng.uniform(0.45, 0.85)),
-        ambient=float(rng.uniform(0.2, 0.45)),
+        lights=lights,
+        ambient=ambient,
+        room=room,
         composition=composition,
+        cam_roll=roll,
     )
-    return _cut_by_frame_edge(rng, world, layout)
+    layout.room_objects = sample_room_objects(rng, world, layout)
+    layout.tints = sample_tints(rng, world, layout.placements + layout.room_objects)
+    layout.sensor = sample_sensor_params(rng)
+    return layout
 
 
 def _sample_placements(
@@ -913,3 +1259,155 @@ def _cut_by_frame_edge(rng: np.random.Generator, world: TabletopWorld, layout: L
     moved = list(pl)
     moved[k] = dataclasses.replace(p, x=x, y=y, states=dict(p.states))
     return dataclasses.replace(layout, placements=moved)
+
+
+
+def _u(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
+    return float(rng.uniform(*lo_hi))
+
+
+def sample_camera(
+    rng: np.random.Generator, table_size: tuple[float, float]
+) -> tuple[str, np.ndarray, np.ndarray, float, float]:
+    """A rig of CAMERA_RIGS (by weight) and its pose: (kind, position, target, fovy deg, roll deg)."""
+    w, dpt = table_size
+    kinds = sorted(CAMERA_RIGS)
+    weights = np.array([CAMERA_RIGS[k].weight for k in kinds])
+    kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+    rig = CAMERA_RIGS[kind]
+    target = np.array([_u(rng, (-0.15, 0.15)) * w, _u(rng, (-0.15, 0.1)) * dpt, 0.0])
+    height, back = _u(rng, rig.height_m), _u(rng, rig.back_m)
+    azim = math.radians(_u(rng, rig.azimuth_deg))
+    pos = target + np.array([back * math.sin(azim), -back * math.cos(azim), height])
+    return kind, pos, target, _u(rng, rig.fovy_deg), _u(rng, rig.roll_deg)
+
+
+def sample_lights(rng: np.random.Generator, table_size: tuple[float, float]) -> tuple[list[Light], float]:
+    """1-3 ceiling lamps aimed near the table, warm to cool white, each casting shadows or not, and the
+    ambient level. The first lamp is the key light; the total stays below clipping."""
+    w, dpt = table_size
+    n = int(rng.integers(1, N_LIGHTS + 1))
+    lights = []
+    for k in range(n):
+        pos = np.array([_u(rng, (-1.3, 1.3)), _u(rng, (-1.3, 1.2)), _u(rng, (1.0, 1.8))])
+        target = np.array([_u(rng, (-0.3, 0.3)) * w, _u(rng, (-0.3, 0.3)) * dpt, 0.0])
+        intensity = _u(rng, (0.45, 0.85) if k == 0 else (0.15, 0.45))
+        kelvin = _u(rng, (2700.0, 6500.0))
+        shadow = bool(rng.random() < (0.85 if k == 0 else 0.35))
+        lights.append(Light(pos, target, intensity, kelvin, shadow))
+    total = sum(li.intensity for li in lights)
+    if total > 1.1:
+        for li in lights:
+            li.intensity *= 1.1 / total
+    return lights, _u(rng, (0.15, 0.4))
+
+
+def sample_room(rng: np.random.Generator, table_size: tuple[float, float]) -> Room:
+    """Surfaces, size and window of the room around the table."""
+    w, dpt = table_size
+    back_y = dpt / 2 + _u(rng, (0.7, 2.2))
+    half_width = max(w / 2 + 0.8, _u(rng, (1.5, 3.0)))
+    window = None
+    if rng.random() < 0.75:
+        ww, wh = _u(rng, (0.7, 1.6)), _u(rng, (0.8, 1.3))
+        x = _u(rng, (-half_width + ww / 2 + 0.2, half_width - ww / 2 - 0.2))
+        window = (x, _u(rng, (1.3, 1.7)), ww, wh)
+    return Room(
+        floor_finish=int(rng.integers(len(FLOOR_FINISHES))),
+        wall_finish=int(rng.integers(len(WALL_FINISHES))),
+        back_y=back_y,
+        half_width=half_width,
+        window=window,
+    )
+
+
+def project_points(layout: Layout, points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Pixel coordinates (N x 2) of world points in the layout's camera, NaN behind it."""
+    rot = np.zeros(9)
+    mujoco.mju_quat2Mat(rot, look_at_quat(layout.cam_pos, layout.cam_target, layout.cam_roll))
+    cv = rot.reshape(3, 3) @ np.diag([1.0, -1.0, -1.0])  # world-from-camera, OpenCV axes
+    pc = (points - layout.cam_pos) @ cv
+    f = 0.5 * height / math.tan(math.radians(layout.fovy) / 2)
+    uv = pc[:, :2] / np.where(pc[:, 2:3] > 1e-3, pc[:, 2:3], np.nan) * f + [width / 2, height / 2]
+    return uv
+
+
+def _in_view(layout: Layout, x: float, y: float, yaw: float, size: np.ndarray, world: TabletopWorld) -> bool:
+    """At least half of the furniture's projected box lies in the image, and the camera is outside it."""
+    fw, fd, h = (float(v) for v in size)
+    c = _obb_corners(x, y, yaw, fw, fd)
+    box = np.concatenate([np.c_[c, np.full(4, -TABLE_HEIGHT)], np.c_[c, np.full(4, h - TABLE_HEIGHT)]])
+    uv = project_points(layout, box, world.width, world.height)
+    if np.isnan(uv).any():
+        return False
+    lo, hi = uv.min(0), uv.max(0)
+    inter = np.clip(np.minimum(hi, [world.width, world.height]) - np.maximum(lo, 0), 0, None)
+    area = float(np.prod(hi - lo))
+    return area > 0 and float(np.prod(inter)) >= 0.5 * area
+
+
+def sample_room_objects(rng: np.random.Generator, world: TabletopWorld, layout: Layout) -> list[Placement]:
+    """0-4 pieces of furniture on the floor behind or beside the table, inside the room and the camera's
+    view, their footprints clear of the table's (by ROOM_GAP) and of each other. Nothing stands on them."""
+    if not world.room_by_category:
+        return []
+    w, dpt = layout.table_size
+    room = layout.room
+    table = _obb_corners(0.0, 0.0, 0.0, w, dpt)
+    cats = sorted(world.room_by_category)
+    n_target = int(rng.integers(0, 5))
+    placed: list[Placement] = []
+    footprints: list[np.ndarray] = []
+    used: dict[int, int] = {}
+    for _ in range(n_target):
+        cat = cats[int(rng.integers(len(cats)))]
+        variants = world.room_by_category[cat]
+        mi = int(variants[rng.integers(len(variants))])
+        if used.get(mi, 0) >= world.copies:
+            continue
+        size = world.assets[mi].size_m
+        fw, fd = float(size[0]), float(size[1])
+        r = 0.5 * math.hypot(fw, fd)
+        for _ in range(20):
+            if rng.random() < 0.6:  # behind the table
+                y = _u(rng, (dpt / 2 + ROOM_GAP, room.back_y - 0.02))
+                x = _u(rng, (-room.half_width + 0.02, room.half_width - 0.02))
+            else:  # beside it, no nearer the camera than the table's front edge
+                y = _u(rng, (-dpt / 2, room.back_y - 0.02))
+                side = 1 if rng.random() < 0.5 else -1
+                x = side * _u(rng, (w / 2 + ROOM_GAP, room.half_width - 0.02))
+            # face the camera, more or less (models face -y at yaw 0)
+            yaw = math.atan2(layout.cam_pos[0] - x, -(layout.cam_pos[1] - y)) + _u(rng, (-0.4, 0.4))
+            corners = _obb_corners(x, y, yaw, fw, fd)
+            inside = (np.abs(corners[:, 0]) < room.half_width - 0.01).all() and (
+                corners[:, 1] < room.back_y - 0.01
+            ).all()
+            if not inside or r > room.half_width:
+                continue
+            if _obb_overlap(corners, table, ROOM_GAP) or any(
+                _obb_overlap(corners, f, ROOM_GAP) for f in footprints
+            ):
+                continue
+            if not _in_view(layout, x, y, yaw, size, world):
+                continue
+            placed.append(Placement(mi, used.get(mi, 0), x, y, yaw))
+            footprints.append(corners)
+            used[mi] = used.get(mi, 0) + 1
+            break
+    return placed
+
+
+def sample_tints(
+    rng: np.random.Generator, world: TabletopWorld, placements: list[Placement]
+) -> dict[tuple[int, int], tuple[float, float, float]]:
+    """New material colours for some objects of recolourable categories: a palette colour, slightly
+    varied in shade. Keyed by (model, copy) so dropping placements keeps the rest."""
+    tints = {}
+    for p in placements:
+        cat = world.kb.categories[world.assets[p.model_index].category]
+        if not recolourable(cat) or not world.tint_parts[p.model_index] or rng.random() >= RECOLOUR_RATE:
+            continue
+        base = np.array(RECOLOUR_PALETTE[int(rng.integers(len(RECOLOUR_PALETTE)))])
+        shade = float(rng.uniform(0.9, 1.08))
+        tints[(p.model_index, p.copy)] = tuple(float(v) for v in np.clip(base * shade, 0, 1))
+    return tints

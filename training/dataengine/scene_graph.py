@@ -1,4 +1,8 @@
-"""Scene graph of a rendered frame: objects with attributes, 2D/3D positions, relations and free table space."""
+"""Scene graph of a rendered frame: objects with attributes, 2D/3D positions, relations and free table space.
+
+Objects are the table's placements (ids 0..n-1) followed by the room's furniture (ids n..), each with the
+colour word of the material as the scene applied it (a recoloured mug is named by its new colour).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .render import Frame
-from .scene import Layout, TabletopWorld
+from .scene import CAMERA_RIGS, FLOOR_FINISHES, TABLE_FINISHES, WALL_FINISHES, Layout, TabletopWorld
 
 GRID = 0.01  # metres per cell of the top-down free-space grid
 EDGE_MARGIN = 0.03  # keep region answers this far from the table edge
@@ -142,7 +146,8 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
     """Everything prompts and the verifier need, JSON-serialisable (metres, pixels, degrees)."""
     kb = world.kb
     objects = []
-    for k, p in enumerate(layout.placements):
+    everything = [(p, "table") for p in layout.placements] + [(p, "floor") for p in layout.room_objects]
+    for k, (p, support) in enumerate(everything):
         a = world.assets[p.model_index]
         cat = kb.categories[a.category]
         pos, rot = world.body_pose(p)
@@ -161,6 +166,7 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
         cam_xyz = (centre - frame.cam_pos) @ frame.cam_rot
         yaw = math.atan2(rot[1, 0], rot[0, 0])
         upright = float(rot[2, 2]) > 0.9
+        albedo = world.albedo(p.model_index, p.copy)
         states = dict(p.states)
         states.update({"sharp": "sharp" in cat.safety, "fragile": "fragile" in cat.safety})
         objects.append(
@@ -170,7 +176,10 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
                 "name": cat.name,
                 "model": a.key,
                 "source": a.source,
-                "colour": colour_name(a.colour_rgb),
+                "colour": colour_name(albedo),
+                "colour_rgb": [round(float(c), 3) for c in albedo],
+                "recoloured": (p.model_index, p.copy) in layout.tints,
+                "support": support,
                 "material": cat.material,
                 "size": size_word(a.size_m),
                 "size_m": [round(float(s), 4) for s in a.size_m],
@@ -199,26 +208,56 @@ def build_scene_graph(world: TabletopWorld, layout: Layout, frame: Frame, *, sce
     return {
         "scene_id": scene_id,
         "image_size": [frame.instance.shape[1], frame.instance.shape[0]],
-        "camera": {
-            "kind": layout.camera_kind,
-            "K": frame.K.round(4).tolist(),
-            "position": frame.cam_pos.round(4).tolist(),
-            "rotation_world_from_cv": frame.cam_rot.round(5).tolist(),
-            "fovy_deg": round(layout.fovy, 3),
-        },
+        "camera": camera_record(layout, frame),
         "table": {
             "size_m": [round(s, 4) for s in layout.table_size],
             "finish": layout.table_finish,
+            "finish_name": TABLE_FINISHES[layout.table_finish],
             "top_z": 0.0,
             "free_fraction": round(float(grid.mean()), 4),
             "largest_free_radius_m": round(float(ndimage.distance_transform_edt(grid).max() * GRID), 4),
             "free_regions": free_regions(grid, origin),
         },
-        "light": {"position": layout.light_pos.round(4).tolist(), "diffuse": round(layout.light_diffuse, 3)},
+        "lights": [
+            {
+                "position": li.pos.round(4).tolist(),
+                "target": li.target.round(4).tolist(),
+                "intensity": round(li.intensity, 3),
+                "kelvin": round(li.kelvin, 1),
+                "shadow": li.shadow,
+            }
+            for li in layout.lights
+        ],
+        "ambient": round(layout.ambient, 3),
+        "room": {
+            "floor": FLOOR_FINISHES[layout.room.floor_finish],
+            "wall": WALL_FINISHES[layout.room.wall_finish],
+            "back_wall_y": round(layout.room.back_y, 4),
+            "half_width": round(layout.room.half_width, 4),
+            "window": None if layout.room.window is None else [round(v, 4) for v in layout.room.window],
+        },
+        "sensor": frame.sensor,
         "objects": objects,
         "relations": relations,
         "nearest_to_camera": nearest,
         "composition": layout.composition,
+    }
+
+
+def camera_record(layout: Layout, frame: Frame) -> dict:
+    """Pose and intrinsics of the scene's camera, and the sensor its rig stands for (CAMERA_RIGS)."""
+    rig = CAMERA_RIGS[layout.camera_kind]
+    h, w = frame.instance.shape
+    return {
+        "kind": layout.camera_kind,
+        "K": frame.K.round(4).tolist(),
+        "position": frame.cam_pos.round(4).tolist(),
+        "rotation_world_from_cv": frame.cam_rot.round(5).tolist(),
+        "fovy_deg": round(layout.fovy, 3),
+        "fovx_deg": round(math.degrees(2 * math.atan(w / 2 / frame.K[0, 0])), 3),
+        "roll_deg": round(layout.cam_roll, 3),
+        "native_fov_deg": list(rig.native_fov_deg),
+        "native_size": list(rig.native_size),
     }
 
 
@@ -241,6 +280,7 @@ def _relations(objects: list[dict], layout: Layout, world: TabletopWorld) -> lis
                 and b["on"] is None
                 and a["inside"] is None
                 and b["inside"] is None
+                and a["support"] == b["support"]
                 and np.linalg.norm(pa - pb) - ra - rb < NEXT_TO_GAP
                 and a["id"] < b["id"]
             ):
