@@ -71,10 +71,14 @@ def bad_furniture(tmp_path, monkeypatch):
     _library(
         fdir / "Fixture.sh3f",
         {
-            "goodcube": {"goodcube.obj": CUBE_OBJ.replace("cube.mtl", "goodcube.mtl"),
-                         "goodcube.mtl": "newmtl red\nKd 0.8 0.1 0.1\n"},
-            "notex": {"notex.obj": CUBE_OBJ.replace("cube.mtl", "notex.mtl"),
-                      "notex.mtl": "newmtl red\nKd 0.2 0.6 0.2\nmap_Kd lost_wood.jpg\n"},
+            "goodcube": {
+                "goodcube.obj": CUBE_OBJ.replace("cube.mtl", "goodcube.mtl"),
+                "goodcube.mtl": "newmtl red\nKd 0.8 0.1 0.1\n",
+            },
+            "notex": {
+                "notex.obj": CUBE_OBJ.replace("cube.mtl", "notex.mtl"),
+                "notex.mtl": "newmtl red\nKd 0.2 0.6 0.2\nmap_Kd lost_wood.jpg\n",
+            },
             "garbage": {"garbage.obj": "\x00\x01 this is not a mesh \xff\n"},
             "flat": {"flat.obj": "v 0 0 0\nv 0 0 0\nv 0 0 0\nf 1 2 3\n"},
         },
@@ -82,11 +86,15 @@ def bad_furniture(tmp_path, monkeypatch):
     (fdir / "Corrupt.sh3f").write_bytes(b"PK\x03\x04 truncated, not a zip")
     monkeypatch.setenv(assets_mod.FURNITURE_DIR_ENV, str(fdir))
     catalog = {
-        "cube": [{"lib": "Fixture", "model": "/goodcube/goodcube.obj"},
-                 {"lib": "Fixture", "model": "/garbage/garbage.obj"}],
+        "cube": [
+            {"lib": "Fixture", "model": "/goodcube/goodcube.obj"},
+            {"lib": "Fixture", "model": "/garbage/garbage.obj"},
+        ],
         "green_cube": [{"lib": "Fixture", "model": "/notex/notex.obj"}],
-        "broken": [{"lib": "Fixture", "model": "/garbage/garbage.obj"},
-                   {"lib": "Fixture", "model": "/flat/flat.obj"}],
+        "broken": [
+            {"lib": "Fixture", "model": "/garbage/garbage.obj"},
+            {"lib": "Fixture", "model": "/flat/flat.obj"},
+        ],
         "corrupt": [{"lib": "Corrupt", "model": "/x/x.obj"}],
     }
     return tmp_path, catalog
@@ -151,8 +159,11 @@ def test_knowledge_base_drops_categories_for_a_run_but_never_all():
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("placement", "ceiling", "placement 'ceiling'"), ("recolourable", "yes", "recolourable"),
-     ("synonyms", [], "synonym")],
+    [
+        ("placement", "ceiling", "placement 'ceiling'"),
+        ("recolourable", "yes", "recolourable"),
+        ("synonyms", [], "synonym"),
+    ],
 )
 def test_bad_new_fields_are_named(tmp_path, field, value, message):
     raw = json.loads(KNOWLEDGE_BASE.read_text())
@@ -171,7 +182,9 @@ def test_shipped_catalog_is_broad_and_matches_the_knowledge_base():
     models = [(e["lib"], e["model"]) for entries in catalog.values() for e in entries]
     assert len(models) >= 300 and len(catalog) >= 150, (len(models), len(catalog))
     assert len(set(models)) == len(models), "a model stands for two categories"
-    assert set(e["lib"] for _, e in [(0, e) for v in catalog.values() for e in v]) <= set(assets_mod.LIBRARY_LICENCES)
+    assert set(e["lib"] for _, e in [(0, e) for v in catalog.values() for e in v]) <= set(
+        assets_mod.LIBRARY_LICENCES
+    )
     for entries in catalog.values():
         for e in entries:
             if "size_cm" in e:
@@ -196,8 +209,15 @@ def test_every_category_carries_the_facts_each_family_needs():
         assert c.mass_kg > 0 and c.material and c.group, key
         assert isinstance(c.recolourable, bool) and c.placement in PLACEMENTS, key
     # what the brief settles: food and plants keep their colours, cups and furniture may change
-    for key, want in (("mug", True), ("chair", True), ("bin", True), ("apples", False), ("wine_bottle", False),
-                      ("houseplant", False), ("firewood", False)):
+    for key, want in (
+        ("mug", True),
+        ("chair", True),
+        ("bin", True),
+        ("apples", False),
+        ("wine_bottle", False),
+        ("houseplant", False),
+        ("firewood", False),
+    ):
         assert kb.categories[key].recolourable is want, key
     for key in ("fridge", "sofa", "bookcase", "kitchen_sink", "chair", "bin"):
         assert kb.categories[key].placement == "room", key
@@ -220,6 +240,45 @@ def test_new_vocab_concepts_have_enough_seed_phrases_and_a_carrier():
 
 def test_missing_texture_is_found_from_the_material_file(tmp_path):
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "a.mtl").write_text("newmtl x\nmap_Kd wood.jpg\nmap_Bump gone.png\nnewmtl y\nmap_Kd sub\\paint.png\n")
+    (tmp_path / "m" / "a.mtl").write_text(
+        "newmtl x\nmap_Kd wood.jpg\nmap_Bump gone.png\nnewmtl y\nmap_Kd sub\\paint.png\n"
+    )
     (tmp_path / "m" / "wood.jpg").write_bytes(b"")
     assert assets_mod.missing_textures(tmp_path, "m", ["m/a.mtl", "m/wood.jpg"]) == ["sub/paint.png"]
+
+
+def test_untextured_parts_share_one_palette_and_keep_their_colours(tmp_path):
+    """Two plain materials become one part (the renderer holds at most 1000 materials for all models),
+    each face still in its own colour, and the albedo stays area-weighted: the cube is scaled to
+    10 x 8 x 6 cm, blue is its 8 x 6 side, 48 of 376 cm2."""
+    obj = CUBE_OBJ.replace("f 4/1 1/2 5/3\n", "usemtl blue\nf 4/1 1/2 5/3\n")
+    mtl = "newmtl red\nKd 1 0 0\nnewmtl blue\nKd 0 0 1\n"
+    lib = tmp_path / "Two.sh3f"
+    _library(lib, {"two": {"two.obj": obj.replace("cube.mtl", "two.mtl"), "two.mtl": mtl}})
+    with zipfile.ZipFile(lib) as z:
+        entry = assets_mod.parse_furniture_catalog(z.read("PluginFurnitureCatalog.properties").decode())
+        parts, _ = assets_mod.convert_model(z, entry["/two/two.obj"], "two__0")
+    (part,) = parts
+    assert part.texture is not None and part.texture.shape[0] == assets_mod.PALETTE_CELL
+    h, w = part.texture.shape[:2]
+    colours = {tuple(part.texture[int(v * h), int(u * w)]) for u, v in part.uv[part.faces[:, 0]]}
+    assert colours == {(255, 0, 0), (0, 0, 255)}
+    albedo = assets_mod._albedo(parts)
+    assert albedo[0] == pytest.approx(328 / 376, abs=0.005) and albedo[2] == pytest.approx(
+        48 / 376, abs=0.005
+    )
+
+
+def test_dense_models_are_simplified_within_budget_and_keep_their_size():
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=5)  # 20480 faces
+    v = (sphere.vertices - sphere.vertices.min(0)).astype("float32")
+    part = assets_mod.MeshPart(
+        v, sphere.faces.astype("int32"), None, __import__("numpy").ones(4, "float32"), None
+    )
+    (out,) = assets_mod._simplify([part], 2000)
+    assert 100 < len(out.faces) <= 2000
+    span = out.verts.max(0) - out.verts.min(0)
+    assert span.tolist() == pytest.approx([2.0, 2.0, 2.0], rel=0.05)
+    assert assets_mod._simplify([part], 30000)[0] is part

@@ -283,7 +283,9 @@ def missing_textures(root: Path, folder: str, members: list[str]) -> list[str]:
         text = (root / mtl).read_text(encoding="latin-1", errors="replace")
         for line in text.splitlines():
             parts = line.strip().split()
-            if len(parts) >= 2 and parts[0].lower() == "map_kd":  # colour; bump and reflection maps do not matter
+            if (
+                len(parts) >= 2 and parts[0].lower() == "map_kd"
+            ):  # colour; bump and reflection maps do not matter
                 name = parts[-1].replace("\\", "/")
                 path = os.path.normpath(os.path.join(os.path.dirname(mtl), name)).replace(os.sep, "/")
                 if path.lower() not in present and name not in missing:
@@ -410,7 +412,9 @@ def _albedo(parts: list[MeshPart]) -> np.ndarray:
             # one colour per face (a palette): sample each face's texel, weighted by its area
             h, w = p.texture.shape[:2]
             uv = p.uv[p.faces[:, 0]] % 1.0
-            texel = p.texture[(uv[:, 1] * h).astype(int).clip(0, h - 1), (uv[:, 0] * w).astype(int).clip(0, w - 1)]
+            texel = p.texture[
+                (uv[:, 1] * h).astype(int).clip(0, h - 1), (uv[:, 0] * w).astype(int).clip(0, w - 1)
+            ]
             acc += (area[:, None] * texel / 255.0).sum(0)
         else:
             acc += area.sum() * p.texture.reshape(-1, 3).mean(0) / 255.0
