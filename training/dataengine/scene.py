@@ -430,7 +430,7 @@ def sample_layout(
     dpt = float(rng.uniform(0.55, 0.8))
     finish = int(rng.integers(len(TABLE_FINISHES)))
     n_target = int(rng.integers(min_objects, max_objects + 1))
-    cats = sorted(world.by_category)
+    cats = sorted(c for c in world.by_category if kb.categories[c].placement == "table")  # room: not on it
     order = rng.permutation(len(cats))
     wanted: list[str] = []
     for k in order:
