@@ -14,33 +14,14 @@ from training.dataengine import assets as assets_mod
 from training.dataengine.errors import KnowledgeBaseError
 from training.dataengine.knowledge import KNOWLEDGE_BASE, PLACEMENTS, load_knowledge_base
 
-CUBE_OBJ = """mtllib cube.mtl
-v 0 0 0
-v 1 0 0
-v 1 1 0
-v 0 1 0
-v 0 0 1
-v 1 0 1
-v 1 1 1
-v 0 1 1
-vt 0 0
-vt 1 0
-vt 1 1
-vt 0 1
-usemtl red
-f 1/1 3/3 2/2
-f 1/1 4/4 3/3
-f 5/1 6/2 7/3
-f 5/1 7/3 8/4
-f 1/1 2/2 6/3
-f 1/1 6/3 5/4
-f 2/1 3/2 7/3
-f 2/1 7/3 6/4
-f 3/1 4/2 8/3
-f 3/1 8/3 7/4
-f 4/1 1/2 5/3
-f 4/1 5/3 8/4
-"""
+# a unit cube: 8 corners, 6 sides as quads, each side two triangles (uv corners 1-4)
+_QUADS = ((1, 4, 3, 2), (5, 6, 7, 8), (1, 2, 6, 5), (2, 3, 7, 6), (3, 4, 8, 7), (4, 1, 5, 8))
+CUBE_OBJ = (
+    "mtllib cube.mtl\n"
+    + "".join(f"v {x} {y} {z}\n" for z in (0, 1) for x, y in ((0, 0), (1, 0), (1, 1), (0, 1)))
+    + "vt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nusemtl red\n"
+    + "".join(f"f {a}/1 {b}/2 {c}/3\nf {a}/1 {c}/3 {d}/4\n" for a, b, c, d in _QUADS)
+)
 
 
 def _library(path: Path, models: dict[str, dict[str, str]]) -> None:
