@@ -20,7 +20,11 @@ _REQUIRED = (
     "functions",
     "safety",
     "physical",
+    "placement",
+    "recolourable",
 )
+# where the scene builder puts a category: on the tabletop, or standing on the floor of the room around it
+PLACEMENTS = ("table", "room")
 _PHYSICAL = ("rigid", "rolls", "stackable", "holds_liquid", "fits_in_hand", "support_surface")
 # What makes a category hold other objects, read from its facts here and nowhere else: a support surface
 # (physical flag) carries things on its top; a category that affords putting or pouring into it has an open
@@ -43,6 +47,8 @@ class Category:
     safety: tuple[str, ...]
     physical: dict
     states: tuple[str, ...]
+    placement: str  # one of PLACEMENTS
+    recolourable: bool  # a material colour may be randomised and the object still looks real
 
     @property
     def is_support(self) -> bool:
@@ -71,6 +77,17 @@ class KnowledgeBase:
     categories: dict[str, Category]
     vocab: dict[str, dict[str, list[str]]]
 
+    def restricted_to(self, keep: set[str]) -> KnowledgeBase:
+        """The same knowledge base less the categories not in `keep` (e.g. those left with no usable model
+        for a run). The vocab stays whole: a concept no category carries is simply never present."""
+        missing = set(self.categories) - set(keep)
+        if not missing:
+            return self
+        cats = {k: c for k, c in self.categories.items() if k in keep}
+        if not cats:
+            raise KnowledgeBaseError("no knowledge-base category is left for this run")
+        return KnowledgeBase(categories=cats, vocab=self.vocab)
+
 
 def load_knowledge_base(path: Path = KNOWLEDGE_BASE) -> KnowledgeBase:
     """Load and check the knowledge base; a bad entry raises KnowledgeBaseError naming it."""
@@ -88,6 +105,14 @@ def load_knowledge_base(path: Path = KNOWLEDGE_BASE) -> KnowledgeBase:
             raise KnowledgeBaseError(f"knowledge base category {key!r} lacks physical flags {miss_phys}")
         if not isinstance(d["mass_kg"], (int, float)) or d["mass_kg"] <= 0:
             raise KnowledgeBaseError(f"knowledge base category {key!r} has a bad mass_kg {d['mass_kg']!r}")
+        if d["placement"] not in PLACEMENTS:
+            raise KnowledgeBaseError(
+                f"knowledge base category {key!r} has placement {d['placement']!r}, not one of {PLACEMENTS}"
+            )
+        if not isinstance(d["recolourable"], bool):
+            raise KnowledgeBaseError(f"knowledge base category {key!r}: recolourable must be true or false")
+        if not d["synonyms"] or not d["name"] or not d["plural"]:
+            raise KnowledgeBaseError(f"knowledge base category {key!r} needs a name, a plural and a synonym")
         cats[key] = Category(
             key=key,
             name=d["name"],
@@ -101,6 +126,8 @@ def load_knowledge_base(path: Path = KNOWLEDGE_BASE) -> KnowledgeBase:
             safety=tuple(d["safety"]),
             physical=dict(d["physical"]),
             states=tuple(d.get("states", ())),
+            placement=d["placement"],
+            recolourable=d["recolourable"],
         )
     if not cats:
         raise KnowledgeBaseError(f"knowledge base {path} has no categories")

@@ -76,6 +76,9 @@ class Engine:
         self.kb = load_knowledge_base()
         folder = build_asset_cache(asset_cache, known_categories=set(self.kb.categories), log=lambda *_: None)
         self.assets = load_assets(folder)
+        self.kb = self.kb.restricted_to(
+            {a.category for a in self.assets}
+        )  # categories with no model drop out
         self.world = TabletopWorld(
             assets=self.assets,
             kb=self.kb,
