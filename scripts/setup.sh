@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   # sweethome3d-furniture: the textured kitchen models the data engine renders (CC0 / CC-BY libraries).
-  # libosmesa6: software OpenGL, the fallback when EGL is missing.
+  # libosmesa6: software OpenGL, the fallback when EGL is missing. strace: the test that local Ray sends
+  # nothing off loopback.
   need=""
-  for p in sweethome3d-furniture libosmesa6 libegl1 libgl1-mesa-dri; do
+  for p in sweethome3d-furniture libosmesa6 libegl1 libgl1-mesa-dri strace; do
     dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
   done
   if [ -n "$need" ]; then
