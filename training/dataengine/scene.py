@@ -560,7 +560,7 @@ class TabletopWorld:
                     self.pool_qadr[i, c] = m.jnt_qposadr[m.body_jntadr[b]]
                     self.pool_hull[i, c] = next(g for g in geoms if m.geom_group[g] == HULL_GROUP)
                 self.pool_geoms[(i, c)] = [g for g in geoms if m.geom_group[g] != HULL_GROUP]
-                self.pool_mats[(i, c)] = [mid(f"{a.key}_m{j}#{c}") for j in range(len(a.parts))]
+                self.pool_mats[(i, c)] = [mid(f"{a.key}_m{j}") for j in range(len(a.parts))]
         self.geom_owner = np.full(m.ngeom, -1, dtype=np.int64)  # geom id -> flat pool index i * copies + c
         for (i, c), gs in self.pool_geoms.items():
             self.geom_owner[gs] = i * copies + c
@@ -682,11 +682,11 @@ class TabletopWorld:
                 if p.uv is not None and p.texture is not None:
                     mesh.usertexcoord = p.uv.ravel().tolist()
                     add_texture(f"{a.key}_t{j}", p.texture)
-                # a material per copy: two mugs of one model may have two colours
-                for c in range(self.copies):
-                    mat = spec.add_material(name=f"{a.key}_m{j}#{c}", rgba=p.rgba.tolist(), specular=0.3)
-                    if p.uv is not None and p.texture is not None:
-                        mat.textures[rgb_role] = f"{a.key}_t{j}"
+                # one material per part, shared by the model's pool copies: MuJoCo's renderer holds at most
+                # 1000 materials, so copies of one model take the same new colour (sample_tints)
+                mat = spec.add_material(name=f"{a.key}_m{j}", rgba=p.rgba.tolist(), specular=0.3)
+                if p.uv is not None and p.texture is not None:
+                    mat.textures[rgb_role] = f"{a.key}_t{j}"
                 hull_v.append(p.verts)
                 hull_f.append(p.faces + n)
                 n += len(p.verts)
@@ -712,7 +712,7 @@ class TabletopWorld:
                     body.add_geom(
                         type=mujoco.mjtGeom.mjGEOM_MESH,
                         meshname=f"{a.key}_p{j}",
-                        material=f"{a.key}_m{j}#{c}",
+                        material=f"{a.key}_m{j}",
                         contype=0,
                         conaffinity=0,
                         group=HIDDEN_GROUP,
@@ -1401,13 +1401,19 @@ def sample_tints(
     rng: np.random.Generator, world: TabletopWorld, placements: list[Placement]
 ) -> dict[tuple[int, int], tuple[float, float, float]]:
     """New material colours for some objects of recolourable categories: a palette colour, slightly
-    varied in shade. Keyed by (model, copy) so dropping placements keeps the rest."""
+    varied in shade. Copies of one model share their materials, so they share the colour drawn for the
+    model. Keyed by (model, copy) so dropping placements keeps the rest."""
+    by_model: dict[int, tuple[float, float, float] | None] = {}
     tints = {}
     for p in placements:
-        cat = world.kb.categories[world.assets[p.model_index].category]
-        if not recolourable(cat) or not world.tint_parts[p.model_index] or rng.random() >= RECOLOUR_RATE:
-            continue
-        base = np.array(RECOLOUR_PALETTE[int(rng.integers(len(RECOLOUR_PALETTE)))])
-        shade = float(rng.uniform(0.9, 1.08))
-        tints[(p.model_index, p.copy)] = tuple(float(v) for v in np.clip(base * shade, 0, 1))
+        if p.model_index not in by_model:
+            cat = world.kb.categories[world.assets[p.model_index].category]
+            tint = None
+            if recolourable(cat) and world.tint_parts[p.model_index] and rng.random() < RECOLOUR_RATE:
+                base = np.array(RECOLOUR_PALETTE[int(rng.integers(len(RECOLOUR_PALETTE)))])
+                shade = float(rng.uniform(0.9, 1.08))
+                tint = tuple(float(v) for v in np.clip(base * shade, 0, 1))
+            by_model[p.model_index] = tint
+        if by_model[p.model_index] is not None:
+            tints[(p.model_index, p.copy)] = by_model[p.model_index]
     return tints
