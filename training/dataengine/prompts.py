@@ -787,8 +787,8 @@ class PromptGenerator:
 
     def _entity_absent_negative(self, g, rng):
         """Something that is not on the table, asked for in any entity phrasing: a negative must sound like
-        a positive, or the phrasing alone tells the model the answer (before 2026-12-03 only "the {name}"
-        and "the {syn}" were ever negative, and the model learned to doubt exactly those: docs/TRAINING_RUNS.md, Run S)."""
+        a positive, or the phrasing alone tells the model the answer: a model whose negatives come in a few
+        phrasings learns to doubt exactly those."""
         cat = self._absent_category(g, rng)
         if cat is None:
             return None
