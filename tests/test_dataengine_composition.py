@@ -104,6 +104,8 @@ def _graph(objects: list[tuple[str, str]], relations: list[list]) -> dict:
                 "pixel_area": 900,
                 "visible_fraction": 1.0,
                 "colour": "white",
+                "material": "ceramic",
+                "support": "table",
                 "size": "small",
                 "size_m": [0.1, 0.1, 0.1],
                 "camera_xyz": [0.1 * k, 0.0, 1.0],
@@ -158,7 +160,7 @@ def test_all_of_a_kind_asks_for_every_instance():
 
 
 def test_layout_without_drops_the_contents_of_a_dropped_container():
-    from training.dataengine.scene import Layout, Placement
+    from training.dataengine.scene import Layout, Light, Placement, Room
 
     lay = Layout(
         table_size=(1.0, 0.6),
@@ -173,9 +175,9 @@ def test_layout_without_drops_the_contents_of_a_dropped_container():
         cam_pos=np.zeros(3),
         cam_target=np.ones(3),
         fovy=60.0,
-        light_pos=np.ones(3),
-        light_diffuse=0.5,
+        lights=[Light(np.ones(3), np.zeros(3), 0.5, 4000.0, True)],
         ambient=0.3,
+        room=Room(floor_finish=0, wall_finish=0, back_y=1.5, half_width=2.0, window=None),
     )
     out = lay.without({0})
     assert [p.model_index for p in out.placements] == [2, 3]
@@ -296,7 +298,7 @@ def test_layouts_are_determined_by_seed_and_index_and_show_the_new_range(engine)
                 assert world.cavity(lay.placements[p.inside].model_index) is not None
             if p.on is not None:
                 assert world.kb.categories[world.assets[lay.placements[p.on].model_index].category].is_support
-    assert several >= 15 and inside >= 10, (several, inside)
+    assert several >= 15 and inside >= 5, (several, inside)  # 221 kinds: few are open containers
     clutter = [len(lay.placements) for lay in layouts if lay.composition == "clutter"]
     spread = [len(lay.placements) for lay in layouts if lay.composition == "spread"]
     assert np.mean(clutter) > np.mean(spread) + 2
