@@ -31,6 +31,10 @@ ENGINE_KIND = {
     # The engine renders wine, beer, baby and yogurt-drink bottles, all answering to "bottle"; the photo's is
     # a plastic water bottle.
     "bottle": ["wine_bottle", "beer_bottle", "baby_bottle", "yogurt_bottle"],
+    # Since data engine v4 (221 categories, room furniture):
+    "hanes_socks": ["sock"],
+    "chair": ["chair"],
+    "diningtable": ["dining_table"],
 }
 
 # (prompt, family, target instance indices) per photo; a negative is (prompt, family, [], engine categories of
@@ -96,7 +100,7 @@ REQUESTS: dict[str, list[tuple]] = {
         ("the TV remote", "entities", [], ["remote_control"]),
         ("where is my phone?", "entities", [], ["mobile_phone"]),
         ("the toothbrush", "entities", [], []),
-        ("the roll of duct tape", "entities", [], []),
+        ("the roll of duct tape", "entities", [], ["adhesive_tape"]),
         ("the water bottle", "entities", [], ENGINE_KIND["bottle"]),
         ("something I can drink from", "affordances", [], ["mug", "coffee_cup", "drinking_glass"]),
         ("what do I use to boil water?", "functions", [], ["kettle"]),
@@ -128,7 +132,7 @@ REQUESTS: dict[str, list[tuple]] = {
         ("I need to sit down", "intent", VOC_CHAIRS),
         ("I want to ask the man with the hat something", "intent", [VOC_MAN_IN_HAT]),
         ("the dog", "entities", [], []),
-        ("the laptop", "entities", [], []),
+        ("the laptop", "entities", [], ["laptop"]),
         ("the bicycle", "entities", [], []),
         ("the kettle", "entities", [], ["kettle"]),
         ("the teapot", "entities", [], ["teapot"]),
