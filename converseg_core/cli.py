@@ -122,6 +122,7 @@ def segment(
             "score": round(r.score, 4),
             "area": r.area,
             "box": r.box,
+            "peak": r.peak,
         }
         for r in results
     ]

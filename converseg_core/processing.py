@@ -13,6 +13,7 @@ call, taking the cores from the inference runtime (measured with ONNX Runtime on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -219,6 +220,21 @@ def upsample_logits(
 def _blas_controller() -> ThreadpoolController:
     """Created once: it inspects the loaded native libraries (milliseconds)."""
     return ThreadpoolController()
+
+
+def logit_peak(
+    low_res_logits: np.ndarray, *, img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> tuple[int, int]:
+    """(x, y) camera pixel of the highest logit of one L x L low-resolution mask (padding excluded): where the
+    model is surest the answer lies, whether or not it finds the target present."""
+    logits = np.asarray(low_res_logits, dtype=np.float32).reshape(low_res_logits.shape[-2:])
+    cell = img_size / logits.shape[-1]  # network-input pixels per low-resolution cell
+    (in_h, in_w), (h, w) = input_size, original_size
+    valid = logits[: max(1, math.ceil(in_h / cell)), : max(1, math.ceil(in_w / cell))]
+    row, col = np.unravel_index(int(np.argmax(valid)), valid.shape)
+    y = min(h - 1, int((row + 0.5) * cell * h / in_h))
+    x = min(w - 1, int((col + 0.5) * cell * w / in_w))
+    return x, y
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:

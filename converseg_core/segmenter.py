@@ -23,6 +23,7 @@ from .config import ConverSegConfig
 from .errors import ConverSegError, InputError
 from .processing import (
     PreprocessedImage,
+    logit_peak,
     mask_box,
     preprocess,
     presence_probability,
@@ -46,6 +47,8 @@ class SegmentationResult:
         predicted IoU added at config.presence_score_weight).
     present: presence >= the presence threshold; when False the mask is empty.
     area: number of mask pixels. box: (x0, y0, x1, y1) inclusive pixel bounds of the mask, or None.
+    peak: (x, y) pixel of the highest mask logit, where the model is surest the answer lies, given even when
+        the target is reported absent (a point to look at or a place to start a grasp search).
     truncated: the request was longer than config.max_query_tokens; the model read only its beginning.
     timings: milliseconds per stage of the predict() call that produced this result.
     """
@@ -59,6 +62,7 @@ class SegmentationResult:
     box: tuple[int, int, int, int] | None
     truncated: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    peak: tuple[int, int] | None = None
 
 
 class NoImageError(ConverSegError, RuntimeError):
@@ -256,6 +260,12 @@ class Segmenter:
                     area=int(m.sum()),
                     box=mask_box(m),
                     truncated=self._text_cache[query][2],
+                    peak=logit_peak(
+                        low_res[i],
+                        img_size=self.config.img_size,
+                        input_size=image.input_size,
+                        original_size=image.original_size,
+                    ),
                 )
             )
         t2 = time.perf_counter()

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from converseg_core.processing import (
     bilinear_matrix,
+    logit_peak,
     mask_box,
     preprocess,
     resized_shape,
@@ -46,6 +47,22 @@ def test_upsample_logits_matches_sams_two_step_interpolation():
     ours = upsample_logits(low.numpy(), img_size=128, input_size=(96, 128), original_size=(300, 400))
     assert ours.shape == (3, 300, 400)
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_logit_peak_maps_the_highest_cell_to_the_camera_and_skips_padding():
+    low = np.zeros((32, 32), np.float32)
+    low[10, 20] = 5.0  # cell centre (20.5, 10.5) x 4 input pixels per cell -> (82, 42) on the 128 x 96 input
+    low[30, 5] = 9.0  # higher, but in the padding below the 96-row resized image
+    x, y = logit_peak(low, img_size=128, input_size=(96, 128), original_size=(300, 400))
+    assert (x, y) == (int(82 * 400 / 128), int(42 * 300 / 96))
+    # The peak lies where the camera-resolution logits are highest, to within one cell.
+    smooth = np.exp(-((np.arange(32)[:, None] - 10) ** 2 + (np.arange(32)[None] - 20) ** 2) / 8.0)
+    up = upsample_logits(
+        smooth[None].astype(np.float32), img_size=128, input_size=(96, 128), original_size=(300, 400)
+    )
+    uy, ux = np.unravel_index(up[0].argmax(), up[0].shape)
+    x, y = logit_peak(smooth, img_size=128, input_size=(96, 128), original_size=(300, 400))
+    assert abs(x - ux) <= 400 / 32 and abs(y - uy) <= 300 / 24
 
 
 def test_mask_box_and_overlay():

@@ -116,7 +116,9 @@ class _Oracle:
         out = []
         for p in prompts:
             mask = self.answers[(key, p)]
-            out.append(SimpleNamespace(mask=mask, presence=float(mask.any()), score=1.0))
+            ys, xs = np.nonzero(mask)
+            peak = (int(xs[0]), int(ys[0])) if len(xs) else (0, 0)
+            out.append(SimpleNamespace(mask=mask, presence=float(mask.any()), score=1.0, peak=peak))
         return out
 
 
@@ -138,6 +140,7 @@ def test_evaluate_reads_the_set_and_reports_rendered_kinds(tmp_path, monkeypatch
     assert set(kinds) == {"rendered", "not rendered"}
     assert sum(g["n"] for g in kinds.values()) == overall["n"]
     assert metrics["outcomes"]["kind"]["rendered"]["good"] == 100.0
+    assert metrics["outcomes"]["kind"]["rendered"]["pointed"] == 100.0
     assert metrics["outcomes"]["all"]["all"]["good"] == 100.0
     assert "does the data engine render it?" in (tmp_path / "metrics.md").read_text()
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]

@@ -52,6 +52,15 @@ def test_results_are_typed_and_at_input_resolution(seg, rgb):
         assert r.area == int(r.mask.sum())
         assert (r.box is None) == (r.area == 0)
         assert set(r.timings) == {"image_ms", "decode_ms", "postprocess_ms"}
+        x, y = r.peak
+        assert 0 <= x < 80 and 0 <= y < 48
+
+
+def test_the_peak_does_not_depend_on_the_presence_decision(model, rgb):
+    absent = Segmenter(model, presence_threshold=1.01).segment(rgb, "a giraffe")
+    present = Segmenter(model, presence_threshold=0.0).segment(rgb, "a giraffe")
+    assert not absent.present and present.present
+    assert absent.peak == present.peak and absent.peak is not None
 
 
 def test_absent_target_gives_empty_mask(model, rgb):

@@ -26,6 +26,22 @@ def test_iou_hand_computed():
     assert s.predicted_present
 
 
+def test_a_positive_is_pointed_when_the_peak_lies_on_its_target():
+    target = m([[0, 1, 1], [0, 0, 0]])
+    empty = np.zeros((2, 3), bool)
+    on = score_sample(empty, target, negative=False, present=False, peak=(2, 0))
+    off = score_sample(empty, target, negative=False, present=False, peak=(0, 1))
+    assert (on.pointed, off.pointed) == (True, False)
+    assert score_sample(empty, target, negative=False).pointed is None
+    assert score_sample(empty, empty, negative=True, peak=(0, 0)).pointed is None
+    with pytest.raises(ValueError, match="outside"):
+        score_sample(empty, target, negative=False, peak=(3, 0))
+    # pointed counts answered and rejected positives alike; positives without a peak are left out of it
+    o = positive_outcomes([on, off, on, score_sample(target, target, negative=False)])
+    assert o.pointed == pytest.approx(100 * 2 / 3, abs=1e-3)
+    assert positive_outcomes([score_sample(target, target, negative=False)]).pointed is None
+
+
 def test_empty_prediction_on_empty_target_is_iou_one():
     z = np.zeros((4, 4), bool)
     s = score_sample(z, z, negative=True, present=False)

@@ -143,16 +143,17 @@ def outcomes_table(rows: dict[str, PositiveOutcomes]) -> str:
         "",
         f"Shares of each group's positives: rejected (nothing answered), wrong (answered, IoU < {WRONG_IOU:g}), "
         f"partial (IoU {WRONG_IOU:g}-{GOOD_IOU:g}), good (IoU >= {GOOD_IOU:g}); answered IoU: mean IoU of the "
-        "answered ones. gIoU = answered IoU x (100 - rejected) / 100.",
+        "answered ones. gIoU = answered IoU x (100 - rejected) / 100. Pointed: share of the positives whose "
+        "highest mask logit lies on the target, answered or not (grounding, apart from presence and mask shape).",
         "",
-        "| group | positives | rejected | wrong | partial | good | answered IoU |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| group | positives | rejected | wrong | partial | good | answered IoU | pointed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, o in rows.items():
         if o.n_positive:
             lines.append(
                 f"| {name} | {o.n_positive} | {fmt(o.rejected)} | {fmt(o.wrong)} | {fmt(o.partial)} | "
-                f"{fmt(o.good)} | {fmt(o.answered_iou)} |"
+                f"{fmt(o.good)} | {fmt(o.answered_iou)} | {fmt(o.pointed)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -251,7 +252,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             r = records[i]
             present = res.presence >= threshold
             target_px = int(np.count_nonzero(masks[i]))
-            s = score_sample(res.mask, masks[i], negative=r.negative, present=present)
+            s = score_sample(res.mask, masks[i], negative=r.negative, present=present, peak=res.peak)
             if cfg.presence_sweep:
                 ungated = score_sample(res.mask, masks[i], negative=r.negative)
                 sweep_pool.append((res.presence, ungated, target_px))
@@ -284,6 +285,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "intersection": s.intersection,
                     "union": s.union,
                     "present": s.predicted_present,
+                    **({"pointed": s.pointed} if s.pointed is not None else {}),
                     "presence": round(float(res.presence), 5),
                     "score": round(float(res.score), 5),
                     "mask_pixels": int(np.count_nonzero(res.mask)),

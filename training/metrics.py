@@ -26,6 +26,9 @@ class SampleResult:
     union: int
     negative: bool
     predicted_present: bool
+    # A positive's: does the model's highest mask logit (whatever presence says) lie on the target? None when
+    # not known (a negative, or no peak given).
+    pointed: bool | None = None
 
     @property
     def iou(self) -> float:
@@ -34,12 +37,18 @@ class SampleResult:
 
 
 def score_sample(
-    pred: np.ndarray, target: np.ndarray, *, negative: bool, present: bool = True
+    pred: np.ndarray,
+    target: np.ndarray,
+    *,
+    negative: bool,
+    present: bool = True,
+    peak: tuple[int, int] | None = None,
 ) -> SampleResult:
     """Score one prediction.
 
     pred, target: H x W bool (or 0/1) masks of the same shape. present: the model's presence decision; an
-    absent prediction is treated as an empty mask whatever pred holds.
+    absent prediction is treated as an empty mask whatever pred holds. peak: (x, y) pixel of the model's
+    highest mask logit (SegmentationResult.peak), scored for positives as `pointed`.
     """
     pred = np.asarray(pred).astype(bool, copy=False)
     target = np.asarray(target).astype(bool, copy=False)
@@ -51,7 +60,13 @@ def score_sample(
         raise ValueError("a negative sample has a non-empty target mask; the dataset is inconsistent")
     inter = int(np.count_nonzero(pred & target))
     union = int(np.count_nonzero(pred | target))
-    return SampleResult(inter, union, bool(negative), bool(present and pred.any()))
+    pointed = None
+    if peak is not None and not negative:
+        x, y = peak
+        if not (0 <= y < target.shape[0] and 0 <= x < target.shape[1]):
+            raise ValueError(f"peak {peak} lies outside the {target.shape[1]} x {target.shape[0]} image")
+        pointed = bool(target[y, x])
+    return SampleResult(inter, union, bool(negative), bool(present and pred.any()), pointed)
 
 
 # Edges of the target-size groups, as a share of the image's pixels. On the data engine's 256 x 192 test
@@ -160,6 +175,9 @@ class PositiveOutcomes:
     partial: float | None  # answered, WRONG_IOU <= IoU < GOOD_IOU
     good: float | None  # answered, IoU >= GOOD_IOU
     answered_iou: float | None  # mean IoU (0..100) of the answered positives
+    # share of the positives whose highest mask logit lies on the target, answered or not: grounding apart
+    # from presence and mask shape (None when no peak was scored)
+    pointed: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -171,6 +189,7 @@ def positive_outcomes(results: list[SampleResult]) -> PositiveOutcomes:
         return PositiveOutcomes(0, None, None, None, None, None)
     answered = [r.iou for r in pos if r.predicted_present]
     iou = np.array(answered, dtype=float)
+    peaks = [r.pointed for r in pos if r.pointed is not None]
 
     def share(count: int) -> float:
         return round(100.0 * count / len(pos), 3)
@@ -182,6 +201,7 @@ def positive_outcomes(results: list[SampleResult]) -> PositiveOutcomes:
         partial=share(int(np.count_nonzero((iou >= WRONG_IOU) & (iou < GOOD_IOU)))),
         good=share(int(np.count_nonzero(iou >= GOOD_IOU))),
         answered_iou=round(100.0 * float(iou.mean()), 3) if answered else None,
+        pointed=round(100.0 * float(np.mean(peaks)), 3) if peaks else None,
     )
 
 

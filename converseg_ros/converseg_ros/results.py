@@ -46,6 +46,7 @@ def result_document(result: FrameResult, *, camera_to_mask_ms: float | None) -> 
                 "score": round(float(r.score), 4),
                 "area": int(r.area),
                 "box": None if r.box is None else [int(v) for v in r.box],
+                "peak": None if r.peak is None else [int(v) for v in r.peak],
                 "truncated": bool(r.truncated),
                 "timings_ms": {k: round(float(v), 3) for k, v in r.timings.items()},
             }
