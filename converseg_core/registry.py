@@ -92,3 +92,13 @@ def converseg_edge_lite() -> ConverSegConfig:
         pixel_mean=LITE_PIXEL_MEAN,
         pixel_std=LITE_PIXEL_STD,
     )
+
+
+@register_model
+def converseg_edge_lite_concepts() -> ConverSegConfig:
+    # converseg_edge_lite plus the trunk's ImageNet classifier read per place in MiniLM's space, added to the
+    # embedding (modeling/concepts.py): what 1.28 M photographs taught, reachable from a request's words.
+    return converseg_edge_lite().replace(
+        name="converseg_edge_lite_concepts",
+        image_encoder_args=dict(variant="lite0", freeze_trunk=True, concept_prior=True),
+    )

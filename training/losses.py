@@ -142,12 +142,6 @@ class DenseGroundingHead(nn.Module):
         return self.proj(embedding)
 
 
-def sentence_embedding(text_features: Tensor, attention_mask: Tensor) -> Tensor:
-    """MiniLM token features Q x T x D -> Q x D, the mean over real tokens (all-MiniLM-L6-v2's pooling)."""
-    weights = attention_mask.to(text_features.dtype).unsqueeze(-1)
-    return (text_features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
 def dense_grounding_loss(
     pixel_embed: Tensor,
     text_embed: Tensor,

