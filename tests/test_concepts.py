@@ -129,3 +129,27 @@ def test_the_concept_model_exports_with_parity(tmp_path) -> None:
         answers.append(segmenter.predict(["the red mug"]))
     (a,), (b,) = answers
     assert abs(a.presence - b.presence) < 1e-3
+
+
+def test_the_concept_projection_trains_at_its_own_rate() -> None:
+    from training.parts import configure_trainable
+    from training.train_config import TrainConfig
+
+    model = build_model("converseg_edge_lite_concepts", img_size=SMALL, pretrained_text=False)
+    cfg = TrainConfig(
+        data="unused", lr=1e-4, image_encoder_lr=3e-4, concepts_lr=1e-2, train_image_encoder=True
+    )
+    groups = configure_trainable(model, cfg)
+    proj = {id(p) for p in model.image_encoder.concepts.proj.parameters()}
+    neck = {id(p) for p in model.image_encoder.neck.parameters()}
+    rate = {}
+    for g in groups:
+        for p in g["params"]:
+            rate[id(p)] = g["base_lr"]
+    assert {rate[i] for i in proj} == {1e-2}
+    assert {rate[i] for i in neck} == {3e-4}
+    # Without --concepts-lr the projection follows the image encoder.
+    groups = configure_trainable(
+        model, TrainConfig(data="unused", lr=1e-4, image_encoder_lr=3e-4, train_image_encoder=True)
+    )
+    assert {g["base_lr"] for g in groups for p in g["params"] if id(p) in proj} == {3e-4}

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 # Sub-modules that start at zero, so the model answers as it did without them: a checkpoint that lacks them
 # (the same variant without ImageNet concepts) is a valid starting point, and they keep their initialisation.
-ZERO_START = ("image_encoder.concepts.",)
+CONCEPTS = "image_encoder.concepts."
+ZERO_START = (CONCEPTS,)
 
 
 def load_parts(model: nn.Module, spec: str) -> list[str]:
@@ -102,9 +103,10 @@ def text_start_layer(model: nn.Module, cfg: TrainConfig) -> int | None:
 
 
 def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Freeze what this run does not train; return AdamW parameter groups of the rest: image encoder, MiniLM
-    and the head (fusion, prompt encoder, decoder) each at its own peak rate, no weight decay on biases, norms,
-    embeddings and query tokens. `base_lr` is each group's peak, which the schedule scales."""
+    """Freeze what this run does not train; return AdamW parameter groups of the rest: image encoder (its
+    ImageNet concept projection apart), MiniLM and the head (fusion, prompt encoder, decoder) each at its own
+    peak rate, no weight decay on biases, norms, embeddings and query tokens. `base_lr` is each group's peak,
+    which the schedule scales."""
     # Blocks freeze what they never use (TinyViT's ImageNet head); only add to that here.
     model.text_encoder.requires_grad_(False)
     for part in frozen_parts(model, cfg):
@@ -118,10 +120,19 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = name.split(".", 1)[0] if name.startswith(("image_encoder.", "text_encoder.")) else "head"
+        if name.startswith(CONCEPTS):
+            part = "concepts"
+        elif name.startswith(("image_encoder.", "text_encoder.")):
+            part = name.split(".", 1)[0]
+        else:
+            part = "head"
         decay = p.ndim >= 2 and "query_tokens" not in name and "embed" not in name
         groups.setdefault((part, decay), []).append(p)
-    own_lr = {"image_encoder": cfg.image_encoder_lr, "text_encoder": cfg.text_encoder_lr}
+    own_lr = {
+        "image_encoder": cfg.image_encoder_lr,
+        "text_encoder": cfg.text_encoder_lr,
+        "concepts": cfg.concepts_lr or cfg.image_encoder_lr,
+    }
     out = []
     for (part, decay), params in groups.items():
         lr = own_lr.get(part) or cfg.lr

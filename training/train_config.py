@@ -72,6 +72,11 @@ class TrainConfig:
         None,
         help="peak learning rate of the trained MiniLM layers (text_trainable_layers > 0; default: --lr)",
     )
+    concepts_lr: float | None = arg(
+        None,
+        help="peak learning rate of the ImageNet concept projection (converseg_edge_lite_concepts), which starts "
+        "at zero (default: --image-encoder-lr, else --lr)",
+    )
     weight_decay: float = arg(0.01, help="AdamW weight decay")
     warmup_steps: int = arg(100, help="linear warm-up steps")
     min_lr_ratio: float = arg(0.05, help="cosine decay floor as a fraction of the peak")
@@ -130,7 +135,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     require_at_least_one(cfg, "steps", "log_every", "val_every", "save_every")
     require_finite(
         cfg,
-        positive=("lr", "image_encoder_lr", "text_encoder_lr"),
+        positive=("lr", "image_encoder_lr", "text_encoder_lr", "concepts_lr"),
         non_negative=(
             "weight_decay",
             "grad_clip",
