@@ -11,7 +11,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, load_state_into
 from .config import ConverSegConfig
 from .errors import CheckpointError
-from .modeling.concepts import class_name_embeddings, imagenet_class_names
+from .modeling.concepts import pretrained_class_table
 from .modeling.converseg import ConverSeg
 from .modeling.efficientnet_lite import LiteImageEncoder, load_pretrained
 from .modeling.fusion import TextImageFusion
@@ -92,10 +92,7 @@ def build_from_config(config: ConverSegConfig, *, pretrained_text: bool = True) 
     if getattr(image_encoder, "concepts", None) is not None:
         # A constant of the MiniLM and class-name wheels: always the pretrained MiniLM's (a model built with a
         # random text encoder, or rebuilt before its stored layers load, must not get other constants).
-        names_encoder = text_encoder if pretrained_text else build_text_encoder(pretrained=True)
-        image_encoder.concepts.set_class_embeddings(
-            class_name_embeddings(names_encoder, imagenet_class_names())
-        )
+        image_encoder.concepts.set_class_embeddings(pretrained_class_table())
     return ConverSeg(
         config=config,
         image_encoder=image_encoder,

