@@ -77,6 +77,8 @@ def render_shards(
                     except Exception as exc:
                         failures.append(_failure(k, idx, exc))
             _drain(progress_queue, progress, timeout=None)
+        # A worker that died mid-shard (and was restarted) left its temporary folder behind
+        remove_partial_shards(out, [k for k, _ in todo])
     except BaseException:
         # Ctrl-C: leaving the pool has stopped every worker; what they were writing goes too
         remove_partial_shards(out, [k for k, _ in todo])
@@ -198,7 +200,11 @@ def _ray_pool(cfg, asset_cache, workers, n_shards, ray_address) -> Iterator[tupl
     """ray.util.multiprocessing.Pool: one actor per worker, each with its own Engine (built once by
     init_worker), holding one CPU so that Ray spreads the actors over the cluster's nodes. Without an
     address a local Ray is started (and stopped at the end); with one (`auto`, `ray://HOST:10001`) the run
-    joins that cluster, whose nodes must have this repository installed and OUT mounted at the same path."""
+    joins that cluster, whose nodes must have this repository installed and OUT mounted at the same path.
+
+    An actor whose process dies (killed, or a native crash: a Mesa EGL context creation has been seen to
+    abort with heap corruption once in many starts) is restarted once and its shard run again: a shard is
+    written to a temporary folder and renamed when complete, so a second run of it is safe."""
     ray = import_ray()
     from ray.util.multiprocessing import Pool
     from ray.util.queue import Queue
@@ -217,7 +223,7 @@ def _ray_pool(cfg, asset_cache, workers, n_shards, ray_address) -> Iterator[tupl
             _n_workers(workers, cpus, n_shards),
             initializer=init_worker,
             initargs=(cfg, asset_cache, q),
-            ray_remote_args={"num_cpus": 1},
+            ray_remote_args={"num_cpus": 1, "max_restarts": 1, "max_task_retries": 1},
         )
         try:
             yield pool, q
