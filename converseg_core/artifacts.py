@@ -4,16 +4,17 @@ Written by export/ (export_onnx.py, quantize_onnx.py, build_trt.py), read by the
 the formats from here and nowhere else. Nothing here imports torch, onnx, onnxruntime or TensorRT.
 
 An ONNX export folder (`python export/export_onnx.py`) holds, with S = img_size, e = S/16, L = S/4 (low_res_size),
-C = 256 (prompt_embed_dim), Q queries and T tokens (the only dynamic axes, QUERIES_AXIS and TOKENS_AXIS):
+C = 256 (prompt_embed_dim), D = 384 (text_hidden_dim), g = concept_grid (e/2 with ImageNet concepts, else 1),
+Q queries and T tokens (the only dynamic axes, QUERIES_AXIS and TOKENS_AXIS):
 
-    image_encoder.onnx   image 1 x 3 x S x S -> image_embeddings 1 x C x e x e, hires_features 1 x C/8 x L x L
-                         (ImageFeatures)
-    image_context.onnx   image_embeddings, hires_features -> image_tokens, fusion_keys, fusion_values,
-                         dense_queries, hires_tokens (FrameContext): the decoder's per-frame part
-    text_encoder.onnx    input_ids, attention_mask Q x T int64 -> text_features Q x T x 384
-    decoder.onnx         image_tokens, fusion_keys, fusion_values, dense_queries, hires_tokens, text_features,
-                         attention_mask -> low_res_logits Q x 1 x L x L, iou_scores Q x 1, presence_logits Q:
-                         the per-request part
+    image_encoder.onnx   image 1 x 3 x S x S -> image_embeddings 1 x C x e x e, hires_features 1 x C/8 x L x L,
+                         concepts 1 x D x g x g (ImageFeatures)
+    image_context.onnx   image_embeddings, hires_features, concepts -> image_tokens, fusion_keys, fusion_values,
+                         dense_queries, hires_tokens, concept_tokens (FrameContext): the decoder's per-frame part
+    text_encoder.onnx    input_ids, attention_mask Q x T int64 -> text_features Q x T x D
+    decoder.onnx         image_tokens, fusion_keys, fusion_values, dense_queries, hires_tokens, concept_tokens,
+                         text_features, attention_mask -> low_res_logits Q x 1 x L x L, iou_scores Q x 1,
+                         presence_logits Q: the per-request part
     manifest.json        OnnxManifest: model config, every tensor's name and shape (graph_specs), opset,
                          pre-processing constants, parity, and the sha256 of each file and of the config
     tokenizer.json       the MiniLM tokenizer, so the runtime needs no Python package for it
@@ -71,15 +72,19 @@ class ImageFeatures(NamedTuple):
     embedding: B x C x h x w, SAM's image embedding (h = img_size / 16);
     hires: B x C/8 x 4h x 4w, detail features the mask decoder adds to its upscaled features (encoders with a
         high-resolution path, modeling/efficientnet_lite.py); zeros for encoders without one (SAM, TinyViT,
-        the StudentCNN), which leaves their masks exactly as SAM computes them.
+        the StudentCNN), which leaves their masks exactly as SAM computes them;
+    concepts: B x D x g x g, what the trunk's ImageNet classifier sees at each stride-32 place as a point in
+        MiniLM's space (modeling/concepts.py; g = config.concept_grid); one all-zero place for encoders
+        without one, which adds nothing to their masks.
     """
 
     embedding: Any
     hires: Any
+    concepts: Any
 
     def select(self, index: Any) -> ImageFeatures:
         """The frames at `index` (Q): one frame per query, for batched training."""
-        return ImageFeatures(self.embedding[index], self.hires[index])
+        return ImageFeatures(self.embedding[index], self.hires[index], self.concepts[index])
 
 
 class FrameContext(NamedTuple):
@@ -94,7 +99,8 @@ class FrameContext(NamedTuple):
     fusion_keys: B x depth x heads x d x hw; fusion_values: B x depth x heads x hw x d;
     dense_queries: B x heads x hw x d;
     hires_tokens: B x 16hw x C/8, the encoder's detail features in the pixel order of the decoder's upscaled
-        tokens (MaskDecoder.upscale_tokens).
+        tokens (MaskDecoder.upscale_tokens);
+    concept_tokens: B x g*g x D, ImageFeatures.concepts as tokens (row-major places).
     """
 
     image_tokens: Any
@@ -102,6 +108,7 @@ class FrameContext(NamedTuple):
     fusion_values: Any
     dense_queries: Any
     hires_tokens: Any
+    concept_tokens: Any
 
 
 @dataclass
@@ -144,10 +151,12 @@ def graph_specs(config: ConverSegConfig) -> dict[str, GraphSpec]:
     s, e, low = config.img_size, config.embed_size, config.low_res_size
     c, d = config.prompt_embed_dim, config.text_hidden_dim
     depth, heads, hw = config.fusion_depth, config.fusion_heads, config.embed_size**2
+    g = config.concept_grid
     q, t = QUERIES_AXIS, TOKENS_AXIS
     features = [
         TensorSpec("image_embeddings", [1, c, e, e], "float32"),
         TensorSpec("hires_features", [1, c // 8, low, low], "float32"),
+        TensorSpec("concepts", [1, d, g, g], "float32"),
     ]
     frame = [
         TensorSpec("image_tokens", [1, hw, c], "float32"),
@@ -155,6 +164,7 @@ def graph_specs(config: ConverSegConfig) -> dict[str, GraphSpec]:
         TensorSpec("fusion_values", [1, depth, heads, hw, c // heads], "float32"),
         TensorSpec("dense_queries", [1, heads, hw, c // heads], "float32"),
         TensorSpec("hires_tokens", [1, low * low, c // 8], "float32"),
+        TensorSpec("concept_tokens", [1, g * g, d], "float32"),
     ]
     text = [TensorSpec("input_ids", [q, t], "int64"), TensorSpec("attention_mask", [q, t], "int64")]
     text_features = TensorSpec("text_features", [q, t, d], "float32")

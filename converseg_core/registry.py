@@ -97,7 +97,8 @@ def converseg_edge_lite() -> ConverSegConfig:
 @register_model
 def converseg_edge_lite_concepts() -> ConverSegConfig:
     # converseg_edge_lite plus the trunk's ImageNet classifier read per place in MiniLM's space, added to the
-    # embedding (modeling/concepts.py): what 1.28 M photographs taught, reachable from a request's words.
+    # embedding and matched against each request as a prior on the masks (modeling/concepts.py): what 1.28 M
+    # photographs taught, reachable from a request's words.
     return converseg_edge_lite().replace(
         name="converseg_edge_lite_concepts",
         image_encoder_args=dict(variant="lite0", freeze_trunk=True, concept_prior=True),

@@ -93,8 +93,8 @@ class ImageContextGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image_embeddings: Tensor, hires_features: Tensor):
-        return tuple(self.model.image_context(ImageFeatures(image_embeddings, hires_features)))
+    def forward(self, image_embeddings: Tensor, hires_features: Tensor, concepts: Tensor):
+        return tuple(self.model.image_context(ImageFeatures(image_embeddings, hires_features, concepts)))
 
 
 class DecoderGraph(nn.Module):
@@ -111,10 +111,13 @@ class DecoderGraph(nn.Module):
         fusion_values: Tensor,
         dense_queries: Tensor,
         hires_tokens: Tensor,
+        concept_tokens: Tensor,
         text_features: Tensor,
         attention_mask: Tensor,
     ):
-        context = FrameContext(image_tokens, fusion_keys, fusion_values, dense_queries, hires_tokens)
+        context = FrameContext(
+            image_tokens, fusion_keys, fusion_values, dense_queries, hires_tokens, concept_tokens
+        )
         out = self.model.decode_context(context, text_features, attention_mask)
         return out.low_res_logits, out.iou_scores, out.presence_logits
 
@@ -312,6 +315,7 @@ class ParityReport:
 
     image_embeddings_rel_error: float
     hires_features_rel_error: float
+    concepts_rel_error: float
     text_features_rel_error: float
     logits_rel_error: float
     iou_scores_max_abs_error: float
@@ -332,6 +336,7 @@ def torch_reference(
     return {
         "image_embeddings": features.embedding.numpy(),
         "hires_features": features.hires.numpy(),
+        "concepts": features.concepts.numpy(),
         "text_features": text.numpy(),
         "low_res_logits": out.low_res_logits.numpy(),
         "iou_scores": out.iou_scores.numpy(),
@@ -361,6 +366,7 @@ def check_parity(
         got = {
             "image_embeddings": features.embedding,
             "hires_features": features.hires,
+            "concepts": features.concepts,
             "text_features": text,
             "low_res_logits": logits,
         }
@@ -380,11 +386,16 @@ def check_parity(
             for a, b in zip(logits, ref["low_res_logits"], strict=True)
         ]
     worst = max(
-        errors["image_embeddings"], errors["hires_features"], errors["text_features"], errors["low_res_logits"]
+        errors["image_embeddings"],
+        errors["hires_features"],
+        errors["concepts"],
+        errors["text_features"],
+        errors["low_res_logits"],
     )
     return ParityReport(
         image_embeddings_rel_error=errors["image_embeddings"],
         hires_features_rel_error=errors["hires_features"],
+        concepts_rel_error=errors["concepts"],
         text_features_rel_error=errors["text_features"],
         logits_rel_error=errors["low_res_logits"],
         iou_scores_max_abs_error=errors["iou_scores"],
@@ -457,7 +468,7 @@ def export_model(
     if not report.passed:
         failed = manifest.set_aside(out)
         raise ParityError(
-            f"ONNX Runtime disagrees with PyTorch: max relative error {max(report.image_embeddings_rel_error, report.hires_features_rel_error, report.text_features_rel_error, report.logits_rel_error):.2e} "
+            f"ONNX Runtime disagrees with PyTorch: max relative error {max(report.image_embeddings_rel_error, report.hires_features_rel_error, report.concepts_rel_error, report.text_features_rel_error, report.logits_rel_error):.2e} "
             f"(limit {max_rel_error:.0e}), min mask IoU {report.mask_iou_min:.4f} (limit {min_mask_iou}); "
             f"details in {failed}"
         )

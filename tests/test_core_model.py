@@ -31,10 +31,14 @@ def test_image_encoder_contract(name):
     encoder = build_image_encoder(cfg).eval()
     with torch.no_grad():
         out = encoder(torch.randn(1, 3, SMALL, SMALL))
-    if isinstance(out, tuple):  # encoders with a detail path: (embedding, B x C/8 x S/4 x S/4 details)
-        out, hires = out
+    if isinstance(
+        out, tuple
+    ):  # encoders with a detail path: (embedding, B x C/8 x S/4 x S/4 details, concepts)
+        out, hires, concepts = out
         assert hires.shape == (1, cfg.prompt_embed_dim // 8, SMALL // 4, SMALL // 4)
         assert torch.isfinite(hires).all()
+        g = cfg.replace(img_size=SMALL).concept_grid
+        assert concepts.shape == (1, cfg.text_hidden_dim, g, g) and torch.isfinite(concepts).all()
     assert out.shape == (1, cfg.prompt_embed_dim, SMALL // 16, SMALL // 16)
     assert torch.isfinite(out).all()
 

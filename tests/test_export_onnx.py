@@ -254,11 +254,14 @@ def test_image_encoder_round_trip_for_every_variant(name, tmp_path):
 
     session = ort.InferenceSession(str(tmp_path / spec.file), providers=["CPUExecutionProvider"])
     image = preprocessed_test_image(model.config, seed=5)  # another frame than the traced one
-    got, got_hires = session.run(None, {"image": image})
+    got, got_hires, got_concepts = session.run(None, {"image": image})
     with torch.inference_mode():
-        want, want_hires = (t.numpy() for t in model.encode_image(torch.from_numpy(image)))
+        want, want_hires, want_concepts = (t.numpy() for t in model.encode_image(torch.from_numpy(image)))
     assert got.shape == want.shape == (1, 256, SIZE // 16, SIZE // 16)
     assert got_hires.shape == want_hires.shape == (1, 32, SIZE // 4, SIZE // 4)
+    g = model.config.concept_grid
+    assert got_concepts.shape == want_concepts.shape == (1, 384, g, g)
+    assert rel_error(got_concepts, want_concepts) < DEFAULT_MAX_REL_ERROR
     assert rel_error(got, want) < DEFAULT_MAX_REL_ERROR
     assert rel_error(got_hires, want_hires) < DEFAULT_MAX_REL_ERROR
 

@@ -51,8 +51,10 @@ def test_registry_encoders_build_and_keep_the_shape_contract(name: str) -> None:
     with torch.device("meta"):
         encoder = _build(cfg.image_encoder, cfg.img_size, cfg.image_encoder_args)
         out = encoder(torch.empty(1, 3, cfg.img_size, cfg.img_size))
-    if isinstance(out, tuple):  # (embedding, detail features at stride 4)
-        out, hires = out
+    if isinstance(out, tuple):  # (embedding, detail features at stride 4, ImageNet concepts)
+        out, hires, concepts = out
+        g = cfg.concept_grid
+        assert concepts.shape == (1, cfg.text_hidden_dim, g, g)
         assert hires.shape == (1, cfg.prompt_embed_dim // 8, cfg.img_size // 4, cfg.img_size // 4)
     assert out.shape == (1, cfg.prompt_embed_dim, cfg.embed_size, cfg.embed_size)
 

@@ -14,7 +14,7 @@ from converseg_core import build_model
 from converseg_core.checkpoint import load_checkpoint, save_checkpoint
 from converseg_core.errors import CheckpointError
 from converseg_core.modeling import efficientnet_lite as lite
-from converseg_core.modeling.converseg import ImageFeatures, hires_tokens
+from converseg_core.modeling.converseg import hires_tokens
 from converseg_core.modeling.efficientnet_lite import EfficientNetLite, LiteImageEncoder, load_pretrained
 
 SMALL = 64
@@ -79,7 +79,9 @@ def test_corrupt_or_missing_weights_file_is_refused(monkeypatch, tmp_path) -> No
         load_pretrained(EfficientNetLite("lite0"))
     monkeypatch.undo()
     spec = lite.LITE_VARIANTS["lite0"]
-    monkeypatch.setitem(lite.LITE_VARIANTS, "lite0", lite.LiteVariant(**{**spec.__dict__, "file": "models/gone.pth"}))
+    monkeypatch.setitem(
+        lite.LITE_VARIANTS, "lite0", lite.LiteVariant(**{**spec.__dict__, "file": "models/gone.pth"})
+    )
     with pytest.raises(CheckpointError, match="missing.*force-reinstall"):
         lite.pretrained_file("lite0")
 
@@ -94,9 +96,10 @@ def test_every_variant_loads_its_wheel_strictly(variant: str) -> None:
 def test_encoder_shapes_frozen_trunk_and_gradients() -> None:
     torch.manual_seed(0)
     encoder = LiteImageEncoder(img_size=SMALL)
-    embedding, hires = encoder(torch.randn(2, 3, SMALL, SMALL))
+    embedding, hires, concepts = encoder(torch.randn(2, 3, SMALL, SMALL))
     assert embedding.shape == (2, 256, SMALL // 16, SMALL // 16)
     assert hires.shape == (2, 32, SMALL // 4, SMALL // 4)
+    assert concepts.shape == (2, 384, 1, 1) and not concepts.any()  # no ImageNet concepts in this encoder
     assert not any(p.requires_grad for p in encoder.trunk.parameters())
     encoder.train()
     assert not encoder.trunk.training, "a frozen trunk keeps its BatchNorm statistics"
@@ -104,9 +107,11 @@ def test_encoder_shapes_frozen_trunk_and_gradients() -> None:
         for p in encoder.parameters():
             if p.requires_grad and not p.any():
                 p.normal_(0.0, 0.02)  # the zero-initialised detail output would hide a missing gradient
-    embedding, hires = encoder(torch.randn(2, 3, SMALL, SMALL))
+    embedding, hires, _ = encoder(torch.randn(2, 3, SMALL, SMALL))
     (embedding.square().mean() + hires.square().mean()).backward()
-    missing = [n for n, p in encoder.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    missing = [
+        n for n, p in encoder.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
     assert not missing, missing
     with pytest.raises(ValueError, match="multiple of 32"):
         LiteImageEncoder(img_size=48)
@@ -133,14 +138,16 @@ def test_detail_path_adds_its_features_to_every_mask_pixel_and_starts_as_a_no_op
         assert not features.hires.any(), "zero-initialised: a decoder trained without it keeps its masks"
         plain = model.decode(features, text, mask).low_res_logits
         detail = torch.randn_like(features.hires)
-        shifted = model.decode(ImageFeatures(features.embedding, detail), text, mask).low_res_logits
+        shifted = model.decode(features._replace(hires=detail), text, mask).low_res_logits
     # The masks are hypernetwork weights (32 per query) dotted with per-pixel features: the detail features
     # add exactly their own dot product at the same pixel, so one 32-vector explains the whole difference.
     difference = shifted - plain
     assert difference.abs().max() > 0
     # Pixel-wise: the difference at each pixel is a fixed linear function of that pixel's detail vector.
     coef = torch.linalg.lstsq(detail[0].flatten(1).T, difference[0, 0].flatten()[:, None]).solution
-    torch.testing.assert_close(detail[0].flatten(1).T @ coef, difference[0, 0].flatten()[:, None], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        detail[0].flatten(1).T @ coef, difference[0, 0].flatten()[:, None], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_checkpoint_stores_no_trunk_and_rebuilds_the_same_model(tmp_path) -> None:

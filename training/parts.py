@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-# Sub-modules that start at zero, so the model answers as it did without them: a checkpoint that lacks them
-# (the same variant without ImageNet concepts) is a valid starting point, and they keep their initialisation.
+# Sub-modules a checkpoint of the same variant without ImageNet concepts lacks: it is a valid starting point,
+# and they keep their initialisation (the projection starts at zero, the prior at its measured scale).
 CONCEPTS = "image_encoder.concepts."
 ZERO_START = (CONCEPTS,)
 

@@ -74,8 +74,8 @@ class TrainConfig:
     )
     concepts_lr: float | None = arg(
         None,
-        help="peak learning rate of the ImageNet concept projection (converseg_edge_lite_concepts), which starts "
-        "at zero (default: --image-encoder-lr, else --lr)",
+        help="peak learning rate of the ImageNet concept projection, which starts at zero, and of the concept "
+        "prior's scale (converseg_edge_lite_concepts; default: --image-encoder-lr, else --lr)",
     )
     weight_decay: float = arg(0.01, help="AdamW weight decay")
     warmup_steps: int = arg(100, help="linear warm-up steps")

@@ -59,12 +59,16 @@ def check_features(features: object, config: ConverSegConfig) -> ImageFeatures:
     """The image_context stage takes both encoder outputs, with the shapes this config gives."""
     if not isinstance(features, tuple) or len(features) != len(ImageFeatures._fields):
         raise InputError(
-            f"image_context() takes the ImageFeatures returned by encode_image() (embedding, hires), got "
+            f"image_context() takes the ImageFeatures returned by encode_image() (embedding, hires, concepts), got "
             f"{type(features).__name__}"
         )
     features = ImageFeatures(*features)
-    e, c = config.embed_size, config.prompt_embed_dim
-    wants = {"embedding": (1, c, e, e), "hires": (1, c // 8, 4 * e, 4 * e)}
+    e, c, g = config.embed_size, config.prompt_embed_dim, config.concept_grid
+    wants = {
+        "embedding": (1, c, e, e),
+        "hires": (1, c // 8, 4 * e, 4 * e),
+        "concepts": (1, config.text_hidden_dim, g, g),
+    }
     for name, want in wants.items():
         got = tuple(getattr(features, name).shape)
         if got != want:
@@ -109,7 +113,7 @@ class GraphBackend:
         return [np.concatenate(outputs, axis=0) for outputs in zip(*parts, strict=True)]
 
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
-        """1 x 3 x S x S float32 (normalized, padded) -> ImageFeatures (embedding, hires), float32."""
+        """1 x 3 x S x S float32 (normalized, padded) -> ImageFeatures (embedding, hires, concepts), float32."""
         size = self.config.img_size
         if image.shape != (1, 3, size, size):
             raise InputError(f"image must be 1 x 3 x {size} x {size}, got {tuple(image.shape)}")

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..artifacts import FrameContext, ImageFeatures
 from ..config import ConverSegConfig
+from .concepts import concept_prior
 from .fusion import FusionImageContext, TextImageFusion
 from .mask_decoder import MaskDecoder
 from .presence import MaskPresenceHead
@@ -25,10 +26,13 @@ class DecoderOutput:
     presence_logits: Tensor
 
 
-def without_detail(embedding: Tensor) -> ImageFeatures:
-    """The ImageFeatures of an encoder without a detail path: its embedding and all-zero detail features."""
+def without_detail(embedding: Tensor, concept_dim: int) -> ImageFeatures:
+    """The ImageFeatures of an encoder without a detail path or concepts: its embedding, all-zero detail
+    features and one all-zero concept place."""
     b, c, h, w = embedding.shape
-    return ImageFeatures(embedding, embedding.new_zeros(b, c // 8, 4 * h, 4 * w))
+    return ImageFeatures(
+        embedding, embedding.new_zeros(b, c // 8, 4 * h, 4 * w), embedding.new_zeros(b, concept_dim, 1, 1)
+    )
 
 
 def hires_tokens(hires: Tensor) -> Tensor:
@@ -69,9 +73,17 @@ class ConverSeg(nn.Module):
 
     def encode_image(self, images: Tensor) -> ImageFeatures:
         """images: B x 3 x S x S, normalized and padded -> ImageFeatures (B x 256 x S/16 x S/16 embedding,
-        B x 32 x S/4 x S/4 detail features)."""
+        B x 32 x S/4 x S/4 detail features, B x 384 x g x g concepts)."""
         out = self.image_encoder(images)
-        return ImageFeatures(*out) if isinstance(out, tuple) else without_detail(out)
+        return ImageFeatures(*out) if isinstance(out, tuple) else self._without_detail(out)
+
+    def _without_detail(self, embedding: Tensor) -> ImageFeatures:
+        return without_detail(embedding, self.config.text_hidden_dim)
+
+    @property
+    def concepts(self) -> nn.Module | None:
+        """The image encoder's ImageNet concept map (modeling/concepts.py), None for encoders without one."""
+        return getattr(self.image_encoder, "concepts", None)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids, attention_mask: Q x T int64 -> Q x T x 384 token features."""
@@ -84,11 +96,15 @@ class ConverSeg(nn.Module):
     def image_context(self, features: ImageFeatures | Tensor) -> FrameContext:
         """The per-frame part of decoding (features from encode_image, B frames; a bare B x C x h x w
         embedding is taken as an encoder's without a detail path)."""
-        embedding, hires = without_detail(features) if isinstance(features, Tensor) else features
+        embedding, hires, concepts = (
+            self._without_detail(features) if isinstance(features, Tensor) else features
+        )
         tokens = embedding.flatten(2).transpose(1, 2)
         fusion = self.fusion.image_context(tokens, self.pe_tokens())
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1)
-        return FrameContext(tokens + no_mask, *fusion, hires_tokens(hires))
+        return FrameContext(
+            tokens + no_mask, *fusion, hires_tokens(hires), concepts.flatten(2).transpose(1, 2)
+        )
 
     def decode(
         self,
@@ -98,7 +114,9 @@ class ConverSeg(nn.Module):
         multimask_output: bool = False,
     ) -> DecoderOutput:
         """features: batch 1 (shared by every query) or batch Q (one frame per query); see image_context."""
-        return self.decode_context(self.image_context(features), text_features, attention_mask, multimask_output)
+        return self.decode_context(
+            self.image_context(features), text_features, attention_mask, multimask_output
+        )
 
     def decode_context(
         self,
@@ -127,7 +145,14 @@ class ConverSeg(nn.Module):
         if self.mask_presence is not None:
             # With several masks the first one's evidence is read (the single-mask output of inference).
             presence_logits = self.mask_presence(presence_logits, masks[:, :1], iou[:, :1], *tokens)
-        return DecoderOutput(low_res_logits=masks, iou_scores=iou, presence_logits=presence_logits)
+        # After presence: the presence head reads the decoder's own mask; the prior moves where it lies. It
+        # is computed for every model (all zeros from the one zero place of a model without concepts), so
+        # every exported decoder has the same inputs.
+        prior = concept_prior(context.concept_tokens, text_features, attention_mask, masks.shape[-1])
+        scale = self.concepts.prior_scale if self.concepts is not None else prior.new_zeros(())
+        return DecoderOutput(
+            low_res_logits=masks + scale * prior, iou_scores=iou, presence_logits=presence_logits
+        )
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> DecoderOutput:
         """Training path: one query per image (B images, B queries)."""

