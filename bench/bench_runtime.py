@@ -216,7 +216,7 @@ def model_code_digest() -> str:
 
 
 def ensure_export(variant: str, size: int, work: Path, threads: int) -> Path:
-    from converseg_core.backends.onnxruntime_backend import MANIFEST_NAME, OnnxManifest
+    from converseg_core.artifacts import MANIFEST_NAME, OnnxManifest
     from converseg_core.errors import CheckpointError
 
     out = work / f"onnx_{variant}_{size}"

@@ -58,3 +58,13 @@ def test_memory_slope_is_megabytes_per_minute_and_rss_reads_this_process():
     assert slope_per_min([(0.0, 100.0), (60.0, 101.0), (120.0, 102.0)]) == pytest.approx(1.0)
     assert slope_per_min([(0.0, 100.0)]) == 0.0
     assert 1.0 < rss_mb(os.getpid()) < 24 * 1024
+
+
+def test_a_bench_export_is_made_once_and_reused(tmp_path):
+    """The benchmark exports each variant once (with the exporter's parity check) and reuses the folder
+    while the model code is unchanged."""
+    out = bench_runtime.ensure_export("converseg_edge", 64, tmp_path, 1)
+    manifest = out / "manifest.json"
+    first = manifest.stat().st_mtime_ns
+    assert bench_runtime.ensure_export("converseg_edge", 64, tmp_path, 1) == out
+    assert manifest.stat().st_mtime_ns == first
