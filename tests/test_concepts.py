@@ -119,7 +119,8 @@ def test_the_prior_points_at_the_places_whose_concepts_match_the_request() -> No
         torch.testing.assert_close(flat.pow(2).mean(dim=1), torch.ones(2), atol=1e-4, rtol=0)
     # Upsampled bilinearly to the mask logits' side; a model without concepts (one place) adds nothing.
     assert concepts.concept_prior(places[None], text, mask, 16).shape == (2, 1, 16, 16)
-    assert not concepts.concept_prior(torch.randn(1, 1, 384), text, mask, 16).any()
+    none = concepts.concept_prior(torch.randn(1, 1, 384), text, mask, 16)
+    assert none.shape == (2, 1, 1, 1) and not none.any()
 
 
 def test_the_checkpoint_stores_the_projection_but_neither_the_head_nor_the_names(tmp_path) -> None:
@@ -197,6 +198,7 @@ def test_the_concept_projection_trains_at_its_own_rate() -> None:
             rate[id(p)] = g["base_lr"]
     assert {rate[i] for i in proj} == {1e-2}
     assert {rate[i] for i in neck} == {3e-4}
+    assert rate[id(model.image_encoder.concepts.prior_scale)] == 1e-2  # the prior's scale learns with it
     # Without --concepts-lr the projection follows the image encoder.
     groups = configure_trainable(
         model, TrainConfig(data="unused", lr=1e-4, image_encoder_lr=3e-4, train_image_encoder=True)

