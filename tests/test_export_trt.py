@@ -172,9 +172,7 @@ def test_graph_specs_chain_the_stages_as_the_runtime_expects(name):
     assert frame_io_problem(context.output_names, decoder.input_names, encoder.output_names) is None
     assert context.input_names == encoder.output_names
     assert decoder.input_names == context.output_names + text.output_names + text.input_names[1:]
-    axes = {
-        axis for spec in specs.values() for named in spec.dynamic_axes().values() for axis in named.values()
-    }
+    axes = {axis for spec in specs.values() for named in spec.dynamic_axes().values() for axis in named.values()}
     assert axes == {QUERIES_AXIS, TOKENS_AXIS}
     assert not encoder.dynamic_axes() and not context.dynamic_axes()
 
@@ -236,14 +234,7 @@ def test_side_file_from_another_format_or_version_is_refused(tmp_path):
         EngineSideFile.load(path)
     with pytest.raises(CheckpointError, match="not found"):
         EngineSideFile.load(tmp_path / "missing.json")
-    frame = [
-        "image_tokens",
-        "fusion_keys",
-        "fusion_values",
-        "dense_queries",
-        "hires_tokens",
-        "concept_tokens",
-    ]
+    frame = ["image_tokens", "fusion_keys", "fusion_values", "dense_queries", "hires_tokens", "concept_tokens"]
     features = ["image_embeddings", "hires_features", "concepts"]
     good = {
         "image_encoder": {"inputs": ["image"], "outputs": features},

@@ -79,9 +79,7 @@ def test_corrupt_or_missing_weights_file_is_refused(monkeypatch, tmp_path) -> No
         load_pretrained(EfficientNetLite("lite0"))
     monkeypatch.undo()
     spec = lite.LITE_VARIANTS["lite0"]
-    monkeypatch.setitem(
-        lite.LITE_VARIANTS, "lite0", lite.LiteVariant(**{**spec.__dict__, "file": "models/gone.pth"})
-    )
+    monkeypatch.setitem(lite.LITE_VARIANTS, "lite0", lite.LiteVariant(**{**spec.__dict__, "file": "models/gone.pth"}))
     with pytest.raises(CheckpointError, match="missing.*force-reinstall"):
         lite.pretrained_file("lite0")
 
@@ -109,9 +107,7 @@ def test_encoder_shapes_frozen_trunk_and_gradients() -> None:
                 p.normal_(0.0, 0.02)  # the zero-initialised detail output would hide a missing gradient
     embedding, hires, _ = encoder(torch.randn(2, 3, SMALL, SMALL))
     (embedding.square().mean() + hires.square().mean()).backward()
-    missing = [
-        n for n, p in encoder.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
-    ]
+    missing = [n for n, p in encoder.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing, missing
     with pytest.raises(ValueError, match="multiple of 32"):
         LiteImageEncoder(img_size=48)
@@ -145,9 +141,7 @@ def test_detail_path_adds_its_features_to_every_mask_pixel_and_starts_as_a_no_op
     assert difference.abs().max() > 0
     # Pixel-wise: the difference at each pixel is a fixed linear function of that pixel's detail vector.
     coef = torch.linalg.lstsq(detail[0].flatten(1).T, difference[0, 0].flatten()[:, None]).solution
-    torch.testing.assert_close(
-        detail[0].flatten(1).T @ coef, difference[0, 0].flatten()[:, None], atol=1e-4, rtol=1e-4
-    )
+    torch.testing.assert_close(detail[0].flatten(1).T @ coef, difference[0, 0].flatten()[:, None], atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_stores_no_trunk_and_rebuilds_the_same_model(tmp_path) -> None:

@@ -114,9 +114,7 @@ class ConverSeg(nn.Module):
         multimask_output: bool = False,
     ) -> DecoderOutput:
         """features: batch 1 (shared by every query) or batch Q (one frame per query); see image_context."""
-        return self.decode_context(
-            self.image_context(features), text_features, attention_mask, multimask_output
-        )
+        return self.decode_context(self.image_context(features), text_features, attention_mask, multimask_output)
 
     def decode_context(
         self,

