@@ -27,7 +27,7 @@ from .registry import get_config
 IMAGE_ENCODER_FAMILIES = ("sam_vit", "tiny_vit", "student_cnn", "efficientnet_lite")
 
 # Fields that change only inference behaviour: they may be overridden on a model loaded from a checkpoint.
-INFERENCE_FIELDS = {"mask_threshold", "presence_threshold", "max_input_side"}
+INFERENCE_FIELDS = {"mask_threshold", "presence_threshold", "max_input_side", "mask_refinement"}
 
 
 def build_image_encoder(config: ConverSegConfig) -> nn.Module:

@@ -72,6 +72,9 @@ class ConverSegConfig:
     # training.calibrate fits it on validation requests (a mask the decoder itself rates poorly is weaker
     # evidence that the target is there).
     presence_score_weight: float = 0.0
+    # Scale of the mask refinement by the frame's own features (modeling/refine.py) added to the decoder's
+    # mask logits; 0 turns it off. Chosen on validation scenes by training.calibrate --mask-refinement.
+    mask_refinement: float = 0.0
     # Largest camera frame accepted, in pixels on the longest side: a guard against memory blow-ups.
     max_input_side: int = 8192
 
@@ -146,9 +149,13 @@ def inference_default_problems(config: ConverSegConfig) -> list[str]:
     problems = []
     if not (_is_finite(config.presence_threshold) and 0.0 < config.presence_threshold < 1.0):
         problems.append(f"presence_threshold {config.presence_threshold!r} is not strictly between 0 and 1")
-    for name in ("mask_threshold", "presence_score_weight"):
+    for name in ("mask_threshold", "presence_score_weight", "mask_refinement"):
         if not _is_finite(getattr(config, name)):
             problems.append(f"{name} {getattr(config, name)!r} is not a finite number")
+    if _is_finite(config.mask_refinement) and config.mask_refinement < 0:
+        problems.append(
+            f"mask_refinement {config.mask_refinement!r} is negative (it pushes masks off objects)"
+        )
     return problems
 
 

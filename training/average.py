@@ -36,7 +36,7 @@ from .cli import arg, config_parser
 log = logging.getLogger("training.average")
 
 # What training.calibrate writes: these may differ between the inputs and are reset in the output.
-CALIBRATION_FIELDS = ("presence_threshold", "presence_score_weight")
+CALIBRATION_FIELDS = ("presence_threshold", "presence_score_weight", "mask_refinement")
 
 
 @dataclasses.dataclass

@@ -26,21 +26,27 @@ keeps any gain). A few thousand requests decide a threshold well, but a 0.2-poin
 parameter is noise, and a change of rule can move gIoU by several points for a fraction of a point of
 the criterion. No second pass: gating changes which requests answer, not their masks.
 
-The output checkpoint is the input with `config.presence_threshold` and `config.presence_score_weight` replaced
-and the sweeps recorded under `meta["presence_calibration"]`; the weights are untouched.
+`--mask-refinement 0 0.5 1` also chooses the scale of the mask refinement by the frame's own features
+(modeling/refine.py, an inference setting with no weights): the presence rule is calibrated once per scale, one
+evaluation pass each, and the scale whose rule scores highest on the criterion wins (ties to the smaller).
+
+The output checkpoint is the input with `config.presence_threshold`, `config.presence_score_weight` and
+`config.mask_refinement` replaced and the sweeps recorded under `meta["presence_calibration"]`; the weights are
+untouched.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from converseg_core.checkpoint import load_checkpoint, write_checkpoint
+from converseg_core.checkpoint import Checkpoint, load_checkpoint, write_checkpoint
 from converseg_core.errors import ConverSegError
 from converseg_core.files import atomic_write_text
 
@@ -88,6 +94,13 @@ class CalibrateConfig:
     device: str = arg("cpu", help="torch device")
     threads: int = arg(0, help="torch CPU threads (0: PyTorch's default)")
     allow_partial: bool = arg(False, help="read data engine output without index.json")
+    mask_refinement: list[float] = arg(
+        [],
+        help="mask refinement scales to try (modeling/refine.py; 0 = off): the presence rule is calibrated for "
+        "each, one evaluation pass apiece, and the scale whose rule scores highest is written, ties to the "
+        "smaller; none given: keep the checkpoint's",
+        nargs="*",
+    )
 
 
 def criterion_value(m: GroupMetrics, criterion: str) -> float:
@@ -207,25 +220,90 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         raise SystemExit(f"--thresholds must be values strictly between 0 and 1, got {cfg.thresholds}")
     if cfg.bootstrap != 0 and cfg.bootstrap < 100:
         raise SystemExit(f"--bootstrap must be 0 or at least 100 for a 95 % interval, got {cfg.bootstrap}")
+    bad = [s for s in cfg.mask_refinement if not (math.isfinite(s) and s >= 0)]
+    if bad:
+        raise SystemExit(f"--mask-refinement scales must be finite and >= 0, got {bad}")
     work = out.with_name(out.stem + "_calibration")
     checkpoint = load_checkpoint(cfg.checkpoint)
-    own_weight = checkpoint.config.presence_score_weight
-    metrics = evaluate(
-        EvalConfig(
-            checkpoint=cfg.checkpoint,
-            data=cfg.data,
-            out_dir=str(work),
-            device=cfg.device,
-            split=cfg.split,
-            val_fraction=cfg.val_fraction,
-            num_panels=0,
-            threads=cfg.threads,
-            allow_partial=cfg.allow_partial,
-            presence_threshold=0.0,  # every mask kept: samples.jsonl then holds the ungated counts
-            presence_sweep=list(cfg.thresholds),
-            name="calibration",
-        )
+    checkpoint.extra = {}  # optimizer state etc. belong to training's last.pt, not to a released model
+    own_scale = checkpoint.config.mask_refinement
+    scales = list(dict.fromkeys(cfg.mask_refinement)) or [own_scale]
+    tried = {}
+    for scale in scales:
+        if len(scales) > 1:
+            log.info("mask refinement %g: calibrating presence", scale)
+        place = work if len(scales) == 1 else work / f"refinement_{scale:g}"
+        tried[scale] = presence_rule(cfg, checkpoint, scale, place)
+    # The scale whose best rule scores highest; ties go to the smaller scale (the plainer model).
+    scale = max(tried, key=lambda s: (criterion_value(tried[s][1], cfg.criterion), -s))
+    record, kept = tried[scale]
+    record = {
+        **record,
+        "mask_refinement": scale,
+        "previous_mask_refinement": own_scale,
+        "mask_refinement_tried": {
+            f"{s:g}": {k: m.to_dict()[k] for k in ("giou", "ciou", "n_acc", "t_acc")}
+            for s, (_, m) in tried.items()
+        },
+    }
+    checkpoint.config = checkpoint.config.replace(
+        presence_threshold=record["presence_threshold"],
+        presence_score_weight=record["presence_score_weight"],
+        mask_refinement=scale,
     )
+    checkpoint.meta = {**checkpoint.meta, "presence_calibration": record}
+    write_checkpoint(checkpoint, out)
+    atomic_write_text(Path(str(out) + ".calibration.json"), json.dumps(record, indent=2) + "\n")
+    log.info(
+        "presence threshold %.2f (was %.2f), predicted-IoU weight %g (was %g; fitted %s), mask refinement %g "
+        "(was %g): N-acc %.1f, T-acc %.1f, gIoU %.1f on %d validation requests -> %s",
+        record["presence_threshold"],
+        record["previous_threshold"],
+        record["presence_score_weight"],
+        record["previous_score_weight"],
+        record["fitted_score_weight"],
+        scale,
+        own_scale,
+        kept.n_acc,
+        kept.t_acc,
+        kept.giou or 0.0,
+        record["samples"],
+        out,
+    )
+    return record
+
+
+def presence_rule(
+    cfg: CalibrateConfig, checkpoint: Checkpoint, scale: float, work: Path
+) -> tuple[dict, GroupMetrics]:
+    """The presence rule of the checkpoint with mask refinement `scale` (one evaluation pass over the
+    validation requests in `work`), and the validation metrics it keeps."""
+    source = Path(cfg.checkpoint)
+    if scale != checkpoint.config.mask_refinement:
+        work.mkdir(parents=True, exist_ok=True)
+        source = work / "model.pt"
+        write_checkpoint(replace(checkpoint, config=checkpoint.config.replace(mask_refinement=scale)), source)
+    own_weight = checkpoint.config.presence_score_weight
+    try:
+        metrics = evaluate(
+            EvalConfig(
+                checkpoint=str(source),
+                data=cfg.data,
+                out_dir=str(work),
+                device=cfg.device,
+                split=cfg.split,
+                val_fraction=cfg.val_fraction,
+                num_panels=0,
+                threads=cfg.threads,
+                allow_partial=cfg.allow_partial,
+                presence_threshold=0.0,  # every mask kept: samples.jsonl then holds the ungated counts
+                presence_sweep=list(cfg.thresholds),
+                name="calibration",
+            )
+        )
+    finally:
+        if source != Path(cfg.checkpoint):
+            source.unlink(missing_ok=True)
     sweeps = {own_weight: {float(t): GroupMetrics(**m) for t, m in metrics["presence_sweep"].items()}}
     fitted, gain = None, None
     if not cfg.keep_score_weight:
@@ -295,27 +373,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             str(t): {k: m.to_dict()[k] for k in ("giou", "ciou", "n_acc", "t_acc")} for t, m in sweep.items()
         },
     }
-    checkpoint.config = checkpoint.config.replace(presence_threshold=chosen, presence_score_weight=weight)
-    checkpoint.meta = {**checkpoint.meta, "presence_calibration": record}
-    checkpoint.extra = {}  # optimizer state etc. belong to training's last.pt, not to a released model
-    write_checkpoint(checkpoint, out)
-    atomic_write_text(Path(str(out) + ".calibration.json"), json.dumps(record, indent=2) + "\n")
-    kept = sweep[chosen]
-    log.info(
-        "presence threshold %.2f (was %.2f), predicted-IoU weight %g (was %g; fitted %s): N-acc %.1f, T-acc %.1f, "
-        "gIoU %.1f on %d validation requests -> %s",
-        chosen,
-        record["previous_threshold"],
-        weight,
-        own_weight,
-        fitted,
-        kept.n_acc,
-        kept.t_acc,
-        kept.giou or 0.0,
-        record["samples"],
-        out,
-    )
-    return record
+    return record, sweep[chosen]
 
 
 def main(argv: list[str] | None = None) -> int:

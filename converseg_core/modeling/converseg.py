@@ -14,6 +14,7 @@ from .fusion import FusionImageContext, TextImageFusion
 from .mask_decoder import MaskDecoder
 from .presence import MaskPresenceHead
 from .prompt_encoder import PromptEncoder
+from .refine import prototype_refinement
 
 
 @dataclass
@@ -145,9 +146,13 @@ class ConverSeg(nn.Module):
         # every exported decoder has the same inputs.
         prior = concept_prior(context.concept_tokens, text_features, attention_mask, masks.shape[-1])
         scale = self.concepts.prior_scale if self.concepts is not None else prior.new_zeros(())
-        return DecoderOutput(
-            low_res_logits=masks + scale * prior, iou_scores=iou, presence_logits=presence_logits
-        )
+        masks = masks + scale * prior
+        if self.config.mask_refinement:
+            # A setting of the model file, so an exported decoder holds this branch or not.
+            masks = masks + self.config.mask_refinement * prototype_refinement(
+                context.image_tokens, masks, self.config.embed_size, self.config.low_res_size
+            )
+        return DecoderOutput(low_res_logits=masks, iou_scores=iou, presence_logits=presence_logits)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> DecoderOutput:
         """Training path: one query per image (B images, B queries)."""
