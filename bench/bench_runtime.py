@@ -81,11 +81,22 @@ def _median_ms(fn, repeats: int, cpu: list[float] | None = None) -> list[float]:
 
 def variant_model(spec: str, size: int):
     """A registered variant at img_size `size`, random weights; `NAME+FLAG+...` also switches boolean config
-    fields on (e.g. converseg_edge+mask_presence: the mask-evidence presence head)."""
+    fields on (e.g. converseg_edge+mask_presence: the mask-evidence presence head) and `NAME+FIELD=NUMBER`
+    sets a numeric one (converseg_edge+mask_refinement=0.5)."""
     from converseg_core.build import build_model
 
+    name, fields = variant_fields(spec)
+    return build_model(name, img_size=size, **fields)
+
+
+def variant_fields(spec: str) -> tuple[str, dict]:
+    """`NAME+FLAG+FIELD=NUMBER` -> (NAME, {FLAG: True, FIELD: NUMBER})."""
     name, *flags = spec.split("+")
-    return build_model(name, img_size=size, **{flag: True for flag in flags})
+    fields: dict = {}
+    for flag in flags:
+        field, _, value = flag.partition("=")
+        fields[field] = float(value) if value else True
+    return name, fields
 
 
 def run_child(
@@ -310,14 +321,14 @@ def aggregate(runs: list[dict]) -> dict[tuple[str, str, int], dict]:
 
 
 # The bundled default model's configuration (converseg_core/assets/converseg_edge.pt).
-DEFAULT_EDGE = "converseg_edge+mask_presence"
+DEFAULT_EDGE = "converseg_edge+mask_presence+mask_refinement=0.5"
 
 
 def targets(pooled: dict) -> list[tuple[str, str, bool | None]]:
     """The issue's targets, from this run's medians: (target, measured, met or None when not measured)."""
     rows = []
-    # The targets are the shipped edge model's: it carries the mask-evidence presence head, so that
-    # configuration is judged when this run measured it, the bare variant otherwise.
+    # The targets are the shipped edge model's: it carries the mask-evidence presence head and the mask
+    # refinement, so that configuration is judged when this run measured it, the bare variant otherwise.
     measured = {variant for _, variant, _ in pooled}
     edge = DEFAULT_EDGE if DEFAULT_EDGE in measured else "converseg_edge"
 
@@ -441,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=["converseg_edge", "converseg_mobilesam"],
-        help="registered variants; NAME+FLAG switches a boolean config field on (converseg_edge+mask_presence)",
+        help="registered variants; NAME+FLAG switches a boolean config field on (converseg_edge+mask_presence), "
+        "NAME+FIELD=NUMBER sets a numeric one (converseg_edge+mask_refinement=0.5)",
     )
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="img_size values")
     parser.add_argument(

@@ -25,9 +25,11 @@ def _entry(ms: float) -> dict:
 
 
 def test_default_edge_names_the_bundled_models_configuration():
-    variant, _, flag = bench_runtime.DEFAULT_EDGE.partition("+")
+    variant, fields = bench_runtime.variant_fields(bench_runtime.DEFAULT_EDGE)
     config = load_checkpoint(default_checkpoint()).config
-    assert config.name == variant and getattr(config, flag) is True
+    assert config.name == variant and fields
+    assert all(getattr(config, name) == value for name, value in fields.items())
+    assert bench_runtime.variant_fields("a+b+c=0.25") == ("a", {"b": True, "c": 0.25})
 
 
 def test_targets_judge_the_default_configuration_when_measured():

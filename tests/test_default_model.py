@@ -21,6 +21,7 @@ def test_default_checkpoint_is_the_edge_model_within_budget():
     assert calibration and calibration["split"] == "val"
     assert ckpt.config.presence_threshold == calibration["presence_threshold"]
     assert ckpt.config.presence_score_weight == calibration.get("presence_score_weight", 0.0)
+    assert ckpt.config.mask_refinement == calibration.get("mask_refinement", 0.0)
 
 
 def test_default_model_answers_at_camera_resolution():

@@ -477,6 +477,7 @@ def test_reproduce_default_plan(tmp_path, capsys):
     assert "img_size=256" in commands["finetune"] and "img_size=128" in commands["teacher"]
     # calibration sees only the training run's validation scenes; evaluation the calibrated models
     assert "data/train --split val --val-fraction 0.3" in commands["calibrate-student"]
+    assert all(commands[f"calibrate-{who}"].endswith("--mask-refinement 0 0.5") for who in ("student", "lite"))
     for stage in ("teacher", "finetune", "presence"):  # the scenes calibration uses never train
         assert "--val-fraction 0.3" in commands[stage], stage
     assert "presence/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]

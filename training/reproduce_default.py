@@ -26,7 +26,8 @@ the same command after a crash continues):
              and takes the student's fusion, decoder and presence head; training.train --trunk-cache then
              fine-tunes neck, detail path, fusion, decoder and MiniLM's last layer on the cached features;
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
-             on the training run's validation scenes (best gIoU + N-acc + T-acc), writes OUT/<model>/calibrated.pt;
+             and mask refinement scale (REFINEMENT_SCALES) on the training run's validation scenes (best gIoU +
+             N-acc + T-acc), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
 The result is OUT/converseg_edge.pt: the calibrated lite model when stage 4d runs, else the calibrated student
@@ -100,6 +101,9 @@ def shipped(s: Scale) -> str:
     """Which evaluated model becomes OUT/converseg_edge.pt: the lite model when stage 4d runs."""
     return "lite" if s.lite_steps > 0 else "student"
 
+
+# Mask refinement scales each calibration tries (training.calibrate --mask-refinement): the bundled default's.
+REFINEMENT_SCALES = ("0", "0.5")
 
 SCALES = {
     # A minute or two: checks that every stage runs. The numbers mean nothing.
@@ -442,6 +446,8 @@ def build_plan(
             str(run_dir / "calibrated.pt"),
             "--device",
             args.device,
+            "--mask-refinement",
+            *REFINEMENT_SCALES,
         ]
         plan.append((f"calibrate-{who}", python_module("training.calibrate", cal, 1), None, 0))
     for who, run_dir in run_dirs.items():
