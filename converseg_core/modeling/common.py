@@ -40,3 +40,9 @@ class LayerNorm2d(nn.Module):
         channels_last = x.permute(0, 2, 3, 1)
         normed = F.layer_norm(channels_last, self.weight.shape, self.weight, self.bias, self.eps)
         return normed.permute(0, 3, 1, 2)
+
+
+def standardise_places(scores: torch.Tensor) -> torch.Tensor:
+    """... x P scores -> mean 0, variance 1 over the last axis (the places of one frame)."""
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + 1e-12)

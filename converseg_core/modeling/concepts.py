@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from .common import standardise_places
 from .text_encoder import MiniLMEncoder, build_text_encoder, sentence_embedding
 
 NUM_CLASSES = 1000
@@ -140,8 +141,7 @@ def concept_prior(
     nothing wherever they are broadcast."""
     request = F.normalize(sentence_embedding(text_features, attention_mask), dim=-1)
     scores = torch.matmul(concept_tokens, request.unsqueeze(-1)).squeeze(-1)  # Q x g*g
-    centred = scores - scores.mean(dim=-1, keepdim=True)
-    z = centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
+    z = standardise_places(scores)
     g = math.isqrt(concept_tokens.shape[1])
     z = z.reshape(-1, 1, g, g)
     if g == 1:  # nothing to upsample (a fixed shape, so exported graphs hold one branch or the other)

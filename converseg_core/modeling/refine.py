@@ -19,27 +19,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import standardise_places
+
 
 def prototype_refinement(
     image_tokens: torch.Tensor, mask_logits: torch.Tensor, grid: int, size: int
 ) -> torch.Tensor:
     """How much each pixel looks like its mask rather than the rest of the frame, as mask-logit offsets.
 
-    image_tokens: B x grid*grid x C (B = 1, shared by the requests, or Q); mask_logits: Q x M x S x S, S a
-    multiple of grid (sizes come from the config, so an exported graph's pooling is fixed). Returns Q x M x S
-    x S, before upsampling standardised over the places of each mask (mean 0, variance 1)."""
-    size = mask_logits.shape[-1]
-    tokens = image_tokens - image_tokens.mean(dim=1, keepdim=True)
-    tokens = F.normalize(tokens, dim=-1)  # B x g*g x C
+    image_tokens: B x grid*grid x C (B = 1, shared by the requests, or Q); mask_logits: Q x M x size x size.
+    grid and size are the config's embed_size and low_res_size: Python numbers, so an exported graph's pooling
+    is fixed. Returns Q x M x size x size, standardised over the places of each mask before upsampling."""
+    tokens = F.normalize(image_tokens - image_tokens.mean(dim=1, keepdim=True), dim=-1)  # B x g*g x C
     kernel = size // grid
-    pooled = F.avg_pool2d(mask_logits, kernel_size=kernel).flatten(2)  # Q x M x g*g
-    inside = torch.sigmoid(pooled)
+    inside = torch.sigmoid(F.avg_pool2d(mask_logits, kernel_size=kernel).flatten(2))  # Q x M x g*g
     outside = 1.0 - inside
     inside = inside / inside.sum(dim=-1, keepdim=True).clamp_min(1e-6)
     outside = outside / outside.sum(dim=-1, keepdim=True).clamp_min(1e-6)
     direction = torch.matmul(inside - outside, tokens)  # Q x M x C: foreground minus background prototype
-    scores = torch.matmul(direction, tokens.transpose(1, 2))  # Q x M x g*g
-    centred = scores - scores.mean(dim=-1, keepdim=True)
-    z = centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
-    z = z.unflatten(-1, (grid, grid))
-    return F.interpolate(z, scale_factor=float(kernel), mode="bilinear", align_corners=False)
+    z = standardise_places(torch.matmul(direction, tokens.transpose(1, 2)))  # Q x M x g*g
+    return F.interpolate(
+        z.unflatten(-1, (grid, grid)), scale_factor=float(kernel), mode="bilinear", align_corners=False
+    )
