@@ -46,6 +46,15 @@ def test_targets_judge_the_default_configuration_when_measured():
     ]
     assert frame == ("2.00x (90.0 -> 45.0 ms)", False)
     assert rows["edge, new query on a cached frame (text encoder + decoder, ORT, 512) <= 25 ms"][1] is False
+    assert "default at 512, new frame (encoder, decoder, post), ORT INT8: <= 2x converseg_edge's" not in rows
+    pooled[("onnxruntime-int8", bare, 512)] = _entry(20.0)
+    pooled[("onnxruntime-int8", default, 512)] = _entry(41.0)
+    rows = {t: (measured, met) for t, measured, met in bench_runtime.targets(pooled)}
+    assert rows["default at 512, new frame (encoder, decoder, post), ORT INT8: <= 2x converseg_edge's"] == (
+        "2.05x (41.0 vs 20.0 ms)",
+        False,
+    )
+    del pooled[("onnxruntime-int8", bare, 512)], pooled[("onnxruntime-int8", default, 512)]
     # without the default configuration in the run, the bare variant is judged
     del pooled[("torch", default, 512)], pooled[("onnxruntime", default, 512)]
     rows = {t: met for t, _, met in bench_runtime.targets(pooled)}

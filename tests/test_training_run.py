@@ -487,7 +487,8 @@ def test_reproduce_default_plan(tmp_path, capsys):
     assert f"--out {tmp_path / 'lite_cache'}" in commands["lite-cache"] and "--img-size 256" in commands["lite-cache"]
     assert f"--teacher {tmp_path / 'presence' / 'model.pt'}" in commands["lite-distill"]
     lite = commands["lite"]
-    assert "--model converseg_edge_lite" in lite and f"--trunk-cache {tmp_path / 'lite_cache'}" in lite
+    assert "--model converseg_edge_lite_concepts" in lite and f"--trunk-cache {tmp_path / 'lite_cache'}" in lite
+    assert lite.endswith("--concepts-lr 1e-2")
     assert f"--init {tmp_path / 'lite_distilled.pt'}" in lite and "mask_presence=true" in lite
     assert "img_size=256" in lite and "--val-fraction 0.3" in lite
     assert "lite/calibrated.pt" in commands["eval-lite"]

@@ -18,13 +18,15 @@ the same command after a crash continues):
 4c. refine:  only with --refine-steps N: a second fine-tune of every part (the head too) from the last
              stage's weights with a fresh warm-up and cosine schedule at --refine-lr (a warm restart, so a
              finished run can train on without starting over); --refine-text-layers N also trains
-             MiniLM's last N layers there at --refine-text-lr. 4, 4b, 4c are the stages the bundled
-             default model went through (docs/TRAINING_RUNS.md);
-4d. lite:   with --lite-steps N > 0 (the cpu and gpu presets): the pretrained edge model, converseg_edge_lite
-             (EfficientNet-Lite0 with ImageNet weights, frozen): python -m training.trunk_cache runs its trunk
-             once per training image, fits its neck to the last student's embeddings (--lite-distill-steps)
-             and takes the student's fusion, decoder and presence head; training.train --trunk-cache then
-             fine-tunes neck, detail path, fusion, decoder and MiniLM's last layer on the cached features;
+             MiniLM's last N layers there at --refine-text-lr;
+4d. lite:   with --lite-steps N > 0 (the cpu and gpu presets): the pretrained edge model,
+             converseg_edge_lite_concepts (EfficientNet-Lite0 with ImageNet weights, frozen, its classifier's
+             concepts as a prior on the masks): python -m training.trunk_cache runs its trunk once per training
+             image, fits its neck to the last student's embeddings (--lite-distill-steps) and takes the
+             student's fusion, decoder and presence head; training.train --trunk-cache then fine-tunes neck,
+             detail path, concepts, fusion, decoder and MiniLM's last layer on the cached features.
+             4 to 4d are the stages the bundled default went through (its steps and data:
+             docs/TRAINING_RUNS.md);
 5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
              and mask refinement scale (REFINEMENT_SCALES) on the training run's validation scenes (best gIoU +
              N-acc + T-acc), writes OUT/<model>/calibrated.pt;
@@ -102,6 +104,9 @@ def shipped(s: Scale) -> str:
     return "lite" if s.lite_steps > 0 else "student"
 
 
+# Peak learning rate of the lite model's concept projection and prior scale (training.train --concepts-lr).
+LITE_CONCEPTS_LR = "1e-2"
+
 # Mask refinement scales each calibration tries (training.calibrate --mask-refinement): the bundled default's.
 REFINEMENT_SCALES = ("0", "0.5")
 
@@ -118,9 +123,9 @@ SCALES = {
         400, 150, 256, 192, 128, 2000, 1500, 1500, 4, 4, 8, 1, 2, presence_steps=500,
         lite_distill_steps=400, lite_steps=600,
     ),
-    # The intended default model (needs a GPU; render the data on a many-core machine first). Its last stages
-    # are the bundled model's: the presence head alone, then every part with MiniLM's last layer. This preset
-    # has not been run end to end (docs/TRAINING_RUNS.md).
+    # The intended default model (needs a GPU; render the data on a many-core machine first). Its stages are
+    # the bundled model's: the presence head alone, every part with MiniLM's last layer, then the pretrained
+    # lite model on cached features. This preset has not been run end to end (docs/TRAINING_RUNS.md).
     "gpu": Scale(
         scenes=20000,
         test_scenes=1000,
@@ -422,10 +427,12 @@ def build_plan(
             extra=["--trunk-cache", str(cache), "--seed", "3"],
             with_presence_head=s.presence_steps > 0, text_layers=s.refine_text_layers, text_lr=s.refine_text_lr,
         )
-        lite[lite.index("--model") + 1] = "converseg_edge_lite"
+        lite[lite.index("--model") + 1] = "converseg_edge_lite_concepts"
         lite[lite.index("--batch-size") + 1] = str(s.lite_batch_size)
         # The neck and detail path start nearly fresh: a higher rate than the heads taken from the student.
         lite[lite.index("--image-encoder-lr") + 1] = str(3 * s.refine_lr)
+        # The concepts' zero-started projection and the prior's scale learn at a rate of their own.
+        lite += ["--concepts-lr", LITE_CONCEPTS_LR]
         plan.append(("lite", python_module("training.train", lite, args.nproc), out / "lite" / "model.pt",
                      s.lite_steps))
     run_dirs = {"teacher": out / "teacher", "student": student_dir(out, s)}
