@@ -383,11 +383,13 @@ def targets(pooled: dict) -> list[tuple[str, str, bool | None]]:
         slow = get("onnxruntime-int8", edge, 512, "frame_model")
         fast = get("onnxruntime-int8", "converseg_edge", 512, "frame_model")
         if slow and fast:
-            rows.append((
-                "default at 512, new frame (encoder, decoder, post), ORT INT8: <= 2x converseg_edge's",
-                f"{slow / fast:.2f}x ({slow:.1f} vs {fast:.1f} ms)",
-                slow / fast <= 2,
-            ))
+            rows.append(
+                (
+                    "default at 512, new frame (encoder, decoder, post), ORT INT8: <= 2x converseg_edge's",
+                    f"{slow / fast:.2f}x ({slow:.1f} vs {fast:.1f} ms)",
+                    slow / fast <= 2,
+                )
+            )
     entry = pooled.get(("onnxruntime", edge, 512))
     if entry:
         rows.append(

@@ -477,17 +477,24 @@ def test_reproduce_default_plan(tmp_path, capsys):
     assert "img_size=256" in commands["finetune"] and "img_size=128" in commands["teacher"]
     # calibration sees only the training run's validation scenes; evaluation the calibrated models
     assert "data/train --split val --val-fraction 0.3" in commands["calibrate-student"]
-    assert all(commands[f"calibrate-{who}"].endswith("--mask-refinement 0 0.5") for who in ("student", "lite"))
+    assert all(
+        commands[f"calibrate-{who}"].endswith("--mask-refinement 0 0.5") for who in ("student", "lite")
+    )
     for stage in ("teacher", "finetune", "presence"):  # the scenes calibration uses never train
         assert "--val-fraction 0.3" in commands[stage], stage
     assert "presence/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
     assert f"--init {tmp_path / 'student' / 'model.pt'} " in commands["presence"]
     # the pretrained edge model: its trunk cached once, its neck fitted to the last student, then fine-tuned
     # on the cache at the student's resolution, with the student's presence head
-    assert f"--out {tmp_path / 'lite_cache'}" in commands["lite-cache"] and "--img-size 256" in commands["lite-cache"]
+    assert (
+        f"--out {tmp_path / 'lite_cache'}" in commands["lite-cache"]
+        and "--img-size 256" in commands["lite-cache"]
+    )
     assert f"--teacher {tmp_path / 'presence' / 'model.pt'}" in commands["lite-distill"]
     lite = commands["lite"]
-    assert "--model converseg_edge_lite_concepts" in lite and f"--trunk-cache {tmp_path / 'lite_cache'}" in lite
+    assert (
+        "--model converseg_edge_lite_concepts" in lite and f"--trunk-cache {tmp_path / 'lite_cache'}" in lite
+    )
     assert lite.endswith("--concepts-lr 1e-2")
     assert f"--init {tmp_path / 'lite_distilled.pt'}" in lite and "mask_presence=true" in lite
     assert "img_size=256" in lite and "--val-fraction 0.3" in lite
