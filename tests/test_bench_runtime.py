@@ -54,7 +54,12 @@ def test_targets_judge_the_default_configuration_when_measured():
         "2.05x (41.0 vs 20.0 ms)",
         False,
     )
+    pooled[("onnxruntime-int8-frame", default, 512)] = _entry(39.0)
+    rows = {t: (measured, met) for t, measured, met in bench_runtime.targets(pooled)}
+    frame_only = "default at 512, new frame (encoder, decoder, post), ORT INT8 per-frame graphs: <= 2x converseg_edge's"
+    assert rows[frame_only] == ("1.95x (39.0 vs 20.0 ms)", True)
     del pooled[("onnxruntime-int8", bare, 512)], pooled[("onnxruntime-int8", default, 512)]
+    del pooled[("onnxruntime-int8-frame", default, 512)]
     # without the default configuration in the run, the bare variant is judged
     del pooled[("torch", default, 512)], pooled[("onnxruntime", default, 512)]
     rows = {t: met for t, _, met in bench_runtime.targets(pooled)}
@@ -78,4 +83,19 @@ def test_a_bench_export_is_made_once_and_reused(tmp_path):
     manifest = out / "manifest.json"
     first = manifest.stat().st_mtime_ns
     assert bench_runtime.ensure_export("converseg_edge", 64, tmp_path, 1) == out
+    assert manifest.stat().st_mtime_ns == first
+
+
+def test_the_per_frame_int8_backend_quantizes_only_the_per_frame_graphs(tmp_path):
+    """onnxruntime-int8-frame benchmarks an export whose image encoder and context are INT8 and whose text
+    encoder and decoder stay float32; it is made once, beside the float32 folder, and reused."""
+    from converseg_core.artifacts import OnnxManifest
+
+    float_dir = bench_runtime.ensure_export("converseg_edge", 64, tmp_path, 1)
+    out = bench_runtime.ensure_quantized(float_dir, 1, "onnxruntime-int8-frame")
+    assert out == float_dir.with_name(float_dir.name + "_int8_frame")
+    assert set(OnnxManifest.load(out).quantization["graphs"]) == {"image_encoder", "image_context"}
+    manifest = out / "manifest.json"
+    first = manifest.stat().st_mtime_ns
+    assert bench_runtime.ensure_quantized(float_dir, 1, "onnxruntime-int8-frame") == out
     assert manifest.stat().st_mtime_ns == first
