@@ -422,9 +422,24 @@ def quantize_export(
     else:
         problems = accuracy_problems(accuracy["drop"], max_giou_drop, max_acc_drop)
         if problems:
-            raise refuse(f"quantized {list(graphs)} lose too much on {data}: {'; '.join(problems)}")
+            raise refuse(
+                f"quantized {list(graphs)} lose too much on {data}: {'; '.join(problems)}{narrower_hint(graphs)}"
+            )
     manifest.save(out / MANIFEST_NAME)
     return manifest
+
+
+def narrower_hint(graphs: Sequence[str]) -> str:
+    """What to try when quantizing `graphs` loses too much: the per-frame graphs alone, where most of a new
+    frame's time goes, keep the per-request ones (text encoder, decoder) float32 and their errors out of every
+    answer. Empty when only per-frame or only per-request graphs were quantized."""
+    frame = [g for g in graphs if g not in PER_REQUEST_GRAPHS]
+    if not frame or len(frame) == len(graphs):
+        return ""
+    return (
+        f"; try --graphs {' '.join(frame)} (the per-frame graphs only: the text encoder and decoder stay "
+        "float32, a new request costs a few ms more)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

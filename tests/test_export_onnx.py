@@ -472,6 +472,18 @@ def test_accuracy_drops_beyond_the_limits_are_named():
     assert problems == ["giou drops 1.5 points (limit 1.0)", "t_acc drops 2.5 points (limit 2.0)"]
 
 
+def test_a_refused_quantization_of_both_kinds_of_graph_suggests_the_per_frame_ones():
+    from converseg_export.quantize_onnx import DEFAULT_GRAPHS, PER_REQUEST_GRAPHS, narrower_hint
+
+    assert narrower_hint(DEFAULT_GRAPHS) == (
+        "; try --graphs image_encoder image_context (the per-frame graphs only: the text encoder and decoder "
+        "stay float32, a new request costs a few ms more)"
+    )
+    assert narrower_hint(["image_encoder", "decoder"]).startswith("; try --graphs image_encoder (")
+    assert narrower_hint(PER_REQUEST_GRAPHS) == ""
+    assert narrower_hint(["image_encoder", "image_context"]) == ""
+
+
 def test_quantization_that_loses_accuracy_leaves_no_loadable_folder(edge_export, tmp_path, monkeypatch):
     import converseg_export.quantize_onnx as q
 
@@ -487,8 +499,9 @@ def test_quantization_that_loses_accuracy_leaves_no_loadable_folder(edge_export,
     monkeypatch.setattr(q, "compare_accuracy", lossy)
     src, _ = edge_export
     data = write_toy_dataset(tmp_path / "toy", num_scenes=1)
-    with pytest.raises(q.QuantizationError, match="giou drops 10.0"):
+    with pytest.raises(q.QuantizationError, match="giou drops 10.0") as refused:
         q.quantize_export(src, tmp_path / "q", data=data, limit=2, graphs=q.PER_REQUEST_GRAPHS)
+    assert "try --graphs" not in str(refused.value)  # nothing narrower to suggest: no per-frame graph
     assert not (tmp_path / "q" / MANIFEST_NAME).exists()
     assert json.loads((tmp_path / "q" / FAILED_MANIFEST_NAME).read_text())["quantization"]["accuracy"]
     with pytest.raises(CheckpointError):
