@@ -269,11 +269,9 @@ def ensure_quantized(float_dir: Path, threads: int, backend: str = "onnxruntime-
     from converseg_core.backends.onnxruntime_backend import OnnxManifest
     from converseg_core.errors import CheckpointError
     from export.export_onnx import camera_like_image
-    from export.quantize_onnx import DEFAULT_GRAPHS, PER_REQUEST_GRAPHS, quantize_export
+    from export.quantize_onnx import DEFAULT_GRAPHS, PER_FRAME_GRAPHS, quantize_export
 
-    graphs = DEFAULT_GRAPHS
-    if backend == "onnxruntime-int8-frame":
-        graphs = tuple(g for g in DEFAULT_GRAPHS if g not in PER_REQUEST_GRAPHS)
+    graphs = PER_FRAME_GRAPHS if backend == "onnxruntime-int8-frame" else DEFAULT_GRAPHS
     out = float_dir.with_name(float_dir.name + INT8_BACKENDS[backend])
     try:
         made = OnnxManifest.load(out)

@@ -78,6 +78,7 @@ QUANTIZABLE = {
 }
 DEFAULT_GRAPHS = tuple(QUANTIZABLE)
 PER_REQUEST_GRAPHS = tuple(stage for stage, how in QUANTIZABLE.items() if not how.static)
+PER_FRAME_GRAPHS = tuple(stage for stage, how in QUANTIZABLE.items() if how.static)
 DEFAULT_CALIB_COUNT = 64
 # ONNX Runtime's calibrators. Its entropy calibrator is not offered: on the default model it wrote graphs
 # byte-identical to minmax's.

@@ -246,8 +246,14 @@ def test_ctrl_c_stops_the_process_pool_and_leaves_no_half_shard(tmp_path):
     # lands mid-run even when a loaded machine lets this process look late.
     # As from a terminal: SIGINT at its default in the child, whatever an earlier in-process test (a local Ray)
     # left in this pytest process, whose ignored SIGINT the child would otherwise inherit.
-    reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    proc = _cli(out, 48, "--workers", "2", start_new_session=True, preexec_fn=reset)
+    proc = _cli(
+        out,
+        48,
+        "--workers",
+        "2",
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while not any(p.is_file() for p in out.glob(".shard-*.tmp-*/images/*.png")):  # a shard half written
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
