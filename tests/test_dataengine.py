@@ -594,3 +594,59 @@ def test_ctrl_c_and_a_full_disk_end_with_a_message_and_keep_finished_shards(
     monkeypatch.setattr(pipeline, "write_scene", real)
     assert cli.main(argv) == 0
     assert json.loads((out / "index.json").read_text())["shards"] == ["shard-00000", "shard-00001"]
+
+
+@needs_furniture
+def test_reprompt_draws_new_requests_over_old_pictures_and_mix_joins_sets(engine, tmp_path):
+    from training.dataengine.__main__ import run
+    from training.dataengine.errors import DataEngineError
+    from training.dataengine.mix import main as mix_main
+    from training.dataengine.mix import mix
+    from training.dataengine.reprompt import main as reprompt_main
+    from training.records import read_records
+
+    src = tmp_path / "src"
+    run(_args(src, len(SCENES)), engine=engine)  # scene 7 holds a free-space request
+    old = read_dataset(src)
+    args = ["--data", str(src), "--seed", "11", "--quiet"]
+    assert reprompt_main([*args, "--out", str(tmp_path / "new")]) == 0
+    new = read_dataset(tmp_path / "new")
+    assert {r["scene_id"] for r in new} == {r["scene_id"] for r in old}
+    assert {r["prompt"] for r in new} != {r["prompt"] for r in old}  # another seed, other requests
+    ids = [r["sample_id"] for r in new]
+    assert len(ids) == len(set(ids))
+    for r in new:
+        assert np.array_equal(r["rgb"], next(o["rgb"] for o in old if o["scene_id"] == r["scene_id"]))
+        assert r["template_split"] in ("train", "heldout") and bool(r["mask"].any()) == (not r["negative"])
+        if r["answer_kind"] == "object":  # the answer is exactly the targets' pixels of the old frame
+            instance = np.asarray(Image.open(next(src.glob(f"shard-*/instances/{r['scene_id']}.png"))))
+            assert np.array_equal(r["mask"] > 0, np.isin(instance.astype(int) - 1, r["targets"]))
+    old_regions = sorted((r["prompt"], r["mask"].tobytes()) for r in old if r["answer_kind"] == "region")
+    new_regions = sorted((r["prompt"], r["mask"].tobytes()) for r in new if r["answer_kind"] == "region")
+    assert old_regions and new_regions == old_regions  # carried over as they were, never redrawn
+
+    # the same seed again (another folder) gives the same requests; a rerun into the folder changes nothing
+    assert reprompt_main([*args, "--out", str(tmp_path / "again")]) == 0
+    shard = "shard-00003/samples.jsonl"
+    assert (tmp_path / "again" / shard).read_bytes() == (tmp_path / "new" / shard).read_bytes()
+    mtime = (tmp_path / "new" / shard).stat().st_mtime_ns
+    assert reprompt_main([*args, "--out", str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new" / shard).stat().st_mtime_ns == mtime
+    assert reprompt_main(["--data", str(src), "--seed", "12", "--quiet", "--out", str(tmp_path / "new")]) == 2
+    assert reprompt_main(["--data", str(tmp_path / "nowhere"), "--seed", "1", "--out", str(tmp_path / "x")]) == 2
+
+    # a mix reads as both sets, in order, and is made once
+    index = mix(tmp_path / "mix", [src, tmp_path / "new"])
+    assert len(index["shards"]) == 2 * len(SCENES) and index["samples"] == len(old) + len(new)
+    mixed = read_records(tmp_path / "mix")
+    assert [r.prompt for r in mixed] == [r["prompt"] for r in old + new]
+    assert all(r.image.is_file() for r in mixed)
+    assert mix(tmp_path / "mix", [src, tmp_path / "new"]) == index
+    with pytest.raises(DataEngineError, match="other sources"):
+        mix(tmp_path / "mix", [tmp_path / "new", src])
+    with pytest.raises(DataEngineError, match="given twice"):
+        mix(tmp_path / "mix2", [src, src])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert mix_main(["--out", str(tmp_path / "full"), str(src), str(tmp_path / "new")]) == 2
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"

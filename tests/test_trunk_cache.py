@@ -3,6 +3,8 @@ another model, a training run that reads it, the neck distillation, and the dens
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,17 @@ def test_training_with_the_dense_objective_trains_its_head_and_resumes(toy, tmp_
     assert not torch.equal(moved, head["proj.weight"]), "the resumed run trains the restored head"
     with pytest.raises(SystemExit, match="dense-weight"):
         train(tiny_train(toy, tmp_path, steps=4, val_every=100, resume=True))
+
+
+def test_a_picture_reached_through_links_reads_its_cached_features(toy, cache_dir, tmp_path) -> None:
+    cache = TrunkCache.open(cache_dir, lite_config())
+    (tmp_path / "mix").mkdir()
+    (tmp_path / "mix" / "shard-00000").symlink_to(toy / "shard-00000", target_is_directory=True)
+    image = sorted(cache.index)[1]
+    linked = tmp_path / "mix" / "shard-00000" / "images" / Path(image).name
+    assert str(linked) not in cache.index and linked in cache
+    got = cache.lookup([str(linked)], [False], torch.device("cpu"))
+    want = cache.lookup([image], [False], torch.device("cpu"))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert tmp_path / "mix" / "shard-00000" / "images" / "missing.png" not in cache

@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -156,11 +157,22 @@ def build_cache(
 @dataclass
 class TrunkCache:
     """A built cache, memory-mapped. lookup() gives the trunk features of images by path, mirrored where
-    asked."""
+    asked. A path is found as it was cached or as the file it leads to, so a set that links to the cached
+    pictures (training.dataengine.mix, training.dataengine.reprompt) reads the same features."""
 
     folder: Path
     index: dict[str, int]
     arrays: list[np.ndarray]
+    by_file: dict[str, int] | None = None  # real path -> row, made on the first miss
+
+    def row(self, image: Path | str) -> int | None:
+        """The cache row of an image path, or None."""
+        found = self.index.get(str(image))
+        if found is not None:
+            return found
+        if self.by_file is None:
+            self.by_file = {os.path.realpath(p): i for p, i in self.index.items()}
+        return self.by_file.get(os.path.realpath(image))
 
     @classmethod
     def open(cls, folder: str | Path, config: ConverSegConfig) -> TrunkCache:
@@ -179,14 +191,14 @@ class TrunkCache:
         return cls(folder, {p: i for i, p in enumerate(meta["images"])}, arrays)
 
     def __contains__(self, image: Path | str) -> bool:
-        return str(image) in self.index
+        return self.row(image) is not None
 
     def lookup(
         self, images: list[str], flips: list[bool], device: torch.device, levels: tuple[str, ...] = LEVELS
     ) -> list[torch.Tensor]:
         """B image paths and mirror flags -> the `levels` (default: s4, s8, s16, s32) as B x C x H x W float32
         tensors."""
-        rows = [self.index[str(p)] for p in images]
+        rows = [self.row(p) for p in images]
         out = []
         for level in levels:
             array = self.arrays[LEVELS.index(level)]

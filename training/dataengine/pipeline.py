@@ -142,26 +142,36 @@ class Engine:
             reason = verifier.check(req, mask, graph, frame.instance)
             if reason is not None:
                 continue
-            sample_id = f"{scene_id}_{n:02d}"
-            rec = {
-                "prompt": req.prompt,
-                "family": req.family,
-                "template_id": req.template_id,
-                "template_split": req.template_split,
-                "concept": req.concept,
-                "targets": req.targets,
-                "target_categories": [graph["objects"][t]["category"] for t in req.targets],
-                "negative": req.negative,
-                **({"negative_kind": req.negative_kind} if req.negative else {}),
-                "answer_kind": req.answer_kind,
-                "scene_id": scene_id,
-                "sample_id": sample_id,
-                "mask_area": int(mask.sum()),
-            }
-            samples.append((rec, mask))
+            samples.append((sample_record(req, graph, f"{scene_id}_{n:02d}", mask), mask))
         counts = dict(verifier.counts)
         counts.pop("kept", None)
         return SceneResult(scene_id, frame.rgb, frame.depth, frame.instance, graph, samples, counts)
+
+
+def sample_record(req, graph: dict, sample_id: str, mask: np.ndarray) -> dict:
+    """One kept request (prompts.Request) as its samples.jsonl record, without the file paths."""
+    return {
+        "prompt": req.prompt,
+        "family": req.family,
+        "template_id": req.template_id,
+        "template_split": req.template_split,
+        "concept": req.concept,
+        "targets": req.targets,
+        "target_categories": [graph["objects"][t]["category"] for t in req.targets],
+        "negative": req.negative,
+        **({"negative_kind": req.negative_kind} if req.negative else {}),
+        "answer_kind": req.answer_kind,
+        "scene_id": graph["scene_id"],
+        "sample_id": sample_id,
+        "mask_area": int(mask.sum()),
+    }
+
+
+def write_mask(mask: np.ndarray, shard_dir: Path, sample_id: str) -> str:
+    """Write one sample's answer mask (mono8, 255 = answer); returns its path relative to the shard."""
+    rel = f"masks/{sample_id}.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(shard_dir / rel, compress_level=1)
+    return rel
 
 
 def write_scene(res: SceneResult, shard_dir: Path, save_depth: bool) -> list[dict]:
@@ -176,13 +186,10 @@ def write_scene(res: SceneResult, shard_dir: Path, save_depth: bool) -> list[dic
         json.dump(res.graph, f, separators=(",", ":"))
     out = []
     for rec, mask in res.samples:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(
-            shard_dir / "masks" / f"{rec['sample_id']}.png", compress_level=1
-        )
         out.append(
             {
                 "image": f"images/{res.scene_id}.png",
-                "mask_merged": f"masks/{rec['sample_id']}.png",
+                "mask_merged": write_mask(mask, shard_dir, rec["sample_id"]),
                 "instances": f"instances/{res.scene_id}.png",
                 "scene_graph": f"scenes/{res.scene_id}.json",
                 **({"depth": f"depth/{res.scene_id}.png"} if save_depth else {}),
