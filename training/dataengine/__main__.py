@@ -23,7 +23,7 @@ from converseg_core.files import atomic_write, atomic_write_text
 
 from .errors import DataEngineError
 from .executors import EXECUTORS, Shard, ShardFailure, remove_partial_shards, render_shards
-from .pipeline import Engine, EngineConfig, config_digest, shard_name
+from .pipeline import Engine, EngineConfig, add_request_options, config_digest, shard_name
 
 PROG = "python -m training.dataengine"
 # Environment variables that hold the task's index in an array job, read by --shard-index env.
@@ -56,19 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=384, help="image height in pixels")
     p.add_argument("--min-objects", type=int, default=3, help="fewest objects per scene")
     p.add_argument("--max-objects", type=int, default=12, help="most objects per scene")
-    p.add_argument(
-        "--samples-per-family", type=int, default=1, help="requests drawn per concept family and scene"
-    )
-    p.add_argument(
-        "--negative-rate", type=float, default=0.2, help="share of requests whose answer is absent"
-    )
-    p.add_argument(
-        "--prompt-noise",
-        type=float,
-        default=EngineConfig.prompt_noise,
-        help="share of requests given one human error: a typo, a dropped small word, a wrong plural "
-        "(never another object's name; 0 disables)",
-    )
+    add_request_options(p, samples_per_family=EngineConfig.samples_per_family)
     p.add_argument(
         "--no-shadows",
         action="store_true",

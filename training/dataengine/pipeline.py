@@ -43,6 +43,29 @@ class EngineConfig:
     sensor_effects: bool = True  # noise, blur, exposure, white balance, vignetting, JPEG on the RGB (sensor.py)
 
 
+def add_request_options(parser, *, samples_per_family: int) -> None:
+    """The command-line options of how requests are drawn, shared by the engine and by re-prompting."""
+    parser.add_argument(
+        "--samples-per-family",
+        type=int,
+        default=samples_per_family,
+        help="requests drawn per concept family and scene",
+    )
+    parser.add_argument(
+        "--negative-rate",
+        type=float,
+        default=EngineConfig.negative_rate,
+        help="share of requests whose answer is absent",
+    )
+    parser.add_argument(
+        "--prompt-noise",
+        type=float,
+        default=EngineConfig.prompt_noise,
+        help="share of requests given one human error: a typo, a dropped small word, a wrong plural "
+        "(never another object's name; 0 disables)",
+    )
+
+
 def config_digest(config: EngineConfig) -> str:
     """A short hash of everything that makes a dataset. Each shard's DONE marker carries it, so shards
     rendered by separate jobs are merged only when they were made with one configuration."""

@@ -31,7 +31,7 @@ from PIL import Image
 from converseg_core.files import atomic_write_text
 
 from .errors import DataEngineError
-from .pipeline import EngineConfig, sample_record, write_mask
+from .pipeline import add_request_options, sample_record, write_mask
 
 LINKED = ("images", "instances", "scenes", "depth")  # what a new shard shares with its source shard
 
@@ -225,21 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="request seed; use one the source did not (its requests were drawn from its own seed)",
     )
-    p.add_argument(
-        "--samples-per-family", type=int, default=2, help="requests drawn per concept family and scene"
-    )
-    p.add_argument(
-        "--negative-rate",
-        type=float,
-        default=EngineConfig.negative_rate,
-        help="share of requests whose answer is absent",
-    )
-    p.add_argument(
-        "--prompt-noise",
-        type=float,
-        default=EngineConfig.prompt_noise,
-        help="share of requests given one human error (typo, dropped small word, wrong plural; 0 disables)",
-    )
+    add_request_options(p, samples_per_family=2)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
