@@ -630,8 +630,12 @@ def test_reprompt_draws_new_requests_over_old_pictures_and_mix_joins_sets(engine
     shard = "shard-00003/samples.jsonl"
     assert (tmp_path / "again" / shard).read_bytes() == (tmp_path / "new" / shard).read_bytes()
     mtime = (tmp_path / "new" / shard).stat().st_mtime_ns
+    (tmp_path / "new" / "shard-00001" / "DONE").unlink()  # an interrupted shard and its debris are redone
+    (tmp_path / "new" / ".shard-00001.tmp-999" / "masks").mkdir(parents=True)
     assert reprompt_main([*args, "--out", str(tmp_path / "new")]) == 0
     assert (tmp_path / "new" / shard).stat().st_mtime_ns == mtime
+    assert (tmp_path / "new" / "shard-00001" / "DONE").is_file()
+    assert not list((tmp_path / "new").glob(".shard-*"))
     assert reprompt_main(["--data", str(src), "--seed", "12", "--quiet", "--out", str(tmp_path / "new")]) == 2
     assert reprompt_main(["--data", str(tmp_path / "nowhere"), "--seed", "1", "--out", str(tmp_path / "x")]) == 2
 

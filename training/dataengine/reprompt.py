@@ -75,9 +75,9 @@ def reprompt_shard(source: Path, final: Path, generator, seed: int, per_family: 
     """Write one re-prompted shard into a temporary folder and rename it when complete."""
     from .verifier import Verifier
 
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by an interrupted run
+        shutil.rmtree(stale)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     (tmp / "masks").mkdir(parents=True)
     for sub in LINKED:
         if (source / sub).is_dir():
