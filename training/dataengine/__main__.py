@@ -23,7 +23,7 @@ from converseg_core.files import atomic_write, atomic_write_text
 
 from .errors import DataEngineError
 from .executors import EXECUTORS, Shard, ShardFailure, remove_partial_shards, render_shards
-from .pipeline import Engine, EngineConfig, add_request_options, config_digest, shard_name
+from .pipeline import PATH_KEYS, Engine, EngineConfig, add_request_options, config_digest, shard_name
 
 PROG = "python -m training.dataengine"
 # Environment variables that hold the task's index in an array job, read by --shard-index env.
@@ -433,7 +433,7 @@ def finalize(
                     splits[rec["template_split"]] = splits.get(rec["template_split"], 0) + 1
                     negatives += int(rec["negative"])
                     regions += int(rec["answer_kind"] == "region")
-                    for key in ("image", "mask_merged", "instances", "scene_graph", "depth"):
+                    for key in PATH_KEYS:
                         if key in rec:
                             rec[key] = f"{shard_name(k)}/{rec[key]}"
                     ds.write(json.dumps(rec) + "\n")

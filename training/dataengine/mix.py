@@ -20,8 +20,7 @@ from pathlib import Path
 from converseg_core.files import atomic_write_text
 
 from .errors import DataEngineError
-from .pipeline import shard_name
-from .reprompt import source_index
+from .pipeline import read_index, shard_name
 
 
 def mix(out: Path, sources: list[Path]) -> dict:
@@ -33,7 +32,7 @@ def mix(out: Path, sources: list[Path]) -> dict:
     resolved = [str(s.resolve()) for s in sources]
     if len(set(resolved)) != len(resolved):
         raise DataEngineError(f"a source is given twice: {[str(s) for s in sources]}")
-    indexes = [source_index(s) for s in sources]
+    indexes = [read_index(s) for s in sources]
     index_path = out / "index.json"
     if index_path.is_file():
         old = json.loads(index_path.read_text(encoding="utf-8"))

@@ -157,11 +157,7 @@ class Engine:
                     grid = free & inner
                 mask = grid_to_image(region_grid(grid, req.region_radius_m or 0.04), origin, frame)
             else:
-                mask = (
-                    np.isin(frame.instance, req.targets)
-                    if req.targets
-                    else np.zeros(frame.instance.shape, bool)
-                )
+                mask = object_mask(frame.instance, req.targets)
             reason = verifier.check(req, mask, graph, frame.instance)
             if reason is not None:
                 continue
@@ -169,6 +165,43 @@ class Engine:
         counts = dict(verifier.counts)
         counts.pop("kept", None)
         return SceneResult(scene_id, frame.rgb, frame.depth, frame.instance, graph, samples, counts)
+
+
+# The fields of a samples.jsonl record that are file paths (relative to the shard).
+PATH_KEYS = ("image", "mask_merged", "instances", "scene_graph", "depth")
+
+
+def object_mask(instance: np.ndarray, targets: list[int]) -> np.ndarray:
+    """The answer mask of an object request: the pixels of its target objects (none for a negative)."""
+    return np.isin(instance, targets) if targets else np.zeros(instance.shape, bool)
+
+
+def scene_files(scene_id: str, save_depth: bool) -> dict:
+    """A scene's per-picture files, as record fields relative to its shard (PATH_KEYS but the mask)."""
+    return {
+        "image": f"images/{scene_id}.png",
+        "instances": f"instances/{scene_id}.png",
+        "scene_graph": f"scenes/{scene_id}.json",
+        **({"depth": f"depth/{scene_id}.png"} if save_depth else {}),
+    }
+
+
+def read_instances(path: Path) -> np.ndarray:
+    """An instance map written by write_scene -> H x W int32 object ids (-1: no object)."""
+    return np.asarray(Image.open(path), dtype=np.int32) - 1
+
+
+def read_index(folder: Path) -> dict:
+    """A finished data engine output's index.json, or a DataEngineError saying what is wrong."""
+    from .errors import DataEngineError
+
+    path = folder / "index.json"
+    if not path.is_file():
+        raise DataEngineError(f"{folder}: no index.json; give a finished data engine output")
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if index.get("format") != "converseg-dataengine":
+        raise DataEngineError(f"{path}: not a data engine index (format {index.get('format')!r})")
+    return index
 
 
 def sample_record(req, graph: dict, sample_id: str, mask: np.ndarray) -> dict:
@@ -200,7 +233,7 @@ def write_mask(mask: np.ndarray, shard_dir: Path, sample_id: str) -> str:
 def write_scene(res: SceneResult, shard_dir: Path, save_depth: bool) -> list[dict]:
     """Write the PNGs and the scene graph of one scene; return its jsonl records with paths filled in."""
     Image.fromarray(res.rgb).save(shard_dir / "images" / f"{res.scene_id}.png", compress_level=1)
-    inst = (res.instance + 1).clip(0, 255).astype(np.uint8)  # 0 = no object, k + 1 = object id k
+    inst = (res.instance + 1).clip(0, 255).astype(np.uint8)  # 0 = no object, k + 1 = object id k (read_instances)
     Image.fromarray(inst).save(shard_dir / "instances" / f"{res.scene_id}.png", compress_level=1)
     if save_depth:
         mm = np.clip(res.depth * 1000.0, 0, 65535).astype(np.uint16)
@@ -209,16 +242,9 @@ def write_scene(res: SceneResult, shard_dir: Path, save_depth: bool) -> list[dic
         json.dump(res.graph, f, separators=(",", ":"))
     out = []
     for rec, mask in res.samples:
-        out.append(
-            {
-                "image": f"images/{res.scene_id}.png",
-                "mask_merged": write_mask(mask, shard_dir, rec["sample_id"]),
-                "instances": f"instances/{res.scene_id}.png",
-                "scene_graph": f"scenes/{res.scene_id}.json",
-                **({"depth": f"depth/{res.scene_id}.png"} if save_depth else {}),
-                **rec,
-            }
-        )
+        files = scene_files(res.scene_id, save_depth)
+        mask_merged = write_mask(mask, shard_dir, rec["sample_id"])
+        out.append({"image": files["image"], "mask_merged": mask_merged, **files, **rec})  # the field order of old shards
     return out
 
 

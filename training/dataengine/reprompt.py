@@ -31,20 +31,18 @@ from PIL import Image
 from converseg_core.files import atomic_write_text
 
 from .errors import DataEngineError
-from .pipeline import add_request_options, sample_record, write_mask
+from .pipeline import (
+    PATH_KEYS,
+    add_request_options,
+    object_mask,
+    read_index,
+    read_instances,
+    sample_record,
+    scene_files,
+    write_mask,
+)
 
 LINKED = ("images", "instances", "scenes", "depth")  # what a new shard shares with its source shard
-
-
-def source_index(data: Path) -> dict:
-    """The source set's index.json (a finished data engine run), or a DataEngineError saying what is wrong."""
-    path = data / "index.json"
-    if not path.is_file():
-        raise DataEngineError(f"{data}: no index.json; re-prompt a finished data engine run")
-    index = json.loads(path.read_text(encoding="utf-8"))
-    if index.get("format") != "converseg-dataengine":
-        raise DataEngineError(f"{path}: not a data engine index (format {index.get('format')!r})")
-    return index
 
 
 def reprompt_scene(generator, verifier, graph: dict, instance: np.ndarray, seed: int, per_family: int):
@@ -55,7 +53,7 @@ def reprompt_scene(generator, verifier, graph: dict, instance: np.ndarray, seed:
         if req.answer_kind == "region":
             verifier.counts["region_redrawn"] += 1
             continue
-        mask = np.isin(instance, req.targets) if req.targets else np.zeros(instance.shape, bool)
+        mask = object_mask(instance, req.targets)
         if verifier.check(req, mask, graph, instance) is None:
             yield sample_record(req, graph, "", mask), mask
 
@@ -97,31 +95,23 @@ def reprompt_shard(source: Path, final: Path, generator, seed: int, per_family: 
             for graph_file in sorted((source / "scenes").glob("*.json")):
                 graph = json.loads(graph_file.read_text(encoding="utf-8"))
                 scene_id = graph["scene_id"]
-                # 0 = no object, k + 1 = object id k (pipeline.write_scene)
-                instance = (
-                    np.asarray(Image.open(source / "instances" / f"{scene_id}.png"), dtype=np.int32) - 1
-                )
+                instance = read_instances(source / "instances" / f"{scene_id}.png")
                 kept = list(reprompt_scene(generator, verifier, graph, instance, seed, per_family))
                 carried = [
                     (
-                        {
-                            k: v
-                            for k, v in rec.items()
-                            if k not in ("image", "mask_merged", "instances", "scene_graph", "depth")
-                        },
+                        {k: v for k, v in rec.items() if k not in PATH_KEYS},
                         np.asarray(Image.open(source / rec["mask_merged"])) > 127,
                     )
                     for rec in regions.get(scene_id, [])
                 ]
                 for n, (rec, mask) in enumerate(kept + carried):
                     rec = {**rec, "sample_id": f"{scene_id}_{n:02d}"}
-                    paths = {
-                        "image": f"images/{scene_id}.png",
-                        "mask_merged": write_mask(mask, tmp, rec["sample_id"]),
-                        "instances": f"instances/{scene_id}.png",
-                        "scene_graph": f"scenes/{scene_id}.json",
-                    }
-                    f.write(json.dumps({**paths, **rec}) + "\n")
+                    files = scene_files(scene_id, save_depth=False)
+                    mask_merged = write_mask(mask, tmp, rec["sample_id"])
+                    f.write(
+                        json.dumps({"image": files["image"], "mask_merged": mask_merged, **files, **rec})
+                        + "\n"
+                    )
                     stats["samples"] += 1
                     stats["families"][rec["family"]] = stats["families"].get(rec["family"], 0) + 1
                     stats["negatives"] += int(rec["negative"])
@@ -156,7 +146,7 @@ def reprompt(
     from .knowledge import load_knowledge_base
     from .prompts import PromptGenerator
 
-    index = source_index(data)
+    index = read_index(data)
     config = {
         "seed": seed,
         "samples_per_family": per_family,
