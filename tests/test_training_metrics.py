@@ -108,6 +108,19 @@ def test_presence_sweep_gates_ungated_scores_by_threshold():
     assert high.giou_all == pytest.approx(50.0)  # the negative's empty answer is IoU 1
 
 
+def test_presence_auc_ranks_present_above_absent_with_ties_counting_half():
+    from training.metrics import presence_auc
+
+    negative = [False, False, True, True]
+    assert presence_auc([0.9, 0.8, 0.2, 0.1], negative) == 100.0
+    assert presence_auc([0.1, 0.2, 0.8, 0.9], negative) == 0.0
+    # pairs (positive, negative): 0.9 > 0.5 and 0.9 > 0.3; 0.5 = 0.5 (half); 0.5 > 0.3 -> 3.5 of 4
+    assert presence_auc([0.9, 0.5, 0.5, 0.3], negative) == 87.5
+    assert presence_auc([0.7, 0.7, 0.7, 0.7], negative) == 50.0
+    assert presence_auc([0.9, 0.1], [False, False]) is None
+    assert presence_auc([], []) is None
+
+
 def test_target_size_groups_cover_every_positive_once_in_size_order():
     # 100 x 100 image: 99 px is 0.99 % (smallest group), 100 px is exactly 1 % (next group: edges are lower-inclusive)
     names = [target_size_group(px, 100 * 100) for px in (1, 99, 100, 249, 250, 499, 500, 10_000)]
@@ -230,6 +243,48 @@ def test_compare_concept_matched_gap_separates_phrasing_from_which_requests_are_
         read_samples(_write_samples(tmp_path / "d", plain)),
     )
     assert "held-out gap, concept-matched" not in {r.metric for r in compare(a, b, bootstrap=200, seed=0)}
+
+
+def test_compare_presence_auc_matches_the_evaluation_and_bootstraps_over_scenes(tmp_path):
+    from training.compare import compare, pair, read_samples
+    from training.metrics import presence_auc
+
+    # 30 scenes of two positives and a negative. A's presence orders them right in the seen-template
+    # requests and at random in the held-out ones; B orders every held-out pair right.
+    rng = np.random.default_rng(3)
+    a_rows, b_rows = [], []
+    for sc in range(30):
+        split = "heldout" if sc % 2 else "seen"
+        scores = rng.random(3).round(2) if split == "heldout" else np.array([0.9, 0.8, 0.2])
+        for k, negative in enumerate((False, False, True)):
+            row = _sample(
+                3 * sc + k, sc, inter=0 if negative else 5, union=0 if negative else 10, split=split
+            )
+            row["negative"] = negative
+            a_rows.append({**row, "presence": float(scores[k])})
+            b_rows.append({**row, "presence": 0.1 if negative else 0.95})
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "a", a_rows)),
+        read_samples(_write_samples(tmp_path / "b", b_rows)),
+    )
+    rows = {r.metric: r for r in compare(a, b, bootstrap=300, seed=0)}
+    held = [r for r in a_rows if r["split"] == "heldout"]
+    expected = presence_auc([r["presence"] for r in held], [r["negative"] for r in held])
+    assert rows["presence AUC, held-out templates"].a == pytest.approx(expected, abs=1e-3)
+    assert rows["presence AUC, seen templates"].a == pytest.approx(100.0)
+    assert rows["presence AUC"].b == pytest.approx(100.0)
+    gain = rows["presence AUC, held-out templates"]
+    assert gain.diff == pytest.approx(100.0 - expected, abs=1e-3) and gain.low > 0
+    seen = rows["presence AUC, seen templates"]
+    assert seen.diff == 0 and seen.low == seen.high == 0
+
+    # Evaluations without presence scores leave the rows out.
+    plain = [{k: v for k, v in r.items() if k != "presence"} for r in a_rows]
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "c", plain)),
+        read_samples(_write_samples(tmp_path / "d", plain)),
+    )
+    assert not any("presence AUC" in r.metric for r in compare(a, b, bootstrap=100, seed=0))
 
 
 def test_compare_interval_covers_zero_for_noise_and_refuses_other_requests(tmp_path):

@@ -22,6 +22,7 @@ from converseg_core.checkpoint import load_checkpoint
 from training import losses
 from training.distill import DistillConfig, distill
 from training.evaluate import EvalConfig, evaluate
+from training.metrics import presence_auc
 from training.schedule import lr_factor
 from training.train import train
 from training.train_config import TrainConfig
@@ -177,6 +178,14 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     md = (tmp_path / "e" / "metrics.md").read_text()
     assert "| attribute |" in md and "N-acc" in md and "Where positives lose IoU" in md
     assert "Negatives by kind" in md
+    # presence AUC per template split, recomputed from the per-sample presences samples.jsonl holds
+    rows = [json.loads(line) for line in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]
+    seen = [r for r in rows if r["split"] == "seen"]
+    assert set(metrics["presence_auc"]) == {"all", "templates: seen", "templates: heldout"}
+    assert metrics["presence_auc"]["templates: seen"] == presence_auc(
+        [r["presence"] for r in seen], [r["negative"] for r in seen]
+    )
+    assert "Presence AUC" in md
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["overall"] == metrics["overall"]
     assert (tmp_path / "e" / "panels_first.png").is_file()
 

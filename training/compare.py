@@ -9,7 +9,8 @@ replacement, because the requests of one scene share an image and are not indepe
 excludes 0 is a difference this test set can tell apart from noise; one that includes it is not.
 
 Metrics (see training/metrics.py): gIoU and cIoU on positives, N-acc, T-acc, gIoU on seen and held-out
-templates and their gap (seen - held-out), and per concept family gIoU and gap.
+templates and their gap (seen - held-out), presence AUC (threshold-free; overall, seen and held-out templates)
+and per concept family gIoU and gap.
 
 The held-out phrasings are not spread evenly over kinds of request (a family's held-out phrasings may all be
 hard relations while its seen ones include easy free-space requests), so the raw gap mixes phrasing with
@@ -56,6 +57,7 @@ class Samples:
     union: np.ndarray
     present: np.ndarray  # bool: predicted something
     concept: np.ndarray | None = None  # str: template id's first two parts; None without template ids
+    presence: np.ndarray | None = None  # float: the presence score; None where samples.jsonl lacks it
 
     @property
     def iou(self) -> np.ndarray:
@@ -102,6 +104,7 @@ def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
     scenes = {s: k for k, s in enumerate(sorted({a[i]["scene"] for i in ids}))}
     templates = [a[i].get("template") for i in ids]
     concept = None if None in templates else np.array([".".join(str(t).split(".")[:2]) for t in templates])
+    with_presence = all("presence" in a[i] and "presence" in b[i] for i in ids)
 
     def arrays(rows: dict[str, dict]) -> Samples:
         return Samples(
@@ -114,6 +117,7 @@ def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
             union=np.array([rows[i]["union"] for i in ids], float),
             present=np.array([bool(rows[i]["present"]) for i in ids]),
             concept=concept,
+            presence=np.array([rows[i]["presence"] for i in ids], float) if with_presence else None,
         )
 
     return arrays(a), arrays(b)
@@ -188,7 +192,32 @@ def matched_gap(select: Callable[[Samples], np.ndarray] | None = None) -> Metric
     return f
 
 
-def metrics(families: Sequence[str], concept_matched: bool = False) -> dict[str, Metric]:
+def presence_auc(select: Callable[[Samples], np.ndarray] | None = None) -> Metric:
+    """training.metrics.presence_auc with each request weighted by how often its scene was drawn: the weighted
+    share of (positive, negative) pairs that the presence score orders right, ties counting half."""
+
+    def f(s: Samples, counts: np.ndarray) -> np.ndarray:
+        m = select(s) if select else np.ones(len(s.ids), bool)
+        if not (m & s.negative).any() or not (m & ~s.negative).any():
+            return np.full(len(counts), np.nan)
+        order = np.argsort(s.presence[m], kind="mergesort")
+        _, first = np.unique(s.presence[m][order], return_index=True)
+        scene, negative = s.scene[m][order], s.negative[m][order]
+        out = []
+        for chunk in np.array_split(counts, max(1, len(counts) // 200)):
+            w = chunk[:, scene]  # R x n request weights, in presence order
+            neg = np.add.reduceat(w * negative, first, axis=1)  # R x K weight of the negatives per score
+            pos = np.add.reduceat(w * ~negative, first, axis=1)
+            below = np.cumsum(neg, axis=1) - neg
+            out.append(_ratio((pos * (below + 0.5 * neg)).sum(1), pos.sum(1) * neg.sum(1)))
+        return np.concatenate(out)
+
+    return f
+
+
+def metrics(
+    families: Sequence[str], concept_matched: bool = False, with_presence: bool = False
+) -> dict[str, Metric]:
     g = giou()
     out: dict[str, Metric] = {
         "gIoU": g,
@@ -204,6 +233,10 @@ def metrics(families: Sequence[str], concept_matched: bool = False) -> dict[str,
     }
     if concept_matched:
         out["held-out gap, concept-matched"] = matched_gap()
+    if with_presence:
+        out["presence AUC"] = presence_auc()
+        out["presence AUC, seen templates"] = presence_auc(lambda s: ~s.heldout)
+        out["presence AUC, held-out templates"] = presence_auc(lambda s: s.heldout)
     for fam in families:
         out[f"{fam}: gIoU"] = giou(lambda s, fam=fam: s.family == fam)
         out[f"{fam}: held-out gap"] = gap(lambda s, fam=fam: s.family == fam)
@@ -236,7 +269,10 @@ def compare(a: Samples, b: Samples, *, bootstrap: int, seed: int) -> list[Row]:
     rows = []
     ones = np.ones((1, n_scenes))
     counts = scene_resamples(n_scenes, bootstrap, seed)
-    for name, f in metrics(sorted(set(a.family)), concept_matched=a.concept is not None).items():
+    chosen = metrics(
+        sorted(set(a.family)), concept_matched=a.concept is not None, with_presence=a.presence is not None
+    )
+    for name, f in chosen.items():
         va, vb = float(f(a, ones)[0]), float(f(b, ones)[0])
         d = f(b, counts) - f(a, counts)
         d = d[~np.isnan(d)]

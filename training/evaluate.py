@@ -40,6 +40,7 @@ from .metrics import (
     PositiveOutcomes,
     SampleResult,
     positive_outcomes,
+    presence_auc,
     score_sample,
     target_size_group,
 )
@@ -334,6 +335,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     metrics["outcomes"] = {
         key: {name: o.to_dict() for name, o in rows.items()} for key, rows in outcome_groups.items()
     }
+    # Threshold-free: does the presence score rank present above absent, overall and per template split?
+    splits = {
+        "all": per_sample,
+        **{f"templates: {k}": [r for r in per_sample if r["split"] == k] for k in templates},
+    }
+    metrics["presence_auc"] = {
+        name: presence_auc([r["presence"] for r in rows], [r["negative"] for r in rows])
+        for name, rows in splits.items()
+    }
     if (
         "seen" in templates
         and "heldout" in templates
@@ -356,6 +366,11 @@ def evaluate(cfg: EvalConfig) -> dict:
             "Overall and by template split",
             {"all": overall, **{f"templates: {k}": v for k, v in templates.items()}},
         )
+    )
+    md.append(
+        "Presence AUC (threshold-free: the chance a present target's presence exceeds an absent one's, in %): "
+        + ", ".join(f"{name} {fmt(auc)}" for name, auc in metrics["presence_auc"].items())
+        + "\n"
     )
     md.append(markdown_table("By concept family", acc.by("family")))
     md.append(markdown_table("By concept family and template split", acc.by("family_template")))

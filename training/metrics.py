@@ -205,6 +205,25 @@ def positive_outcomes(results: list[SampleResult]) -> PositiveOutcomes:
     )
 
 
+def presence_auc(presence: np.ndarray, negative: np.ndarray) -> float | None:
+    """How well the presence score alone tells present from absent, whatever the threshold: the chance that a
+    random positive request scores above a random negative one (ties count half), in 0..100 (ROC AUC, as
+    the Mann-Whitney statistic over average ranks). None without both kinds."""
+    presence = np.asarray(presence, dtype=float)
+    negative = np.asarray(negative, dtype=bool)
+    n_neg, n_pos = int(negative.sum()), int((~negative).sum())
+    if not n_neg or not n_pos:
+        return None
+    order = np.argsort(presence, kind="mergesort")
+    ranks = np.empty(len(presence), dtype=float)
+    ranks[order] = np.arange(1, len(presence) + 1)
+    _, first, counts = np.unique(presence[order], return_index=True, return_counts=True)
+    for start, count in zip(first[counts > 1], counts[counts > 1], strict=True):
+        ranks[order[start : start + count]] = start + (count + 1) / 2.0
+    u = ranks[~negative].sum() - n_pos * (n_pos + 1) / 2.0
+    return round(100.0 * u / (n_pos * n_neg), 3)
+
+
 @dataclass
 class MetricAccumulator:
     """Collects SampleResults with group labels (e.g. family, template split) and summarizes them."""
