@@ -129,6 +129,8 @@ def help_flags(prefix: tuple[str, ...]) -> frozenset[str] | str:
     done = subprocess.run([*prefix, "--help"], cwd=REPO, capture_output=True, text=True, timeout=180)
     if done.returncode != 0:
         return f"--help exited {done.returncode}: {done.stderr[-500:]}"
+    if "(not available here:" in done.stdout:  # e.g. the pinned data engine in a clone without its history
+        return "skip"
     return frozenset(re.findall(r"(?<![\w-])--[A-Za-z0-9][-A-Za-z0-9_]*", done.stdout))
 
 
@@ -146,7 +148,7 @@ def test_documented_command_uses_existing_flags(where, command):
             prefix, arguments = (*prefix, arguments[0]), arguments[1:]
     flags = help_flags(prefix)
     if flags == "skip":
-        pytest.skip(f"{prefix[0]} is not installed")
+        pytest.skip(f"{prefix[-1]}: not installed, or its --help says part of it is unavailable here")
     assert not isinstance(flags, str), f"{where}\n{flags}"
     used = [a.split("=", 1)[0] for a in arguments if a.startswith("--") and a != "--"]
     unknown = [flag for flag in used if flag not in flags]
