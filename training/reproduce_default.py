@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         "--v3-benchmark",
         action="store_true",
         help="also render the v3 test set (the model card's) with the pinned v3 engine and compare the shipped "
-        "model with the bundled one on it (about 15 min on 2 cores)",
+        "model with the bundled one on it (7 min at --scale smoke on 2 cores)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars in the training stages")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
