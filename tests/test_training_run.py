@@ -513,8 +513,9 @@ def test_reproduce_default_plan(tmp_path, capsys):
 def test_reproduce_default_v3_benchmark_compares_the_shipped_model_with_the_bundled_one(tmp_path, capsys):
     import json
 
+    from converseg_core.weights import DEFAULT_CHECKPOINT as BUNDLED
     from training.dataengine.pinned import V3_TEST_ARGS
-    from training.reproduce_default import BUNDLED, SCALES, main, summarize
+    from training.reproduce_default import SCALES, main, summarize
 
     argv = ["--out", str(tmp_path), "--scale", "smoke", "--dry-run"]
     assert main(argv) == 0

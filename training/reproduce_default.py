@@ -58,6 +58,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from converseg_core.weights import DEFAULT_CHECKPOINT
+
 from .dataengine.pinned import V3_TEST_ARGS
 
 
@@ -481,10 +483,6 @@ def build_plan(
     return plan
 
 
-# The model the v3 benchmark compares the reproduced one with.
-BUNDLED = Path(__file__).resolve().parents[1] / "converseg_core" / "assets" / "converseg_edge.pt"
-
-
 def v3_benchmark_stages(
     out: Path, s: Scale, args: argparse.Namespace
 ) -> list[tuple[str, list[str], None, int]]:
@@ -495,7 +493,7 @@ def v3_benchmark_stages(
     who = shipped(s)
     models = {
         who: (student_dir(out, s) if who == "student" else out / who) / "calibrated.pt",
-        "bundled": BUNDLED,
+        "bundled": DEFAULT_CHECKPOINT,
     }
     for name, checkpoint in models.items():
         ev = ["--checkpoint", str(checkpoint), "--data", str(v3), "--out-dir", str(out / f"eval_{name}_v3"),

@@ -49,7 +49,7 @@ class Pin:
 PINS = {
     "v3": Pin(
         commit="7527f2494903d7b6de869fb29a925f8c4c6faa91",
-        what="73 object models, template phrasings; the v3 sets of Runs T to AE and the model card",
+        what="73 object models, template phrasings; renders the v3 sets the model card's v3 numbers are measured on",
         config={
             "width": 512,
             "height": 384,
