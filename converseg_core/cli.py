@@ -86,6 +86,7 @@ def segment(
     backend: str = "torch",
     overlay: Path | None = None,
     presence_threshold: float | None = None,
+    anchoring: bool = True,
 ) -> list[dict]:
     """Segment `image` for each query; write the union mask (mono8 0/255) to `out`. Returns one summary
     dict per query."""
@@ -104,7 +105,9 @@ def segment(
         )
     rgb = read_rgb(image)
     source = checkpoint if checkpoint is not None else default_checkpoint()
-    seg = Segmenter.from_checkpoint(source, backend=backend, presence_threshold=presence_threshold)
+    seg = Segmenter.from_checkpoint(
+        source, backend=backend, presence_threshold=presence_threshold, anchoring=anchoring
+    )
     seg.set_image(rgb)
     results = seg.predict(queries)
     union = np.zeros(rgb.shape[:2], dtype=bool)
@@ -123,6 +126,7 @@ def segment(
             "area": r.area,
             "box": r.box,
             "peak": r.peak,
+            "anchor": r.anchor,
         }
         for r in results
     ]
@@ -161,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability in [0, 1] under which a target counts as absent (empty mask); default: the model's "
         "calibrated one",
     )
+    p.add_argument(
+        "--no-anchoring",
+        action="store_true",
+        help="decode every request with its own words, ignoring the model's phrasing memory (by default a "
+        "new wording of a concept request is decoded as the nearest phrasing the model trained on; the "
+        "output's 'anchor' names it)",
+    )
     sub.add_parser("models", help="list the registered model variants")
     return parser
 
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=args.backend,
             overlay=args.overlay,
             presence_threshold=args.presence_threshold,
+            anchoring=not args.no_anchoring,
         )
     except ConverSegError as exc:
         print(f"converseg: error: {exc}", file=sys.stderr)

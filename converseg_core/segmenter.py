@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .anchoring import PhrasingMemory, Phrasings, cache_dir, pooled, sidecar_path
 from .backends import Backend, get_backend
 from .backends.base import FrameContext
 from .config import ConverSegConfig
@@ -50,6 +51,8 @@ class SegmentationResult:
     peak: (x, y) pixel of the highest mask logit, where the model is surest the answer lies, given even when
         the target is reported absent (a point to look at or a place to start a grasp search).
     truncated: the request was longer than config.max_query_tokens; the model read only its beginning.
+    anchor: the trained phrasing the request was decoded with (request anchoring, converseg_core.anchoring),
+        or None when it was decoded with its own words.
     timings: milliseconds per stage of the predict() call that produced this result.
     """
 
@@ -63,6 +66,7 @@ class SegmentationResult:
     truncated: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     peak: tuple[int, int] | None = None
+    anchor: str | None = None
 
 
 class NoImageError(ConverSegError, RuntimeError):
@@ -99,8 +103,10 @@ class Segmenter:
         mask_threshold: float | None = None,
         presence_threshold: float | None = None,
         max_input_side: int | None = None,
+        phrasings: Phrasings | None = None,
     ) -> None:
-        """model: a ConverSeg torch module, or any Backend (see converseg_core.backends)."""
+        """model: a ConverSeg torch module, or any Backend (see converseg_core.backends). phrasings: a phrasing
+        memory for request anchoring (converseg_core.anchoring); None decodes every request with its own words."""
         if isinstance(model, Backend):
             self.backend: Backend = model
         else:
@@ -124,15 +130,30 @@ class Segmenter:
         self._queries: list[str] = []
         # query -> (token features T x 384, attention mask T, truncated)
         self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, bool]] = OrderedDict()
+        self.phrasings = phrasings
+        self._anchors: dict[str, str] = {}  # request -> the trained phrasing it is decoded with
+        # Embedded here, not on the first request, so a robot's first request does not wait for it.
+        self._memory = (
+            PhrasingMemory.build(phrasings, self.encode_texts, cache=cache_dir()) if phrasings else None
+        )
         # Counters that tests and diagnostics read: expensive work must happen once.
         self.stats = {"image_encodes": 0, "text_encodes": 0, "queries_encoded": 0}
         self.last_image_ms = 0.0
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, backend: str = "torch", **kwargs) -> Segmenter:
-        """path: a checkpoint file (torch) or an exported folder (onnxruntime, tensorrt)."""
+    def from_checkpoint(
+        cls, path: str | Path, backend: str = "torch", anchoring: bool | str | Path = True, **kwargs
+    ) -> Segmenter:
+        """path: a checkpoint file (torch) or an exported folder (onnxruntime, tensorrt). anchoring: True uses
+        the phrasing memory beside the checkpoint when there is one (`anchoring.sidecar_path`), False never
+        anchors, a path names the memory file (which must then exist)."""
         backend_options = ("device", "providers", "num_threads")
         backend_kwargs = {k: kwargs.pop(k) for k in backend_options if k in kwargs}
+        if anchoring is True:
+            beside = sidecar_path(path)
+            kwargs.setdefault("phrasings", Phrasings.load(beside) if beside.is_file() else None)
+        elif anchoring is not False:
+            kwargs.setdefault("phrasings", Phrasings.load(anchoring))
         return cls(get_backend(backend, path, **backend_kwargs), **kwargs)
 
     # -- image ---------------------------------------------------------------------------------------
@@ -170,6 +191,16 @@ class Segmenter:
     def queries(self) -> list[str]:
         return list(self._queries)
 
+    def clear_text_cache(self) -> None:
+        """Forget every encoded request (and its anchor): the next predict() encodes its requests anew."""
+        self._text_cache.clear()
+        self._anchors.clear()
+
+    def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> (Q x T x 384 token features, Q x T attention mask), without the query cache."""
+        tokens = self.tokenizer.encode(list(texts), self.config.max_query_tokens)
+        return self.backend.encode_text(tokens.input_ids, tokens.attention_mask), tokens.attention_mask
+
     def _encode_missing(self, queries: list[str]) -> None:
         missing = list(dict.fromkeys(q for q in queries if q not in self._text_cache))
         if missing:
@@ -183,17 +214,34 @@ class Segmenter:
             features = self.backend.encode_text(tokens.input_ids, tokens.attention_mask)
             self.stats["text_encodes"] += 1
             self.stats["queries_encoded"] += len(missing)
+            anchors = {}
+            if self._memory is not None:
+                embeddings = pooled(features, tokens.attention_mask)
+                for i, query in enumerate(missing):
+                    found = self._memory.anchor(query, embeddings[i])
+                    if found.anchored:
+                        anchors[query] = found.text
+            anchor_texts = list(dict.fromkeys(anchors.values()))
+            if anchor_texts:
+                anchor_features, anchor_mask = self.encode_texts(anchor_texts)
+                self.stats["text_encodes"] += 1
+                row = {t: j for j, t in enumerate(anchor_texts)}
             for i, query in enumerate(missing):
-                length = int(tokens.attention_mask[i].sum())
-                self._text_cache[query] = (
-                    features[i, :length].copy(),
-                    tokens.attention_mask[i, :length].copy(),
-                    bool(tokens.truncated[i]),
-                )
+                if query in anchors:
+                    j = row[anchors[query]]
+                    length = int(anchor_mask[j].sum())
+                    feats, mask = anchor_features[j, :length], anchor_mask[j, :length]
+                    self._anchors[query] = anchors[query]
+                else:
+                    length = int(tokens.attention_mask[i].sum())
+                    feats, mask = features[i, :length], tokens.attention_mask[i, :length]
+                    self._anchors.pop(query, None)
+                self._text_cache[query] = (feats.copy(), mask.copy(), bool(tokens.truncated[i]))
         for query in queries:
             self._text_cache.move_to_end(query)
         while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(queries)):
-            self._text_cache.popitem(last=False)
+            dropped, _ = self._text_cache.popitem(last=False)
+            self._anchors.pop(dropped, None)
 
     def _stack_text(self, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
         entries = [self._text_cache[q] for q in queries]
@@ -260,6 +308,7 @@ class Segmenter:
                     area=int(m.sum()),
                     box=mask_box(m),
                     truncated=self._text_cache[query][2],
+                    anchor=self._anchors.get(query),
                     peak=logit_peak(
                         low_res[i],
                         img_size=self.config.img_size,

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from converseg_core.anchoring import copy_sidecar
 from converseg_core.artifacts import (
     ENGINE_SUFFIX,
     MANIFEST_NAME,
@@ -321,6 +322,7 @@ def build_engines(
         stage_profiles[stage] = {name: [list(s) for s in mmm] for name, mmm in shapes.items()}
 
     shutil.copyfile(onnx_dir / manifest.tokenizer, out / manifest.tokenizer)
+    copy_sidecar(onnx_dir, out)
     side_file = EngineSideFile(
         config=manifest.config,
         tensorrt_version=trt.__version__,

@@ -32,6 +32,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from converseg_core.anchoring import copy_sidecar, sidecar_path
 from converseg_core.artifacts import (
     MANIFEST_NAME,
     TOKENIZER_FILE_NAME,
@@ -531,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
             source=source,
             num_threads=args.threads,
         )
+        if args.checkpoint is not None:
+            copy_sidecar(args.checkpoint, args.out)  # the folder anchors requests like the checkpoint
+        else:
+            sidecar_path(args.out).unlink(missing_ok=True)  # a random model trained on no phrasings
     except (ConverSegError, RuntimeError, onnx.checker.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converseg_core.anchoring import copy_sidecar
 from converseg_core.artifacts import MANIFEST_NAME, STAGES, OnnxManifest
 from converseg_core.backends.onnxruntime_backend import OnnxRuntimeBackend
 from converseg_core.errors import ConverSegError, InputError
@@ -374,6 +375,7 @@ def quantize_export(
             log.info("quantizing %s (dynamic)", name)
             quantize_dynamic_graph(src / name, out / name, per_channel=how.per_channel)
     shutil.copyfile(src / manifest.tokenizer, out / manifest.tokenizer)
+    copy_sidecar(src, out)
 
     manifest.quantization = {
         "graphs": {stage: QUANTIZABLE[stage].describe(calibration) for stage in graphs},

@@ -8,6 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # SAFETY: any test that starts ROS 2 must keep DDS discovery on loopback (see docs/ROS.md).
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # Iron and later
 os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")  # Humble
+# Phrasing-memory embeddings (converseg_core.anchoring) computed once per test run's checkout, not in $HOME;
+# the processes tests start inherit it.
+os.environ.setdefault("CONVERSEG_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "converseg"))
 
 # converseg_ros is a colcon (ament_python) package that pyproject.toml does not install: the tests import it
 # from its package folder, and so do the processes they start (tests/test_ros_colcon.py checks the colcon

@@ -171,9 +171,11 @@ def test_result_has_camera_resolution_and_header(segmenter):
     (entry,) = doc["queries"]
     assert entry["label"] == 1 and entry["query"] == "the red mug"
     assert set(entry) == {
-        "label", "query", "present", "presence", "score", "area", "box", "peak", "truncated", "timings_ms"
+        "label", "query", "present", "presence", "score", "area", "box", "peak", "truncated", "anchor",
+        "timings_ms",
     }  # fmt: skip
     assert entry["truncated"] is False
+    assert entry["anchor"] is None  # a random model has no phrasing memory
     assert entry["area"] == int((result.labels == 1).sum())
 
 

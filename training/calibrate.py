@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converseg_core.anchoring import copy_sidecar
 from converseg_core.checkpoint import Checkpoint, load_checkpoint, write_checkpoint
 from converseg_core.errors import ConverSegError
 from converseg_core.files import atomic_write_text
@@ -253,6 +254,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     )
     checkpoint.meta = {**checkpoint.meta, "presence_calibration": record}
     write_checkpoint(checkpoint, out)
+    copy_sidecar(cfg.checkpoint, out)
     atomic_write_text(Path(str(out) + ".calibration.json"), json.dumps(record, indent=2) + "\n")
     log.info(
         "presence threshold %.2f (was %.2f), predicted-IoU weight %g (was %g; fitted %s), mask refinement %g "
@@ -283,6 +285,7 @@ def presence_rule(
         work.mkdir(parents=True, exist_ok=True)
         source = work / "model.pt"
         write_checkpoint(replace(checkpoint, config=checkpoint.config.replace(mask_refinement=scale)), source)
+        copy_sidecar(cfg.checkpoint, source)
     own_weight = checkpoint.config.presence_score_weight
     try:
         metrics = evaluate(

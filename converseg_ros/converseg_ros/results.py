@@ -15,6 +15,7 @@ One document per processed frame (docs/ROS.md has an example):
         score          predicted mask quality (0..1, uncalibrated)
         area           pixels of the query's own mask (0 when absent); overlaps are not removed
         box            [x0, y0, x1, y1] inclusive pixel bounds, or null when the mask is empty
+        anchor         the trained phrasing the request was decoded with (request anchoring), or null
         timings_ms     the segmenter's own stage timings for this frame
 """
 
@@ -48,6 +49,7 @@ def result_document(result: FrameResult, *, camera_to_mask_ms: float | None) -> 
                 "box": None if r.box is None else [int(v) for v in r.box],
                 "peak": None if r.peak is None else [int(v) for v in r.peak],
                 "truncated": bool(r.truncated),
+                "anchor": r.anchor,
                 "timings_ms": {k: round(float(v), 3) for k, v in r.timings.items()},
             }
             for i, r in enumerate(result.results)
