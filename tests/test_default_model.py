@@ -34,3 +34,18 @@ def test_default_model_answers_at_camera_resolution():
     results = seg.predict(["the mug", "where can I safely put the knife?"])
     assert [r.mask.shape for r in results] == [(120, 160)] * 2
     assert all(0.0 <= r.presence <= 1.0 and np.isfinite(r.score) for r in results)
+
+
+def test_the_bundled_model_anchors_new_wordings_of_concepts_only():
+    from converseg_core.anchoring import Phrasings, sidecar_path
+
+    memory = Phrasings.load(sidecar_path(default_checkpoint()))
+    assert len(memory.texts) > 10_000 and 0 < sum(memory.concept) < len(memory.texts)
+    seg = Segmenter.from_checkpoint(default_checkpoint())
+    seg.set_image(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    shock, mug, trained = seg.predict(
+        ["what could give me an electric shock?", "the red mug left of the plate", memory.texts[0]]
+    )
+    concept = dict(zip(memory.texts, memory.concept, strict=True))
+    assert shock.anchor is not None and concept[shock.anchor]  # decoded as a trained concept phrasing
+    assert mug.anchor is None and trained.anchor is None  # object names kept; a trained phrasing is itself

@@ -470,6 +470,9 @@ def test_reproduce_default_plan(tmp_path, capsys):
         "lite-cache",
         "lite-distill",
         "lite",
+        "phrasings-teacher",
+        "phrasings-student",
+        "phrasings-lite",
         "calibrate-teacher",
         "calibrate-student",
         "calibrate-lite",
@@ -486,6 +489,13 @@ def test_reproduce_default_plan(tmp_path, capsys):
     assert "img_size=256" in commands["finetune"] and "img_size=128" in commands["teacher"]
     # calibration sees only the training run's validation scenes; evaluation the calibrated models
     assert "data/train --split val --val-fraction 0.3" in commands["calibrate-student"]
+    # each model's phrasing memory holds its own training side (the same split), beside the model calibrated
+    assert "-m training.phrasings build --data " in commands["phrasings-lite"]
+    assert (
+        f"--out {tmp_path / 'lite' / 'model.phrasings.json.gz'} --val-fraction 0.3"
+        in commands["phrasings-lite"]
+    )
+    assert f"--checkpoint {tmp_path / 'lite' / 'model.pt'}" in commands["calibrate-lite"]
     assert all(
         commands[f"calibrate-{who}"].endswith("--mask-refinement 0 0.5") for who in ("student", "lite")
     )

