@@ -8,6 +8,8 @@
 #   CONVERSEG_PRECISION    fp32 | fp16 | int8                       (default fp16)
 #   CONVERSEG_CALIB_IMAGES folder of camera frames, needed for int8
 #   CONVERSEG_SKIP_ENGINES=1  skip the engine step (other backends, or a camera-only container)
+#   CONVERSEG_CACHE        the phrasing memory's embeddings (request anchoring), kept in the volume
+#                          (the images set /engines/cache)
 set -eu
 
 # ROS setup scripts read unset variables; relax -u while sourcing them.
