@@ -42,7 +42,7 @@ FOLDER_FILE = "phrasings.json.gz"
 # A fixed request whose text features fingerprint a text encoder (torch, ONNX Runtime, an INT8 graph ...).
 _PROBE = "Robot, can you show me something I can drink from?"
 
-# Q x T int64 ids, Q x T mask -> Q x T x D float32 token features (a Backend's encode_text after tokenizing).
+# texts -> (Q x T x D float32 token features, Q x T attention mask): a Segmenter's encode_texts.
 EncodeFn = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
