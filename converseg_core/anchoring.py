@@ -159,7 +159,6 @@ class PhrasingMemory:
         *,
         batch_size: int = 256,
         cache: Path | None = None,
-        progress: bool = False,
     ) -> PhrasingMemory:
         """Embed every phrasing with `encode` (texts -> token features, attention mask), or read them from
         `cache` (a folder) when this memory was embedded there by a text encoder that answers the probe
@@ -183,12 +182,7 @@ class PhrasingMemory:
         # Phrasings of similar length share a batch, so little of it is padding.
         order = sorted(range(len(phrasings.texts)), key=lambda i: len(phrasings.texts[i]))
         emb = np.zeros((len(order), probe.shape[0]), dtype=np.float16)
-        starts = range(0, len(order), batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="phrasing memory", unit="batch")
-        for start in starts:
+        for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             feats, mask = encode([phrasings.texts[i] for i in rows])
             emb[rows] = pooled(feats, mask)
