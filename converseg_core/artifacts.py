@@ -110,6 +110,10 @@ class FrameContext(NamedTuple):
     hires_tokens: Any
     concept_tokens: Any
 
+    def select(self, index: Any) -> FrameContext:
+        """The frames at `index` (Q): one frame per query, for batched training."""
+        return FrameContext(*(field[index] for field in self))
+
 
 @dataclass
 class TensorSpec:

@@ -121,6 +121,36 @@ def test_decode_batch_one_embedding_matches_per_query_embeddings():
     assert torch.allclose(shared.low_res_logits, repeated.low_res_logits, atol=1e-5)
 
 
+def test_decode_with_image_index_matches_one_frame_per_query():
+    """Batched training decodes Q queries about B < Q frames: with image_index the per-frame part runs once
+    per frame, and the masks, presence and every gradient must equal those of one copied frame per query."""
+    torch.manual_seed(0)
+    model = build_model("converseg_edge_lite_concepts", img_size=SMALL, pretrained_text=False).train()
+    images = torch.randn(2, 3, SMALL, SMALL)
+    index = torch.tensor([1, 0, 1, 1])
+    feats, mask = torch.randn(4, 5, 384), torch.ones(4, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    weights = torch.randn(4, 1, SMALL // 4, SMALL // 4)
+
+    def run(batched: bool):
+        model.zero_grad()
+        emb = model.encode_image(images)
+        if batched:
+            out = model.decode(emb, feats, mask, image_index=index)
+        else:
+            out = model.decode(emb.select(index), feats, mask)
+        ((out.low_res_logits * weights).sum() + out.presence_logits.sum() + out.iou_scores.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    (a, grads_a), (b, grads_b) = run(True), run(False)
+    assert torch.allclose(a.low_res_logits, b.low_res_logits, atol=1e-5)
+    assert torch.allclose(a.presence_logits, b.presence_logits, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and any(n.startswith("image_encoder.") for n in grads_a)
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], atol=1e-4, rtol=1e-3), name
+
+
 def test_fusion_split_computes_what_plain_attention_computes():
     """The fusion's per-frame context plus its per-request part (with the dense branch folded into the text's
     low rank) must equal the textbook computation: image keys/values projected per call, dense_attn then

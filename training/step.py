@@ -58,7 +58,7 @@ class TrainStep(nn.Module):
             with torch.no_grad():
                 emb = encode(images)
         text = finish_text(self.model, text, attention_mask, self.text_start)
-        out = self.model.decode(emb.select(image_index), text, attention_mask)
+        out = self.model.decode(emb, text, attention_mask, image_index=image_index)
         dense = None
         if self.dense_head is not None and dense_target is not None:
             sentences = sentence_embedding(text, attention_mask).detach()

@@ -43,7 +43,7 @@ def validate(
         text, am = cache.lookup(batch["prompt"], device)
         text = finish_text(model, text, am, text_start)
         emb = model.encode_image(batch["image"].to(device))
-        out = model.decode(emb.select(batch["image_index"].to(device)), text, am)
+        out = model.decode(emb, text, am, image_index=batch["image_index"].to(device))
         logits = F.interpolate(
             out.low_res_logits.float(), size=cfg.img_size, mode="bilinear", align_corners=False
         )

@@ -110,9 +110,15 @@ class ConverSeg(nn.Module):
         text_features: Tensor,
         attention_mask: Tensor,
         multimask_output: bool = False,
+        image_index: Tensor | None = None,
     ) -> DecoderOutput:
-        """features: batch 1 (shared by every query) or batch Q (one frame per query); see image_context."""
-        return self.decode_context(self.image_context(features), text_features, attention_mask, multimask_output)
+        """features: batch 1 (shared by every query), batch Q (one frame per query), or batch B with
+        image_index (Q: which frame each query asks about), as in batched training; see image_context. The
+        per-frame part runs once per frame, not once per query."""
+        context = self.image_context(features)
+        if image_index is not None:
+            context = context.select(image_index)
+        return self.decode_context(context, text_features, attention_mask, multimask_output)
 
     def decode_context(
         self,
