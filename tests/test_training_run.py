@@ -503,6 +503,8 @@ def test_reproduce_default_plan(tmp_path, capsys):
         assert "--val-fraction 0.3" in commands[stage], stage
     assert "presence/calibrated.pt" in commands["eval-student"] and "data/test" in commands["eval-student"]
     assert f"--init {tmp_path / 'student' / 'model.pt'} " in commands["presence"]
+    # the lite stage weighs the Dice term up (the end of its command, below); the stages before it keep the default
+    assert "--dice-weight" not in commands["finetune"]
     # the pretrained edge model: its trunk cached once, its neck fitted to the last student, then fine-tuned
     # on the cache at the student's resolution, with the student's presence head
     assert (
@@ -514,7 +516,7 @@ def test_reproduce_default_plan(tmp_path, capsys):
     assert (
         "--model converseg_edge_lite_concepts" in lite and f"--trunk-cache {tmp_path / 'lite_cache'}" in lite
     )
-    assert lite.endswith("--concepts-lr 1e-2")
+    assert lite.endswith("--concepts-lr 1e-2 --dice-weight 1.0")
     assert f"--init {tmp_path / 'lite_distilled.pt'}" in lite and "mask_presence=true" in lite
     assert "img_size=256" in lite and "--val-fraction 0.3" in lite
     assert "lite/calibrated.pt" in commands["eval-lite"]

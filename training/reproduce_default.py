@@ -116,6 +116,9 @@ def shipped(s: Scale) -> str:
 
 # Peak learning rate of the lite model's concept projection and prior scale (training.train --concepts-lr).
 LITE_CONCEPTS_LR = "1e-2"
+# Weight of the lite stage's size-invariant Dice term (training.train --dice-weight; the other stages keep the
+# default 0.25): with the BCE a mean over the low-res pixels, small targets weigh little without it.
+LITE_DICE_WEIGHT = "1.0"
 
 # Mask refinement scales each calibration tries (training.calibrate --mask-refinement): the bundled default's.
 REFINEMENT_SCALES = ("0", "0.5")
@@ -442,7 +445,7 @@ def build_plan(
         # The neck and detail path start nearly fresh: a higher rate than the heads taken from the student.
         lite[lite.index("--image-encoder-lr") + 1] = str(3 * s.refine_lr)
         # The concepts' zero-started projection and the prior's scale learn at a rate of their own.
-        lite += ["--concepts-lr", LITE_CONCEPTS_LR]
+        lite += ["--concepts-lr", LITE_CONCEPTS_LR, "--dice-weight", LITE_DICE_WEIGHT]
         plan.append(("lite", python_module("training.train", lite, args.nproc), out / "lite" / "model.pt",
                      s.lite_steps))
     run_dirs = {"teacher": out / "teacher", "student": student_dir(out, s)}
