@@ -328,3 +328,45 @@ def test_compare_of_held_out_only_requests_prints_dashes_not_nan(tmp_path):
     text = markdown(rows, ["A", "B"], 60, 20, 200)
     assert "nan" not in text
     assert "| gIoU seen templates | - | - | - | [-, -] |" in text
+
+
+def test_masks_alone_scores_rejected_positives_masks_as_perfect_presence_would():
+    """A rejected positive keeps IoU 0 in gIoU but its own mask's IoU in masks_alone; an accepted one counts
+    the same in both; negatives have no ungated IoU; a group lacking it for some positive reports none."""
+    target = m([[1, 1, 0, 0], [1, 1, 0, 0]])
+    half = m([[1, 1, 0, 0], [0, 0, 0, 0]])  # IoU 0.5
+    rejected = score_sample(target, target, negative=False, present=False)
+    accepted = score_sample(half, target, negative=False, present=True)
+    assert (rejected.iou, rejected.ungated_iou) == (0.0, 1.0)
+    assert accepted.iou == accepted.ungated_iou == pytest.approx(0.5)
+    assert score_sample(half, np.zeros_like(target), negative=True, present=False).ungated_iou is None
+    results = [rejected, accepted]
+    o = positive_outcomes(results)
+    assert summarize(results).giou == pytest.approx(25.0)
+    assert o.masks_alone == pytest.approx(75.0)
+    assert positive_outcomes([accepted, SampleResult(1, 2, negative=False, predicted_present=True)]).masks_alone is None
+
+
+def test_compare_masks_alone_tells_a_better_segmenter_from_a_stricter_presence_rule(tmp_path):
+    from training.compare import compare, pair, read_samples
+
+    # 30 scenes, one positive each with the same mask (ungated IoU 0.6). A accepts it; B rejects every third:
+    # B's gIoU drops, its masks alone do not.
+    a_rows, b_rows = [], []
+    for s in range(30):
+        a_rows.append({**_sample(s, s, inter=6, union=10), "ungated_iou": 0.6})
+        rejected = s % 3 == 0
+        b = _sample(s, s, inter=0 if rejected else 6, union=10, present=not rejected)
+        b_rows.append({**b, "ungated_iou": 0.6})
+    a, b = pair(
+        read_samples(_write_samples(tmp_path / "a", a_rows)),
+        read_samples(_write_samples(tmp_path / "b", b_rows)),
+    )
+    rows = {r.metric: r for r in compare(a, b, bootstrap=200, seed=1)}
+    assert rows["gIoU"].a == pytest.approx(60.0) and rows["gIoU"].b == pytest.approx(40.0)
+    alone = rows["gIoU, masks alone"]
+    assert alone.a == alone.b == pytest.approx(60.0) and alone.low == alone.high == 0
+    # evaluations written before samples.jsonl carried ungated_iou compare without the row
+    old = read_samples(_write_samples(tmp_path / "old", [_sample(s, s, inter=6, union=10) for s in range(30)]))
+    a, b = pair(old, read_samples(tmp_path / "b"))
+    assert "gIoU, masks alone" not in {r.metric for r in compare(a, b, bootstrap=100, seed=0)}

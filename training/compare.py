@@ -9,8 +9,9 @@ replacement, because the requests of one scene share an image and are not indepe
 excludes 0 is a difference this test set can tell apart from noise; one that includes it is not.
 
 Metrics (see training/metrics.py): gIoU and cIoU on positives, N-acc, T-acc, gIoU on seen and held-out
-templates and their gap (seen - held-out), presence AUC (threshold-free; overall, seen and held-out templates)
-and per concept family gIoU and gap.
+templates and their gap (seen - held-out), presence AUC (threshold-free; overall, seen and held-out templates),
+gIoU of the masks alone (every positive's mask whatever presence said: the gIoU a perfect presence decision
+would give, which tells a better segmenter from a shifted presence rule) and per concept family gIoU and gap.
 
 The held-out phrasings are not spread evenly over kinds of request (a family's held-out phrasings may all be
 hard relations while its seen ones include easy free-space requests), so the raw gap mixes phrasing with
@@ -58,6 +59,8 @@ class Samples:
     present: np.ndarray  # bool: predicted something
     concept: np.ndarray | None = None  # str: template id's first two parts; None without template ids
     presence: np.ndarray | None = None  # float: the presence score; None where samples.jsonl lacks it
+    # float: a positive's IoU whatever presence said (0 for negatives); None where samples.jsonl lacks it
+    ungated: np.ndarray | None = None
 
     @property
     def iou(self) -> np.ndarray:
@@ -105,6 +108,7 @@ def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
     templates = [a[i].get("template") for i in ids]
     concept = None if None in templates else np.array([".".join(str(t).split(".")[:2]) for t in templates])
     with_presence = all("presence" in a[i] and "presence" in b[i] for i in ids)
+    with_ungated = all(a[i]["negative"] or ("ungated_iou" in a[i] and "ungated_iou" in b[i]) for i in ids)
 
     def arrays(rows: dict[str, dict]) -> Samples:
         return Samples(
@@ -118,6 +122,7 @@ def pair(a: dict[str, dict], b: dict[str, dict]) -> tuple[Samples, Samples]:
             present=np.array([bool(rows[i]["present"]) for i in ids]),
             concept=concept,
             presence=np.array([rows[i]["presence"] for i in ids], float) if with_presence else None,
+            ungated=np.array([rows[i].get("ungated_iou", 0.0) for i in ids], float) if with_ungated else None,
         )
 
     return arrays(a), arrays(b)
@@ -216,7 +221,10 @@ def presence_auc(select: Callable[[Samples], np.ndarray] | None = None) -> Metri
 
 
 def metrics(
-    families: Sequence[str], concept_matched: bool = False, with_presence: bool = False
+    families: Sequence[str],
+    concept_matched: bool = False,
+    with_presence: bool = False,
+    with_ungated: bool = False,
 ) -> dict[str, Metric]:
     g = giou()
     out: dict[str, Metric] = {
@@ -237,6 +245,8 @@ def metrics(
         out["presence AUC"] = presence_auc()
         out["presence AUC, seen templates"] = presence_auc(lambda s: ~s.heldout)
         out["presence AUC, held-out templates"] = presence_auc(lambda s: s.heldout)
+    if with_ungated:
+        out["gIoU, masks alone"] = ratio(lambda s: (s.ungated * ~s.negative, ~s.negative))
     for fam in families:
         out[f"{fam}: gIoU"] = giou(lambda s, fam=fam: s.family == fam)
         out[f"{fam}: held-out gap"] = gap(lambda s, fam=fam: s.family == fam)
@@ -270,7 +280,10 @@ def compare(a: Samples, b: Samples, *, bootstrap: int, seed: int) -> list[Row]:
     ones = np.ones((1, n_scenes))
     counts = scene_resamples(n_scenes, bootstrap, seed)
     chosen = metrics(
-        sorted(set(a.family)), concept_matched=a.concept is not None, with_presence=a.presence is not None
+        sorted(set(a.family)),
+        concept_matched=a.concept is not None,
+        with_presence=a.presence is not None,
+        with_ungated=a.ungated is not None,
     )
     for name, f in chosen.items():
         va, vb = float(f(a, ones)[0]), float(f(b, ones)[0])

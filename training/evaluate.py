@@ -145,16 +145,18 @@ def outcomes_table(rows: dict[str, PositiveOutcomes]) -> str:
         f"Shares of each group's positives: rejected (nothing answered), wrong (answered, IoU < {WRONG_IOU:g}), "
         f"partial (IoU {WRONG_IOU:g}-{GOOD_IOU:g}), good (IoU >= {GOOD_IOU:g}); answered IoU: mean IoU of the "
         "answered ones. gIoU = answered IoU x (100 - rejected) / 100. Pointed: share of the positives whose "
-        "highest mask logit lies on the target, answered or not (grounding, apart from presence and mask shape).",
+        "highest mask logit lies on the target, answered or not (grounding, apart from presence and mask shape). "
+        "Masks alone: the mean IoU of every positive's mask whatever presence said, the gIoU a perfect presence "
+        "decision would give; masks alone - gIoU is what presence costs the group.",
         "",
-        "| group | positives | rejected | wrong | partial | good | answered IoU | pointed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| group | positives | rejected | wrong | partial | good | answered IoU | pointed | masks alone |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, o in rows.items():
         if o.n_positive:
             lines.append(
                 f"| {name} | {o.n_positive} | {fmt(o.rejected)} | {fmt(o.wrong)} | {fmt(o.partial)} | "
-                f"{fmt(o.good)} | {fmt(o.answered_iou)} | {fmt(o.pointed)} |"
+                f"{fmt(o.good)} | {fmt(o.answered_iou)} | {fmt(o.pointed)} | {fmt(o.masks_alone)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -287,6 +289,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "union": s.union,
                     "present": s.predicted_present,
                     **({"pointed": s.pointed} if s.pointed is not None else {}),
+                    **({"ungated_iou": round(s.ungated_iou, 5)} if s.ungated_iou is not None else {}),
                     "presence": round(float(res.presence), 5),
                     "score": round(float(res.score), 5),
                     "mask_pixels": int(np.count_nonzero(res.mask)),

@@ -29,6 +29,9 @@ class SampleResult:
     # A positive's: does the model's highest mask logit (whatever presence says) lie on the target? None when
     # not known (a negative, or no peak given).
     pointed: bool | None = None
+    # A positive's IoU had presence accepted it (the model's mask whatever presence said): what a perfect
+    # presence decision would have scored. None for a negative.
+    ungated_iou: float | None = None
 
     @property
     def iou(self) -> float:
@@ -47,17 +50,22 @@ def score_sample(
     """Score one prediction.
 
     pred, target: H x W bool (or 0/1) masks of the same shape. present: the model's presence decision; an
-    absent prediction is treated as an empty mask whatever pred holds. peak: (x, y) pixel of the model's
-    highest mask logit (SegmentationResult.peak), scored for positives as `pointed`.
+    absent prediction is treated as an empty mask whatever pred holds (a positive's `ungated_iou` still scores
+    pred). peak: (x, y) pixel of the model's highest mask logit (SegmentationResult.peak), scored for
+    positives as `pointed`.
     """
     pred = np.asarray(pred).astype(bool, copy=False)
     target = np.asarray(target).astype(bool, copy=False)
     if pred.shape != target.shape:
         raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
-    if not present:
-        pred = np.zeros_like(pred)
     if negative and target.any():
         raise ValueError("a negative sample has a non-empty target mask; the dataset is inconsistent")
+    ungated_iou = None
+    if not negative:
+        raw_union = int(np.count_nonzero(pred | target))
+        ungated_iou = 1.0 if raw_union == 0 else int(np.count_nonzero(pred & target)) / raw_union
+    if not present:
+        pred = np.zeros_like(pred)
     inter = int(np.count_nonzero(pred & target))
     union = int(np.count_nonzero(pred | target))
     pointed = None
@@ -66,7 +74,7 @@ def score_sample(
         if not (0 <= y < target.shape[0] and 0 <= x < target.shape[1]):
             raise ValueError(f"peak {peak} lies outside the {target.shape[1]} x {target.shape[0]} image")
         pointed = bool(target[y, x])
-    return SampleResult(inter, union, bool(negative), bool(present and pred.any()), pointed)
+    return SampleResult(inter, union, bool(negative), bool(present and pred.any()), pointed, ungated_iou)
 
 
 # Edges of the target-size groups, as a share of the image's pixels. On the data engine's 256 x 192 test
@@ -178,6 +186,9 @@ class PositiveOutcomes:
     # share of the positives whose highest mask logit lies on the target, answered or not: grounding apart
     # from presence and mask shape (None when no peak was scored)
     pointed: float | None = None
+    # mean IoU (0..100) of every positive's mask whatever presence said: the gIoU a perfect presence decision
+    # would give these masks, so masks_alone - gIoU is what presence costs (None when not scored)
+    masks_alone: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -190,6 +201,7 @@ def positive_outcomes(results: list[SampleResult]) -> PositiveOutcomes:
     answered = [r.iou for r in pos if r.predicted_present]
     iou = np.array(answered, dtype=float)
     peaks = [r.pointed for r in pos if r.pointed is not None]
+    ungated = [r.ungated_iou for r in pos if r.ungated_iou is not None]
 
     def share(count: int) -> float:
         return round(100.0 * count / len(pos), 3)
@@ -202,6 +214,7 @@ def positive_outcomes(results: list[SampleResult]) -> PositiveOutcomes:
         good=share(int(np.count_nonzero(iou >= GOOD_IOU))),
         answered_iou=round(100.0 * float(iou.mean()), 3) if answered else None,
         pointed=round(100.0 * float(np.mean(peaks)), 3) if peaks else None,
+        masks_alone=round(100.0 * float(np.mean(ungated)), 3) if len(ungated) == len(pos) else None,
     )
 
 
