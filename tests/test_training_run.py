@@ -205,6 +205,26 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert swept["presence_sweep"][str(own)] == metrics["overall"]
     assert swept["presence_sweep"]["0.0"]["n_acc"] <= swept["presence_sweep"]["1.0"]["n_acc"]
     assert "Presence threshold sweep" in (tmp_path / "s" / "metrics.md").read_text()
+    # masks alone scores every positive's mask whatever presence said: with every pixel in every mask (mask
+    # threshold far below any logit) and a rule that rejects everything, gIoU is 0 and every positive's
+    # ungated IoU is its target's share of the image
+    assert metrics["outcomes"]["all"]["all"]["masks_alone"] >= metrics["overall"]["giou"]
+    refuse_all = evaluate(
+        EvalConfig(
+            checkpoint=str(out / "model.pt"),
+            data=str(toy),
+            out_dir=str(tmp_path / "r"),
+            num_panels=0,
+            presence_threshold=1.01,
+            mask_threshold=-1e9,
+        )
+    )
+    assert refuse_all["overall"]["giou"] == 0 and refuse_all["overall"]["n_acc"] == 100
+    samples = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    ungated = [r["ungated_iou"] for r in samples if not r["negative"]]
+    assert all(0 < u < 1 for u in ungated) and not any("ungated_iou" in r for r in samples if r["negative"])
+    alone = refuse_all["outcomes"]["all"]["all"]["masks_alone"]
+    assert alone == pytest.approx(100 * sum(ungated) / len(ungated), abs=1e-2)
 
     # samples.jsonl holds what the tables were computed from: training.compare recomputes them exactly, and two
     # evaluations of one model differ by exactly nothing, with a zero-width interval.

@@ -220,9 +220,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     bad = [t for t in cfg.presence_sweep if not 0.0 <= t <= 1.0]
     if bad:
         raise SystemExit(f"--presence-sweep thresholds must lie in [0, 1], got {bad}")
-    if cfg.presence_sweep:
-        # Masks are computed for every request (ungated) and gated here, so one pass scores every threshold.
-        seg.presence_threshold = 0.0
+    # Masks are computed for every request (ungated) and gated here: a positive's mask is scored whatever
+    # presence said (masks alone), and one pass scores every threshold of --presence-sweep.
+    seg.presence_threshold = 0.0
     # (presence probability, ungated score, target pixel count) per sample, for the sweep
     sweep_pool: list[tuple[float, SampleResult, int]] = []
     by_image: dict[Path, list[int]] = defaultdict(list)
