@@ -206,8 +206,8 @@ def test_evaluate_end_to_end_with_real_minilm(trained, toy, tmp_path):
     assert swept["presence_sweep"]["0.0"]["n_acc"] <= swept["presence_sweep"]["1.0"]["n_acc"]
     assert "Presence threshold sweep" in (tmp_path / "s" / "metrics.md").read_text()
     # masks alone scores every positive's mask whatever presence said: with every pixel in every mask (mask
-    # threshold far below any logit) and a rule that rejects everything, gIoU is 0 and every positive's
-    # ungated IoU is its target's share of the image
+    # threshold far below any logit) and a rule that rejects everything, gIoU is 0 while every positive
+    # keeps an ungated IoU (its target's share of the image)
     assert metrics["outcomes"]["all"]["all"]["masks_alone"] >= metrics["overall"]["giou"]
     refuse_all = evaluate(
         EvalConfig(
