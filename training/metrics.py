@@ -60,21 +60,19 @@ def score_sample(
         raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape")
     if negative and target.any():
         raise ValueError("a negative sample has a non-empty target mask; the dataset is inconsistent")
-    ungated_iou = None
-    if not negative:
-        raw_union = int(np.count_nonzero(pred | target))
-        ungated_iou = 1.0 if raw_union == 0 else int(np.count_nonzero(pred & target)) / raw_union
-    if not present:
-        pred = np.zeros_like(pred)
     inter = int(np.count_nonzero(pred & target))
     union = int(np.count_nonzero(pred | target))
+    ungated_iou = None if negative else (1.0 if union == 0 else inter / union)
+    answered = bool(present and pred.any())
+    if not present:  # scored as an empty mask: nothing kept, the union is the target
+        inter, union = 0, int(np.count_nonzero(target))
     pointed = None
     if peak is not None and not negative:
         x, y = peak
         if not (0 <= y < target.shape[0] and 0 <= x < target.shape[1]):
             raise ValueError(f"peak {peak} lies outside the {target.shape[1]} x {target.shape[0]} image")
         pointed = bool(target[y, x])
-    return SampleResult(inter, union, bool(negative), bool(present and pred.any()), pointed, ungated_iou)
+    return SampleResult(inter, union, bool(negative), answered, pointed, ungated_iou)
 
 
 # Edges of the target-size groups, as a share of the image's pixels. On the data engine's 256 x 192 test
