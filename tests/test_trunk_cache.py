@@ -145,3 +145,40 @@ def test_a_picture_reached_through_links_reads_its_cached_features(toy, cache_di
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
     assert tmp_path / "mix" / "shard-00000" / "images" / "missing.png" not in cache
+
+
+def test_feature_jitter_redraws_each_maps_statistics_and_keeps_its_content() -> None:
+    from training.augment import jitter_feature_statistics
+
+    features = torch.randn(3, 5, 8, 8) * 2.0 + 1.0
+    assert jitter_feature_statistics(features, 0.0, torch.Generator().manual_seed(0)) is features
+    out = jitter_feature_statistics(features, 0.4, torch.Generator().manual_seed(0))
+    again = jitter_feature_statistics(features, 0.4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, again)
+    e1, e2 = torch.randn((2, 3, 5, 1, 1), generator=torch.Generator().manual_seed(0))
+    mean, spread = features.mean((2, 3), keepdim=True), features.std((2, 3), keepdim=True)
+    torch.testing.assert_close(out.std((2, 3), keepdim=True), spread * torch.exp(0.4 * e1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.mean((2, 3), keepdim=True), mean + 0.4 * e2 * spread, rtol=1e-4, atol=1e-4)
+    # Each map is an affine function of itself: where things are does not move.
+    standardised = (out - out.mean((2, 3), keepdim=True)) / out.std((2, 3), keepdim=True)
+    torch.testing.assert_close(standardised, (features - mean) / spread, rtol=1e-3, atol=1e-3)
+
+
+def test_training_with_feature_jitter_leaves_the_classifier_input_alone(toy, cache_dir, tmp_path, monkeypatch):
+    import training.loop as loop
+
+    jittered = []
+    real = loop.jitter_feature_statistics
+    monkeypatch.setattr(
+        loop, "jitter_feature_statistics", lambda f, s, g: jittered.append(f.shape[1]) or real(f, s, g)
+    )
+    cfg = tiny_train(toy, tmp_path, model="converseg_edge_lite", train_image_encoder=True,
+                     trunk_cache=str(cache_dir), val_every=100, steps=2, feature_jitter=0.3)
+    assert train(cfg)["step"] == 2
+    # EfficientNet-Lite0's stride 4, 8 and 16 maps (24, 40 and 112 channels) once per step; never the stride-32
+    # map (320), which feeds the frozen ImageNet classifier.
+    assert jittered == [24, 40, 112] * 2
+    with pytest.raises(SystemExit, match="--trunk-cache"):
+        train(tiny_train(toy, tmp_path / "bad", feature_jitter=0.3))
+    with pytest.raises(SystemExit, match="feature-jitter"):
+        train(tiny_train(toy, tmp_path / "bad2", trunk_cache=str(cache_dir), feature_jitter=1.5))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 _LR_WORDS = {
     "left": "right",
@@ -124,3 +125,24 @@ def augment(
         prompts = [swap_left_right(p) for p in prompts]
     image = color_jitter(rng, image, cfg)
     return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in masks], list(prompts)
+
+
+def jitter_feature_statistics(
+    features: torch.Tensor, strength: float, generator: torch.Generator
+) -> torch.Tensor:
+    """B x C x H x W frozen-trunk features -> the same maps with each image's channel statistics redrawn.
+
+    Each map is standardised per image and channel, then given a new spread, its own times exp(strength * e1),
+    and a new mean, its own plus strength * e2 times its spread (e1, e2 standard normal per image and channel).
+    A picture's content stays where it is; what changes is the feature-level "style" (contrast, texture
+    energy, colour cast) in which photographs differ from renders. It is feature-statistics augmentation in
+    the manner of DSU (Li et al., ICLR 2022) with a fixed scale, and it commutes with the trunk cache, where
+    pixel augmentation does not. strength 0 returns `features` unchanged."""
+    if strength <= 0:
+        return features
+    b, c = features.shape[:2]
+    mean = features.mean(dim=(2, 3), keepdim=True)
+    spread = features.std(dim=(2, 3), keepdim=True) + 1e-5
+    e1, e2 = torch.randn((2, b, c, 1, 1), generator=generator).to(features.device, features.dtype)
+    new_spread = spread * torch.exp(strength * e1)
+    return (features - mean) / spread * new_spread + mean + strength * e2 * spread

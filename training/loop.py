@@ -25,6 +25,7 @@ from torch import nn
 from converseg_core.checkpoint import save_checkpoint
 from converseg_core.files import atomic_write_text
 
+from .augment import jitter_feature_statistics
 from .cli import plain
 from .datasets import ConverSegDataset
 from .distributed import Dist, wrap_ddp
@@ -37,7 +38,7 @@ from .schedule import lr_factor
 from .step import TrainStep, blank_batch, drop_tokens
 from .text_cache import TextFeatureCache
 from .train_config import TrainConfig
-from .trunk_cache import TrunkCache
+from .trunk_cache import LEVELS, TrunkCache
 from .validation import validate
 
 log = logging.getLogger("training.train")
@@ -165,6 +166,13 @@ class TrainLoop:
         if "feature_key" in batch:
             paths, mirrored = zip(*batch["feature_key"], strict=True)
             images = self.trunk_cache.lookup(list(paths), list(mirrored), device)
+            if cfg.feature_jitter > 0:
+                # Seeded like token dropout; the stride-32 map (the classifier's input) is left as it is.
+                g = torch.Generator().manual_seed(cfg.seed * 999_983 + self.d.rank * 7919 + self.step * 64 + micro)
+                images = [
+                    f if level == "s32" else jitter_feature_statistics(f, cfg.feature_jitter, g)
+                    for level, f in zip(LEVELS, images, strict=True)
+                ]
         else:
             images = batch["image"].to(device, non_blocking=True)
         target = batch["mask_low"].to(device, non_blocking=True)

@@ -95,6 +95,12 @@ class TrainConfig:
         help="probability of hiding each word token of a request from the fusion during training (attention "
         "mask 0; [CLS], [SEP] and at least one word stay), against over-reliance on exact phrasings",
     )
+    feature_jitter: float = arg(
+        0.0,
+        help="with --trunk-cache: redraw each cached feature map's per-channel mean and spread at this scale "
+        "(training.augment.jitter_feature_statistics; the stride 4, 8 and 16 maps the neck and detail path "
+        "read, not the classifier's stride-32 input), for features that photographs move; 0 disables",
+    )
     no_augment: bool = arg(False, help="disable crop / flip / colour augmentation")
     trunk_cache: str | None = arg(
         None,
@@ -132,6 +138,10 @@ def check_train_config(cfg: TrainConfig) -> None:
     """Exit with the flag's name before any work when a value cannot give a sound run."""
     if not 0.0 <= cfg.token_dropout < 1.0:
         raise SystemExit(f"--token-dropout must be in [0, 1), got {cfg.token_dropout}")
+    if not 0.0 <= cfg.feature_jitter <= 1.0:
+        raise SystemExit(f"--feature-jitter must be in [0, 1], got {cfg.feature_jitter}")
+    if cfg.feature_jitter > 0 and not cfg.trunk_cache:
+        raise SystemExit("--feature-jitter works on cached trunk features: give --trunk-cache too")
     require_at_least_one(cfg, "steps", "log_every", "val_every", "save_every")
     require_finite(
         cfg,
