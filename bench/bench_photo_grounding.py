@@ -9,7 +9,8 @@ model (torch backend, no request anchoring, presence ignored) gives three masks,
 the target and by whether its highest value lies on the target ("pointed"):
 - model: the shipped mask, mask logits above the model's mask threshold (the decoder's logits plus the
   concept prior at the model's learned scale; `training.evaluate` calls its IoU "masks alone");
-- learned part: the same logits less the concept prior (what fusion and decoder, trained on renders, add);
+- learned part: the same logits less the concept prior (what fusion and decoder, trained on renders, add; a
+  model with mask refinement on keeps the refinement, which is computed from the full logits);
 - concepts alone: the request-conditioned ImageNet concept prior of a model with concepts
   (converseg_core/modeling/concepts.py), standardised over the frame, above --prior-z: no weight trained
   on renders decides it, only the frozen trunk's classifier and MiniLM.
