@@ -1,9 +1,8 @@
 """How a model's masks hold up on 3D models it never saw: rendered test requests grouped by their targets'
 models against a training set's.
 
-    .venv/bin/python bench/bench_new_objects.py --train runs/v2/data/train --test runs/v4/test \
-        --evals runs/an/eval_tr_v4 runs/an/eval_ag_v4 --names "Run T-r (v3)" "Run AG (v3 + v4)" \
-        --out bench/out/new_objects
+    .venv/bin/python bench/bench_new_objects.py --train TRAIN_DATA --test TEST_DATA \
+        --evals EVAL_A EVAL_B --names "model A" "model B" --out bench/out/new_objects
 
 The data engine's test scenes are new scenes of the same object models its training scenes show, so its test
 sets measure new scenes and phrasings, not new objects. Where a test set was rendered with more models than a
